@@ -1,0 +1,351 @@
+//! Load the programs, attach them to the governed cgroup, detach them.
+//!
+//! Attachment uses BPF links (`bpf_link_create`, kernel ≥ 5.7). Cgroup links
+//! are always multi-attach (the kernel rejects the BPF_F_ALLOW_MULTI flag on
+//! link_create, so aya's mode must be `Single`, i.e. flags 0), so Tollgate coexists with other cgroup programs (CNIs,
+//! systemd) and a restarted agent can attach its new programs *before* the old
+//! ones go: no connect() ever runs unwatched during a restart.
+//!
+//! Lifetime, by failure mode:
+//! * fail-open: links are held only by the agent's file descriptors. If the
+//!   agent dies for any reason, the kernel detaches the programs at once and
+//!   provider connections go direct.
+//! * fail-closed: links are also pinned in bpffs, so the programs outlive the
+//!   agent; with no heartbeat and no listener they refuse provider connections
+//!   until an agent is back. `tollgate detach` removes them.
+use std::{
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SockOps,
+        links::{FdLink, PinnedLink},
+    },
+};
+use tollgate_common::program_names as prog;
+
+use super::{OBJECT, maps::Maps};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "this agent binary was built without its eBPF programs (AYA_BUILD_SKIP was set)\n\
+         hint: rebuild without AYA_BUILD_SKIP after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error(
+        "kernel BTF is missing (/sys/kernel/btf/vmlinux)\n\
+         hint: Tollgate needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (all major distributions since 2020)"
+    )]
+    NoBtf,
+    #[error(
+        "permission denied while {what}\n\
+         hint: run as root, or grant CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_RESOURCE (see deploy/README.md)"
+    )]
+    Permission { what: String },
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error(
+        "program {name} was rejected by the kernel: {source:#}\nhint: Tollgate needs Linux ≥ 5.15 with BTF; the verifier log above says why"
+    )]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "program {name} was attached without a BPF link ({message})\nhint: Tollgate needs Linux ≥ 5.7 for link-based cgroup attachment"
+    )]
+    Link { name: &'static str, message: String },
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("map {0} is missing from the eBPF object (agent and programs out of sync: rebuild)")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "bpffs at {path}: {message}\nhint: mount it with `mount -t bpf bpf /sys/fs/bpf` (fail-closed mode pins its programs there)"
+    )]
+    Bpffs { path: PathBuf, message: String },
+}
+
+impl BpfError {
+    fn program(name: &'static str, source: aya::programs::ProgramError) -> Self {
+        if is_eperm(&source) {
+            return BpfError::Permission {
+                what: format!("loading/attaching program {name}"),
+            };
+        }
+        BpfError::Program { name, source }
+    }
+}
+
+fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            // Only EPERM means "not allowed"; the verifier rejects programs with EACCES.
+            if io.raw_os_error() == Some(libc::EPERM) {
+                return true;
+            }
+        }
+        if err.to_string().contains("Operation not permitted") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+pub struct LoadOptions<'a> {
+    pub cgroup: &'a Path,
+    /// Pin links here (fail-closed). `None`: links live and die with the agent.
+    pub pin_dir: Option<&'a Path>,
+}
+
+/// The programs, attached. Dropping it detaches them unless they are pinned.
+pub struct Attached {
+    _ebpf: Ebpf,
+    links: Vec<FdLink>,
+    pinned: Vec<PinnedLink>,
+    pub maps: std::sync::Arc<Maps>,
+    pin_run_dir: Option<PathBuf>,
+}
+
+const PROGRAMS: [(&str, Kind); 5] = [
+    (prog::CONNECT4, Kind::SockAddr),
+    (prog::CONNECT6, Kind::SockAddr),
+    (prog::SOCK_OPS, Kind::SockOps),
+    (prog::GETPEERNAME4, Kind::SockAddr),
+    (prog::GETPEERNAME6, Kind::SockAddr),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    SockAddr,
+    SockOps,
+}
+
+impl Attached {
+    pub fn load(opts: LoadOptions<'_>) -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return Err(BpfError::NoBtf);
+        }
+        // Maps need locked memory on kernels before 5.11 (memcg accounting came later).
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+            if is_eperm(&e) {
+                BpfError::Permission {
+                    what: "loading the eBPF object (creating maps)".into(),
+                }
+            } else {
+                BpfError::Load(e)
+            }
+        })?;
+        let cgroup = fs::File::open(opts.cgroup).map_err(|source| BpfError::Cgroup {
+            path: opts.cgroup.into(),
+            source,
+        })?;
+
+        // Load every program before attaching any: a verifier rejection then
+        // leaves the node untouched.
+        for (name, kind) in PROGRAMS {
+            let p = ebpf.program_mut(name).ok_or_else(|| BpfError::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?;
+            let r = match kind {
+                Kind::SockAddr => <&mut CgroupSockAddr>::try_from(p).and_then(|p| p.load()),
+                Kind::SockOps => <&mut SockOps>::try_from(p).and_then(|p| p.load()),
+            };
+            r.map_err(|e| BpfError::program(name, e))?;
+        }
+        let maps = Maps::take(&mut ebpf)?;
+
+        let mut links = Vec::new();
+        for (name, kind) in PROGRAMS {
+            let p = ebpf.program_mut(name).expect("checked above");
+            let link: Result<FdLink, BpfError> = match kind {
+                Kind::SockAddr => {
+                    let p = <&mut CgroupSockAddr>::try_from(p).expect("checked above");
+                    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                        .and_then(|id| p.take_link(id))
+                        .map_err(|e| BpfError::program(name, e))
+                        .and_then(|l| {
+                            FdLink::try_from(l).map_err(|e| BpfError::Link {
+                                name,
+                                message: e.to_string(),
+                            })
+                        })
+                }
+                Kind::SockOps => {
+                    let p = <&mut SockOps>::try_from(p).expect("checked above");
+                    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                        .and_then(|id| p.take_link(id))
+                        .map_err(|e| BpfError::program(name, e))
+                        .and_then(|l| {
+                            FdLink::try_from(l).map_err(|e| BpfError::Link {
+                                name,
+                                message: e.to_string(),
+                            })
+                        })
+                }
+            };
+            links.push(link?);
+        }
+
+        let mut attached = Attached {
+            _ebpf: ebpf,
+            links,
+            pinned: Vec::new(),
+            maps: std::sync::Arc::new(maps),
+            pin_run_dir: None,
+        };
+        if let Some(dir) = opts.pin_dir {
+            attached.pin(dir)?;
+        }
+        Ok(attached)
+    }
+
+    /// Pin every link under `dir/run-<pid>-<ns>` so the programs outlive us.
+    fn pin(&mut self, dir: &Path) -> Result<(), BpfError> {
+        ensure_bpffs(dir)?;
+        let run = dir.join(format!(
+            "run-{}-{}",
+            std::process::id(),
+            super::monotonic_ns()
+        ));
+        fs::create_dir_all(&run).map_err(|e| BpfError::Bpffs {
+            path: run.clone(),
+            message: e.to_string(),
+        })?;
+        for ((name, _), link) in PROGRAMS.iter().zip(std::mem::take(&mut self.links)) {
+            let path = run.join(name);
+            let pinned = link.pin(&path).map_err(|e| BpfError::Bpffs {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            self.pinned.push(pinned);
+        }
+        self.pin_run_dir = Some(run);
+        Ok(())
+    }
+
+    /// Remove pins left by earlier runs (after ours are attached: no gap).
+    /// Returns how many old runs were removed.
+    pub fn remove_stale_pins(&self, dir: &Path) -> usize {
+        let ours = self.pin_run_dir.as_deref();
+        remove_runs(dir, |p| Some(p) != ours)
+    }
+
+    /// Detach now, pinned or not (clean shutdown in fail-open mode, `tollgate detach`).
+    pub fn detach(mut self) {
+        for p in self.pinned.drain(..) {
+            if let Ok(link) = p.unpin() {
+                drop(link);
+            }
+        }
+        if let Some(run) = self.pin_run_dir.take() {
+            let _ = fs::remove_dir(run);
+        }
+        self.links.clear();
+    }
+
+    pub fn is_pinned(&self) -> bool {
+        !self.pinned.is_empty()
+    }
+}
+
+/// Remove every pinned run under `dir`; what `tollgate detach` does.
+pub fn detach_pinned(dir: &Path) -> usize {
+    remove_runs(dir, |_| true)
+}
+
+fn remove_runs(dir: &Path, select: impl Fn(&Path) -> bool) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let p = e.path();
+        if !p
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().starts_with("run-"))
+            || !select(&p)
+        {
+            continue;
+        }
+        // Removing the last reference to a pinned link detaches its program.
+        if let Ok(files) = fs::read_dir(&p) {
+            for f in files.flatten() {
+                let _ = fs::remove_file(f.path());
+            }
+        }
+        if fs::remove_dir(&p).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Make sure `dir` is on a bpffs, mounting one at /sys/fs/bpf if none is.
+fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    let on_bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    };
+    if !on_bpffs(mount_point) && dir.starts_with(mount_point) {
+        fs::create_dir_all(mount_point).map_err(|e| BpfError::Bpffs {
+            path: mount_point.into(),
+            message: e.to_string(),
+        })?;
+        nix::mount::mount(
+            Some("bpf"),
+            mount_point,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| BpfError::Bpffs {
+            path: mount_point.into(),
+            message: format!("mount failed: {e}"),
+        })?;
+    }
+    fs::create_dir_all(dir).map_err(|e| BpfError::Bpffs {
+        path: dir.into(),
+        message: e.to_string(),
+    })?;
+    if !on_bpffs(dir) {
+        return Err(BpfError::Bpffs {
+            path: dir.into(),
+            message: "not on a bpf filesystem".into(),
+        });
+    }
+    Ok(())
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid pointer to an initialised struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
+    if ret != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels ≥ 5.11)");
+    }
+}

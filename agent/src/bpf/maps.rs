@@ -1,0 +1,194 @@
+//! Typed access to the maps shared with the kernel programs.
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::Mutex,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+};
+use tollgate_common::{
+    ConnInfo, Counter, OrigDstKey, ProviderKey, ProviderValue, Settings, is_v4_mapped, map_names,
+    v4_mapped,
+};
+
+use super::loader::BpfError;
+
+pub struct Maps {
+    providers: Mutex<HashMap<MapData, ProviderKey, ProviderValue>>,
+    orig_dst: Mutex<HashMap<MapData, OrigDstKey, ConnInfo>>,
+    opt_out: Mutex<HashMap<MapData, u64, u8>>,
+    settings: Mutex<Array<MapData, Settings>>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// A redirected connection's record, as the proxy needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrigDst {
+    pub dest: SocketAddr,
+    pub provider_id: u32,
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    pub comm: String,
+}
+
+impl From<ConnInfo> for OrigDst {
+    fn from(c: ConnInfo) -> Self {
+        let comm_len = c.comm.iter().position(|&b| b == 0).unwrap_or(c.comm.len());
+        OrigDst {
+            dest: SocketAddr::new(ip_from_key(c.orig_ip_be), c.orig_port),
+            provider_id: c.provider_id,
+            cgroup_id: c.cgroup_id,
+            tgid: c.tgid,
+            comm: String::from_utf8_lossy(&c.comm[..comm_len]).into_owned(),
+        }
+    }
+}
+
+/// IPv4 as IPv4-mapped, IPv6 as is: the key form shared with the programs.
+pub fn ip_to_key(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        // A v4-mapped IPv6 address's octets already are the mapped form.
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn ip_from_key(b: [u8; 16]) -> IpAddr {
+    if is_v4_mapped(&b) {
+        IpAddr::from([b[12], b[13], b[14], b[15]])
+    } else {
+        IpAddr::from(b)
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| BpfError::Map { name, source })
+}
+
+impl Maps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        Ok(Maps {
+            providers: Mutex::new(take(ebpf, map_names::PROVIDERS)?),
+            orig_dst: Mutex::new(take(ebpf, map_names::ORIG_DST)?),
+            opt_out: Mutex::new(take(ebpf, map_names::OPT_OUT)?),
+            settings: Mutex::new(take(ebpf, map_names::SETTINGS)?),
+            counters: take(ebpf, map_names::COUNTERS)?,
+        })
+    }
+
+    pub fn write_settings(&self, s: Settings) -> Result<(), MapError> {
+        self.settings.lock().unwrap().set(0, s, 0)
+    }
+
+    pub fn read_settings(&self) -> Result<Settings, MapError> {
+        self.settings.lock().unwrap().get(&0, 0)
+    }
+
+    /// Find (and consume) the record of an accepted connection.
+    pub fn take_orig_dst(&self, netns_cookie: u64, peer: SocketAddr) -> Option<OrigDst> {
+        let key = OrigDstKey {
+            netns_cookie,
+            ip_be: ip_to_key(peer.ip()),
+            port: peer.port(),
+            _pad: [0; 6],
+        };
+        let mut map = self.orig_dst.lock().unwrap();
+        let info = map.get(&key, 0).ok()?;
+        // The record has served its purpose; free the slot rather than wait for LRU.
+        let _ = map.remove(&key);
+        Some(info.into())
+    }
+
+    /// Make the provider map equal `want` (address → provider id). Returns
+    /// (inserted, removed); stops at the first error (e.g. map full).
+    pub fn sync_providers(
+        &self,
+        want: &std::collections::HashMap<ProviderKey, u32>,
+    ) -> Result<(usize, usize), MapError> {
+        let mut map = self.providers.lock().unwrap();
+        let have: HashSet<ProviderKey> = map.keys().filter_map(Result::ok).collect();
+        let mut removed = 0;
+        for k in have.iter().filter(|k| !want.contains_key(k)) {
+            map.remove(k)?;
+            removed += 1;
+        }
+        let mut inserted = 0;
+        for (k, id) in want {
+            let v = ProviderValue {
+                provider_id: *id,
+                _pad: 0,
+            };
+            if map.get(k, 0).ok() != Some(v) {
+                map.insert(*k, v, 0)?;
+                inserted += 1;
+            }
+        }
+        Ok((inserted, removed))
+    }
+
+    pub fn provider_count(&self) -> usize {
+        self.providers.lock().unwrap().keys().count()
+    }
+
+    /// Make the opt-out set equal `want` (cgroup ids).
+    pub fn sync_opt_out(&self, want: &HashSet<u64>) -> Result<(), MapError> {
+        let mut map = self.opt_out.lock().unwrap();
+        let have: HashSet<u64> = map.keys().filter_map(Result::ok).collect();
+        for k in have.difference(want) {
+            map.remove(k)?;
+        }
+        for k in want.difference(&have) {
+            map.insert(*k, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Sum of a kernel counter over all CPUs.
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+}
+
+pub fn provider_key(ip: IpAddr, port: u16) -> ProviderKey {
+    ProviderKey {
+        ip_be: ip_to_key(ip),
+        port,
+        _pad: [0; 2],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_normalise_v4_and_mapped() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().unwrap();
+        assert_eq!(ip_to_key(v4), ip_to_key(mapped));
+        assert_eq!(ip_from_key(ip_to_key(v4)), v4);
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        assert_eq!(ip_from_key(ip_to_key(v6)), v6);
+    }
+
+    #[test]
+    fn conn_info_converts() {
+        let mut c = ConnInfo::default();
+        c.orig_ip_be = v4_mapped([1, 2, 3, 4]);
+        c.orig_port = 443;
+        c.comm[..4].copy_from_slice(b"curl");
+        let o = OrigDst::from(c);
+        assert_eq!(o.dest, "1.2.3.4:443".parse().unwrap());
+        assert_eq!(o.comm, "curl");
+    }
+}

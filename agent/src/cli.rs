@@ -1,0 +1,64 @@
+//! The `tollgate` command line.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Govern the LLM API traffic of a node's workloads, without touching the workloads.",
+    long_about = "Tollgate attaches eBPF programs to a cgroup v2 subtree (the kubelet's pods, or \
+tollgate.slice on a plain host). Connections from processes there to LLM providers \
+(api.openai.com, api.anthropic.com, …) are transparently redirected to a proxy the agent runs \
+inside each workload's network namespace, attributed to the workload, relayed, and counted.\n\n\
+Needs: Linux ≥ 5.15 with BTF, cgroup v2 mounted (hybrid hosts are fine), root or \
+CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN+CAP_SYS_ADMIN.",
+    after_help = "Examples:\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate detach   # remove programs a fail-closed agent left pinned"
+)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `tollgate_agent=debug`.
+    #[arg(long, env = "TOLLGATE_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to the governed cgroup subtree and run the proxy until SIGTERM.
+    Run {
+        /// YAML configuration (see README "Configuration"). Omitted: built-in defaults.
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        /// YAML configuration file.
+        file: PathBuf,
+    },
+    /// Remove programs pinned by a fail-closed agent (provider connections flow again).
+    Detach {
+        /// bpffs directory the agent pinned into.
+        #[arg(long, default_value = "/sys/fs/bpf/tollgate")]
+        bpffs_dir: PathBuf,
+    },
+}
+
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, crate::config::ConfigError> {
+    match path {
+        Some(p) => Config::load(p),
+        None => Ok(Config::default()),
+    }
+}

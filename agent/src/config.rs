@@ -1,0 +1,533 @@
+//! The agent's configuration: one typed serde model, validated at load.
+//!
+//! Every error names the field (`proxy.port`) and, where the YAML has it, the
+//! line, so `tollgate check-config` answers "what is wrong and where".
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Default port of the proxy's loopback listeners inside each workload's network
+/// namespace. Chosen outside the ephemeral range (32768–60999) so an outgoing
+/// connection can never hold it, and away from ports meshes use (15001/15006 Istio).
+pub const DEFAULT_PROXY_PORT: u16 = 15088;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read config file {path}: {source}\nhint: pass an existing file with --config, or omit --config to use the built-in defaults"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {location}field `{field}`: {message}")]
+    Invalid {
+        path: String,
+        location: String,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Agent gone: provider connections go straight to the provider, ungoverned.
+    #[default]
+    Open,
+    /// Agent gone: provider connections are refused (EPERM) until it is back.
+    Closed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// cgroup v2 subtree whose processes are governed. `auto`: the kubelet pods
+    /// slice if this node runs one, else `tollgate.slice` (created) for host mode.
+    /// Absolute, or relative to the cgroup2 mount.
+    pub cgroup_root: String,
+    pub proxy: ProxyConfig,
+    pub failure_mode: FailureMode,
+    pub heartbeat: HeartbeatConfig,
+    pub dns: DnsConfig,
+    /// LLM providers to redirect. Replaces the built-in list when given.
+    pub providers: Vec<ProviderConfig>,
+    pub opt_out: OptOutConfig,
+    pub discovery: DiscoveryConfig,
+    pub metrics: MetricsConfig,
+    /// Where one JSON line per relayed connection goes: a file path, or `-` for stdout.
+    pub connection_log: String,
+    /// bpffs directory for pinned programs (fail-closed mode keeps them there so
+    /// enforcement survives the agent).
+    pub bpffs_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Port of the loopback listeners the agent opens in each workload namespace.
+    pub port: u16,
+    /// SO_MARK on the agent's own sockets; the kernel programs never redirect them.
+    pub skip_mark: u32,
+    /// How long to wait for the provider to accept the relayed connection.
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Without a heartbeat for this long the kernel programs treat the agent as gone.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers (`ip` or `ip:port`). Empty: the system's /etc/resolv.conf.
+    pub servers: Vec<String>,
+    /// Re-resolve no sooner than this, whatever the record TTL says.
+    #[serde(with = "humantime_serde")]
+    pub min_ttl: Duration,
+    /// Re-resolve at least this often.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// After a failed lookup, retry after this long; the last good addresses
+    /// stay in the map until their TTL (plus this grace) has passed.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+    /// Keep an address this long after its TTL ran out: applications cache
+    /// answers (the JVM for 30 s by default) and connect after we re-resolved.
+    #[serde(with = "humantime_serde")]
+    pub stale_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// Host names to resolve and redirect.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Fixed addresses (no DNS), e.g. a private endpoint.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptOutConfig {
+    /// Globs over cgroup paths relative to `cgroup_root`; a matching cgroup and
+    /// everything below it is never redirected (e.g. `**/*pod<uid>.slice`).
+    pub cgroups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How often the cgroup tree is scanned for new workload namespaces (each
+    /// gets a loopback listener) and new opted-out cgroups. Until a namespace
+    /// has its listener, its provider connections follow `failure_mode`.
+    #[serde(with = "humantime_serde")]
+    pub scan_interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`. Empty disables the endpoint.
+    pub listen: String,
+}
+
+fn default_ports() -> Vec<u16> {
+    vec![443]
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            port: DEFAULT_PROXY_PORT,
+            skip_mark: tollgate_common::DEFAULT_SKIP_MARK,
+            upstream_connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        // 1 s beats with a 5 s timeout: a busy node can miss a few beats without
+        // flapping, and a hung agent stops governing within seconds.
+        Self {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        // min 5 s keeps a 0-TTL record from turning into a query storm; max 5 min
+        // bounds how stale a long-TTL answer can get.
+        Self {
+            servers: Vec::new(),
+            min_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(300),
+            retry: Duration::from_secs(10),
+            stale_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            scan_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            cgroup_root: "auto".into(),
+            proxy: ProxyConfig::default(),
+            failure_mode: FailureMode::Open,
+            heartbeat: HeartbeatConfig::default(),
+            dns: DnsConfig::default(),
+            providers: default_providers(),
+            opt_out: OptOutConfig::default(),
+            discovery: DiscoveryConfig::default(),
+            metrics: MetricsConfig::default(),
+            connection_log: "-".into(),
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
+        }
+    }
+}
+
+/// The providers Tollgate knows out of the box. Azure OpenAI hosts are per
+/// resource (`<name>.openai.azure.com`) and must be listed in the config.
+pub fn default_providers() -> Vec<ProviderConfig> {
+    let p = |name: &str, hosts: &[&str]| ProviderConfig {
+        name: name.into(),
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        addresses: Vec::new(),
+        ports: default_ports(),
+    };
+    vec![
+        p("openai", &["api.openai.com"]),
+        p("anthropic", &["api.anthropic.com"]),
+        p("gemini", &["generativelanguage.googleapis.com"]),
+        p("mistral", &["api.mistral.ai"]),
+        p("groq", &["api.groq.com"]),
+        p("deepseek", &["api.deepseek.com"]),
+        p("openrouter", &["openrouter.ai"]),
+        p("cohere", &["api.cohere.com", "api.cohere.ai"]),
+    ]
+}
+
+impl Config {
+    /// Load and validate a YAML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parse and validate YAML text; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let location = inner
+                .location()
+                .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            ConfigError::Invalid {
+                path: origin.into(),
+                location,
+                field: if field == "." {
+                    "(top level)".into()
+                } else {
+                    field
+                },
+                message: inner
+                    .to_string()
+                    .split(" at line ")
+                    .next()
+                    .unwrap_or_default()
+                    .into(),
+            }
+        })?;
+        if let Err((field, message)) = config.validate() {
+            let location = line_of(text, &field)
+                .map(|l| format!("line {l}: "))
+                .unwrap_or_default();
+            return Err(ConfigError::Invalid {
+                path: origin.into(),
+                location,
+                field,
+                message,
+            });
+        }
+        Ok(config)
+    }
+
+    /// Semantic checks serde cannot express. Returns (field path, message).
+    fn validate(&self) -> Result<(), (String, String)> {
+        let err = |f: &str, m: String| Err((f.to_string(), m));
+        if self.proxy.port == 0 {
+            return err("proxy.port", "must be a port number 1-65535".into());
+        }
+        if self.proxy.skip_mark == 0 {
+            return err(
+                "proxy.skip_mark",
+                "must be non-zero (0 is the mark of every unmarked socket)".into(),
+            );
+        }
+        if self.heartbeat.interval.is_zero() {
+            return err("heartbeat.interval", "must be greater than zero".into());
+        }
+        if self.heartbeat.timeout < self.heartbeat.interval * 2 {
+            return err(
+                "heartbeat.timeout",
+                format!(
+                    "must be at least twice heartbeat.interval ({:?}), or one late beat would stop governing",
+                    self.heartbeat.interval
+                ),
+            );
+        }
+        if self.dns.min_ttl > self.dns.max_ttl {
+            return err("dns.min_ttl", "must not exceed dns.max_ttl".into());
+        }
+        if self.discovery.scan_interval.is_zero() {
+            return err(
+                "discovery.scan_interval",
+                "must be greater than zero".into(),
+            );
+        }
+        for (i, s) in self.dns.servers.iter().enumerate() {
+            if parse_dns_server(s).is_none() {
+                return err(
+                    &format!("dns.servers[{i}]"),
+                    format!("`{s}` is not an IP address or IP:port"),
+                );
+            }
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return err(
+                "metrics.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9464",
+                    self.metrics.listen
+                ),
+            );
+        }
+        if self.providers.is_empty() {
+            return err(
+                "providers",
+                "lists no provider: nothing would be governed".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            if p.name.trim().is_empty() {
+                return err(&format!("providers[{i}].name"), "must not be empty".into());
+            }
+            if !names.insert(&p.name) {
+                return err(
+                    &format!("providers[{i}].name"),
+                    format!("`{}` is listed twice", p.name),
+                );
+            }
+            if p.hosts.is_empty() && p.addresses.is_empty() {
+                return err(
+                    &format!("providers[{i}]"),
+                    "needs `hosts` or `addresses`".into(),
+                );
+            }
+            for (j, h) in p.hosts.iter().enumerate() {
+                if !valid_host_name(h) {
+                    return err(
+                        &format!("providers[{i}].hosts[{j}]"),
+                        format!(
+                            "`{h}` is not a DNS host name (wildcards cannot be resolved; list each host)"
+                        ),
+                    );
+                }
+            }
+            if p.ports.is_empty() || p.ports.contains(&0) {
+                return err(
+                    &format!("providers[{i}].ports"),
+                    "needs at least one port, each 1-65535".into(),
+                );
+            }
+        }
+        for (i, g) in self.opt_out.cgroups.iter().enumerate() {
+            if let Err(e) = globset::Glob::new(g) {
+                return err(
+                    &format!("opt_out.cgroups[{i}]"),
+                    format!("invalid glob: {e}"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parse `ip` or `ip:port` (`[v6]:port`), defaulting to port 53.
+pub fn parse_dns_server(s: &str) -> Option<SocketAddr> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa);
+    }
+    s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+}
+
+fn valid_host_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+        })
+}
+
+/// Line (1-based) where the last key of a dotted field path appears, found by
+/// walking the keys in order. YAML values carry no positions after
+/// deserialisation, so this is a best-effort text search; it is only used to
+/// point a human at the right line of an error.
+fn line_of(text: &str, field: &str) -> Option<usize> {
+    let keys: Vec<&str> = field
+        .split('.')
+        .map(|k| k.split('[').next().unwrap_or(k))
+        .filter(|k| !k.is_empty())
+        .collect();
+    let mut start = 0;
+    let mut found = None;
+    for key in keys {
+        let pat = format!("{key}:");
+        let (idx, _) = text
+            .lines()
+            .enumerate()
+            .skip(start)
+            .find(|(_, l)| l.trim_start().trim_start_matches("- ").starts_with(&pat))?;
+        start = idx + 1;
+        found = Some(idx + 1);
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("{}", "t").unwrap();
+        assert_eq!(c.proxy.port, DEFAULT_PROXY_PORT);
+        assert_eq!(c.failure_mode, FailureMode::Open);
+        assert!(
+            c.providers
+                .iter()
+                .any(|p| p.hosts.contains(&"api.openai.com".to_string()))
+        );
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::parse(
+            "cgroup_root: tollgate.slice\nfailure_mode: closed\nproxy:\n  port: 15099\nheartbeat:\n  interval: 500ms\n  timeout: 2s\ndns:\n  servers: [\"127.0.0.1:5353\", \"10.0.0.1\"]\nproviders:\n  - name: openai\n    hosts: [api.openai.com]\n    addresses: [\"10.1.2.3\"]\n    ports: [443, 8443]\nopt_out:\n  cgroups: [\"**/*pod1234*\"]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.failure_mode, FailureMode::Closed);
+        assert_eq!(c.heartbeat.interval, Duration::from_millis(500));
+        assert_eq!(c.providers[0].ports, vec![443, 8443]);
+        assert_eq!(parse_dns_server(&c.dns.servers[1]).unwrap().port(), 53);
+    }
+
+    #[test]
+    fn unknown_field_names_path_and_line() {
+        let e = Config::parse("proxy:\n  prot: 1\n", "cfg.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cfg.yaml"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("proxy"), "{e}");
+        assert!(e.contains("unknown field `prot`"), "{e}");
+    }
+
+    #[test]
+    fn type_error_names_field() {
+        let e = Config::parse("proxy:\n  port: lots\n", "c")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy.port"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn semantic_error_names_field_and_line() {
+        let text = "heartbeat:\n  interval: 2s\n  timeout: 3s\n";
+        let e = Config::parse(text, "c").unwrap_err().to_string();
+        assert!(e.contains("heartbeat.timeout"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+
+        let e = Config::parse(
+            "providers:\n  - name: x\n    hosts: [\"*.openai.azure.com\"]\n",
+            "c",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("providers[0].hosts[0]"), "{e}");
+        assert!(e.contains("wildcards"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn rejects_duplicate_and_empty_providers() {
+        let dup =
+            "providers:\n  - {name: a, hosts: [a.example]}\n  - {name: a, hosts: [b.example]}\n";
+        assert!(
+            Config::parse(dup, "c")
+                .unwrap_err()
+                .to_string()
+                .contains("listed twice")
+        );
+        assert!(
+            Config::parse("providers: []\n", "c")
+                .unwrap_err()
+                .to_string()
+                .contains("no provider")
+        );
+        let none = "providers:\n  - {name: a}\n";
+        assert!(
+            Config::parse(none, "c")
+                .unwrap_err()
+                .to_string()
+                .contains("hosts` or `addresses")
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! Who made a connection: cgroup id → cgroup path → workload.
+//!
+//! Kubernetes pods are recognised from the kubelet's cgroup layouts (systemd
+//! and cgroupfs drivers; containerd, CRI-O and Docker scopes); anything else is
+//! a host workload named by its cgroup path. Pod metadata (namespace, owner)
+//! comes from the Kubernetes API in the kubernetes issue; here the pod UID and
+//! container ID are what the kernel alone can tell.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::RwLock,
+};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct Workload {
+    /// cgroup path relative to the cgroup2 mount.
+    pub cgroup: String,
+    /// Pod UID, when the cgroup is a kubelet pod's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// Container ID, when the cgroup is a container scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// systemd unit (host mode), e.g. `myapp.service`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+}
+
+impl Workload {
+    /// Bounded, human label for metrics: pod UID, else unit, else cgroup path.
+    pub fn label(&self) -> &str {
+        self.pod_uid
+            .as_deref()
+            .or(self.unit.as_deref())
+            .unwrap_or(&self.cgroup)
+    }
+}
+
+/// Parse a cgroup path (relative to the cgroup2 mount).
+pub fn parse(cgroup: &str) -> Workload {
+    let mut w = Workload {
+        cgroup: cgroup.to_string(),
+        ..Default::default()
+    };
+    for seg in cgroup.split('/') {
+        // systemd driver: kubepods-burstable-pod<uid with _>.slice
+        if let Some(rest) = seg.strip_suffix(".slice") {
+            if let Some(idx) = rest.rfind("-pod") {
+                let uid = &rest[idx + 4..];
+                if looks_like_uid(uid) {
+                    w.pod_uid = Some(uid.replace('_', "-"));
+                }
+            }
+            continue;
+        }
+        // cgroupfs driver: kubepods/burstable/pod<uid>/<container id>
+        if let Some(uid) = seg.strip_prefix("pod") {
+            if looks_like_uid(uid) {
+                w.pod_uid = Some(uid.to_string());
+                continue;
+            }
+        }
+        // systemd scopes: cri-containerd-<id>.scope, crio-<id>.scope, docker-<id>.scope
+        if let Some(rest) = seg.strip_suffix(".scope") {
+            for prefix in ["cri-containerd-", "crio-", "docker-", "containerd-"] {
+                if let Some(id) = rest.strip_prefix(prefix) {
+                    if is_container_id(id) {
+                        w.container_id = Some(id.to_string());
+                    }
+                }
+            }
+            continue;
+        }
+        if w.pod_uid.is_some() && is_container_id(seg) {
+            w.container_id = Some(seg.to_string());
+            continue;
+        }
+        if seg.ends_with(".service") {
+            w.unit = Some(seg.to_string());
+        }
+    }
+    w
+}
+
+fn looks_like_uid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_')
+}
+
+fn is_container_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// cgroup id → workload, refreshed by each cgroup scan. Ids the scan has not
+/// seen yet (a cgroup created since) are resolved on demand by a walk.
+pub struct IdentityCache {
+    root: PathBuf,
+    mount: PathBuf,
+    by_id: RwLock<HashMap<u64, Workload>>,
+}
+
+impl IdentityCache {
+    pub fn new(root: &Path, mount: &Path) -> Self {
+        Self {
+            root: root.into(),
+            mount: mount.into(),
+            by_id: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn refresh(&self, entries: &[crate::cgroup::CgroupEntry]) {
+        let fresh: HashMap<u64, Workload> = entries
+            .iter()
+            .map(|e| (e.id, parse(&self.rel(&e.path))))
+            .collect();
+        *self.by_id.write().unwrap() = fresh;
+    }
+
+    fn rel(&self, p: &Path) -> String {
+        format!("/{}", p.strip_prefix(&self.mount).unwrap_or(p).display())
+    }
+
+    pub fn lookup(&self, id: u64) -> Workload {
+        if let Some(w) = self.by_id.read().unwrap().get(&id) {
+            return w.clone();
+        }
+        match crate::cgroup::find_by_id(&self.root, id) {
+            Some(p) => {
+                let w = parse(&self.rel(&p));
+                self.by_id.write().unwrap().insert(id, w.clone());
+                w
+            }
+            // Gone already (short-lived process): keep the id so the record
+            // is still attributable to something precise.
+            None => Workload {
+                cgroup: format!("cgroup-id:{id}"),
+                ..Default::default()
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0f9d8e7c-1234-4abc-9def-0123456789ab";
+    const CID: &str = "4b825dc642cb6eb9a060e54bf8d69288fbee4904b825dc642cb6eb9a060e54bf";
+
+    #[test]
+    fn systemd_containerd_layout() {
+        let p = format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CID}.scope",
+            UID.replace('-', "_")
+        );
+        let w = parse(&p);
+        assert_eq!(w.pod_uid.as_deref(), Some(UID));
+        assert_eq!(w.container_id.as_deref(), Some(CID));
+        assert_eq!(w.label(), UID);
+    }
+
+    #[test]
+    fn cgroupfs_crio_and_guaranteed_layouts() {
+        let w = parse(&format!("/kubepods/besteffort/pod{UID}/{CID}"));
+        assert_eq!(w.pod_uid.as_deref(), Some(UID));
+        assert_eq!(w.container_id.as_deref(), Some(CID));
+        let w = parse(&format!(
+            "/kubepods.slice/kubepods-pod{}.slice/crio-{CID}.scope",
+            UID.replace('-', "_")
+        ));
+        assert_eq!(w.pod_uid.as_deref(), Some(UID));
+        assert_eq!(w.container_id.as_deref(), Some(CID));
+    }
+
+    #[test]
+    fn host_workloads() {
+        let w = parse("/system.slice/myapp.service");
+        assert_eq!(w.unit.as_deref(), Some("myapp.service"));
+        assert_eq!(w.label(), "myapp.service");
+        let w = parse("/tollgate.slice/batch");
+        assert_eq!(w.pod_uid, None);
+        assert_eq!(w.label(), "/tollgate.slice/batch");
+    }
+}

@@ -1,0 +1,18 @@
+//! Tollgate node agent: governs LLM provider traffic from the node.
+//!
+//! The path of one connection, module by module:
+//! `bpf` (kernel redirect) → `netns` (listener in the workload's namespace) →
+//! `identity` (cgroup → workload) → `proxy` (relay) → `telemetry`.
+//! `resolver` keeps the kernel's provider map fresh; `config` is the one
+//! typed configuration; `run` wires it together; `cli` is the command line.
+pub mod bpf;
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod netns;
+pub mod preflight;
+pub mod proxy;
+pub mod resolver;
+pub mod run;
+pub mod telemetry;

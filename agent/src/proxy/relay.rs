@@ -1,0 +1,229 @@
+//! Accept redirected connections and relay them, byte for byte, to the
+//! provider the workload asked for, counting what passes.
+//!
+//! This is the observe path: it never looks inside the bytes. The
+//! TLS-terminating proxy (next issue) takes over governed traffic at the point
+//! where this module dials upstream.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::{
+    bpf::Maps,
+    identity::IdentityCache,
+    telemetry::{
+        events::{ConnectionRecord, EventLog, now_rfc3339},
+        metrics::Metrics,
+    },
+};
+
+/// Everything a relay needs, shared by all connections.
+pub struct RelayContext {
+    pub maps: Arc<Maps>,
+    pub identity: Arc<IdentityCache>,
+    pub metrics: Arc<Metrics>,
+    pub events: EventLog,
+    pub provider_names: Vec<String>,
+    pub skip_mark: u32,
+    pub connect_timeout: Duration,
+}
+
+/// Accept on one namespace's listener until the task is aborted.
+pub async fn accept_loop(ctx: Arc<RelayContext>, listener: TcpListener, netns_cookie: u64) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move { handle(ctx, stream, peer, netns_cookie).await });
+            }
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, netns_cookie: u64) {
+    let Some(orig) = ctx.maps.take_orig_dst(netns_cookie, peer) else {
+        // Nobody redirected this connection here: someone dialled the port
+        // directly. The proxy has no destination to offer; close.
+        tracing::debug!(%peer, "connection without a redirect record; closing");
+        ctx.metrics
+            .connections
+            .with_label_values(&["unknown", "unknown", "no_record"])
+            .inc();
+        return;
+    };
+    let started = Instant::now();
+    let time = now_rfc3339();
+    let workload = ctx.identity.lookup(orig.cgroup_id);
+    let provider = ctx
+        .provider_names
+        .get(orig.provider_id as usize)
+        .cloned()
+        .unwrap_or_else(|| format!("provider-{}", orig.provider_id));
+    let _active = ActiveGuard::new(&ctx.metrics);
+    let _ = client.set_nodelay(true);
+
+    let (result, error, sent, received) =
+        match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
+            Ok(upstream) => {
+                let _ = upstream.set_nodelay(true);
+                match relay(client, upstream).await {
+                    Ok((s, r)) => ("ok", None, s, r),
+                    Err((s, r, e)) => (e.kind(), Some(e.to_string()), s, r),
+                }
+            }
+            Err(e) => (e.kind(), Some(e.to_string()), 0, 0),
+        };
+    let label = workload.label().to_string();
+    ctx.metrics
+        .connections
+        .with_label_values(&[&label, &provider, result])
+        .inc();
+    ctx.metrics
+        .bytes
+        .with_label_values(&[&label, &provider, "sent"])
+        .inc_by(sent);
+    ctx.metrics
+        .bytes
+        .with_label_values(&[&label, &provider, "received"])
+        .inc_by(received);
+    ctx.events.record(ConnectionRecord {
+        time,
+        workload,
+        pid: orig.tgid,
+        comm: orig.comm,
+        provider,
+        destination: orig.dest,
+        client: peer,
+        bytes_sent: sent,
+        bytes_received: received,
+        duration_ms: started.elapsed().as_millis() as u64,
+        result,
+        error,
+    });
+}
+
+/// Relay failures, named for which side broke.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("connecting to provider {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to provider {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("relay failed: {0}")]
+    Io(std::io::Error),
+}
+
+impl RelayError {
+    fn kind(&self) -> &'static str {
+        match self {
+            RelayError::Connect { .. } => "upstream_connect_failed",
+            RelayError::ConnectTimeout { .. } => "upstream_timeout",
+            RelayError::Io(_) => "relay_error",
+        }
+    }
+}
+
+/// Connect to the provider with the agent's mark set, so the kernel programs
+/// leave this socket alone even if the agent runs inside a governed cgroup.
+pub async fn dial(addr: SocketAddr, mark: u32, timeout: Duration) -> Result<TcpStream, RelayError> {
+    let connect = async {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_mark(mark)?;
+        s.set_nonblocking(true)?;
+        let std_stream: std::net::TcpStream = s.into();
+        TcpSocket::from_std_stream(std_stream).connect(addr).await
+    };
+    match tokio::time::timeout(timeout, connect).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(source)) => Err(RelayError::Connect { addr, source }),
+        Err(_) => Err(RelayError::ConnectTimeout {
+            addr,
+            after: timeout,
+        }),
+    }
+}
+
+/// Copy both ways until both sides are done. Returns (sent to provider,
+/// received from provider) even when a side fails, so accounting survives resets.
+async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+) -> Result<(u64, u64), (u64, u64, RelayError)> {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut ur, mut uw) = upstream.into_split();
+    let (up, down) = tokio::join!(
+        copy_counted(&mut cr, &mut uw),
+        copy_counted(&mut ur, &mut cw)
+    );
+    match (up, down) {
+        ((s, None), (r, None)) => Ok((s, r)),
+        ((s, e1), (r, e2)) => {
+            let e = e1.or(e2).expect("one side failed");
+            // A reset after the exchange is how many peers close; it is not a
+            // failure worth reporting (ztunnel draws the same line).
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) {
+                Ok((s, r))
+            } else {
+                Err((s, r, RelayError::Io(e)))
+            }
+        }
+    }
+}
+
+/// Buffer per direction: one TLS record (max 16 KiB) fits, so a record is
+/// forwarded in one write without being split.
+const COPY_BUF: usize = 16 * 1024;
+
+/// Copy until EOF, then half-close the writer. Returns bytes copied and the
+/// error that stopped it, if any.
+async fn copy_counted<R, W>(r: &mut R, w: &mut W) -> (u64, Option<std::io::Error>)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut n: u64 = 0;
+    loop {
+        let read = match r.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) => return (n, Some(e)),
+        };
+        if let Err(e) = w.write_all(&buf[..read]).await {
+            return (n, Some(e));
+        }
+        n += read as u64;
+    }
+    let _ = w.shutdown().await;
+    (n, None)
+}
+
+struct ActiveGuard<'a>(&'a Metrics);
+impl<'a> ActiveGuard<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.active_connections.inc();
+        Self(m)
+    }
+}
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active_connections.dec();
+    }
+}

@@ -1,0 +1,333 @@
+//! `tollgate run`: attach, keep the kernel's view fresh, relay, shut down cleanly.
+//!
+//! Tasks, each with one job:
+//! * heartbeat — tells the kernel programs the agent is alive;
+//! * dns — keeps the provider map equal to what the provider names resolve to;
+//! * scan — finds workload namespaces (listeners), opted-out cgroups, identities;
+//! * accept loops — one per listener, relaying redirected connections;
+//! * metrics — `/metrics`, `/healthz`, `/readyz`.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tollgate_common::{Counter, Settings};
+
+use crate::{
+    bpf::{Attached, LoadOptions, Maps, monotonic_ns},
+    cgroup::{self, CgroupRoot},
+    config::{Config, FailureMode},
+    identity::IdentityCache,
+    netns::{self, NetnsId},
+    preflight,
+    proxy::relay::{RelayContext, accept_loop},
+    resolver::Refresher,
+    telemetry::{events::EventLog, metrics::Metrics},
+};
+
+/// How long shutdown waits for in-flight connections before detaching anyway.
+/// Short enough for a Kubernetes default terminationGracePeriodSeconds (30 s).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    preflight::check_privileges()?;
+    let mount = cgroup::cgroup2_mount()?;
+    let root = CgroupRoot::resolve(&config.cgroup_root, &mount)?;
+    tracing::info!(cgroup = %root.path.display(), host_mode = root.host_mode, "governing cgroup subtree");
+
+    let pin_dir =
+        (config.failure_mode == FailureMode::Closed).then_some(config.bpffs_dir.as_path());
+    let attached = Attached::load(LoadOptions {
+        cgroup: &root.path,
+        pin_dir,
+    })?;
+    let maps = attached.maps.clone();
+    // Our programs are in place: programs of an earlier run can go without a gap.
+    let removed = attached.remove_stale_pins(&config.bpffs_dir);
+    if removed > 0 {
+        tracing::info!(removed, "detached programs pinned by an earlier run");
+    }
+
+    let settings = Settings {
+        heartbeat_ns: monotonic_ns(),
+        heartbeat_timeout_ns: config.heartbeat.timeout.as_nanos() as u64,
+        proxy_port: config.proxy.port,
+        fail_closed: u8::from(config.failure_mode == FailureMode::Closed),
+        _pad: 0,
+        skip_mark: config.proxy.skip_mark,
+    };
+    maps.write_settings(settings)
+        .context("writing settings to the kernel")?;
+
+    let metrics = Metrics::new();
+    let events = EventLog::open(&config.connection_log)?;
+    let identity = Arc::new(IdentityCache::new(&root.path, &mount));
+    let ctx = Arc::new(RelayContext {
+        maps: maps.clone(),
+        identity: identity.clone(),
+        metrics: metrics.clone(),
+        events,
+        provider_names: config.providers.iter().map(|p| p.name.clone()).collect(),
+        skip_mark: config.proxy.skip_mark,
+        connect_timeout: config.proxy.upstream_connect_timeout,
+    });
+
+    let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    tasks.push(tokio::spawn(heartbeat(
+        maps.clone(),
+        settings,
+        config.heartbeat.interval,
+    )));
+
+    let mut refresher = Refresher::new(&config)?;
+    // First round before we call ourselves ready, so `/readyz` means "governing".
+    refresh_providers(&mut refresher, &maps, &metrics).await;
+    tasks.push(tokio::spawn(dns_loop(
+        refresher,
+        maps.clone(),
+        metrics.clone(),
+    )));
+
+    let scanner = Scanner::new(&config, root.clone(), ctx.clone(), identity.clone())?;
+    tasks.push(tokio::spawn(scanner.run(config.discovery.scan_interval)));
+
+    if !config.metrics.listen.is_empty() {
+        let addr = config.metrics.listen.parse().expect("validated at load");
+        let m = maps.clone();
+        let mt = metrics.clone();
+        let before: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            for c in Counter::ALL {
+                mt.kernel_events
+                    .with_label_values(&[c.label()])
+                    .set(m.counter(c) as i64);
+            }
+        });
+        let metrics = metrics.clone();
+        // Bind now so a taken port is a startup error, not a log line.
+        let listener = std::net::TcpListener::bind(addr).with_context(|| {
+            format!("cannot listen on metrics.listen {addr}: is the port taken?")
+        })?;
+        drop(listener);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::telemetry::metrics::serve(addr, metrics, before).await {
+                tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+    }
+
+    metrics.ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        port = config.proxy.port,
+        failure_mode = ?config.failure_mode,
+        provider_entries = maps.provider_count(),
+        "tollgate is running"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    metrics.ready.store(false, Ordering::Relaxed);
+    if config.failure_mode == FailureMode::Open {
+        // Stop redirecting before the listeners go, so no new connection is
+        // sent to a port about to close.
+        let mut off = settings;
+        off.proxy_port = 0;
+        let _ = maps.write_settings(off);
+    }
+    for t in &tasks {
+        t.abort(); // the scanner's Drop closes every listener.
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while metrics.active_connections.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if attached.is_pinned() {
+        tracing::info!(
+            "fail-closed: programs stay pinned and refuse provider connections until an agent is back \
+             (`tollgate detach` removes them)"
+        );
+        drop(attached);
+    } else {
+        attached.detach();
+        tracing::info!("programs detached");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+async fn heartbeat(maps: Arc<Maps>, mut settings: Settings, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        settings.heartbeat_ns = monotonic_ns();
+        if let Err(e) = maps.write_settings(settings) {
+            tracing::error!(error = %e, "heartbeat write failed");
+        }
+    }
+}
+
+async fn refresh_providers(refresher: &mut Refresher, maps: &Maps, metrics: &Metrics) {
+    refresher.refresh_due().await;
+    refresher.book.expire(Instant::now());
+    let want = refresher.book.desired(&refresher.ports);
+    match maps.sync_providers(&want) {
+        Ok((added, removed)) if added + removed > 0 => {
+            tracing::info!(added, removed, entries = want.len(), "provider map updated")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(
+            error = %e,
+            wanted = want.len(),
+            capacity = tollgate_common::capacity::PROVIDERS,
+            "updating the provider map failed; if the map is full, list fewer provider hosts or ports"
+        ),
+    }
+    metrics.provider_addresses.set(maps.provider_count() as i64);
+}
+
+async fn dns_loop(mut refresher: Refresher, maps: Arc<Maps>, metrics: Arc<Metrics>) {
+    loop {
+        // Wake for the next due lookup, and at least every second so expired
+        // addresses leave the map on time.
+        let wait = refresher
+            .next_due()
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        tokio::time::sleep(wait).await;
+        refresh_providers(&mut refresher, &maps, &metrics).await;
+    }
+}
+
+/// Keeps listeners, opt-outs and identities in step with the cgroup tree.
+struct Scanner {
+    root: CgroupRoot,
+    port: u16,
+    opt_out: globset::GlobSet,
+    ctx: Arc<RelayContext>,
+    identity: Arc<IdentityCache>,
+    namespaces: HashMap<NetnsId, Vec<JoinHandle<()>>>,
+    /// Namespaces where binding failed, and when to try again.
+    failed: HashMap<NetnsId, Instant>,
+}
+
+/// Retry binding in a namespace where it failed (port taken) this often;
+/// not every scan, to keep a broken pod from flooding the log.
+const BIND_RETRY: Duration = Duration::from_secs(30);
+
+impl Scanner {
+    fn new(
+        config: &Config,
+        root: CgroupRoot,
+        ctx: Arc<RelayContext>,
+        identity: Arc<IdentityCache>,
+    ) -> anyhow::Result<Self> {
+        let mut b = globset::GlobSetBuilder::new();
+        for g in &config.opt_out.cgroups {
+            b.add(globset::Glob::new(g)?);
+        }
+        Ok(Self {
+            root,
+            port: config.proxy.port,
+            opt_out: b.build()?,
+            ctx,
+            identity,
+            namespaces: HashMap::new(),
+            failed: HashMap::new(),
+        })
+    }
+
+    async fn run(mut self, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.scan_once().await;
+        }
+    }
+
+    async fn scan_once(&mut self) {
+        let root = self.root.path.clone();
+        let entries = tokio::task::spawn_blocking(move || cgroup::walk(&root))
+            .await
+            .unwrap_or_default();
+        self.identity.refresh(&entries);
+
+        let opted: HashSet<u64> = entries
+            .iter()
+            .filter(|e| self.opt_out.is_match(self.root.relative(&e.path)))
+            .map(|e| e.id)
+            .collect();
+        if let Err(e) = self.ctx.maps.sync_opt_out(&opted) {
+            tracing::error!(error = %e, "updating opted-out cgroups failed");
+        }
+
+        let found = netns::scan(&entries);
+        self.namespaces.retain(|id, handles| {
+            let keep = found.namespaces.contains_key(id);
+            if !keep {
+                handles.iter().for_each(JoinHandle::abort);
+                tracing::info!(netns = id.ino, "workload namespace gone; listener closed");
+            }
+            keep
+        });
+        let now = Instant::now();
+        self.failed
+            .retain(|id, until| found.namespaces.contains_key(id) && *until > now);
+        for (id, (pid, cgroups)) in found.namespaces {
+            if self.namespaces.contains_key(&id) || self.failed.contains_key(&id) {
+                continue;
+            }
+            let port = self.port;
+            let bound =
+                tokio::task::spawn_blocking(move || netns::bind_in_netns_of(pid, port)).await;
+            match bound {
+                Ok(Ok(l)) => {
+                    let mut handles = Vec::new();
+                    for std_l in std::iter::once(l.v4).chain(l.v6) {
+                        match TcpListener::from_std(std_l) {
+                            Ok(tl) => handles.push(tokio::spawn(accept_loop(
+                                self.ctx.clone(),
+                                tl,
+                                l.cookie,
+                            ))),
+                            Err(e) => tracing::error!(error = %e, "registering listener failed"),
+                        }
+                    }
+                    tracing::info!(netns = id.ino, pid, cgroup = %cgroups[0].display(), port, "listening in workload namespace");
+                    self.namespaces.insert(id, handles);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(netns = id.ino, pid, error = %e, "cannot open proxy listener; connections there follow the failure mode");
+                    self.failed.insert(id, now + BIND_RETRY);
+                }
+                Err(e) => tracing::error!(error = %e, "bind task failed"),
+            }
+        }
+        self.ctx
+            .metrics
+            .namespaces
+            .set(self.namespaces.len() as i64);
+    }
+}
+
+impl Drop for Scanner {
+    fn drop(&mut self) {
+        for handles in self.namespaces.values() {
+            handles.iter().for_each(JoinHandle::abort);
+        }
+    }
+}

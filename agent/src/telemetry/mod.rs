@@ -1,0 +1,3 @@
+//! What the agent tells the outside: metrics and the per-connection log.
+pub mod events;
+pub mod metrics;

@@ -1,0 +1,255 @@
+//! The contract between Tollgate's kernel programs and its agent.
+//!
+//! Every map key and value lives here once, `#[repr(C)]`, with explicit padding so
+//! that both compilers agree on the layout and the kernel never hashes
+//! uninitialised bytes. Byte order is part of each field's name:
+//! `_be` fields hold network byte order exactly as on the wire, plain integer
+//! fields hold host order.
+//!
+//! IPv4 addresses are stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`) so one key
+//! type serves both families and a v4-mapped connect from an `AF_INET6` socket
+//! finds the same provider entry as a plain IPv4 connect.
+#![no_std]
+
+/// Names of the maps, shared so the agent never spells one differently.
+pub mod map_names {
+    pub const PROVIDERS: &str = "PROVIDERS";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const ORIG_DST: &str = "ORIG_DST";
+    pub const OPT_OUT: &str = "OPT_OUT";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs inside the object.
+pub mod program_names {
+    pub const CONNECT4: &str = "tollgate_connect4";
+    pub const CONNECT6: &str = "tollgate_connect6";
+    pub const SOCK_OPS: &str = "tollgate_sock_ops";
+    pub const GETPEERNAME4: &str = "tollgate_getpeername4";
+    pub const GETPEERNAME6: &str = "tollgate_getpeername6";
+}
+
+/// Capacity of the maps. Each number is a bound on kernel memory, not a tuning knob:
+pub mod capacity {
+    /// Provider (address, port) pairs. A provider resolves to a handful of
+    /// addresses per family; 4096 leaves room for hundreds of configured hosts.
+    pub const PROVIDERS: u32 = 4096;
+    /// Redirected sockets by socket cookie: read by sock_ops at the SYN and by
+    /// getpeername for the life of the socket. LRU, because the kernel tells no
+    /// program when a socket closes: old records are evicted, never leaked.
+    /// Cookies are never reused, so an evicted or stale record cannot be
+    /// mistaken for a new socket's.
+    pub const SOCKETS: u32 = 65536;
+    /// Redirected connections the proxy has not accepted yet (LRU for the same reason).
+    pub const ORIG_DST: u32 = 65536;
+    /// Opted-out cgroups (a pod's cgroup opts out all its containers).
+    pub const OPT_OUT: u32 = 4096;
+}
+
+/// Maximum cgroup depth (below the cgroup2 root) at which an opt-out is
+/// honoured. Kubelet's deepest layout is
+/// `kubepods.slice/kubepods-burstable.slice/…-pod<uid>.slice/cri-containerd-<id>.scope`
+/// (4), under a node that may itself be nested a few levels; 12 covers that with
+/// room and keeps the verifier's unrolled loop small.
+pub const MAX_OPT_OUT_DEPTH: u32 = 12;
+
+/// Default SO_MARK put on the agent's own sockets; connect hooks pass marked
+/// sockets through untouched, so the proxy's upstream connections never loop
+/// back into the proxy. ASCII "TG" in the low bits; configurable.
+pub const DEFAULT_SKIP_MARK: u32 = 0x5447;
+
+/// IPv6 or IPv4-mapped address in network byte order, plus a host-order port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ProviderKey {
+    pub ip_be: [u8; 16],
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// What the agent knows about a provider address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ProviderValue {
+    /// Index of the provider in the agent's config (for attribution and metrics).
+    pub provider_id: u32,
+    pub _pad: u32,
+}
+
+/// One redirected connection as recorded at connect() time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Original destination (IPv4-mapped for IPv4), network byte order.
+    pub orig_ip_be: [u8; 16],
+    /// Original destination port, host order.
+    pub orig_port: u16,
+    /// `AF_INET` or `AF_INET6` of the connecting socket.
+    pub family: u16,
+    pub provider_id: u32,
+    /// cgroup v2 id (inode of the cgroup directory) of the connecting task.
+    pub cgroup_id: u64,
+    /// Cookie of the network namespace the socket lives in.
+    pub netns_cookie: u64,
+    /// Thread-group id (process id) in the initial PID namespace.
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Task command name, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+impl Default for ConnInfo {
+    fn default() -> Self {
+        Self {
+            orig_ip_be: [0; 16],
+            orig_port: 0,
+            family: 0,
+            provider_id: 0,
+            cgroup_id: 0,
+            netns_cookie: 0,
+            tgid: 0,
+            _pad: 0,
+            comm: [0; 16],
+        }
+    }
+}
+
+/// Where the proxy finds a connection's record: the client's side of the
+/// connection as the accepted socket's peer address shows it, in the namespace
+/// whose loopback listener accepted it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct OrigDstKey {
+    pub netns_cookie: u64,
+    /// Client (local) address of the redirected socket, IPv4-mapped for IPv4, network order.
+    pub ip_be: [u8; 16],
+    /// Client (local) port, host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Runtime settings the agent writes into the single-slot `SETTINGS` array.
+/// All zero (the state before the agent writes it) means "do nothing".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// CLOCK_MONOTONIC nanoseconds (the clock of `bpf_ktime_get_ns`) of the agent's last heartbeat.
+    pub heartbeat_ns: u64,
+    /// After this many nanoseconds without a heartbeat the agent counts as gone.
+    pub heartbeat_timeout_ns: u64,
+    /// Port of the proxy's loopback listeners (host order). 0 disables redirection.
+    pub proxy_port: u16,
+    /// 1: when the agent is gone, refuse provider connections (EPERM). 0: let them through.
+    pub fail_closed: u8,
+    pub _pad: u8,
+    /// Sockets carrying this SO_MARK are never redirected (the agent's own).
+    pub skip_mark: u32,
+}
+
+/// Slots of the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Provider connection rewritten to the proxy.
+    Redirected = 0,
+    /// Provider connection let through: no live proxy listener in the socket's netns (fail-open).
+    PassedNoListener = 1,
+    /// Provider connection let through: heartbeat stale (fail-open).
+    PassedStale = 2,
+    /// Provider connection refused because the agent is gone (fail-closed).
+    RefusedFailClosed = 3,
+    /// Provider connection from an opted-out cgroup, untouched.
+    OptedOut = 4,
+    /// Connection record could not be stored (map full); connection passed through.
+    RecordFailed = 5,
+    /// sock_ops moved a record to `ORIG_DST`.
+    Recorded = 6,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Redirected,
+        Counter::PassedNoListener,
+        Counter::PassedStale,
+        Counter::RefusedFailClosed,
+        Counter::OptedOut,
+        Counter::RecordFailed,
+        Counter::Recorded,
+    ];
+
+    /// Stable label for metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::PassedNoListener => "passed_no_listener",
+            Counter::PassedStale => "passed_stale_heartbeat",
+            Counter::RefusedFailClosed => "refused_fail_closed",
+            Counter::OptedOut => "opted_out",
+            Counter::RecordFailed => "record_failed",
+            Counter::Recorded => "recorded",
+        }
+    }
+}
+
+/// IPv4 `a.b.c.d` as IPv4-mapped IPv6 bytes.
+pub const fn v4_mapped(octets: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+/// True for `::ffff:a.b.c.d`.
+pub const fn is_v4_mapped(ip: &[u8; 16]) -> bool {
+    ip[0] == 0
+        && ip[1] == 0
+        && ip[2] == 0
+        && ip[3] == 0
+        && ip[4] == 0
+        && ip[5] == 0
+        && ip[6] == 0
+        && ip[7] == 0
+        && ip[8] == 0
+        && ip[9] == 0
+        && ip[10] == 0xff
+        && ip[11] == 0xff
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are #[repr(C)], Copy, contain only integers and byte
+    // arrays, and carry explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::ProviderKey {}
+    unsafe impl aya::Pod for super::ProviderValue {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::OrigDstKey {}
+    unsafe impl aya::Pod for super::Settings {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        // Sizes equal the sum of the declared fields: no hidden padding that the
+        // kernel would hash as garbage.
+        assert_eq!(size_of::<ProviderKey>(), 16 + 2 + 2);
+        assert_eq!(size_of::<ProviderValue>(), 8);
+        assert_eq!(size_of::<ConnInfo>(), 16 + 2 + 2 + 4 + 8 + 8 + 4 + 4 + 16);
+        assert_eq!(size_of::<OrigDstKey>(), 8 + 16 + 2 + 6);
+        assert_eq!(size_of::<Settings>(), 8 + 8 + 2 + 1 + 1 + 4);
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let m = v4_mapped([10, 1, 2, 3]);
+        assert!(is_v4_mapped(&m));
+        assert_eq!(&m[12..], &[10, 1, 2, 3]);
+        assert!(!is_v4_mapped(&[0; 16]));
+        assert_eq!(Counter::ALL.len() as u32, Counter::COUNT);
+    }
+}

@@ -1,0 +1,408 @@
+//! Tollgate's kernel programs.
+//!
+//! * `connect4` / `connect6` (cgroup/connect4, cgroup/connect6): a TCP connect
+//!   to a known provider (address, port) is rewritten to the proxy's loopback
+//!   listener in the caller's own network namespace, and a record of who
+//!   connected where is stored by socket cookie.
+//! * `sock_ops` (TCP_CONNECT_CB): once the kernel has chosen the client's source
+//!   port, the record is made findable by what the proxy sees on accept(): the
+//!   peer address, in the listener's namespace.
+//! * `getpeername4` / `getpeername6`: a redirected socket reports the original
+//!   provider address, so applications that log or check their peer see what
+//!   they asked for.
+//!
+//! Rules every program here follows: return quickly, never wait on userspace,
+//! and treat missing data as "do nothing". The one exception to "do nothing"
+//! is fail-closed, which the operator asked for explicitly.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
+            bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_release,
+        },
+    },
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use tollgate_common::{
+    ConnInfo, Counter, MAX_OPT_OUT_DEPTH, OrigDstKey, ProviderKey, ProviderValue, Settings,
+    capacity, is_v4_mapped, v4_mapped,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u32 = 6;
+
+/// cgroup/connect* return codes: 1 lets the connect proceed, 0 fails it with EPERM.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+const LOOPBACK4: [u8; 4] = [127, 0, 0, 1];
+const LOOPBACK6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+#[map(name = "PROVIDERS")]
+static PROVIDERS: HashMap<ProviderKey, ProviderValue> =
+    HashMap::with_max_entries(capacity::PROVIDERS, 0);
+
+#[map(name = "SOCKETS")]
+static SOCKETS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(capacity::SOCKETS, 0);
+
+#[map(name = "ORIG_DST")]
+static ORIG_DST: LruHashMap<OrigDstKey, ConnInfo> =
+    LruHashMap::with_max_entries(capacity::ORIG_DST, 0);
+
+#[map(name = "OPT_OUT")]
+static OPT_OUT: HashMap<u64, u8> = HashMap::with_max_entries(capacity::OPT_OUT, 0);
+
+#[map(name = "SETTINGS")]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(c as u32) {
+        // Per-CPU slot: no other CPU writes it, a plain add is enough.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The destination a connect hook sees, normalised to the shared key form.
+struct Dest {
+    ip: [u8; 16],
+    port: u16,
+}
+
+#[inline(always)]
+fn ip6_from_words(words: [u32; 4]) -> [u8; 16] {
+    // The words hold network byte order as laid out in memory; native-endian
+    // bytes reproduce that layout exactly.
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn words_from_ip6(ip: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([ip[0], ip[1], ip[2], ip[3]]),
+        u32::from_ne_bytes([ip[4], ip[5], ip[6], ip[7]]),
+        u32::from_ne_bytes([ip[8], ip[9], ip[10], ip[11]]),
+        u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+    ]
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let dest = Dest {
+        ip: v4_mapped(sa.user_ip4.to_ne_bytes()),
+        port: u16::from_be(sa.user_port as u16),
+    };
+    on_connect(&ctx, dest, AF_INET)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.protocol != IPPROTO_TCP {
+        return ALLOW;
+    }
+    let dest = Dest {
+        ip: ip6_from_words([
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ]),
+        port: u16::from_be(sa.user_port as u16),
+    };
+    on_connect(&ctx, dest, AF_INET6)
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
+    let key = ProviderKey {
+        ip_be: dest.ip,
+        port: dest.port,
+        _pad: [0; 2],
+    };
+    let Some(provider) = (unsafe { PROVIDERS.get(&key) }) else {
+        return ALLOW; // not a provider: the common case, one hash lookup.
+    };
+    let provider_id = provider.provider_id;
+
+    let Some(settings) = SETTINGS.get(0) else {
+        return ALLOW;
+    };
+    let settings = *settings;
+    if settings.proxy_port == 0 {
+        return ALLOW; // agent has not finished configuring us.
+    }
+
+    // The agent's own sockets (its upstream connections) are marked: never loop.
+    let sa = unsafe { &*ctx.sock_addr };
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if !sk.is_null() && unsafe { (*sk).mark } == settings.skip_mark {
+        return ALLOW;
+    }
+
+    if opted_out() {
+        count(Counter::OptedOut);
+        return ALLOW;
+    }
+
+    let fail = if settings.fail_closed != 0 {
+        REFUSE
+    } else {
+        ALLOW
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.saturating_sub(settings.heartbeat_ns) > settings.heartbeat_timeout_ns {
+        count(if fail == REFUSE {
+            Counter::RefusedFailClosed
+        } else {
+            Counter::PassedStale
+        });
+        return fail;
+    }
+
+    // Is the proxy listening in this socket's network namespace? If not (pod
+    // not yet set up, agent gone), redirecting would turn a working connect
+    // into ECONNREFUSED; apply the failure mode instead.
+    let mapped = is_v4_mapped(&dest.ip);
+    if !proxy_listening(ctx, family == AF_INET || mapped, settings.proxy_port) {
+        count(if fail == REFUSE {
+            Counter::RefusedFailClosed
+        } else {
+            Counter::PassedNoListener
+        });
+        return fail;
+    }
+
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let mut info = ConnInfo {
+        orig_ip_be: dest.ip,
+        orig_port: dest.port,
+        family,
+        provider_id,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        comm: [0; 16],
+    };
+    if let Ok(comm) = bpf_get_current_comm() {
+        info.comm = comm;
+    }
+    if SOCKETS.insert(&cookie, &info, 0).is_err() {
+        // Without a record the proxy could not tell where to go: leave the
+        // connection alone rather than break it.
+        count(Counter::RecordFailed);
+        return ALLOW;
+    }
+
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let port_be = u32::from(settings.proxy_port.to_be());
+    if family == AF_INET {
+        sa.user_ip4 = u32::from_ne_bytes(LOOPBACK4);
+    } else {
+        let target = if mapped {
+            v4_mapped(LOOPBACK4)
+        } else {
+            LOOPBACK6
+        };
+        let w = words_from_ip6(&target);
+        sa.user_ip6[0] = w[0];
+        sa.user_ip6[1] = w[1];
+        sa.user_ip6[2] = w[2];
+        sa.user_ip6[3] = w[3];
+    }
+    sa.user_port = port_be;
+    count(Counter::Redirected);
+    ALLOW
+}
+
+/// True when the calling task's cgroup or one of its ancestors is opted out.
+#[inline(always)]
+fn opted_out() -> bool {
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    if unsafe { OPT_OUT.get(&own) }.is_some() {
+        return true;
+    }
+    let mut level = 0;
+    while level < MAX_OPT_OUT_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break; // above the task's own depth: no more ancestors.
+        }
+        if unsafe { OPT_OUT.get(&id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+/// Look up a TCP listener on loopback:`port` in the socket's own namespace.
+#[inline(always)]
+fn proxy_listening(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size;
+    if v4 {
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv4 };
+        t.saddr = u32::from_ne_bytes(LOOPBACK4);
+        t.daddr = u32::from_ne_bytes(LOOPBACK4);
+        t.sport = 0;
+        t.dport = port.to_be();
+        size = core::mem::size_of_val(t) as u32;
+    } else {
+        let t = unsafe { &mut tuple.__bindgen_anon_1.ipv6 };
+        t.saddr = words_from_ip6(&LOOPBACK6);
+        t.daddr = words_from_ip6(&LOOPBACK6);
+        t.sport = 0;
+        t.dport = port.to_be();
+        size = core::mem::size_of_val(t) as u32;
+    }
+    let sk = unsafe {
+        bpf_sk_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if sk.is_null() {
+        return false;
+    }
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+#[sock_ops]
+pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(info) = (unsafe { SOCKETS.get(&cookie) }) else {
+        return 1; // not a socket we redirected.
+    };
+    let info = *info;
+    // Read every context field once, up front, with volatile loads: the
+    // verifier only accepts ctx accesses at constant offsets, and LLVM would
+    // otherwise merge the branches below into one load through a computed
+    // pointer ("dereference of modified ctx ptr").
+    let ops = ctx.ops;
+    let (family, local_ip4, local_port, remote_ip6, local_ip6) = unsafe {
+        use core::ptr::{addr_of, read_volatile};
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).local_port)),
+            [
+                read_volatile(addr_of!((*ops).remote_ip6[0])),
+                read_volatile(addr_of!((*ops).remote_ip6[1])),
+                read_volatile(addr_of!((*ops).remote_ip6[2])),
+                read_volatile(addr_of!((*ops).remote_ip6[3])),
+            ],
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+        )
+    };
+    let local_ip = if family == u32::from(AF_INET6) {
+        if is_v4_mapped(&ip6_from_words(remote_ip6)) {
+            // A v4-mapped connect runs the IPv4 path: the source is in local_ip4,
+            // and the proxy's IPv4 listener sees an IPv4 peer.
+            v4_mapped(local_ip4.to_ne_bytes())
+        } else {
+            ip6_from_words(local_ip6)
+        }
+    } else {
+        v4_mapped(local_ip4.to_ne_bytes())
+    };
+    let key = OrigDstKey {
+        netns_cookie: info.netns_cookie,
+        ip_be: local_ip,
+        // sock_ops reports local_port in host byte order (unlike remote_port).
+        port: local_port as u16,
+        _pad: [0; 6],
+    };
+    if ORIG_DST.insert(&key, &info, 0).is_ok() {
+        count(Counter::Recorded);
+    } else {
+        count(Counter::RecordFailed);
+    }
+    1
+}
+
+/// Report the original provider address to getpeername() on a redirected socket.
+#[inline(always)]
+fn on_getpeername(ctx: &SockAddrContext, v4: bool) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(info) = (unsafe { SOCKETS.get(&cookie) }) else {
+        return ALLOW;
+    };
+    let info = *info;
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if v4 {
+        if !is_v4_mapped(&info.orig_ip_be) {
+            return ALLOW;
+        }
+        let ip = &info.orig_ip_be;
+        sa.user_ip4 = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    } else {
+        let w = words_from_ip6(&info.orig_ip_be);
+        sa.user_ip6[0] = w[0];
+        sa.user_ip6[1] = w[1];
+        sa.user_ip6[2] = w[2];
+        sa.user_ip6[3] = w[3];
+    }
+    sa.user_port = u32::from(info.orig_port.to_be());
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn tollgate_getpeername4(ctx: SockAddrContext) -> i32 {
+    on_getpeername(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn tollgate_getpeername6(ctx: SockAddrContext) -> i32 {
+    on_getpeername(&ctx, false)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // eBPF programs cannot unwind; the verifier rejects any path that reaches here.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
