@@ -1,1 +1,21 @@
+//! A miniature Kubernetes node on the real kernel, for Tollgate's tests and demo.
+//!
+//! ```text
+//!  pod netns (tgt-…-podN)          node netns (tgt-…-node)            upstream netns (tgt-…-up)
+//!  eth0 10.88.N.2 / fd88:N::2  ──  podN 10.88.N.1 / fd88:N::1
+//!  lo (proxy listener 127.0.0.1)   agent, dnsmasq on 127.0.0.1:53   up0 ── eth0 10.77.0.2, .3 / fd77::2
+//!  cgroup: <root>/kubepods.slice/…-pod<uid>.slice/cri-containerd-<id>.scope       mock provider :443, :8080
+//! ```
+//!
+//! Every address lives in a namespace the test created; no namespace has a
+//! route anywhere else, and the machine's own network namespace is never
+//! touched (veths are created directly inside the namespaces). Everything is
+//! owned by guards whose `Drop` removes it, also when a test panics.
+pub mod cgroups;
+pub mod netns;
+pub mod node;
+pub mod privileged;
+pub mod process;
 
+pub use node::{Pod, TestNode};
+pub use privileged::require_privileged;

@@ -1,0 +1,476 @@
+//! The test node: namespaces, pods, DNS, mock provider, and the agent.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use crate::{
+    cgroups::{CgroupTree, cgroup2_mount, remove_tree},
+    netns::{Netns, run_ok},
+    process::{Proc, wait_until},
+};
+
+/// Provider address served by the mock (the name `api.openai.com` resolves here).
+pub const UPSTREAM_V4: &str = "10.77.0.2";
+/// A second provider address, for DNS changes.
+pub const UPSTREAM_V4_ALT: &str = "10.77.0.3";
+pub const UPSTREAM_V6: &str = "fd77::2";
+/// Node side of the upstream link: what the mock sees when the agent relays.
+pub const NODE_UPSTREAM_V4: &str = "10.77.0.1";
+pub const NODE_UPSTREAM_V6: &str = "fd77::1";
+/// Provider port, and a port on the same host that no provider uses.
+pub const PROVIDER_PORT: u16 = 443;
+pub const OTHER_PORT: u16 = 8080;
+/// Proxy port used by the tests (not the default, to show it is configurable).
+pub const PROXY_PORT: u16 = 15089;
+pub const PROVIDER_HOST: &str = "api.openai.com";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct Pod {
+    /// Dropped first: the pod's long-lived process.
+    _pause: Proc,
+    pub index: u32,
+    pub uid: String,
+    pub container_id: String,
+    pub cgroup: PathBuf,
+    pub netns: Netns,
+    pub ip4: String,
+    pub ip6: String,
+}
+
+/// Fields are dropped in declaration order: processes first, then cgroups,
+/// then namespaces, then files.
+pub struct TestNode {
+    pub agent: Option<Proc>,
+    _mock: Proc,
+    dns: Option<Proc>,
+    pub pods: Vec<Pod>,
+    pub cgroups: CgroupTree,
+    /// `<cgroups>/kubepods.slice`: the subtree the agent governs.
+    pub kubepods: PathBuf,
+    pub node: Netns,
+    pub upstream: Netns,
+    pub dir: PathBuf,
+    pub id: String,
+    pub bpffs_dir: PathBuf,
+    /// DNS TTL dnsmasq gives its answers.
+    pub dns_ttl: u32,
+}
+
+impl TestNode {
+    /// Build the node with `pods` pods.
+    pub fn new(pods: u32) -> Self {
+        let id = format!(
+            "{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(format!("tgt-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+
+        let node = Netns::create(&format!("tgt-{id}-node"));
+        let upstream = Netns::create(&format!("tgt-{id}-up"));
+        node.sysctl("net.ipv4.ip_forward", "1");
+        node.sysctl("net.ipv6.conf.all.forwarding", "1");
+        // Created inside the node namespace with the peer placed straight into
+        // the upstream one: the machine's own namespace never sees either end.
+        node.ip(&[
+            "link",
+            "add",
+            "up0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &upstream.name,
+        ]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{NODE_UPSTREAM_V4}/24"),
+            "dev",
+            "up0",
+        ]);
+        node.ip(&[
+            "addr",
+            "add",
+            &format!("{NODE_UPSTREAM_V6}/64"),
+            "dev",
+            "up0",
+            "nodad",
+        ]);
+        node.ip(&["link", "set", "up0", "up"]);
+        upstream.ip(&["addr", "add", &format!("{UPSTREAM_V4}/24"), "dev", "eth0"]);
+        upstream.ip(&[
+            "addr",
+            "add",
+            &format!("{UPSTREAM_V4_ALT}/24"),
+            "dev",
+            "eth0",
+        ]);
+        upstream.ip(&[
+            "addr",
+            "add",
+            &format!("{UPSTREAM_V6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        upstream.ip(&["link", "set", "eth0", "up"]);
+        upstream.ip(&["route", "add", "default", "via", NODE_UPSTREAM_V4]);
+        upstream.ip(&["-6", "route", "add", "default", "via", NODE_UPSTREAM_V6]);
+
+        let mount = cgroup2_mount();
+        let cgroups = CgroupTree::create(mount.join(format!("tollgate-test-{id}")));
+        let kubepods = cgroups.mkdir("kubepods.slice");
+
+        let mock = Proc::spawn(
+            "mock-upstream",
+            upstream.command(&mock_upstream_bin()).args([
+                format!("{UPSTREAM_V4}:{PROVIDER_PORT}"),
+                format!("{UPSTREAM_V4_ALT}:{PROVIDER_PORT}"),
+                format!("[{UPSTREAM_V6}]:{PROVIDER_PORT}"),
+                format!("{UPSTREAM_V4}:{OTHER_PORT}"),
+                format!("[{UPSTREAM_V6}]:{OTHER_PORT}"),
+            ]),
+        );
+
+        let mut n = TestNode {
+            agent: None,
+            _mock: mock,
+            dns: None,
+            pods: Vec::new(),
+            cgroups,
+            kubepods,
+            node,
+            upstream,
+            bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/tollgate-test-{id}")),
+            dir,
+            id,
+            dns_ttl: 2,
+        };
+        n.set_dns(&[UPSTREAM_V4, UPSTREAM_V6]);
+        for _ in 0..pods {
+            n.add_pod();
+        }
+        // The mock binds asynchronously; wait until a pod can reach it.
+        if !n.pods.is_empty() {
+            let ok = wait_until(Duration::from_secs(5), || {
+                n.pods[0]
+                    .curl(&format!("http://{UPSTREAM_V4}:{OTHER_PORT}/"))
+                    .ok()
+            });
+            assert!(ok.is_some(), "mock upstream did not come up");
+        }
+        n
+    }
+
+    /// Add a pod: namespace + veth to the node + kubelet-shaped cgroup.
+    pub fn add_pod(&mut self) -> &Pod {
+        let index = self.pods.len() as u32 + 1;
+        let netns = Netns::create(&format!("tgt-{}-pod{index}", self.id));
+        let host_if = format!("pod{index}");
+        self.node.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns.name,
+        ]);
+        let (gw4, ip4) = (format!("10.88.{index}.1"), format!("10.88.{index}.2"));
+        let (gw6, ip6) = (format!("fd88:{index}::1"), format!("fd88:{index}::2"));
+        self.node
+            .ip(&["addr", "add", &format!("{gw4}/24"), "dev", &host_if]);
+        self.node.ip(&[
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
+            "dev",
+            &host_if,
+            "nodad",
+        ]);
+        self.node.ip(&["link", "set", &host_if, "up"]);
+        netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
+        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+        netns.ip(&["link", "set", "eth0", "up"]);
+        netns.ip(&["route", "add", "default", "via", &gw4]);
+        netns.ip(&["-6", "route", "add", "default", "via", &gw6]);
+
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), index);
+        let container_id = format!("{:0>64}", format!("{:x}c{index}", std::process::id()));
+        let cgroup = self.cgroups.mkdir(&format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container_id}.scope",
+            uid.replace('-', "_")
+        ));
+        // A long-lived process, like a pod's pause container: it keeps the
+        // namespace discoverable through the cgroup.
+        let pause = Proc::spawn(
+            "pause",
+            netns.command_in_cgroup("sleep", Some(&cgroup)).arg("3600"),
+        );
+        self.pods.push(Pod {
+            _pause: pause,
+            index,
+            uid,
+            container_id,
+            cgroup,
+            netns,
+            ip4,
+            ip6,
+        });
+        self.pods.last().unwrap()
+    }
+
+    /// (Re)start dnsmasq in the node namespace answering `api.openai.com` with `addrs`.
+    pub fn set_dns(&mut self, addrs: &[&str]) {
+        let hosts = self.dir.join("hosts");
+        let body: String = addrs
+            .iter()
+            .map(|a| format!("{a} {PROVIDER_HOST}\n"))
+            .collect();
+        fs::write(&hosts, body).unwrap();
+        if let Some(mut old) = self.dns.take() {
+            old.signal(libc::SIGKILL);
+            old.wait_for(Duration::from_secs(2));
+        }
+        let dns = Proc::spawn(
+            "dnsmasq",
+            self.node
+                .command("dnsmasq")
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--port=53",
+                    "--user=root",
+                    "--pid-file=",
+                    &format!("--local-ttl={}", self.dns_ttl),
+                    &format!("--addn-hosts={}", hosts.display()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        self.dns = Some(dns);
+        // Wait until it answers.
+        let ready = wait_until(Duration::from_secs(5), || {
+            let out = self
+                .node
+                .command("ss")
+                .args(["-Hlun", "sport = :53"])
+                .output()
+                .ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        });
+        assert!(ready.is_some(), "dnsmasq did not start");
+    }
+
+    /// Agent config for this node; `extra` is appended YAML (top-level keys).
+    pub fn agent_config(&self, extra: &str) -> String {
+        format!(
+            "cgroup_root: {}\nproxy:\n  port: {PROXY_PORT}\n  upstream_connect_timeout: 3s\n\
+             heartbeat:\n  interval: 200ms\n  timeout: 1s\n\
+             dns:\n  servers: [\"127.0.0.1\"]\n  min_ttl: 1s\n  stale_grace: 0s\n  retry: 1s\n\
+             discovery:\n  scan_interval: 200ms\n\
+             providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}]\n\
+             metrics:\n  listen: \"127.0.0.1:9464\"\n\
+             connection_log: {}\nbpffs_dir: {}\n{extra}",
+            self.kubepods.display(),
+            self.connection_log().display(),
+            self.bpffs_dir.display(),
+        )
+    }
+
+    pub fn connection_log(&self) -> PathBuf {
+        self.dir.join("connections.jsonl")
+    }
+
+    /// Start the agent in the node namespace, inside the governed subtree
+    /// (so any loop through its own upstream connections would show), and
+    /// wait until it governs every pod.
+    pub fn start_agent(&mut self, extra_config: &str) {
+        let cfg = self.dir.join("agent.yaml");
+        fs::write(&cfg, self.agent_config(extra_config)).unwrap();
+        let agent_cg = self.cgroups.mkdir("kubepods.slice/tollgate-agent.scope");
+        let log = fs::File::create(self.agent_log_path()).unwrap();
+        let proc = Proc::spawn(
+            "tollgate",
+            self.node
+                .command_in_cgroup(&agent_bin(), Some(&agent_cg))
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .env("TOLLGATE_LOG", "info,tollgate_agent=debug")
+                .stdout(Stdio::null())
+                .stderr(log),
+        );
+        self.agent = Some(proc);
+        let started = wait_until(Duration::from_secs(20), || {
+            if !self.agent.as_mut().unwrap().is_running() {
+                panic!("agent exited during startup:\n{}", self.agent_log());
+            }
+            self.agent_log()
+                .contains("tollgate is running")
+                .then_some(())
+        });
+        assert!(
+            started.is_some(),
+            "agent did not start:\n{}",
+            self.agent_log()
+        );
+        for i in 0..self.pods.len() {
+            self.wait_for_listener(i);
+        }
+    }
+
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.agent_log_path()).unwrap_or_default()
+    }
+
+    /// Wait until the agent listens inside pod `i`'s namespace.
+    pub fn wait_for_listener(&self, i: usize) {
+        let pod = &self.pods[i];
+        let ok = wait_until(Duration::from_secs(10), || {
+            let out = pod
+                .netns
+                .command("ss")
+                .args(["-Hltn", &format!("sport = :{PROXY_PORT}")])
+                .output()
+                .ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        });
+        assert!(
+            ok.is_some(),
+            "agent never listened in pod {}:\n{}",
+            pod.index,
+            self.agent_log()
+        );
+    }
+
+    /// The connection records written so far.
+    pub fn connections(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.connection_log())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Wait for at least `n` connection records.
+    pub fn wait_connections(&self, n: usize) -> Vec<serde_json::Value> {
+        wait_until(Duration::from_secs(5), || {
+            let c = self.connections();
+            (c.len() >= n).then_some(c)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "expected {n} connection records, have {:?}\nagent log:\n{}",
+                self.connections(),
+                self.agent_log()
+            )
+        })
+    }
+
+    /// Fetch the agent's /metrics (it listens on the node namespace's loopback).
+    pub fn metrics(&self) -> String {
+        let out = self
+            .node
+            .command("curl")
+            .args(["-sS", "-m", "3", "http://127.0.0.1:9464/metrics"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.agent.take();
+        self.dns.take();
+        // Programs a fail-closed agent pinned must not outlive the test.
+        if let Ok(rd) = fs::read_dir(&self.bpffs_dir) {
+            for run in rd.flatten() {
+                if let Ok(files) = fs::read_dir(run.path()) {
+                    for f in files.flatten() {
+                        let _ = fs::remove_file(f.path());
+                    }
+                }
+                let _ = fs::remove_dir(run.path());
+            }
+            let _ = fs::remove_dir(&self.bpffs_dir);
+        }
+        let _ = remove_tree(&self.cgroups.root);
+        if std::thread::panicking() {
+            eprintln!("--- agent log ({}) ---\n{}", self.id, self.agent_log());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Pod {
+    /// `curl` from inside this pod (its namespace and container cgroup).
+    /// Returns the mock's JSON answer, or curl's error.
+    pub fn curl(&self, url: &str) -> Result<serde_json::Value, String> {
+        let out = self.curl_cmd(url).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "curl {url}: exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad body from {url}: {e}"))
+    }
+
+    pub fn curl_cmd(&self, url: &str) -> Command {
+        let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
+        c.args(["-sS", "-g", "-m", "5", "--connect-timeout", "3", url]);
+        c
+    }
+}
+
+/// Path of a binary built next to the running test executable.
+fn sibling_bin(name: &str, env: &str) -> String {
+    if let Ok(p) = std::env::var(env) {
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found; build it first (`cargo build -p tollgate-agent -p tollgate-tests --bins`, done by `cargo xtask test`) or set {env}",
+        p.display()
+    );
+    p.display().to_string()
+}
+
+pub fn agent_bin() -> String {
+    sibling_bin("tollgate", "TOLLGATE_BIN")
+}
+
+pub fn mock_upstream_bin() -> String {
+    sibling_bin("tollgate-mock-upstream", "TOLLGATE_MOCK_UPSTREAM_BIN")
+}
+
+/// Run a command to completion inside a namespace and return stdout.
+pub fn output_in(ns: &Netns, program: &str, args: &[&str]) -> String {
+    String::from_utf8_lossy(&run_ok(ns.command(program).args(args)).stdout).into_owned()
+}

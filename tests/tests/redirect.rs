@@ -1,0 +1,489 @@
+//! Real-kernel tests of the redirect path: real connections from inside pod
+//! namespaces and cgroups, the real agent, real eBPF programs.
+//!
+//! How a test tells a redirected connection from a direct one: the mock
+//! provider reports the TCP peer it saw. Relayed through the agent, that is
+//! the node's address on the upstream link (10.77.0.1 / fd77::1); direct, it
+//! is the pod's own address.
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tollgate_tests::{
+    TestNode,
+    node::{
+        NODE_UPSTREAM_V4, NODE_UPSTREAM_V6, OTHER_PORT, PROVIDER_PORT, UPSTREAM_V4,
+        UPSTREAM_V4_ALT, UPSTREAM_V6,
+    },
+    process::wait_until,
+    require_privileged,
+};
+
+fn provider_url() -> String {
+    format!("http://{UPSTREAM_V4}:{PROVIDER_PORT}/v1/models")
+}
+
+fn peer_ip(answer: &serde_json::Value) -> String {
+    answer["peer_ip"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn provider_connection_is_redirected_and_attributed_to_its_pod() {
+    if !require_privileged("provider_connection_is_redirected_and_attributed_to_its_pod") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+
+    let answer = pod
+        .curl(&provider_url())
+        .expect("provider call through the agent");
+    assert_eq!(
+        peer_ip(&answer),
+        NODE_UPSTREAM_V4,
+        "connection was not relayed by the agent: {answer}"
+    );
+    assert_eq!(answer["request"], "GET /v1/models HTTP/1.1");
+
+    let recs = node.wait_connections(1);
+    let r = &recs[0];
+    assert_eq!(r["workload"]["pod_uid"], pod.uid.as_str(), "{r}");
+    assert_eq!(
+        r["workload"]["container_id"],
+        pod.container_id.as_str(),
+        "{r}"
+    );
+    assert_eq!(r["comm"], "curl");
+    assert_eq!(r["provider"], "openai");
+    assert_eq!(r["destination"], format!("{UPSTREAM_V4}:{PROVIDER_PORT}"));
+    assert_eq!(r["result"], "ok", "{r}");
+    assert!(r["bytes_sent"].as_u64().unwrap() > 40, "{r}");
+    assert!(r["bytes_received"].as_u64().unwrap() > 100, "{r}");
+    assert!(r["pid"].as_u64().unwrap() > 1);
+
+    let m = node.metrics();
+    assert!(
+        m.contains("tollgate_ebpf_events{event=\"redirected\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "tollgate_connections_total{{provider=\"openai\",result=\"ok\",workload=\"{}\"}} 1",
+            pod.uid
+        )),
+        "{m}"
+    );
+}
+
+#[test]
+fn non_provider_connections_are_untouched() {
+    if !require_privileged("non_provider_connections_are_untouched") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+    // Same host, a port no provider uses.
+    let answer = pod
+        .curl(&format!("http://{UPSTREAM_V4}:{OTHER_PORT}/"))
+        .unwrap();
+    assert_eq!(
+        peer_ip(&answer),
+        pod.ip4,
+        "non-provider connection went through the agent"
+    );
+    // A provider call afterwards is the only record.
+    pod.curl(&provider_url()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let recs = node.wait_connections(1);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+}
+
+#[test]
+fn ipv6_and_v4_mapped_connections_are_redirected() {
+    if !require_privileged("ipv6_and_v4_mapped_connections_are_redirected") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+
+    let v6 = pod
+        .curl(&format!("http://[{UPSTREAM_V6}]:{PROVIDER_PORT}/"))
+        .expect("IPv6 provider call");
+    assert_eq!(peer_ip(&v6), NODE_UPSTREAM_V6, "{v6}");
+
+    // An AF_INET6 socket connecting to a v4-mapped address takes the IPv4 path in the kernel.
+    let mapped = pod
+        .curl(&format!("http://[::ffff:{UPSTREAM_V4}]:{PROVIDER_PORT}/"))
+        .expect("v4-mapped provider call");
+    assert_eq!(peer_ip(&mapped), NODE_UPSTREAM_V4, "{mapped}");
+
+    let recs = node.wait_connections(2);
+    let dests: Vec<&str> = recs
+        .iter()
+        .map(|r| r["destination"].as_str().unwrap())
+        .collect();
+    assert!(
+        dests.contains(&format!("[{UPSTREAM_V6}]:{PROVIDER_PORT}").as_str()),
+        "{dests:?}"
+    );
+    assert!(
+        dests.contains(&format!("{UPSTREAM_V4}:{PROVIDER_PORT}").as_str()),
+        "{dests:?}"
+    );
+    for r in &recs {
+        assert_eq!(r["workload"]["pod_uid"], pod.uid.as_str());
+    }
+
+    // IPv6 to a port no provider uses stays direct.
+    let direct = pod
+        .curl(&format!("http://[{UPSTREAM_V6}]:{OTHER_PORT}/"))
+        .unwrap();
+    assert_eq!(peer_ip(&direct), pod.ip6);
+}
+
+#[test]
+fn application_sees_original_peer_through_getpeername() {
+    if !require_privileged("application_sees_original_peer_through_getpeername") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+    let script = format!(
+        "import socket\ns=socket.create_connection(('{UPSTREAM_V4}',{PROVIDER_PORT}))\nprint(s.getpeername()[0], s.getpeername()[1])\ns.close()"
+    );
+    let out = pod
+        .netns
+        .command_in_cgroup("python3", Some(&pod.cgroup))
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        seen,
+        format!("{UPSTREAM_V4} {PROVIDER_PORT}"),
+        "getpeername must show the provider, not the proxy"
+    );
+    // And it really was redirected.
+    node.wait_connections(1);
+}
+
+#[test]
+fn second_pod_is_attributed_to_the_second_pod() {
+    if !require_privileged("second_pod_is_attributed_to_the_second_pod") {
+        return;
+    }
+    let mut node = TestNode::new(2);
+    node.start_agent("");
+    node.pods[0].curl(&provider_url()).unwrap();
+    node.wait_connections(1);
+    node.pods[1].curl(&provider_url()).unwrap();
+    let recs = node.wait_connections(2);
+    assert_eq!(recs[0]["workload"]["pod_uid"], node.pods[0].uid.as_str());
+    assert_eq!(recs[1]["workload"]["pod_uid"], node.pods[1].uid.as_str());
+    assert_ne!(node.pods[0].uid, node.pods[1].uid);
+}
+
+#[test]
+fn agent_own_upstream_connections_are_not_redirected() {
+    if !require_privileged("agent_own_upstream_connections_are_not_redirected") {
+        return;
+    }
+    // The harness runs the agent inside the governed subtree, in the node
+    // namespace, where it also opens a listener for itself: if its upstream
+    // connections were redirected, each call would loop back into the agent.
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let out = node
+                .node
+                .command("ss")
+                .args([
+                    "-Hltn",
+                    &format!("sport = :{}", tollgate_tests::node::PROXY_PORT),
+                ])
+                .output()
+                .ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        })
+        .is_some(),
+        "the agent should govern (and listen in) its own namespace too"
+    );
+    for _ in 0..3 {
+        let a = node.pods[0].curl(&provider_url()).unwrap();
+        assert_eq!(peer_ip(&a), NODE_UPSTREAM_V4);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let recs = node.wait_connections(3);
+    assert_eq!(recs.len(), 3, "one record per call, no loop: {recs:?}");
+    assert!(recs.iter().all(|r| r["comm"] == "curl"), "{recs:?}");
+}
+
+#[test]
+fn killed_agent_fails_open() {
+    if !require_privileged("killed_agent_fails_open") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    assert_eq!(
+        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
+        NODE_UPSTREAM_V4
+    );
+    node.agent.as_ref().unwrap().signal(libc::SIGKILL);
+    node.agent
+        .as_mut()
+        .unwrap()
+        .wait_for(Duration::from_secs(5));
+    let a = node.pods[0]
+        .curl(&provider_url())
+        .expect("fail-open: the provider stays reachable");
+    assert_eq!(
+        peer_ip(&a),
+        node.pods[0].ip4,
+        "with the agent gone the connection goes direct"
+    );
+}
+
+#[test]
+fn killed_agent_fails_closed_when_configured_and_restart_recovers() {
+    if !require_privileged("killed_agent_fails_closed_when_configured_and_restart_recovers") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("failure_mode: closed\n");
+    assert_eq!(
+        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
+        NODE_UPSTREAM_V4
+    );
+    node.agent.as_ref().unwrap().signal(libc::SIGKILL);
+    node.agent
+        .as_mut()
+        .unwrap()
+        .wait_for(Duration::from_secs(5));
+
+    let refused = node.pods[0].curl(&provider_url());
+    assert!(
+        refused.is_err(),
+        "fail-closed must refuse provider connections: {refused:?}"
+    );
+    // Only provider connections: everything else still works.
+    let other = node.pods[0]
+        .curl(&format!("http://{UPSTREAM_V4}:{OTHER_PORT}/"))
+        .unwrap();
+    assert_eq!(peer_ip(&other), node.pods[0].ip4);
+
+    // A new agent takes over; the old pinned programs go (no duplicates).
+    node.start_agent("failure_mode: closed\n");
+    assert_eq!(
+        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
+        NODE_UPSTREAM_V4
+    );
+    let runs = std::fs::read_dir(&node.bpffs_dir).unwrap().count();
+    assert_eq!(runs, 1, "exactly one pinned program set after restart");
+    assert!(
+        node.agent_log()
+            .contains("detached programs pinned by an earlier run")
+    );
+}
+
+#[test]
+fn hung_agent_fails_open_after_heartbeat_timeout() {
+    if !require_privileged("hung_agent_fails_open_after_heartbeat_timeout") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    assert_eq!(
+        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
+        NODE_UPSTREAM_V4
+    );
+    // Stopped, not dead: its listeners still exist, only the heartbeat stops.
+    node.agent.as_ref().unwrap().signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(1500)); // heartbeat timeout is 1 s
+    let a = node.pods[0].curl(&provider_url());
+    node.agent.as_ref().unwrap().signal(libc::SIGCONT);
+    assert_eq!(
+        peer_ip(&a.expect("stale heartbeat must not break connections")),
+        node.pods[0].ip4
+    );
+    // Beats again: governed again.
+    let back = wait_until(Duration::from_secs(5), || {
+        let a = node.pods[0].curl(&provider_url()).ok()?;
+        (peer_ip(&a) == NODE_UPSTREAM_V4).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "agent did not resume governing after SIGCONT"
+    );
+}
+
+#[test]
+fn sigterm_detaches_cleanly() {
+    if !require_privileged("sigterm_detaches_cleanly") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let ok = node
+        .agent
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(15));
+    assert_eq!(
+        ok,
+        Some(true),
+        "agent should exit 0 on SIGTERM:\n{}",
+        node.agent_log()
+    );
+    assert!(node.agent_log().contains("programs detached"));
+    let a = node.pods[0].curl(&provider_url()).unwrap();
+    assert_eq!(peer_ip(&a), node.pods[0].ip4);
+}
+
+#[test]
+fn dns_changes_move_the_provider_map() {
+    if !require_privileged("dns_changes_move_the_provider_map") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let alt_url = format!("http://{UPSTREAM_V4_ALT}:{PROVIDER_PORT}/");
+    assert_eq!(
+        peer_ip(&node.pods[0].curl(&alt_url).unwrap()),
+        node.pods[0].ip4,
+        "ALT is not a provider address yet"
+    );
+
+    // The provider moves: DNS now answers with ALT only (TTL 2 s, grace 0).
+    node.set_dns(&[UPSTREAM_V4_ALT]);
+    let moved = wait_until(Duration::from_secs(10), || {
+        let a = node.pods[0].curl(&alt_url).ok()?;
+        (peer_ip(&a) == NODE_UPSTREAM_V4).then_some(())
+    });
+    assert!(
+        moved.is_some(),
+        "new provider address was never redirected:\n{}",
+        node.agent_log()
+    );
+    let gone = wait_until(Duration::from_secs(10), || {
+        let a = node.pods[0].curl(&provider_url()).ok()?;
+        (peer_ip(&a) == node.pods[0].ip4).then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "stale provider address was never removed:\n{}",
+        node.agent_log()
+    );
+}
+
+#[test]
+fn opted_out_pod_is_not_redirected() {
+    if !require_privileged("opted_out_pod_is_not_redirected") {
+        return;
+    }
+    let mut node = TestNode::new(2);
+    let uid = node.pods[0].uid.replace('-', "_");
+    node.start_agent(&format!("opt_out:\n  cgroups: [\"**/*pod{uid}.slice\"]\n"));
+    // Opt-outs are applied by the scan that also opens listeners; give it a beat.
+    std::thread::sleep(Duration::from_millis(500));
+    let a = node.pods[0].curl(&provider_url()).unwrap();
+    assert_eq!(
+        peer_ip(&a),
+        node.pods[0].ip4,
+        "opted-out pod must go direct"
+    );
+    let b = node.pods[1].curl(&provider_url()).unwrap();
+    assert_eq!(peer_ip(&b), NODE_UPSTREAM_V4, "other pods stay governed");
+    assert!(
+        node.metrics()
+            .contains("tollgate_ebpf_events{event=\"opted_out\"} 1")
+    );
+}
+
+#[test]
+fn restart_while_traffic_flows_does_not_break_new_connections() {
+    if !require_privileged("restart_while_traffic_flows_does_not_break_new_connections") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let url = provider_url();
+    let pod_netns = node.pods[0].netns.path();
+    let cgroup = node.pods[0].cgroup.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // A client calling every 50 ms (at most 200 calls) while the agent is replaced.
+    let traffic = std::thread::spawn(move || {
+        let mut results = Vec::new();
+        while !stop2.load(Ordering::Relaxed) && results.len() < 200 {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={pod_netns}"))
+                .args([
+                    "sh",
+                    "-c",
+                    &format!(
+                        "echo $$ > {}/cgroup.procs && exec curl -sS -m 5 --connect-timeout 3 {url}",
+                        cgroup.display()
+                    ),
+                ])
+                .output()
+                .unwrap();
+            results.push(if out.status.success() {
+                Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .map(|v| peer_ip(&v))
+                    .unwrap_or_default())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            });
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        results
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let ok = node
+        .agent
+        .as_mut()
+        .unwrap()
+        .terminate(Duration::from_secs(15));
+    assert_eq!(ok, Some(true), "{}", node.agent_log());
+    node.start_agent("");
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let results = traffic.join().unwrap();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} calls failed during restart: {failures:?}",
+        failures.len(),
+        results.len()
+    );
+    assert!(
+        results.len() >= 10,
+        "too few calls to say anything: {}",
+        results.len()
+    );
+    let relayed = results
+        .iter()
+        .filter(|r| r.as_deref() == Ok(NODE_UPSTREAM_V4))
+        .count();
+    assert!(relayed > 0, "no call was relayed at all: {results:?}");
+    // After the restart the new agent governs again.
+    assert_eq!(
+        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
+        NODE_UPSTREAM_V4
+    );
+}
