@@ -1,7 +1,7 @@
 //! The test node: namespaces, pods, DNS, mock provider, and the agent.
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -30,6 +30,15 @@ pub const PROVIDER_HOST: &str = "api.openai.com";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// How workload cgroups are laid out under the governed root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `kubepods.slice/kubepods-besteffort.slice/…-pod<uid>.slice/cri-containerd-<id>.scope`
+    Kubelet,
+    /// Host mode: `tollgate.slice/<name>.service`
+    Host,
+}
+
 pub struct Pod {
     /// Dropped first: the pod's long-lived process.
     _pause: Proc,
@@ -50,8 +59,9 @@ pub struct TestNode {
     dns: Option<Proc>,
     pub pods: Vec<Pod>,
     pub cgroups: CgroupTree,
-    /// `<cgroups>/kubepods.slice`: the subtree the agent governs.
-    pub kubepods: PathBuf,
+    /// The subtree the agent governs (`kubepods.slice` or `tollgate.slice`).
+    pub governed: PathBuf,
+    pub layout: Layout,
     pub node: Netns,
     pub upstream: Netns,
     pub dir: PathBuf,
@@ -62,8 +72,13 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// Build the node with `pods` pods.
+    /// Build the node with `pods` kubelet-shaped pods.
     pub fn new(pods: u32) -> Self {
+        Self::with_layout(pods, Layout::Kubelet)
+    }
+
+    /// Build the node with `pods` workloads laid out as `layout`.
+    pub fn with_layout(pods: u32, layout: Layout) -> Self {
         let id = format!(
             "{}x{}",
             std::process::id() % 100_000,
@@ -129,7 +144,10 @@ impl TestNode {
 
         let mount = cgroup2_mount();
         let cgroups = CgroupTree::create(mount.join(format!("tollgate-test-{id}")));
-        let kubepods = cgroups.mkdir("kubepods.slice");
+        let governed = cgroups.mkdir(match layout {
+            Layout::Kubelet => "kubepods.slice",
+            Layout::Host => "tollgate.slice",
+        });
 
         let mock = Proc::spawn(
             "mock-upstream",
@@ -148,7 +166,8 @@ impl TestNode {
             dns: None,
             pods: Vec::new(),
             cgroups,
-            kubepods,
+            governed,
+            layout,
             node,
             upstream,
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/tollgate-test-{id}")),
@@ -210,10 +229,13 @@ impl TestNode {
 
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), index);
         let container_id = format!("{:0>64}", format!("{:x}c{index}", std::process::id()));
-        let cgroup = self.cgroups.mkdir(&format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container_id}.scope",
-            uid.replace('-', "_")
-        ));
+        let cgroup = self.cgroups.mkdir(&match self.layout {
+            Layout::Kubelet => format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{container_id}.scope",
+                uid.replace('-', "_")
+            ),
+            Layout::Host => format!("tollgate.slice/workload-{index}.service"),
+        });
         // A long-lived process, like a pod's pause container: it keeps the
         // namespace discoverable through the cgroup.
         let pause = Proc::spawn(
@@ -288,7 +310,7 @@ impl TestNode {
              providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}]\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
              connection_log: {}\nbpffs_dir: {}\n{extra}",
-            self.kubepods.display(),
+            self.governed.display(),
             self.connection_log().display(),
             self.bpffs_dir.display(),
         )
@@ -304,7 +326,8 @@ impl TestNode {
     pub fn start_agent(&mut self, extra_config: &str) {
         let cfg = self.dir.join("agent.yaml");
         fs::write(&cfg, self.agent_config(extra_config)).unwrap();
-        let agent_cg = self.cgroups.mkdir("kubepods.slice/tollgate-agent.scope");
+        let agent_cg = self.governed.join("tollgate-agent.scope");
+        fs::create_dir_all(&agent_cg).unwrap();
         let log = fs::File::create(self.agent_log_path()).unwrap();
         let proc = Proc::spawn(
             "tollgate",
@@ -451,9 +474,15 @@ fn sibling_bin(name: &str, env: &str) -> String {
         return p;
     }
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test>-<hash> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let p = dir.join(name);
+    // A test runs from target/<profile>/deps/, a binary (demo, bench) from
+    // target/<profile>/: the sibling is in the first of these that has it.
+    let here = exe.parent().expect("exe dir");
+    let p = [Some(here), here.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join(name));
     assert!(
         p.exists(),
         "{} not found; build it first (`cargo build -p tollgate-agent -p tollgate-tests --bins`, done by `cargo xtask test`) or set {env}",

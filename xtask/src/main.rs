@@ -1,1 +1,134 @@
+//! `cargo xtask`: the project's tasks, one command each.
+//!
+//! * `setup` — install every prerequisite, idempotently (apt packages, the
+//!   nightly `rust-src` component, bpf-linker built against LLVM 22).
+//! * `test`  — setup, build, then every test (unit, real-kernel, end-to-end).
+//! * `demo`  — setup, build, then a miniature node with the agent governing a pod.
+//! * `bench` — setup, build (release), then the benchmarks, baseline beside each number.
+mod setup;
 
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Tollgate project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install prerequisites (needs root for apt): LLVM 22, bpf-linker, rust-src, dnsmasq, iproute2, curl.
+    Setup,
+    /// Setup, build, and run every test. Real-kernel tests need root; with
+    /// TOLLGATE_REQUIRE_PRIVILEGED=1 they fail instead of skipping.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run the demo: a miniature node whose pod calls a mock provider through the agent.
+    Demo,
+    /// Run the benchmarks and print each number beside its baseline.
+    Bench {
+        /// Fewer iterations (for a quick look; numbers are noisier).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => demo(),
+        Cmd::Bench { quick } => bench(quick),
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.env("PATH", setup::path_with_tools());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("spawning {}", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Binaries the real-kernel tests spawn: the agent, the mock provider, the demo/bench drivers.
+fn build_bins(release: bool) -> Result<()> {
+    let mut c = cargo();
+    c.args([
+        "build",
+        "-p",
+        "tollgate-agent",
+        "-p",
+        "tollgate-tests",
+        "--bins",
+    ]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::run()?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("code is not formatted: run `cargo fmt --all`")?;
+    build_bins(false)?;
+    setup::sweep_leftovers();
+    let mut c = cargo();
+    // Default members: every crate but the eBPF one, which only builds for the BPF target.
+    c.args(["test", "--workspace", "--exclude", "tollgate-ebpf"])
+        .args(args);
+    run(&mut c)
+}
+
+fn demo() -> Result<()> {
+    setup::run()?;
+    build_bins(false)?;
+    require_root("the demo")?;
+    setup::sweep_leftovers();
+    run(Command::new("target/debug/tollgate-demo").env("PATH", setup::path_with_tools()))
+}
+
+fn bench(quick: bool) -> Result<()> {
+    setup::run()?;
+    build_bins(true)?;
+    require_root("the benchmarks")?;
+    setup::sweep_leftovers();
+    let mut c = Command::new("target/release/tollgate-bench");
+    c.env("PATH", setup::path_with_tools());
+    if quick {
+        c.arg("--quick");
+    }
+    run(&mut c)
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "{what} create network namespaces, cgroups and load eBPF programs: run as root (e.g. `sudo -E cargo xtask …`)"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! `cargo xtask setup`: everything a fresh machine needs, installed only when missing.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::run as exec;
+
+/// Debian packages: LLVM 22 for bpf-linker; the test node's tools.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",     // bpf-linker links against LLVM 22
+    "libpolly-22-dev", // …which llvm-22-dev's cmake config requires
+    "dnsmasq-base",    // the test node's DNS server
+    "iproute2",        // ip netns / veth, ss
+    "curl",            // the test clients
+    "util-linux",      // nsenter
+    "python3",         // test clients (getpeername check)
+];
+
+/// bpf-linker pinned to the version verified with LLVM 22 and aya 0.14.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// PATH with cargo's bin dir (bpf-linker) and LLVM 22's tools (llvm-config) in front.
+pub fn path_with_tools() -> String {
+    let home = std::env::var("CARGO_HOME").unwrap_or_else(|_| {
+        format!(
+            "{}/.cargo",
+            std::env::var("HOME").unwrap_or_else(|_| "/root".into())
+        )
+    });
+    let old = std::env::var("PATH").unwrap_or_default();
+    format!("{home}/bin:{LLVM_PREFIX}/bin:{old}:/usr/sbin:/sbin")
+}
+
+pub fn run() -> Result<()> {
+    apt()?;
+    nightly()?;
+    bpf_linker()?;
+    eprintln!("setup: all prerequisites present");
+    Ok(())
+}
+
+fn apt() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; run `cargo xtask setup` as root to install them"
+        );
+    }
+    eprintln!("setup: installing {missing:?}");
+    exec(Command::new("apt-get").args(["update", "-qq"]))?;
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly() -> Result<()> {
+    let has_nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nightly {
+        bail!(
+            "the `nightly` Rust toolchain is missing; the eBPF programs need it (-Z build-std). \
+             Install it with `rustup toolchain install nightly`"
+        );
+    }
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("running rustup")?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        exec(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let ok = Command::new("bpf-linker")
+        .arg("--version")
+        .env("PATH", path_with_tools())
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        });
+    if ok {
+        return Ok(());
+    }
+    if !Path::new(LLVM_PREFIX).join("bin/llvm-config").exists() {
+        bail!(
+            "LLVM 22 is missing at {LLVM_PREFIX}; run `cargo xtask setup` as root (installs llvm-22-dev)"
+        );
+    }
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+    );
+    // llvm-config on PATH is how bpf-linker's build finds LLVM; without it,
+    // it searches /usr and fails to link (-lLLVM not found).
+    exec(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path_with_tools())
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+    )
+}
+
+/// Remove test namespaces, cgroups and pins left behind by a run that was
+/// killed (guards cannot run on SIGKILL). Only names the harness creates.
+pub fn sweep_leftovers() {
+    if !is_root() {
+        return;
+    }
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name.starts_with("tgt-") {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("tollgate-test-")
+            {
+                let _ = Command::new("rm").arg("-rf").arg(e.path()).status();
+            }
+        }
+    }
+    // Test cgroups: kill and remove bottom-up (rmdir only works on empty cgroups).
+    if let Ok(mi) = std::fs::read_to_string("/proc/self/mountinfo") {
+        let mount = mi.lines().find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(String::from))?
+        });
+        if let Some(mount) = mount {
+            if let Ok(rd) = std::fs::read_dir(&mount) {
+                for e in rd.flatten() {
+                    if e.file_name()
+                        .to_string_lossy()
+                        .starts_with("tollgate-test-")
+                    {
+                        let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                        let _ = Command::new("sh")
+                            .arg("-c")
+                            .arg(format!("sleep 0.2; find '{}' -depth -type d -exec rmdir {{}} \\; 2>/dev/null", e.path().display()))
+                            .status();
+                    }
+                }
+            }
+        }
+    }
+}
