@@ -263,20 +263,24 @@ impl Config {
                 .location()
                 .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
                 .unwrap_or_default();
+            // serde_yaml prefixes its message with the path and suffixes the
+            // position; both are already in our own format.
+            let text = inner.to_string();
+            let message = text.split(" at line ").next().unwrap_or_default();
+            let message = match message.split_once(": ") {
+                Some((prefix, rest)) if field.starts_with(prefix) => rest.to_string(),
+                _ => message.to_string(),
+            };
+            let field = if field == "." {
+                "(top level)".into()
+            } else {
+                field
+            };
             ConfigError::Invalid {
                 path: origin.into(),
                 location,
-                field: if field == "." {
-                    "(top level)".into()
-                } else {
-                    field
-                },
-                message: inner
-                    .to_string()
-                    .split(" at line ")
-                    .next()
-                    .unwrap_or_default()
-                    .into(),
+                field,
+                message,
             }
         })?;
         if let Err((field, message)) = config.validate() {
@@ -382,6 +386,20 @@ impl Config {
                     "needs at least one port, each 1-65535".into(),
                 );
             }
+        }
+        let static_entries: usize = self
+            .providers
+            .iter()
+            .map(|p| p.addresses.len() * p.ports.len())
+            .sum();
+        let capacity = tollgate_common::capacity::PROVIDERS as usize;
+        if static_entries > capacity {
+            return err(
+                "providers",
+                format!(
+                    "{static_entries} (address, port) pairs from `addresses` exceed the kernel provider map ({capacity}); list fewer"
+                ),
+            );
         }
         for (i, g) in self.opt_out.cgroups.iter().enumerate() {
             if let Err(e) = globset::Glob::new(g) {
@@ -504,6 +522,19 @@ mod tests {
         assert!(e.contains("providers[0].hosts[0]"), "{e}");
         assert!(e.contains("wildcards"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn rejects_more_static_addresses_than_the_map_holds() {
+        let addrs: Vec<String> = (0..4097u32)
+            .map(|i| format!("\"10.{}.{}.{}\"", i >> 16, (i >> 8) & 255, i & 255))
+            .collect();
+        let text = format!(
+            "providers:\n  - name: big\n    addresses: [{}]\n",
+            addrs.join(",")
+        );
+        let e = Config::parse(&text, "c").unwrap_err().to_string();
+        assert!(e.contains("exceed the kernel provider map (4096)"), "{e}");
     }
 
     #[test]

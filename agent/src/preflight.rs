@@ -5,7 +5,7 @@ pub enum PreflightError {
     #[error(
         "tollgate run needs privileges it does not have (missing: {missing})\n\
          hint: run as root, or give the process CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN and \
-         CAP_SYS_RESOURCE (the DaemonSet in deploy/ does)"
+         CAP_SYS_RESOURCE (see deploy/README.md)"
     )]
     Privileges { missing: String },
 }
