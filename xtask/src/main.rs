@@ -97,10 +97,83 @@ fn test(args: &[String]) -> Result<()> {
     build_bins(false)?;
     setup::sweep_leftovers();
     let mut c = cargo();
-    // Default members: every crate but the eBPF one, which only builds for the BPF target.
+    // Every crate but the eBPF one, which only builds for the BPF target.
     c.args(["test", "--workspace", "--exclude", "tollgate-ebpf"])
         .args(args);
-    run(&mut c)
+    let totals = run_counting(&mut c)?;
+    // One closing line for the whole run (cargo's own last lines are per
+    // crate and may be a crate with no doc tests).
+    println!(
+        "{} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.skipped
+    );
+    if totals.failed > 0 {
+        bail!("{} tests failed", totals.failed);
+    }
+    if totals.passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+/// Run `cargo test`, passing its output through, and add up its result lines.
+/// Privileged tests that skip print `SKIPPED <name>: <why>` on stderr.
+fn run_counting(cmd: &mut Command) -> Result<Totals> {
+    use std::io::{BufRead, BufReader, Write};
+    eprintln!("+ {}", display(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawning {}", display(cmd)))?;
+    let stderr = child.stderr.take().expect("piped");
+    let skipped = std::thread::spawn(move || {
+        let mut n = 0u64;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("SKIPPED ") {
+                n += 1;
+            }
+            let _ = writeln!(std::io::stderr(), "{line}");
+        }
+        n
+    });
+    let mut t = Totals::default();
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 13 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 6.10s"
+            for part in rest.split(';') {
+                let mut w = part.split_whitespace().rev();
+                let (Some(kind), Some(n)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match kind {
+                    "passed" => t.passed += n,
+                    "failed" => t.failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    t.skipped = skipped.join().unwrap_or(0);
+    // A skipping privileged test still reports "ok"; don't count it twice.
+    t.passed = t.passed.saturating_sub(t.skipped);
+    if !status.success() && t.failed == 0 {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(t)
 }
 
 fn demo() -> Result<()> {
