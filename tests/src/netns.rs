@@ -16,7 +16,7 @@ impl Netns {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         run_ok(Command::new("ip").args(["netns", "add", name]));
         let ns = Netns { name: name.into() };
-        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip("link set lo up");
         ns
     }
 
@@ -24,10 +24,10 @@ impl Netns {
         format!("/var/run/netns/{}", self.name)
     }
 
-    /// `ip -n <ns> …`, asserting success.
-    pub fn ip(&self, args: &[&str]) {
+    /// `ip -n <ns> <args>` (whitespace-separated), asserting success.
+    pub fn ip(&self, args: &str) {
         let mut c = Command::new("ip");
-        c.arg("-n").arg(&self.name).args(args);
+        c.arg("-n").arg(&self.name).args(args.split_whitespace());
         run_ok(&mut c);
     }
 

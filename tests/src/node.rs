@@ -92,55 +92,13 @@ impl TestNode {
         let upstream = Netns::create(&format!("tgt-{id}-up"));
         node.sysctl("net.ipv4.ip_forward", "1");
         node.sysctl("net.ipv6.conf.all.forwarding", "1");
-        // Created inside the node namespace with the peer placed straight into
-        // the upstream one: the machine's own namespace never sees either end.
-        node.ip(&[
-            "link",
-            "add",
+        wire(
+            &node,
             "up0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &upstream.name,
-        ]);
-        node.ip(&[
-            "addr",
-            "add",
-            &format!("{NODE_UPSTREAM_V4}/24"),
-            "dev",
-            "up0",
-        ]);
-        node.ip(&[
-            "addr",
-            "add",
-            &format!("{NODE_UPSTREAM_V6}/64"),
-            "dev",
-            "up0",
-            "nodad",
-        ]);
-        node.ip(&["link", "set", "up0", "up"]);
-        upstream.ip(&["addr", "add", &format!("{UPSTREAM_V4}/24"), "dev", "eth0"]);
-        upstream.ip(&[
-            "addr",
-            "add",
-            &format!("{UPSTREAM_V4_ALT}/24"),
-            "dev",
-            "eth0",
-        ]);
-        upstream.ip(&[
-            "addr",
-            "add",
-            &format!("{UPSTREAM_V6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        upstream.ip(&["link", "set", "eth0", "up"]);
-        upstream.ip(&["route", "add", "default", "via", NODE_UPSTREAM_V4]);
-        upstream.ip(&["-6", "route", "add", "default", "via", NODE_UPSTREAM_V6]);
+            [NODE_UPSTREAM_V4, NODE_UPSTREAM_V6],
+            &upstream,
+            &[UPSTREAM_V4, UPSTREAM_V4_ALT, UPSTREAM_V6],
+        );
 
         let mount = cgroup2_mount();
         let cgroups = CgroupTree::create(mount.join(format!("tollgate-test-{id}")));
@@ -195,37 +153,15 @@ impl TestNode {
     pub fn add_pod(&mut self) -> &Pod {
         let index = self.pods.len() as u32 + 1;
         let netns = Netns::create(&format!("tgt-{}-pod{index}", self.id));
-        let host_if = format!("pod{index}");
-        self.node.ip(&[
-            "link",
-            "add",
-            &host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns.name,
-        ]);
         let (gw4, ip4) = (format!("10.88.{index}.1"), format!("10.88.{index}.2"));
         let (gw6, ip6) = (format!("fd88:{index}::1"), format!("fd88:{index}::2"));
-        self.node
-            .ip(&["addr", "add", &format!("{gw4}/24"), "dev", &host_if]);
-        self.node.ip(&[
-            "addr",
-            "add",
-            &format!("{gw6}/64"),
-            "dev",
-            &host_if,
-            "nodad",
-        ]);
-        self.node.ip(&["link", "set", &host_if, "up"]);
-        netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"]);
-        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
-        netns.ip(&["link", "set", "eth0", "up"]);
-        netns.ip(&["route", "add", "default", "via", &gw4]);
-        netns.ip(&["-6", "route", "add", "default", "via", &gw6]);
+        wire(
+            &self.node,
+            &format!("pod{index}"),
+            [&gw4, &gw6],
+            &netns,
+            &[&ip4, &ip6],
+        );
 
         let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), index);
         let container_id = format!("{:0>64}", format!("{:x}c{index}", std::process::id()));
@@ -358,6 +294,15 @@ impl TestNode {
         }
     }
 
+    /// SIGKILL the agent (no cleanup of its own can run) and reap it.
+    pub fn kill_agent(&mut self) {
+        let agent = self.agent.as_mut().expect("agent running");
+        agent.signal(libc::SIGKILL);
+        agent
+            .wait_for(Duration::from_secs(5))
+            .expect("agent exits on SIGKILL");
+    }
+
     pub fn agent_log_path(&self) -> PathBuf {
         self.dir.join("agent.log")
     }
@@ -466,6 +411,34 @@ impl Pod {
         c.args(["-sS", "-g", "-m", "5", "--connect-timeout", "3", url]);
         c
     }
+}
+
+/// A veth between `host` (interface `host_if`, addresses `host_addrs`: v4 and
+/// v6 gateway) and `peer` (interface `eth0`, `peer_addrs`), with the peer's
+/// default routes through the host. Created inside `host` with the peer end
+/// placed straight into `peer`: the machine's own namespace never sees either.
+fn wire(host: &Netns, host_if: &str, host_addrs: [&str; 2], peer: &Netns, peer_addrs: &[&str]) {
+    host.ip(&format!(
+        "link add {host_if} type veth peer name eth0 netns {}",
+        peer.name
+    ));
+    let cidr = |a: &str| {
+        if a.contains(':') {
+            format!("{a}/64 nodad")
+        } else {
+            format!("{a}/24")
+        }
+    };
+    for a in host_addrs {
+        host.ip(&format!("addr add {} dev {host_if}", cidr(a)));
+    }
+    host.ip(&format!("link set {host_if} up"));
+    for a in peer_addrs {
+        peer.ip(&format!("addr add {} dev eth0", cidr(a)));
+    }
+    peer.ip("link set eth0 up");
+    peer.ip(&format!("route add default via {}", host_addrs[0]));
+    peer.ip(&format!("-6 route add default via {}", host_addrs[1]));
 }
 
 /// Path of a binary built next to the running test executable.

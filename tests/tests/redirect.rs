@@ -23,6 +23,17 @@ use tollgate_tests::{
     require_privileged,
 };
 
+/// A test node with `pods` pods and a running agent, or None (test skipped)
+/// when the test cannot run privileged here.
+fn governed_node(test: &str, pods: u32, config: &str) -> Option<TestNode> {
+    if !require_privileged(test) {
+        return None;
+    }
+    let mut node = TestNode::new(pods);
+    node.start_agent(config);
+    Some(node)
+}
+
 fn provider_url() -> String {
     format!("http://{UPSTREAM_V4}:{PROVIDER_PORT}/v1/models")
 }
@@ -33,11 +44,13 @@ fn peer_ip(answer: &serde_json::Value) -> String {
 
 #[test]
 fn provider_connection_is_redirected_and_attributed_to_its_pod() {
-    if !require_privileged("provider_connection_is_redirected_and_attributed_to_its_pod") {
+    let Some(mut node) = governed_node(
+        "provider_connection_is_redirected_and_attributed_to_its_pod",
+        1,
+        "",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let pod = &node.pods[0];
 
     let answer = pod
@@ -82,11 +95,9 @@ fn provider_connection_is_redirected_and_attributed_to_its_pod() {
 
 #[test]
 fn non_provider_connections_are_untouched() {
-    if !require_privileged("non_provider_connections_are_untouched") {
+    let Some(mut node) = governed_node("non_provider_connections_are_untouched", 1, "") else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let pod = &node.pods[0];
     // Same host, a port no provider uses.
     let answer = pod
@@ -106,11 +117,10 @@ fn non_provider_connections_are_untouched() {
 
 #[test]
 fn ipv6_and_v4_mapped_connections_are_redirected() {
-    if !require_privileged("ipv6_and_v4_mapped_connections_are_redirected") {
+    let Some(mut node) = governed_node("ipv6_and_v4_mapped_connections_are_redirected", 1, "")
+    else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let pod = &node.pods[0];
 
     let v6 = pod
@@ -150,11 +160,10 @@ fn ipv6_and_v4_mapped_connections_are_redirected() {
 
 #[test]
 fn application_sees_original_peer_through_getpeername() {
-    if !require_privileged("application_sees_original_peer_through_getpeername") {
+    let Some(mut node) = governed_node("application_sees_original_peer_through_getpeername", 1, "")
+    else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let pod = &node.pods[0];
     let script = format!(
         "import socket\ns=socket.create_connection(('{UPSTREAM_V4}',{PROVIDER_PORT}))\nprint(s.getpeername()[0], s.getpeername()[1])\ns.close()"
@@ -182,11 +191,9 @@ fn application_sees_original_peer_through_getpeername() {
 
 #[test]
 fn second_pod_is_attributed_to_the_second_pod() {
-    if !require_privileged("second_pod_is_attributed_to_the_second_pod") {
+    let Some(mut node) = governed_node("second_pod_is_attributed_to_the_second_pod", 2, "") else {
         return;
-    }
-    let mut node = TestNode::new(2);
-    node.start_agent("");
+    };
     node.pods[0].curl(&provider_url()).unwrap();
     node.wait_connections(1);
     node.pods[1].curl(&provider_url()).unwrap();
@@ -234,20 +241,14 @@ fn agent_own_upstream_connections_are_not_redirected() {
 
 #[test]
 fn killed_agent_fails_open() {
-    if !require_privileged("killed_agent_fails_open") {
+    let Some(mut node) = governed_node("killed_agent_fails_open", 1, "") else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     assert_eq!(
         peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
         NODE_UPSTREAM_V4
     );
-    node.agent.as_ref().unwrap().signal(libc::SIGKILL);
-    node.agent
-        .as_mut()
-        .unwrap()
-        .wait_for(Duration::from_secs(5));
+    node.kill_agent();
     let a = node.pods[0]
         .curl(&provider_url())
         .expect("fail-open: the provider stays reachable");
@@ -260,20 +261,18 @@ fn killed_agent_fails_open() {
 
 #[test]
 fn killed_agent_fails_closed_when_configured_and_restart_recovers() {
-    if !require_privileged("killed_agent_fails_closed_when_configured_and_restart_recovers") {
+    let Some(mut node) = governed_node(
+        "killed_agent_fails_closed_when_configured_and_restart_recovers",
+        1,
+        "failure_mode: closed\n",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("failure_mode: closed\n");
+    };
     assert_eq!(
         peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
         NODE_UPSTREAM_V4
     );
-    node.agent.as_ref().unwrap().signal(libc::SIGKILL);
-    node.agent
-        .as_mut()
-        .unwrap()
-        .wait_for(Duration::from_secs(5));
+    node.kill_agent();
 
     let refused = node.pods[0].curl(&provider_url());
     assert!(
@@ -302,11 +301,10 @@ fn killed_agent_fails_closed_when_configured_and_restart_recovers() {
 
 #[test]
 fn hung_agent_fails_open_after_heartbeat_timeout() {
-    if !require_privileged("hung_agent_fails_open_after_heartbeat_timeout") {
+    let Some(mut node) = governed_node("hung_agent_fails_open_after_heartbeat_timeout", 1, "")
+    else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     assert_eq!(
         peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
         NODE_UPSTREAM_V4
@@ -333,11 +331,9 @@ fn hung_agent_fails_open_after_heartbeat_timeout() {
 
 #[test]
 fn sigterm_detaches_cleanly() {
-    if !require_privileged("sigterm_detaches_cleanly") {
+    let Some(mut node) = governed_node("sigterm_detaches_cleanly", 1, "") else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let ok = node
         .agent
         .as_mut()
@@ -356,11 +352,9 @@ fn sigterm_detaches_cleanly() {
 
 #[test]
 fn dns_changes_move_the_provider_map() {
-    if !require_privileged("dns_changes_move_the_provider_map") {
+    let Some(mut node) = governed_node("dns_changes_move_the_provider_map", 1, "") else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let alt_url = format!("http://{UPSTREAM_V4_ALT}:{PROVIDER_PORT}/");
     assert_eq!(
         peer_ip(&node.pods[0].curl(&alt_url).unwrap()),
@@ -416,11 +410,13 @@ fn opted_out_pod_is_not_redirected() {
 
 #[test]
 fn restart_while_traffic_flows_does_not_break_new_connections() {
-    if !require_privileged("restart_while_traffic_flows_does_not_break_new_connections") {
+    let Some(mut node) = governed_node(
+        "restart_while_traffic_flows_does_not_break_new_connections",
+        1,
+        "",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let url = provider_url();
     let pod_netns = node.pods[0].netns.path();
     let cgroup = node.pods[0].cgroup.clone();

@@ -123,6 +123,24 @@ pub struct Attached {
     pin_run_dir: Option<PathBuf>,
 }
 
+/// Attach a loaded program to the cgroup and keep its link as an owned
+/// `FdLink`. aya's program types share no attach trait, so one macro body
+/// serves both kinds.
+macro_rules! attach_link {
+    ($ty:ty, $program:expr, $cgroup:expr, $name:expr) => {{
+        let p = <&mut $ty>::try_from($program).expect("type checked at load");
+        p.attach($cgroup, CgroupAttachMode::Single)
+            .and_then(|id| p.take_link(id))
+            .map_err(|e| BpfError::program($name, e))
+            .and_then(|l| {
+                FdLink::try_from(l).map_err(|e| BpfError::Link {
+                    name: $name,
+                    message: e.to_string(),
+                })
+            })
+    }};
+}
+
 const PROGRAMS: [(&str, Kind); 5] = [
     (prog::CONNECT4, Kind::SockAddr),
     (prog::CONNECT6, Kind::SockAddr),
@@ -179,31 +197,10 @@ impl Attached {
         let mut links = Vec::new();
         for (name, kind) in PROGRAMS {
             let p = ebpf.program_mut(name).expect("checked above");
-            let link: Result<FdLink, BpfError> = match kind {
-                Kind::SockAddr => {
-                    let p = <&mut CgroupSockAddr>::try_from(p).expect("checked above");
-                    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                        .and_then(|id| p.take_link(id))
-                        .map_err(|e| BpfError::program(name, e))
-                        .and_then(|l| {
-                            FdLink::try_from(l).map_err(|e| BpfError::Link {
-                                name,
-                                message: e.to_string(),
-                            })
-                        })
-                }
-                Kind::SockOps => {
-                    let p = <&mut SockOps>::try_from(p).expect("checked above");
-                    p.attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                        .and_then(|id| p.take_link(id))
-                        .map_err(|e| BpfError::program(name, e))
-                        .and_then(|l| {
-                            FdLink::try_from(l).map_err(|e| BpfError::Link {
-                                name,
-                                message: e.to_string(),
-                            })
-                        })
-                }
+            let cg = cgroup.as_fd();
+            let link = match kind {
+                Kind::SockAddr => attach_link!(CgroupSockAddr, p, cg, name),
+                Kind::SockOps => attach_link!(SockOps, p, cg, name),
             };
             links.push(link?);
         }
