@@ -240,7 +240,7 @@ impl TestNode {
     pub fn agent_config(&self, extra: &str) -> String {
         format!(
             "cgroup_root: {}\nproxy:\n  port: {PROXY_PORT}\n  upstream_connect_timeout: 3s\n\
-             heartbeat:\n  interval: 200ms\n  timeout: 1s\n\
+             heartbeat:\n  interval: 200ms\n  timeout: 2s\n\
              dns:\n  servers: [\"127.0.0.1\"]\n  min_ttl: 1s\n  stale_grace: 0s\n  retry: 1s\n\
              discovery:\n  scan_interval: 200ms\n\
              providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}]\n\

@@ -311,7 +311,7 @@ fn hung_agent_fails_open_after_heartbeat_timeout() {
     );
     // Stopped, not dead: its listeners still exist, only the heartbeat stops.
     node.agent.as_ref().unwrap().signal(libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(1500)); // heartbeat timeout is 1 s
+    std::thread::sleep(Duration::from_millis(3000)); // heartbeat timeout is 2 s
     let a = node.pods[0].curl(&provider_url());
     node.agent.as_ref().unwrap().signal(libc::SIGCONT);
     assert_eq!(
