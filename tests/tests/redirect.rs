@@ -94,6 +94,45 @@ fn provider_connection_is_redirected_and_attributed_to_its_pod() {
 }
 
 #[test]
+fn tls_client_hello_server_name_is_recorded() {
+    let Some(node) = governed_node("tls_client_hello_server_name_is_recorded", 1, "") else {
+        return;
+    };
+    let pod = &node.pods[0];
+    // The mock answers a ClientHello with an alert: the call fails, the record stays.
+    let out = pod
+        .netns
+        .command_in_cgroup("curl", Some(&pod.cgroup))
+        .args([
+            "-sS",
+            "-m",
+            "5",
+            "--resolve",
+            &format!("api.openai.com:{PROVIDER_PORT}:{UPSTREAM_V4}"),
+        ])
+        .arg(format!("https://api.openai.com:{PROVIDER_PORT}/v1/models"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the mock speaks no TLS");
+    let recs = node.wait_connections(1);
+    let r = &recs[0];
+    assert_eq!(r["client_protocol"], "tls", "{r}");
+    assert_eq!(r["tls"]["sni"], "api.openai.com", "{r}");
+    assert!(
+        r["tls"]["alpn"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|p| p == "http/1.1")),
+        "{r}"
+    );
+    assert_eq!(r["workload"]["pod_uid"], pod.uid.as_str());
+    // Plain HTTP is recorded as such.
+    pod.curl(&provider_url()).unwrap();
+    let recs = node.wait_connections(2);
+    assert_eq!(recs[1]["client_protocol"], "plaintext", "{}", recs[1]);
+    assert!(recs[1].get("tls").is_none());
+}
+
+#[test]
 fn non_provider_connections_are_untouched() {
     let Some(mut node) = governed_node("non_provider_connections_are_untouched", 1, "") else {
         return;

@@ -13,6 +13,7 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use super::client_hello::{Hello, HelloSniffer};
 use crate::{
     bpf::Maps,
     identity::IdentityCache,
@@ -72,17 +73,27 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
     let _active = ActiveGuard::new(&ctx.metrics);
     let _ = client.set_nodelay(true);
 
-    let (result, error, sent, received) =
-        match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
-            Ok(upstream) => {
-                let _ = upstream.set_nodelay(true);
-                match relay(client, upstream).await {
-                    Ok((s, r)) => ("ok", None, s, r),
-                    Err((s, r, e)) => (e.kind(), Some(e.to_string()), s, r),
-                }
-            }
-            Err(e) => (e.kind(), Some(e.to_string()), 0, 0),
-        };
+    let t = match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
+        Ok(upstream) => {
+            let _ = upstream.set_nodelay(true);
+            relay(client, upstream).await
+        }
+        Err(e) => Transfer {
+            error: Some(e),
+            ..Transfer::default()
+        },
+    };
+    let (sent, received) = (t.sent, t.received);
+    let result = t.error.as_ref().map_or("ok", RelayError::kind);
+    let (client_protocol, tls) = match t.hello {
+        Hello::Tls(info) => ("tls", Some(info)),
+        Hello::NotTls => ("plaintext", None),
+        Hello::Malformed(e) => {
+            tracing::debug!(%peer, error = %e, "malformed TLS ClientHello");
+            ("malformed_tls", None)
+        }
+        Hello::Pending => ("none", None),
+    };
     let label = workload.label().to_string();
     ctx.metrics
         .connections
@@ -108,7 +119,9 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
         bytes_received: received,
         duration_ms: started.elapsed().as_millis() as u64,
         result,
-        error,
+        error: t.error.map(|e| e.to_string()),
+        client_protocol,
+        tls,
     });
 }
 
@@ -156,33 +169,45 @@ pub async fn dial(addr: SocketAddr, mark: u32, timeout: Duration) -> Result<TcpS
     }
 }
 
-/// Copy both ways until both sides are done. Returns (sent to provider,
-/// received from provider) even when a side fails, so accounting survives resets.
-async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-) -> Result<(u64, u64), (u64, u64, RelayError)> {
+/// What one relayed connection moved, and what its first bytes said.
+#[derive(Debug, Default)]
+struct Transfer {
+    /// Bytes sent to the provider.
+    sent: u64,
+    /// Bytes received from the provider.
+    received: u64,
+    error: Option<RelayError>,
+    hello: Hello,
+}
+
+/// Copy both ways until both sides are done. Byte counts survive a failing
+/// side, so accounting survives resets. The client's first bytes are shown to
+/// a ClientHello parser as they pass.
+async fn relay(client: TcpStream, upstream: TcpStream) -> Transfer {
     let (mut cr, mut cw) = client.into_split();
     let (mut ur, mut uw) = upstream.into_split();
+    let mut sniffer = HelloSniffer::default();
     let (up, down) = tokio::join!(
-        copy_counted(&mut cr, &mut uw),
-        copy_counted(&mut ur, &mut cw)
-    );
-    match (up, down) {
-        ((s, None), (r, None)) => Ok((s, r)),
-        ((s, e1), (r, e2)) => {
-            let e = e1.or(e2).expect("one side failed");
-            // A reset after the exchange is how many peers close; it is not a
-            // failure worth reporting (ztunnel draws the same line).
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ) {
-                Ok((s, r))
-            } else {
-                Err((s, r, RelayError::Io(e)))
+        copy_counted(&mut cr, &mut uw, |chunk| {
+            if *sniffer.state() == Hello::Pending {
+                sniffer.feed(chunk);
             }
-        }
+        }),
+        copy_counted(&mut ur, &mut cw, |_| {})
+    );
+    // A reset after the exchange is how many peers close; it is not a
+    // failure worth reporting (ztunnel draws the same line).
+    let error = up.1.or(down.1).filter(|e| {
+        !matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        )
+    });
+    Transfer {
+        sent: up.0,
+        received: down.0,
+        error: error.map(RelayError::Io),
+        hello: sniffer.state().clone(),
     }
 }
 
@@ -190,9 +215,13 @@ async fn relay(
 /// forwarded in one write without being split.
 const COPY_BUF: usize = 16 * 1024;
 
-/// Copy until EOF, then half-close the writer. Returns bytes copied and the
-/// error that stopped it, if any.
-async fn copy_counted<R, W>(r: &mut R, w: &mut W) -> (u64, Option<std::io::Error>)
+/// Copy until EOF, then half-close the writer; `inspect` sees each chunk
+/// before it is written. Returns bytes copied and the error that stopped it.
+async fn copy_counted<R, W>(
+    r: &mut R,
+    w: &mut W,
+    mut inspect: impl FnMut(&[u8]),
+) -> (u64, Option<std::io::Error>)
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -206,6 +235,7 @@ where
             Ok(k) => k,
             Err(e) => return (n, Some(e)),
         };
+        inspect(&buf[..read]);
         if let Err(e) = w.write_all(&buf[..read]).await {
             return (n, Some(e));
         }

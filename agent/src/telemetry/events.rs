@@ -38,6 +38,11 @@ pub struct ConnectionRecord {
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the client's first bytes were: `tls`, `plaintext`, `malformed_tls`, or `none`.
+    pub client_protocol: &'static str,
+    /// Server name and ALPN from the TLS ClientHello, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::proxy::client_hello::TlsInfo>,
 }
 
 /// Queue depth: a burst of ~4k connection closes between two writer wake-ups
@@ -172,6 +177,11 @@ mod tests {
             duration_ms: 3,
             result: "ok",
             error: None,
+            client_protocol: "tls",
+            tls: Some(crate::proxy::client_hello::TlsInfo {
+                sni: Some("api.openai.com".into()),
+                alpn: vec![],
+            }),
         });
         for _ in 0..100 {
             if std::fs::read_to_string(&p).is_ok_and(|s| s.ends_with('\n')) {
@@ -184,6 +194,7 @@ mod tests {
         assert_eq!(v["provider"], "openai");
         assert_eq!(v["workload"]["cgroup"], "/x");
         assert_eq!(v["bytes_received"], 20);
+        assert_eq!(v["tls"]["sni"], "api.openai.com");
         assert_eq!(log.dropped(), 0);
     }
 }

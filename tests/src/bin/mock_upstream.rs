@@ -42,6 +42,12 @@ async fn main() {
                             Ok(0) | Err(_) => break,
                             Ok(k) => n += k,
                         }
+                        // A TLS ClientHello (this mock speaks no TLS yet): answer
+                        // with a handshake_failure alert so the client fails fast.
+                        if buf[0] == 0x16 {
+                            let _ = s.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]).await;
+                            return;
+                        }
                         if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
                             break;
                         }
