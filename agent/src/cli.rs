@@ -48,11 +48,35 @@ pub enum Command {
         /// YAML configuration file.
         file: PathBuf,
     },
+    /// Node CA for TLS termination: create one, or check one (e.g. a mounted Secret).
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Remove programs pinned by a fail-closed agent (provider connections flow again).
     Detach {
         /// bpffs directory the agent pinned into.
         #[arg(long, default_value = "/sys/fs/bpf/tollgate")]
         bpffs_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create ca.crt (0644) and ca.key (0600) in DIR. Workloads must trust ca.crt
+    /// (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS) for TLS termination.
+    Init {
+        #[arg(long, default_value = "/var/lib/tollgate/ca")]
+        dir: PathBuf,
+        /// Subject common name of the CA.
+        #[arg(long, default_value = "Tollgate node CA")]
+        common_name: String,
+        /// Replace an existing CA (workloads must then trust the new one).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Load the CA in DIR as the agent would (key permissions included) and print its certificate.
+    Check {
+        #[arg(long, default_value = "/var/lib/tollgate/ca")]
+        dir: PathBuf,
     },
 }
 

@@ -16,3 +16,4 @@ pub mod proxy;
 pub mod resolver;
 pub mod run;
 pub mod telemetry;
+pub mod tls;

@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tollgate_agent::cli::{Cli, Command, LogFormat, load_config};
+use tollgate_agent::cli::{CaCommand, Cli, Command, LogFormat, load_config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,6 +29,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_config(Some(&file))?;
             println!("{}: valid", file.display());
             print!("{}", serde_yaml::to_string(&config)?);
+            Ok(())
+        }
+        Command::Ca(CaCommand::Init {
+            dir,
+            common_name,
+            force,
+        }) => {
+            let ca = tollgate_agent::tls::NodeCa::init(&dir, &common_name, force)?;
+            println!(
+                "created {}/{} (0644) and {}/{} (0600, keep it secret)",
+                dir.display(),
+                tollgate_agent::tls::ca::CERT_FILE,
+                dir.display(),
+                tollgate_agent::tls::ca::KEY_FILE
+            );
+            println!(
+                "workloads trust it through SSL_CERT_FILE / REQUESTS_CA_BUNDLE / NODE_EXTRA_CA_CERTS:"
+            );
+            print!("{}", ca.cert_pem());
+            Ok(())
+        }
+        Command::Ca(CaCommand::Check { dir }) => {
+            let ca = tollgate_agent::tls::NodeCa::load(&dir)?;
+            println!("{}: valid CA, key permissions ok", dir.display());
+            print!("{}", ca.cert_pem());
             Ok(())
         }
         Command::Detach { bpffs_dir } => {
