@@ -60,6 +60,7 @@ pub struct Config {
     pub opt_out: OptOutConfig,
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
+    pub tls: TlsConfig,
     /// Where one JSON line per relayed connection goes: a file path, or `-` for stdout.
     pub connection_log: String,
     /// bpffs directory for pinned programs (fail-closed mode keeps them there so
@@ -144,6 +145,37 @@ pub struct DiscoveryConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Directory with the node CA (`ca.crt`, `ca.key`; `tollgate ca init`).
+    /// Empty: no TLS termination, every connection is relayed as bytes.
+    pub ca_dir: String,
+    /// PEM files trusted for upstream (provider) certificates besides the system roots.
+    pub extra_roots: Vec<PathBuf>,
+    /// Trust the system's root certificates for upstream connections.
+    pub system_roots: bool,
+    /// How long a client may take to send its TLS ClientHello.
+    #[serde(with = "humantime_serde")]
+    pub client_hello_timeout: Duration,
+    /// Longest wait for a provider's response headers. Non-streaming completions
+    /// send headers only when generation is done, so this is long.
+    #[serde(with = "humantime_serde")]
+    pub upstream_response_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            ca_dir: String::new(),
+            extra_roots: Vec::new(),
+            system_roots: true,
+            client_hello_timeout: Duration::from_secs(5),
+            upstream_response_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address of `/metrics`, `/healthz`, `/readyz`. Empty disables the endpoint.
     pub listen: String,
@@ -216,6 +248,7 @@ impl Default for Config {
             opt_out: OptOutConfig::default(),
             discovery: DiscoveryConfig::default(),
             metrics: MetricsConfig::default(),
+            tls: TlsConfig::default(),
             connection_log: "-".into(),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
         }

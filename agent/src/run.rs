@@ -23,9 +23,14 @@ use crate::{
     identity::IdentityCache,
     netns::{self, NetnsId},
     preflight,
-    proxy::relay::{RelayContext, accept_loop},
+    proxy::{
+        relay::{RelayContext, accept_loop},
+        terminate::TlsContext,
+        upstream::{self, UpstreamPool},
+    },
     resolver::Refresher,
     telemetry::{events::EventLog, metrics::Metrics},
+    tls::{LeafCache, NodeCa},
 };
 
 /// How long shutdown waits for in-flight connections before detaching anyway.
@@ -73,6 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         provider_names: config.providers.iter().map(|p| p.name.clone()).collect(),
         skip_mark: config.proxy.skip_mark,
         connect_timeout: config.proxy.upstream_connect_timeout,
+        tls: tls_context(&config)?,
     });
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -157,6 +163,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("programs detached");
     }
     Ok(())
+}
+
+/// TLS termination, when `tls.ca_dir` is set: the CA must load (a broken CA
+/// is a startup error, not a silent fall-back to relaying).
+fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
+    if config.tls.ca_dir.is_empty() {
+        tracing::info!("tls.ca_dir is not set: provider connections are relayed, not terminated");
+        return Ok(None);
+    }
+    let ca = Arc::new(NodeCa::load(std::path::Path::new(&config.tls.ca_dir))?);
+    let hosts: Vec<Vec<String>> = config.providers.iter().map(|p| p.hosts.clone()).collect();
+    let leaves = Arc::new(LeafCache::new(ca, hosts.iter().flatten().cloned()));
+    let client = upstream::client_config(config.tls.system_roots, &config.tls.extra_roots)?;
+    let pool = UpstreamPool::new(
+        client,
+        config.proxy.skip_mark,
+        config.proxy.upstream_connect_timeout,
+    );
+    tracing::info!(ca = %config.tls.ca_dir, "TLS termination enabled for provider hosts");
+    Ok(Some(Arc::new(TlsContext::new(
+        leaves,
+        pool,
+        hosts,
+        config.tls.client_hello_timeout,
+        config.tls.upstream_response_timeout,
+    ))))
 }
 
 async fn shutdown_signal() {

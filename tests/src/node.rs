@@ -23,6 +23,9 @@ pub const NODE_UPSTREAM_V4: &str = "10.77.0.1";
 pub const NODE_UPSTREAM_V6: &str = "fd77::1";
 /// Provider port, and a port on the same host that no provider uses.
 pub const PROVIDER_PORT: u16 = 443;
+/// Provider port where the mock speaks TLS (certificate for the provider
+/// hosts, signed by the test upstream CA); the agent terminates here.
+pub const TLS_PORT: u16 = 8443;
 pub const OTHER_PORT: u16 = 8080;
 /// Proxy port used by the tests (not the default, to show it is configurable).
 pub const PROXY_PORT: u16 = 15089;
@@ -107,9 +110,21 @@ impl TestNode {
             Layout::Host => "tollgate.slice",
         });
 
+        let (cert, key) = write_upstream_pki(&dir);
+        run_ok(
+            Command::new(agent_bin())
+                .args(["ca", "init", "--dir"])
+                .arg(dir.join("node-ca")),
+        );
         let mock = Proc::spawn(
             "mock-upstream",
             upstream.command(&mock_upstream_bin()).args([
+                "--cert".to_string(),
+                cert,
+                "--key".to_string(),
+                key,
+                format!("tls:{UPSTREAM_V4}:{TLS_PORT}"),
+                format!("tls:[{UPSTREAM_V6}]:{TLS_PORT}"),
                 format!("{UPSTREAM_V4}:{PROVIDER_PORT}"),
                 format!("{UPSTREAM_V4_ALT}:{PROVIDER_PORT}"),
                 format!("[{UPSTREAM_V6}]:{PROVIDER_PORT}"),
@@ -243,13 +258,25 @@ impl TestNode {
              heartbeat:\n  interval: 200ms\n  timeout: 2s\n\
              dns:\n  servers: [\"127.0.0.1\"]\n  min_ttl: 1s\n  stale_grace: 0s\n  retry: 1s\n\
              discovery:\n  scan_interval: 200ms\n\
-             providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}]\n\
+             providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
+             tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
              connection_log: {}\nbpffs_dir: {}\n{extra}",
             self.governed.display(),
+            self.node_ca().display(),
+            self.dir.join("upstream-ca.crt").display(),
             self.connection_log().display(),
             self.bpffs_dir.display(),
         )
+    }
+
+    /// The node CA's certificate: what a workload trusts to have its TLS terminated.
+    pub fn node_ca(&self) -> PathBuf {
+        self.dir.join("node-ca")
+    }
+
+    pub fn node_ca_cert(&self) -> PathBuf {
+        self.node_ca().join("ca.crt")
     }
 
     pub fn connection_log(&self) -> PathBuf {
@@ -439,6 +466,30 @@ fn wire(host: &Netns, host_if: &str, host_addrs: [&str; 2], peer: &Netns, peer_a
     peer.ip("link set eth0 up");
     peer.ip(&format!("route add default via {}", host_addrs[0]));
     peer.ip(&format!("-6 route add default via {}", host_addrs[1]));
+}
+
+/// The test upstream CA (`upstream-ca.crt`) and a certificate it signed for the
+/// provider host, as the real provider would present. Returns (cert, key) paths.
+fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Tollgate test upstream CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec![PROVIDER_HOST.to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    fs::write(dir.join("upstream-ca.crt"), ca_cert.pem()).unwrap();
+    let (cert, key) = (dir.join("upstream.crt"), dir.join("upstream.key"));
+    fs::write(&cert, leaf.pem()).unwrap();
+    fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    (cert.display().to_string(), key.display().to_string())
 }
 
 /// Path of a binary built next to the running test executable.

@@ -16,8 +16,8 @@ use std::{
 use tollgate_tests::{
     TestNode,
     node::{
-        NODE_UPSTREAM_V4, NODE_UPSTREAM_V6, OTHER_PORT, PROVIDER_PORT, UPSTREAM_V4,
-        UPSTREAM_V4_ALT, UPSTREAM_V6,
+        NODE_UPSTREAM_V4, NODE_UPSTREAM_V6, OTHER_PORT, PROVIDER_HOST, PROVIDER_PORT, TLS_PORT,
+        UPSTREAM_V4, UPSTREAM_V4_ALT, UPSTREAM_V6,
     },
     process::wait_until,
     require_privileged,
@@ -44,7 +44,7 @@ fn peer_ip(answer: &serde_json::Value) -> String {
 
 #[test]
 fn provider_connection_is_redirected_and_attributed_to_its_pod() {
-    let Some(mut node) = governed_node(
+    let Some(node) = governed_node(
         "provider_connection_is_redirected_and_attributed_to_its_pod",
         1,
         "",
@@ -94,12 +94,18 @@ fn provider_connection_is_redirected_and_attributed_to_its_pod() {
 }
 
 #[test]
-fn tls_client_hello_server_name_is_recorded() {
-    let Some(node) = governed_node("tls_client_hello_server_name_is_recorded", 1, "") else {
+fn tls_to_a_host_the_provider_does_not_serve_is_relayed_with_its_server_name() {
+    let Some(node) = governed_node(
+        "tls_to_a_host_the_provider_does_not_serve_is_relayed_with_its_server_name",
+        1,
+        "",
+    ) else {
         return;
     };
     let pod = &node.pods[0];
-    // The mock answers a ClientHello with an alert: the call fails, the record stays.
+    // A provider address, but a server name that is not one of its hosts:
+    // never terminated (no certificate is minted for it); relayed as bytes.
+    // The plaintext mock answers a ClientHello with an alert, so curl fails.
     let out = pod
         .netns
         .command_in_cgroup("curl", Some(&pod.cgroup))
@@ -108,16 +114,18 @@ fn tls_client_hello_server_name_is_recorded() {
             "-m",
             "5",
             "--resolve",
-            &format!("api.openai.com:{PROVIDER_PORT}:{UPSTREAM_V4}"),
+            &format!("other.example.com:{PROVIDER_PORT}:{UPSTREAM_V4}"),
         ])
-        .arg(format!("https://api.openai.com:{PROVIDER_PORT}/v1/models"))
+        .arg(format!(
+            "https://other.example.com:{PROVIDER_PORT}/v1/models"
+        ))
         .output()
         .unwrap();
-    assert!(!out.status.success(), "the mock speaks no TLS");
+    assert!(!out.status.success(), "the plaintext mock speaks no TLS");
     let recs = node.wait_connections(1);
     let r = &recs[0];
     assert_eq!(r["client_protocol"], "tls", "{r}");
-    assert_eq!(r["tls"]["sni"], "api.openai.com", "{r}");
+    assert_eq!(r["tls"]["sni"], "other.example.com", "{r}");
     assert!(
         r["tls"]["alpn"]
             .as_array()
@@ -133,8 +141,114 @@ fn tls_client_hello_server_name_is_recorded() {
 }
 
 #[test]
+fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
+    let Some(node) = governed_node(
+        "governed_https_is_terminated_and_forwarded_over_h1_and_h2",
+        1,
+        "",
+    ) else {
+        return;
+    };
+    let pod = &node.pods[0];
+    let ca = node.node_ca_cert();
+    let call = |extra: &[&str]| {
+        pod.netns
+            .command_in_cgroup("curl", Some(&pod.cgroup))
+            .args(["-sS", "-m", "10", "--cacert", ca.to_str().unwrap()])
+            .args([
+                "--resolve",
+                &format!("{PROVIDER_HOST}:{TLS_PORT}:{UPSTREAM_V4}"),
+            ])
+            .args(["-H", "Authorization: Bearer sk-test-not-a-real-key"])
+            .args(extra)
+            .arg(format!(
+                "https://{PROVIDER_HOST}:{TLS_PORT}/v1/models?limit=2"
+            ))
+            .output()
+            .unwrap()
+    };
+    for (i, flag) in ["--http1.1", "--http2"].into_iter().enumerate() {
+        let out = call(&[flag]);
+        assert!(
+            out.status.success(),
+            "{flag}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            node.agent_log()
+        );
+        let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(peer_ip(&a), NODE_UPSTREAM_V4, "forwarded by the agent: {a}");
+        assert_eq!(
+            a["sni"], PROVIDER_HOST,
+            "upstream TLS carries the provider name: {a}"
+        );
+        assert_eq!(a["host"], format!("{PROVIDER_HOST}:{TLS_PORT}"), "{a}");
+        assert_eq!(a["request"], "GET /v1/models?limit=2 HTTP/1.1", "{a}");
+        assert_eq!(
+            a["saw_authorization"], true,
+            "credentials pass through (no injection configured)"
+        );
+
+        let recs = wait_until(Duration::from_secs(5), || {
+            let r: Vec<_> = node
+                .connections()
+                .into_iter()
+                .filter(|r| r["kind"] == "request")
+                .collect();
+            (r.len() > i).then_some(r)
+        })
+        .expect("a request record");
+        let r = &recs[i];
+        assert_eq!(r["method"], "GET");
+        assert_eq!(r["path"], "/v1/models?limit=2");
+        assert_eq!(r["status"], 200);
+        assert_eq!(r["result"], "ok", "{r}");
+        assert_eq!(r["host"], PROVIDER_HOST);
+        assert_eq!(r["upstream"], format!("{UPSTREAM_V4}:{TLS_PORT}"));
+        assert_eq!(
+            r["client_http"],
+            if flag == "--http2" {
+                "HTTP/2.0"
+            } else {
+                "HTTP/1.1"
+            },
+            "{r}"
+        );
+        assert_eq!(r["workload"]["pod_uid"], pod.uid.as_str());
+        assert!(r["response_bytes"].as_u64().unwrap() > 100, "{r}");
+        let line = serde_json::to_string(r).unwrap();
+        assert!(
+            !line.contains("sk-test-not-a-real-key"),
+            "credentials never reach the audit log"
+        );
+    }
+
+    // A client that does not trust the node CA fails its handshake (observe
+    // fallback for such workloads is a later issue) and is counted.
+    let out = pod
+        .netns
+        .command_in_cgroup("curl", Some(&pod.cgroup))
+        .args([
+            "-sS",
+            "-m",
+            "5",
+            "--resolve",
+            &format!("{PROVIDER_HOST}:{TLS_PORT}:{UPSTREAM_V4}"),
+        ])
+        .arg(format!("https://{PROVIDER_HOST}:{TLS_PORT}/v1/models"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let failed = wait_until(Duration::from_secs(5), || {
+        node.metrics()
+            .contains("result=\"client_tls_failed\"")
+            .then_some(())
+    });
+    assert!(failed.is_some(), "{}", node.metrics());
+}
+
+#[test]
 fn non_provider_connections_are_untouched() {
-    let Some(mut node) = governed_node("non_provider_connections_are_untouched", 1, "") else {
+    let Some(node) = governed_node("non_provider_connections_are_untouched", 1, "") else {
         return;
     };
     let pod = &node.pods[0];
@@ -156,8 +270,7 @@ fn non_provider_connections_are_untouched() {
 
 #[test]
 fn ipv6_and_v4_mapped_connections_are_redirected() {
-    let Some(mut node) = governed_node("ipv6_and_v4_mapped_connections_are_redirected", 1, "")
-    else {
+    let Some(node) = governed_node("ipv6_and_v4_mapped_connections_are_redirected", 1, "") else {
         return;
     };
     let pod = &node.pods[0];
@@ -199,7 +312,7 @@ fn ipv6_and_v4_mapped_connections_are_redirected() {
 
 #[test]
 fn application_sees_original_peer_through_getpeername() {
-    let Some(mut node) = governed_node("application_sees_original_peer_through_getpeername", 1, "")
+    let Some(node) = governed_node("application_sees_original_peer_through_getpeername", 1, "")
     else {
         return;
     };
@@ -230,7 +343,7 @@ fn application_sees_original_peer_through_getpeername() {
 
 #[test]
 fn second_pod_is_attributed_to_the_second_pod() {
-    let Some(mut node) = governed_node("second_pod_is_attributed_to_the_second_pod", 2, "") else {
+    let Some(node) = governed_node("second_pod_is_attributed_to_the_second_pod", 2, "") else {
         return;
     };
     node.pods[0].curl(&provider_url()).unwrap();
@@ -340,8 +453,7 @@ fn killed_agent_fails_closed_when_configured_and_restart_recovers() {
 
 #[test]
 fn hung_agent_fails_open_after_heartbeat_timeout() {
-    let Some(mut node) = governed_node("hung_agent_fails_open_after_heartbeat_timeout", 1, "")
-    else {
+    let Some(node) = governed_node("hung_agent_fails_open_after_heartbeat_timeout", 1, "") else {
         return;
     };
     assert_eq!(

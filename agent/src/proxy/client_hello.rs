@@ -121,6 +121,39 @@ impl HelloSniffer {
     }
 }
 
+/// Peek (without consuming) until the client's first bytes tell what they
+/// are, the client stops, or `timeout` passes. The bytes stay in the socket:
+/// the caller can still splice them or hand the stream to a TLS acceptor.
+///
+/// Only the first TLS record (≤ 16 KiB) is peeked; a ClientHello spread over
+/// several records reports `Malformed` and is relayed, not terminated.
+pub async fn peek_hello(stream: &tokio::net::TcpStream, timeout: std::time::Duration) -> Hello {
+    const FIRST_RECORD: usize = 5 + 16 * 1024;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = vec![0u8; FIRST_RECORD];
+    // peek() returns at once while bytes are queued, so waiting for the rest
+    // of a split ClientHello needs a (short, growing) sleep between looks.
+    let mut backoff = std::time::Duration::from_millis(1);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return Hello::Pending, // EOF, error or timeout: nothing to tell
+        };
+        let state = HelloSniffer::default().feed(&buf[..n]).clone();
+        if state != Hello::Pending {
+            return state;
+        }
+        if n == FIRST_RECORD {
+            return Hello::Malformed("ClientHello spans more than one TLS record".into());
+        }
+        if tokio::time::Instant::now() + backoff >= deadline {
+            return Hello::Pending;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -190,6 +223,40 @@ mod tests {
         assert!(matches!(st, Hello::Malformed(_)), "{st:?}");
         let mut s = HelloSniffer::default();
         assert_eq!(s.feed(&[]), &Hello::Pending);
+    }
+
+    #[tokio::test]
+    async fn peek_leaves_bytes_in_place_and_waits_for_split_hellos() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let hello = client_hello("api.openai.com", &["h2"]);
+        let h = hello.clone();
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (a, b) = h.split_at(20);
+            c.write_all(a).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            c.write_all(b).await.unwrap();
+            c
+        });
+        let (mut s, _) = l.accept().await.unwrap();
+        let got = peek_hello(&s, std::time::Duration::from_secs(5)).await;
+        assert!(
+            matches!(&got, Hello::Tls(i) if i.sni.as_deref() == Some("api.openai.com")),
+            "{got:?}"
+        );
+        let mut all = vec![0u8; hello.len()];
+        s.read_exact(&mut all).await.unwrap();
+        assert_eq!(all, hello, "peeking consumed nothing");
+        drop(client.await.unwrap());
+        // A silent client: Pending after the timeout.
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(
+            peek_hello(&s, std::time::Duration::from_millis(50)).await,
+            Hello::Pending
+        );
     }
 
     #[test]

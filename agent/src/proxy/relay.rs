@@ -13,7 +13,10 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::client_hello::{Hello, HelloSniffer};
+use super::{
+    client_hello::{Hello, HelloSniffer, peek_hello},
+    terminate::{self, CallMeta, TlsContext},
+};
 use crate::{
     bpf::Maps,
     identity::IdentityCache,
@@ -32,6 +35,8 @@ pub struct RelayContext {
     pub provider_names: Vec<String>,
     pub skip_mark: u32,
     pub connect_timeout: Duration,
+    /// Present when a node CA is configured: governed hosts are terminated.
+    pub tls: Option<Arc<TlsContext>>,
 }
 
 /// Accept on one namespace's listener until the task is aborted.
@@ -73,6 +78,29 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
     let _active = ActiveGuard::new(&ctx.metrics);
     let _ = client.set_nodelay(true);
 
+    if let Some(tls) = &ctx.tls {
+        if let Hello::Tls(info) = peek_hello(&client, tls.hello_timeout).await {
+            if let Some(sni) = info.sni.filter(|s| tls.governs(orig.provider_id, s)) {
+                let meta = CallMeta {
+                    workload: workload.clone(),
+                    pid: orig.tgid,
+                    comm: orig.comm.clone(),
+                    provider: provider.clone(),
+                    host: sni,
+                    upstream: orig.dest,
+                };
+                let result = terminate::serve(tls.clone(), ctx.events.clone(), client, meta).await;
+                ctx.metrics
+                    .connections
+                    .with_label_values(&[workload.label(), &provider, result])
+                    .inc();
+                return;
+            }
+        }
+        // Not TLS, no SNI, or a host this provider does not serve: relay the
+        // bytes untouched to where the workload was going (observe).
+    }
+
     let t = match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
         Ok(upstream) => {
             let _ = upstream.set_nodelay(true);
@@ -107,7 +135,7 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
         .bytes
         .with_label_values(&[&label, &provider, "received"])
         .inc_by(received);
-    ctx.events.record(ConnectionRecord {
+    ctx.events.record(&ConnectionRecord {
         time,
         workload,
         pid: orig.tgid,

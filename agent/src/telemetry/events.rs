@@ -50,9 +50,41 @@ pub struct ConnectionRecord {
 /// stalling relays.
 const QUEUE: usize = 4096;
 
+/// One JSON line per HTTP request the proxy terminated and forwarded.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRecord {
+    /// RFC 3339 UTC time the request arrived.
+    pub time: String,
+    /// Always `request` (connection records have no `kind`).
+    pub kind: &'static str,
+    pub workload: Workload,
+    pub pid: u32,
+    pub comm: String,
+    pub provider: String,
+    pub host: String,
+    pub method: String,
+    pub path: String,
+    /// HTTP version the workload spoke (`HTTP/1.1`, `HTTP/2.0`).
+    pub client_http: String,
+    /// Provider address the request went to.
+    pub upstream: SocketAddr,
+    /// 0 when no response came.
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Until response headers arrived.
+    pub ttfb_ms: u64,
+    /// Until the response body ended (or the client went away).
+    pub duration_ms: u64,
+    /// `ok`, `upstream_error`, `upstream_timeout`, `client_disconnected`.
+    pub result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct EventLog {
-    tx: mpsc::Sender<ConnectionRecord>,
+    tx: mpsc::Sender<Vec<u8>>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -88,14 +120,12 @@ impl EventLog {
                 })?;
             Box::new(f)
         };
-        let (tx, mut rx) = mpsc::channel::<ConnectionRecord>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         std::thread::Builder::new()
             .name("tollgate-eventlog".into())
             .spawn(move || {
-                while let Some(rec) = rx.blocking_recv() {
-                    let mut line = serde_json::to_vec(&rec).expect("record serialises");
-                    line.push(b'\n');
+                while let Some(line) = rx.blocking_recv() {
                     if let Err(e) = out.write_all(&line).and_then(|_| out.flush()) {
                         tracing::warn!(error = %e, "writing connection log failed");
                     }
@@ -105,8 +135,11 @@ impl EventLog {
         Ok(Self { tx, dropped })
     }
 
-    pub fn record(&self, rec: ConnectionRecord) {
-        if self.tx.try_send(rec).is_err() {
+    /// Queue one record (serialised here, written by the log thread).
+    pub fn record(&self, rec: &impl Serialize) {
+        let mut line = serde_json::to_vec(rec).expect("records serialise");
+        line.push(b'\n');
+        if self.tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -161,7 +194,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("sub/conn.jsonl");
         let log = EventLog::open(p.to_str().unwrap()).unwrap();
-        log.record(ConnectionRecord {
+        log.record(&ConnectionRecord {
             time: now_rfc3339(),
             workload: Workload {
                 cgroup: "/x".into(),

@@ -1,5 +1,6 @@
 //! Mock provider endpoint for the test node: answers every HTTP request with
-//! JSON naming the TCP peer it saw and the address it was reached on.
+//! JSON naming the TCP peer it saw, the address it was reached on, and (over
+//! TLS) the server name the client asked for and the Host header.
 //!
 //! That answer is what the redirect tests check: a relayed connection arrives
 //! from the node's address, a direct one from the pod's. HTTP handling is a
@@ -7,65 +8,85 @@
 //! write one response, close", and nothing between the socket and the peer
 //! address it reports.
 //!
-//! Usage: tollgate-mock-upstream ADDR:PORT...
-use std::net::SocketAddr;
+//! Usage: tollgate-mock-upstream [--cert PEM --key PEM] ADDR:PORT... [tls:ADDR:PORT...]
+//! `tls:` listeners speak TLS (http/1.1) with the given certificate; a
+//! ClientHello on a plaintext listener is answered with a TLS alert.
+use std::{net::SocketAddr, sync::Arc};
 
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpListener,
 };
+use tokio_rustls::TlsAcceptor;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let addrs: Vec<SocketAddr> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse().unwrap_or_else(|e| panic!("bad address {a}: {e}")))
-        .collect();
+    let mut args = std::env::args().skip(1);
+    let (mut cert, mut key, mut addrs) = (None, None, Vec::new());
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--cert" => cert = args.next(),
+            "--key" => key = args.next(),
+            _ => addrs.push(a),
+        }
+    }
     assert!(
         !addrs.is_empty(),
-        "usage: tollgate-mock-upstream ADDR:PORT..."
+        "usage: tollgate-mock-upstream [--cert PEM --key PEM] ADDR:PORT... [tls:ADDR:PORT...]"
     );
+    let acceptor = cert.zip(key).map(|(c, k)| {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c)
+            .expect("cert file")
+            .collect::<Result<_, _>>()
+            .expect("cert PEM");
+        let key = PrivateKeyDer::from_pem_file(&k).expect("key PEM");
+        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("certificate and key match");
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TlsAcceptor::from(Arc::new(cfg))
+    });
     let mut tasks = Vec::new();
-    for addr in addrs {
+    for spec in addrs {
+        let (tls, addr) = match spec.strip_prefix("tls:") {
+            Some(a) => (
+                Some(
+                    acceptor
+                        .clone()
+                        .expect("tls: listeners need --cert and --key"),
+                ),
+                a.to_string(),
+            ),
+            None => (None, spec),
+        };
+        let addr: SocketAddr = addr
+            .parse()
+            .unwrap_or_else(|e| panic!("bad address {addr}: {e}"));
         let l = TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((mut s, peer)) = l.accept().await else { continue };
+                let Ok((s, peer)) = l.accept().await else {
+                    continue;
+                };
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    // Request heads here are small; 64 KiB bounds a misbehaving client.
-                    let mut buf = vec![0u8; 65536];
-                    let mut n = 0;
-                    while n < buf.len() {
-                        match s.read(&mut buf[n..]).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => n += k,
-                        }
-                        // A TLS ClientHello (this mock speaks no TLS yet): answer
-                        // with a handshake_failure alert so the client fails fast.
-                        if buf[0] == 0x16 {
-                            let _ = s.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28]).await;
-                            return;
-                        }
-                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
+                    match tls {
+                        None => answer(s, peer, addr, None).await,
+                        Some(acc) => {
+                            if let Ok(t) = acc.accept(s).await {
+                                let sni = t.get_ref().1.server_name().map(str::to_owned);
+                                answer(t, peer, addr, Some(sni.unwrap_or_default())).await;
+                            }
                         }
                     }
-                    let line = String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_string();
-                    let body = serde_json::json!({
-                        "peer": peer.to_string(),
-                        "peer_ip": peer.ip().to_string(),
-                        "local": addr.to_string(),
-                        "request": line,
-                    })
-                    .to_string();
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
-                    let _ = s.shutdown().await;
                 });
             }
         }));
@@ -73,4 +94,58 @@ async fn main() {
     for t in tasks {
         let _ = t.await;
     }
+}
+
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    sni: Option<String>,
+) {
+    // Request heads here are small; 64 KiB bounds a misbehaving client.
+    let mut buf = vec![0u8; 65536];
+    let mut n = 0;
+    while n < buf.len() {
+        match s.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+        // A TLS ClientHello on a plaintext listener: answer with a
+        // handshake_failure alert so the client fails fast.
+        if sni.is_none() && buf[0] == 0x16 {
+            let _ = s
+                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
+                .await;
+            return;
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let line = head.lines().next().unwrap_or_default().to_string();
+    let host = head.lines().find_map(|l| {
+        l.split_once(':')
+            .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+            .map(|(_, v)| v.trim().to_string())
+    });
+    let authorization = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("authorization:"));
+    let body = serde_json::json!({
+        "peer": peer.to_string(),
+        "peer_ip": peer.ip().to_string(),
+        "local": local.to_string(),
+        "request": line,
+        "host": host,
+        "sni": sni,
+        "saw_authorization": authorization,
+    })
+    .to_string();
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
 }

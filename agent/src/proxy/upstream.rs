@@ -1,0 +1,224 @@
+//! Pooled TLS connections to providers.
+//!
+//! A client (with its own connection pool, h2 when the provider offers it)
+//! exists per (host, address): each dials exactly the provider address the
+//! workload connected to — an address the kernel found in the provider map —
+//! with the host as SNI, verified against the system roots plus configured
+//! extra roots. There is no name resolution here and no other destination:
+//! the proxy cannot be steered anywhere a provider is not.
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::Uri;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Bytes;
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{Connected, Connection},
+    },
+    rt::{TokioExecutor, TokioIo},
+};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use super::relay::dial;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamTlsError {
+    #[error(
+        "cannot read extra root certificates {path}: {message}\nhint: tls.extra_roots lists PEM files"
+    )]
+    Roots {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error(
+        "no root certificates to verify providers with\nhint: enable tls.system_roots or list tls.extra_roots"
+    )]
+    NoRoots,
+}
+
+/// rustls client config: system roots (optional) + extra roots, ALPN h2 and http/1.1.
+pub fn client_config(
+    system_roots: bool,
+    extra: &[std::path::PathBuf],
+) -> Result<Arc<rustls::ClientConfig>, UpstreamTlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if system_roots {
+        let found = rustls_native_certs::load_native_certs();
+        for e in &found.errors {
+            tracing::warn!(error = %e, "some system root certificates could not be read");
+        }
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        tracing::debug!(added, "system root certificates loaded");
+    }
+    for path in extra {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| UpstreamTlsError::Roots {
+                path: path.clone(),
+                message: format!("{e:?}"),
+            })?;
+        if certs.is_empty() {
+            return Err(UpstreamTlsError::Roots {
+                path: path.clone(),
+                message: "no certificate in file".into(),
+            });
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| UpstreamTlsError::Roots {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(UpstreamTlsError::NoRoots);
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+pub struct UpstreamPool {
+    tls: TlsConnector,
+    mark: u32,
+    connect_timeout: Duration,
+    clients: Mutex<HashMap<(String, SocketAddr), Client<FixedConnector, ProxyBody>>>,
+}
+
+impl UpstreamPool {
+    pub fn new(tls: Arc<rustls::ClientConfig>, mark: u32, connect_timeout: Duration) -> Self {
+        Self {
+            tls: TlsConnector::from(tls),
+            mark,
+            connect_timeout,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pooled client for `host` at `addr`.
+    pub fn client(&self, host: &str, addr: SocketAddr) -> Client<FixedConnector, ProxyBody> {
+        let mut clients = self.clients.lock().unwrap();
+        clients
+            .entry((host.to_string(), addr))
+            .or_insert_with(|| {
+                let connector = FixedConnector {
+                    addr,
+                    host: ServerName::try_from(host.to_string())
+                        .expect("provider hosts are validated DNS names"),
+                    tls: self.tls.clone(),
+                    mark: self.mark,
+                    timeout: self.connect_timeout,
+                };
+                Client::builder(TokioExecutor::new())
+                    // Providers close idle connections after ~60-90 s; dropping
+                    // ours first avoids sending a request into a closing socket.
+                    .pool_idle_timeout(Duration::from_secs(50))
+                    .build(connector)
+            })
+            .clone()
+    }
+}
+
+/// Connects to one fixed address with one fixed SNI, whatever the URI says.
+#[derive(Clone)]
+pub struct FixedConnector {
+    addr: SocketAddr,
+    host: ServerName<'static>,
+    tls: TlsConnector,
+    mark: u32,
+    timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for FixedConnector {
+    type Response = UpstreamConn;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = dial(this.addr, this.mark, this.timeout)
+                .await
+                .map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
+                })?;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio::time::timeout(this.timeout, this.tls.connect(this.host.clone(), tcp))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "provider TLS handshake timed out",
+                    )
+                })??;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            Ok(UpstreamConn {
+                io: TokioIo::new(tls),
+                h2,
+            })
+        })
+    }
+}
+
+/// A provider connection, telling hyper whether ALPN chose h2.
+pub struct UpstreamConn {
+    io: TokioIo<TlsStream<TcpStream>>,
+    h2: bool,
+}
+
+impl Connection for UpstreamConn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.h2 { c.negotiated_h2() } else { c }
+    }
+}
+
+impl hyper::rt::Read for UpstreamConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
