@@ -1,0 +1,162 @@
+//! Anthropic messages API.
+use serde_json::Value;
+
+use super::{ParseState, RequestInfo, Usage, num, sse::SseEvent, string};
+
+pub fn request(path: &str, body: Option<&Value>) -> RequestInfo {
+    RequestInfo {
+        operation: if path.ends_with("/v1/messages") {
+            "messages"
+        } else {
+            "other"
+        },
+        model: body.and_then(|b| string(b, "model")),
+        stream: body
+            .and_then(|b| b.get("stream"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    }
+}
+
+/// Anthropic reports cache reads and writes apart from `input_tokens`;
+/// normalised here so `input_tokens` counts every input token.
+fn usage(u: &Value) -> Usage {
+    let cache_read = num(u, &["cache_read_input_tokens"]);
+    let cache_write = num(u, &["cache_creation_input_tokens"]);
+    Usage {
+        input_tokens: num(u, &["input_tokens"])
+            .saturating_add(cache_read)
+            .saturating_add(cache_write),
+        output_tokens: num(u, &["output_tokens"]),
+        cached_input_tokens: cache_read,
+        reasoning_tokens: 0, // not reported separately; thinking is part of output_tokens
+        estimated: false,
+    }
+}
+
+pub fn on_json(state: &mut ParseState, v: &Value) {
+    if let Some(m) = string(v, "model") {
+        state.response_model = Some(m);
+    }
+    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+        state.usage = Some(usage(u));
+    }
+}
+
+pub fn on_event(state: &mut ParseState, e: &SseEvent) {
+    let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
+        return;
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("message_start") => {
+            if let Some(m) = v.get("message") {
+                on_json(state, m);
+            }
+        }
+        Some("message_delta") => {
+            // output_tokens here is cumulative for the message.
+            if let Some(u) = v.get("usage") {
+                let usage = state.usage.get_or_insert_with(Usage::default);
+                usage.output_tokens = num(u, &["output_tokens"]);
+                if u.get("input_tokens").is_some() {
+                    let fresh = super::anthropic::usage(u);
+                    usage.input_tokens = fresh.input_tokens.max(usage.input_tokens);
+                    usage.cached_input_tokens =
+                        fresh.cached_input_tokens.max(usage.cached_input_tokens);
+                }
+            }
+        }
+        Some("content_block_delta") => {
+            let d = v.get("delta");
+            let text = d
+                .and_then(|d| d.get("text").or_else(|| d.get("thinking")))
+                .and_then(Value::as_str);
+            state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Api, ResponseParser, parse_request};
+    use super::*;
+
+    fn parse(ct: &str, body: &str) -> super::super::ResponseInfo {
+        let mut p = ResponseParser::new(Api::Anthropic, ct, 0);
+        for c in body.as_bytes().chunks(5) {
+            p.feed(c);
+        }
+        p.finish()
+    }
+
+    #[test]
+    fn messages_json_usage_counts_cache() {
+        let r = parse(
+            "application/json",
+            include_str!("fixtures/anthropic_messages.json"),
+        );
+        assert_eq!(
+            r.response_model.as_deref(),
+            Some("claude-sonnet-4-5-20250929")
+        );
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 12 + 100 + 2048,
+                output_tokens: 6,
+                cached_input_tokens: 2048,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn messages_stream_usage_from_start_and_delta() {
+        let r = parse(
+            "text/event-stream",
+            include_str!("fixtures/anthropic_messages_stream.sse"),
+        );
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 472,
+                output_tokens: 89,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn stream_cut_after_start_keeps_input_and_initial_output() {
+        let full = include_str!("fixtures/anthropic_messages_stream.sse");
+        let r = parse(
+            "text/event-stream",
+            &full[..full.find("event: message_delta").unwrap()],
+        );
+        assert!(!r.usage.estimated, "message_start carried real usage");
+        assert_eq!(r.usage.input_tokens, 472);
+        assert_eq!(r.usage.output_tokens, 2);
+    }
+
+    #[test]
+    fn requests() {
+        let r = parse_request(
+            Api::Anthropic,
+            "/v1/messages",
+            br#"{"model":"claude-sonnet-4-5","max_tokens":1024,"stream":true}"#,
+        );
+        assert_eq!(
+            r,
+            RequestInfo {
+                operation: "messages",
+                model: Some("claude-sonnet-4-5".into()),
+                stream: true
+            }
+        );
+        assert_eq!(
+            parse_request(Api::Anthropic, "/v1/messages/count_tokens", b"{}").operation,
+            "other"
+        );
+    }
+}

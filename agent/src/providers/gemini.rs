@@ -1,0 +1,170 @@
+//! Gemini API: generateContent and streamGenerateContent.
+use serde_json::Value;
+
+use super::{ParseState, RequestInfo, Usage, num, sse::SseEvent, string};
+
+/// `/v1beta/models/{model}:{method}` → (model, method).
+fn model_and_method(path: &str) -> Option<(&str, &str)> {
+    let (_, rest) = path.split_once("/models/")?;
+    rest.split_once(':')
+}
+
+pub fn request(path: &str, _query: &str, _body: Option<&Value>) -> RequestInfo {
+    let (model, method) = model_and_method(path).unzip();
+    let operation = match method {
+        Some("generateContent") | Some("streamGenerateContent") => "generate_content",
+        Some("embedContent") | Some("batchEmbedContents") => "embeddings",
+        _ => "other",
+    };
+    RequestInfo {
+        operation,
+        model: model.map(str::to_owned),
+        stream: method == Some("streamGenerateContent"),
+    }
+}
+
+/// Gemini's candidatesTokenCount excludes thinking; normalised so output
+/// counts every generated token and reasoning is the thinking share.
+fn usage(u: &Value) -> Usage {
+    let thoughts = num(u, &["thoughtsTokenCount"]);
+    Usage {
+        input_tokens: num(u, &["promptTokenCount"]),
+        output_tokens: num(u, &["candidatesTokenCount"]).saturating_add(thoughts),
+        cached_input_tokens: num(u, &["cachedContentTokenCount"]),
+        reasoning_tokens: thoughts,
+        estimated: false,
+    }
+}
+
+fn on_chunk(state: &mut ParseState, v: &Value) {
+    if let Some(m) = string(v, "modelVersion") {
+        state.response_model = Some(m);
+    }
+    for c in v
+        .get("candidates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for p in c
+            .pointer("/content/parts")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            state.text_chars += p
+                .get("text")
+                .and_then(Value::as_str)
+                .map_or(0, |t| t.chars().count() as u64);
+        }
+    }
+    // Each chunk's usageMetadata is cumulative: the last one wins.
+    if let Some(u) = v.get("usageMetadata").filter(|u| u.is_object()) {
+        state.usage = Some(usage(u));
+    }
+}
+
+pub fn on_json(state: &mut ParseState, v: &Value) {
+    match v {
+        // streamGenerateContent without alt=sse answers a JSON array of chunks.
+        Value::Array(chunks) => chunks.iter().for_each(|c| on_chunk(state, c)),
+        other => on_chunk(state, other),
+    }
+}
+
+pub fn on_event(state: &mut ParseState, e: &SseEvent) {
+    if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+        on_chunk(state, &v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Api, ResponseParser, parse_request};
+    use super::*;
+
+    fn parse(ct: &str, body: &str) -> super::super::ResponseInfo {
+        let mut p = ResponseParser::new(Api::Gemini, ct, 0);
+        for c in body.as_bytes().chunks(11) {
+            p.feed(c);
+        }
+        p.finish()
+    }
+
+    #[test]
+    fn generate_content_json_usage() {
+        let r = parse(
+            "application/json; charset=UTF-8",
+            include_str!("fixtures/gemini_generate.json"),
+        );
+        assert_eq!(r.response_model.as_deref(), Some("gemini-2.5-flash"));
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 8,
+                output_tokens: 7 + 25,
+                cached_input_tokens: 4,
+                reasoning_tokens: 25,
+                estimated: false
+            }
+        );
+    }
+
+    #[test]
+    fn stream_usage_last_chunk_wins() {
+        let r = parse(
+            "text/event-stream",
+            include_str!("fixtures/gemini_stream.sse"),
+        );
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 9,
+                output_tokens: 5 + 16,
+                reasoning_tokens: 16,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn json_array_stream_form() {
+        let one = include_str!("fixtures/gemini_generate.json");
+        let r = parse("application/json", &format!("[{one},{one}]"));
+        assert_eq!(r.usage.input_tokens, 8);
+    }
+
+    #[test]
+    fn requests() {
+        let r = parse_request(
+            Api::Gemini,
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            b"{}",
+        );
+        assert_eq!(
+            r,
+            RequestInfo {
+                operation: "generate_content",
+                model: Some("gemini-2.5-flash".into()),
+                stream: true
+            }
+        );
+        let r = parse_request(
+            Api::Gemini,
+            "/v1beta/models/gemini-2.5-pro:generateContent",
+            b"{}",
+        );
+        assert_eq!(
+            r,
+            RequestInfo {
+                operation: "generate_content",
+                model: Some("gemini-2.5-pro".into()),
+                stream: false
+            }
+        );
+        assert_eq!(
+            parse_request(Api::Gemini, "/v1beta/models", b"").operation,
+            "other"
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! Provider API adapters: what a request asks for (operation, model, stream)
+//! and what the response reports (usage), for each API family.
+//!
+//! * `openai` — OpenAI and every OpenAI-compatible API (Azure OpenAI, Mistral,
+//!   Groq, DeepSeek, OpenRouter, …): chat completions, responses, completions,
+//!   embeddings.
+//! * `anthropic` — messages.
+//! * `gemini` — generateContent / streamGenerateContent.
+//!
+//! Responses are parsed as they are relayed (`ResponseParser::feed` per
+//! chunk): SSE incrementally, JSON bodies once complete (bounded).
+pub mod anthropic;
+pub mod gemini;
+pub mod openai;
+pub mod sse;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// API family of a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    #[default]
+    Openai,
+    Anthropic,
+    Gemini,
+}
+
+impl Api {
+    /// The family a built-in provider name implies; anything else is OpenAI-compatible.
+    pub fn for_provider_name(name: &str) -> Api {
+        match name {
+            "anthropic" => Api::Anthropic,
+            "gemini" => Api::Gemini,
+            _ => Api::Openai,
+        }
+    }
+}
+
+/// What the request asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RequestInfo {
+    /// `chat`, `responses`, `completions`, `embeddings`, `messages`,
+    /// `generate_content`, or `other`.
+    pub operation: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub stream: bool,
+}
+
+/// Token usage of one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Input tokens served from the provider's prompt cache (part of input_tokens
+    /// for OpenAI and Gemini; reported separately by Anthropic, added here).
+    pub cached_input_tokens: u64,
+    /// Reasoning ("thinking") tokens, part of output_tokens.
+    pub reasoning_tokens: u64,
+    /// True when the provider sent no usage and these are estimated from the text seen.
+    pub estimated: bool,
+}
+
+/// Largest JSON response body kept for parsing usage (embeddings of a large
+/// batch can be several MiB). Beyond it the body still passes; usage is estimated.
+const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+/// Characters per token for estimates (the common rule of thumb for English text).
+const CHARS_PER_TOKEN: u64 = 4;
+
+/// Parse the request: path (and query) plus the JSON body when there is one.
+pub fn parse_request(api: Api, path: &str, body: &[u8]) -> RequestInfo {
+    let json: Option<Value> = serde_json::from_slice(body).ok();
+    let (p, query) = path.split_once('?').unwrap_or((path, ""));
+    match api {
+        Api::Openai => openai::request(p, query, json.as_ref()),
+        Api::Anthropic => anthropic::request(p, json.as_ref()),
+        Api::Gemini => gemini::request(p, query, json.as_ref()),
+    }
+}
+
+/// Accumulates what a response says as its bytes go by.
+#[derive(Debug)]
+pub struct ResponseParser {
+    api: Api,
+    sse: Option<sse::SseParser>,
+    json: Vec<u8>,
+    json_overflow: bool,
+    state: ParseState,
+}
+
+/// What adapters fill in while parsing.
+#[derive(Debug, Default)]
+pub struct ParseState {
+    pub usage: Option<Usage>,
+    pub response_model: Option<String>,
+    /// Characters of generated text seen (for estimates).
+    pub text_chars: u64,
+    /// Characters of input text (from the request, for estimates).
+    pub input_chars: u64,
+}
+
+/// The outcome of parsing one response.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ResponseInfo {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_model: Option<String>,
+    pub usage: Usage,
+}
+
+impl ResponseParser {
+    /// `content_type` of the response; `input_chars` of the request's text.
+    pub fn new(api: Api, content_type: &str, input_chars: u64) -> Self {
+        let sse = content_type
+            .starts_with("text/event-stream")
+            .then(sse::SseParser::default);
+        Self {
+            api,
+            sse,
+            json: Vec::new(),
+            json_overflow: false,
+            state: ParseState {
+                input_chars,
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let (api, state) = (self.api, &mut self.state);
+        match &mut self.sse {
+            Some(sse) => sse.feed(chunk, |e| match api {
+                Api::Openai => openai::on_event(state, &e),
+                Api::Anthropic => anthropic::on_event(state, &e),
+                Api::Gemini => gemini::on_event(state, &e),
+            }),
+            None => {
+                if self.json.len() + chunk.len() > MAX_JSON_BODY {
+                    self.json_overflow = true;
+                    self.json = Vec::new();
+                } else if !self.json_overflow {
+                    self.json.extend_from_slice(chunk);
+                }
+            }
+        }
+    }
+
+    /// Everything learned; estimates usage when the provider sent none
+    /// (e.g. the client went away before the final event).
+    pub fn finish(mut self) -> ResponseInfo {
+        if self.sse.is_none() && !self.json_overflow {
+            if let Ok(v) = serde_json::from_slice::<Value>(&self.json) {
+                match self.api {
+                    Api::Openai => openai::on_json(&mut self.state, &v),
+                    Api::Anthropic => anthropic::on_json(&mut self.state, &v),
+                    Api::Gemini => gemini::on_json(&mut self.state, &v),
+                }
+            }
+        }
+        let usage = self.state.usage.unwrap_or(Usage {
+            input_tokens: self.state.input_chars.div_ceil(CHARS_PER_TOKEN),
+            output_tokens: self.state.text_chars.div_ceil(CHARS_PER_TOKEN),
+            estimated: true,
+            ..Default::default()
+        });
+        ResponseInfo {
+            response_model: self.state.response_model,
+            usage,
+        }
+    }
+}
+
+/// Number at `path` in a JSON value, 0 when absent. Saturates absurd values
+/// (negative, fractional, > u64) instead of failing.
+pub(crate) fn num(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        match cur.get(p) {
+            Some(next) => cur = next,
+            None => return 0,
+        }
+    }
+    cur.as_u64()
+        .or_else(|| {
+            cur.as_f64()
+                .filter(|f| *f > 0.0)
+                .map(|f| f.min(u64::MAX as f64) as u64)
+        })
+        .unwrap_or(0)
+}
+
+pub(crate) fn string(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Characters of text content in a request body, for estimates: every
+/// string value under the keys providers use for text.
+pub fn input_chars(body: &Value) -> u64 {
+    fn walk(v: &Value, n: &mut u64) {
+        match v {
+            Value::String(s) => *n += s.chars().count() as u64,
+            Value::Array(a) => a.iter().for_each(|x| walk(x, n)),
+            Value::Object(o) => {
+                for (k, x) in o {
+                    if matches!(
+                        k.as_str(),
+                        "content"
+                            | "text"
+                            | "input"
+                            | "prompt"
+                            | "messages"
+                            | "contents"
+                            | "parts"
+                            | "system"
+                            | "instructions"
+                    ) {
+                        walk(x, n);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut n = 0;
+    walk(body, &mut n);
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_saturate_instead_of_failing() {
+        let v: Value = serde_json::json!({"a": {"b": 12}, "neg": -5, "big": 1e30, "s": "7"});
+        assert_eq!(num(&v, &["a", "b"]), 12);
+        assert_eq!(num(&v, &["neg"]), 0);
+        assert_eq!(num(&v, &["big"]), u64::MAX);
+        assert_eq!(num(&v, &["s"]), 0);
+        assert_eq!(num(&v, &["missing", "x"]), 0);
+    }
+
+    #[test]
+    fn estimates_when_no_usage_arrives() {
+        let mut p = ResponseParser::new(Api::Openai, "text/event-stream", 40);
+        p.feed(b"data: {\"model\":\"gpt-4o\",\"choices\":[{\"delta\":{\"content\":\"Hello there\"}}]}\n\n");
+        let r = p.finish();
+        assert!(r.usage.estimated);
+        assert_eq!(r.usage.input_tokens, 10);
+        assert_eq!(r.usage.output_tokens, 3);
+        assert_eq!(r.response_model.as_deref(), Some("gpt-4o"));
+    }
+
+    #[test]
+    fn input_text_is_counted() {
+        let v = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "abcd"}, {"role": "user", "content": [{"type": "text", "text": "efgh"}]}]});
+        assert_eq!(
+            input_chars(&v),
+            8,
+            "text only: roles and model names are not input text"
+        );
+    }
+
+    #[test]
+    fn garbage_bodies_never_panic() {
+        for api in [Api::Openai, Api::Anthropic, Api::Gemini] {
+            for ct in ["application/json", "text/event-stream"] {
+                let mut p = ResponseParser::new(api, ct, 0);
+                p.feed(b"\x00\xff{not json\n\ndata: {\"usage\": 5}\n\ndata: [1,2\n\n");
+                let _ = p.finish();
+            }
+            let _ = parse_request(api, "/v1/x?y", b"\xff\xfe");
+        }
+    }
+}
