@@ -123,6 +123,17 @@ pub struct ProviderConfig {
     pub addresses: Vec<IpAddr>,
     #[serde(default = "default_ports")]
     pub ports: Vec<u16>,
+    /// API family: openai (and OpenAI-compatible), anthropic, gemini.
+    /// Default: from the name (anthropic, gemini), else openai.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<crate::providers::Api>,
+}
+
+impl ProviderConfig {
+    pub fn api(&self) -> crate::providers::Api {
+        self.api
+            .unwrap_or_else(|| crate::providers::Api::for_provider_name(&self.name))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -156,6 +167,8 @@ pub struct TlsConfig {
     /// How long a client may take to send its TLS ClientHello.
     #[serde(with = "humantime_serde")]
     pub client_hello_timeout: Duration,
+    /// Largest request body forwarded (it is read whole to learn the model).
+    pub max_request_body: usize,
     /// Longest wait for a provider's response headers. Non-streaming completions
     /// send headers only when generation is done, so this is long.
     #[serde(with = "humantime_serde")]
@@ -169,6 +182,8 @@ impl Default for TlsConfig {
             extra_roots: Vec::new(),
             system_roots: true,
             client_hello_timeout: Duration::from_secs(5),
+            // 32 MiB: long-context requests with images stay well below it.
+            max_request_body: 32 * 1024 * 1024,
             upstream_response_timeout: Duration::from_secs(600),
         }
     }
@@ -263,6 +278,7 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
         addresses: Vec::new(),
         ports: default_ports(),
+        api: None,
     };
     vec![
         p("openai", &["api.openai.com"]),

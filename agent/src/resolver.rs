@@ -64,16 +64,20 @@ impl AddressBook {
         before - self.entries.len()
     }
 
-    /// The provider map's desired content for the configured ports.
+    /// The provider map's desired content for the configured ports. An
+    /// address two providers share (one CDN) maps to the first in config
+    /// order; TLS termination still attributes each call by its server name.
     pub fn desired(&self, ports: &[Vec<u16>]) -> HashMap<ProviderKey, u32> {
+        let mut entries: Vec<&(u32, IpAddr)> = self.entries.keys().collect();
+        entries.sort();
         let mut out = HashMap::new();
-        for &(provider, ip) in self.entries.keys() {
+        for &(provider, ip) in entries {
             for &port in ports
                 .get(provider as usize)
                 .map(Vec::as_slice)
                 .unwrap_or(&[])
             {
-                out.insert(provider_key(ip, port), provider);
+                out.entry(provider_key(ip, port)).or_insert(provider);
             }
         }
         out
@@ -294,5 +298,19 @@ mod tests {
         assert_eq!(d.len(), 3);
         assert_eq!(d[&provider_key("10.0.0.1".parse().unwrap(), 8443)], 0);
         assert_eq!(d[&provider_key("fd00::1".parse().unwrap(), 443)], 1);
+    }
+
+    #[test]
+    fn shared_addresses_go_to_the_first_provider() {
+        let mut b = AddressBook::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        b.add_static(1, ip);
+        b.add_static(0, ip);
+        for _ in 0..10 {
+            assert_eq!(
+                b.desired(&[vec![443], vec![443]])[&provider_key(ip, 443)],
+                0
+            );
+        }
     }
 }

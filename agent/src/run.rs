@@ -25,7 +25,7 @@ use crate::{
     preflight,
     proxy::{
         relay::{RelayContext, accept_loop},
-        terminate::TlsContext,
+        terminate::{GovernedProvider, TlsContext},
         upstream::{self, UpstreamPool},
     },
     resolver::Refresher,
@@ -173,8 +173,18 @@ fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
         return Ok(None);
     }
     let ca = Arc::new(NodeCa::load(std::path::Path::new(&config.tls.ca_dir))?);
-    let hosts: Vec<Vec<String>> = config.providers.iter().map(|p| p.hosts.clone()).collect();
-    let leaves = Arc::new(LeafCache::new(ca, hosts.iter().flatten().cloned()));
+    let leaves = Arc::new(LeafCache::new(
+        ca,
+        config.providers.iter().flat_map(|p| p.hosts.clone()),
+    ));
+    let governed = config
+        .providers
+        .iter()
+        .map(|p| GovernedProvider {
+            hosts: p.hosts.clone(),
+            api: p.api(),
+        })
+        .collect();
     let client = upstream::client_config(config.tls.system_roots, &config.tls.extra_roots)?;
     let pool = UpstreamPool::new(
         client,
@@ -185,9 +195,10 @@ fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
     Ok(Some(Arc::new(TlsContext::new(
         leaves,
         pool,
-        hosts,
+        governed,
         config.tls.client_hello_timeout,
         config.tls.upstream_response_timeout,
+        config.tls.max_request_body,
     ))))
 }
 

@@ -30,6 +30,8 @@ pub const OTHER_PORT: u16 = 8080;
 /// Proxy port used by the tests (not the default, to show it is configurable).
 pub const PROXY_PORT: u16 = 15089;
 pub const PROVIDER_HOST: &str = "api.openai.com";
+/// A second provider on the same addresses (providers behind one CDN do this).
+pub const ANTHROPIC_HOST: &str = "api.anthropic.com";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -211,7 +213,7 @@ impl TestNode {
         let hosts = self.dir.join("hosts");
         let body: String = addrs
             .iter()
-            .map(|a| format!("{a} {PROVIDER_HOST}\n"))
+            .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST}\n"))
             .collect();
         fs::write(&hosts, body).unwrap();
         if let Some(mut old) = self.dns.take() {
@@ -258,7 +260,7 @@ impl TestNode {
              heartbeat:\n  interval: 200ms\n  timeout: 2s\n\
              dns:\n  servers: [\"127.0.0.1\"]\n  min_ttl: 1s\n  stale_grace: 0s\n  retry: 1s\n\
              discovery:\n  scan_interval: 200ms\n\
-             providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
+             providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n  - name: anthropic\n    hosts: [{ANTHROPIC_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
              connection_log: {}\nbpffs_dir: {}\n{extra}",
@@ -433,6 +435,33 @@ impl Pod {
         serde_json::from_slice(&out.stdout).map_err(|e| format!("bad body from {url}: {e}"))
     }
 
+    /// POST `json` to `https://<host>:TLS_PORT<path>` from inside the pod,
+    /// trusting `ca` (the node CA), resolving `host` to the provider address
+    /// the way the workload's DNS would. Returns curl's output.
+    pub fn https_post(
+        &self,
+        ca: &std::path::Path,
+        host: &str,
+        path: &str,
+        json: &str,
+    ) -> std::process::Output {
+        self.netns
+            .command_in_cgroup("curl", Some(&self.cgroup))
+            .args(["-sS", "-N", "-m", "10", "--cacert"])
+            .arg(ca)
+            .args(["--resolve", &format!("{host}:{TLS_PORT}:{UPSTREAM_V4}")])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "authorization: Bearer sk-test-secret",
+            ])
+            .args(["--data-binary", json])
+            .arg(format!("https://{host}:{TLS_PORT}{path}"))
+            .output()
+            .expect("run curl")
+    }
+
     pub fn curl_cmd(&self, url: &str) -> Command {
         let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
         c.args(["-sS", "-g", "-m", "5", "--connect-timeout", "3", url]);
@@ -481,7 +510,7 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![PROVIDER_HOST.to_string()])
+    let leaf = CertificateParams::new(vec![PROVIDER_HOST.to_string(), ANTHROPIC_HOST.to_string()])
         .unwrap()
         .signed_by(&leaf_key, &issuer)
         .unwrap();

@@ -80,8 +80,15 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
 
     if let Some(tls) = &ctx.tls {
         if let Hello::Tls(info) = peek_hello(&client, tls.hello_timeout).await {
-            if let Some(sni) = info.sni.filter(|s| tls.governs(orig.provider_id, s)) {
+            if let Some((sni, (id, api))) = info.sni.and_then(|s| tls.governs(&s).map(|g| (s, g))) {
+                // The provider the server name belongs to (see TlsContext::governs).
+                let provider = ctx
+                    .provider_names
+                    .get(id as usize)
+                    .cloned()
+                    .unwrap_or_else(|| provider.clone());
                 let meta = CallMeta {
+                    api,
                     workload: workload.clone(),
                     pid: orig.tgid,
                     comm: orig.comm.clone(),
@@ -89,7 +96,14 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
                     host: sni,
                     upstream: orig.dest,
                 };
-                let result = terminate::serve(tls.clone(), ctx.events.clone(), client, meta).await;
+                let result = terminate::serve(
+                    tls.clone(),
+                    ctx.events.clone(),
+                    ctx.metrics.clone(),
+                    client,
+                    meta,
+                )
+                .await;
                 ctx.metrics
                     .connections
                     .with_label_values(&[workload.label(), &provider, result])
@@ -97,8 +111,8 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
                 return;
             }
         }
-        // Not TLS, no SNI, or a host this provider does not serve: relay the
-        // bytes untouched to where the workload was going (observe).
+        // Not TLS, no SNI, or a name that is no provider host: relay the bytes
+        // untouched to where the workload was going (observe).
     }
 
     let t = match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {

@@ -1,21 +1,19 @@
 //! TLS termination for governed provider hosts: the workload's TLS ends here
 //! (leaf certificate from the node CA), its HTTP requests (h1 or h2) are
-//! forwarded over pooled TLS connections to the provider address it dialled,
-//! and every request leaves one audit line.
+//! parsed by the provider's adapter, forwarded over pooled TLS connections to
+//! the provider address it dialled, and every request leaves one audit line
+//! and its token usage in the metrics.
 use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
     time::{Duration, Instant},
 };
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -27,29 +25,39 @@ use tokio_rustls::TlsAcceptor;
 use super::upstream::{ProxyBody, UpstreamPool};
 use crate::{
     identity::Workload,
-    telemetry::events::{EventLog, RequestRecord, now_rfc3339},
+    providers::{self, Api, ResponseParser},
+    telemetry::{
+        events::{EventLog, RequestRecord, now_rfc3339},
+        metrics::Metrics,
+    },
     tls::LeafCache,
 };
+
+/// One governed provider, as termination sees it.
+pub struct GovernedProvider {
+    pub hosts: Vec<String>,
+    pub api: Api,
+}
 
 /// What TLS termination needs, built once at startup when a CA is configured.
 pub struct TlsContext {
     pub acceptor: TlsAcceptor,
-    pub leaves: Arc<LeafCache>,
     pub upstream: UpstreamPool,
-    /// Host names per provider id: a connection is terminated only when its
-    /// SNI is a host of the provider whose address it dialled.
-    pub provider_hosts: Vec<Vec<String>>,
+    /// By provider id (config order).
+    pub providers: Vec<GovernedProvider>,
     pub hello_timeout: Duration,
     pub response_timeout: Duration,
+    pub max_request_body: usize,
 }
 
 impl TlsContext {
     pub fn new(
         leaves: Arc<LeafCache>,
         upstream: UpstreamPool,
-        provider_hosts: Vec<Vec<String>>,
+        providers: Vec<GovernedProvider>,
         hello_timeout: Duration,
         response_timeout: Duration,
+        max_request_body: usize,
     ) -> Self {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -57,27 +65,39 @@ impl TlsContext {
         .with_safe_default_protocol_versions()
         .expect("ring supports the default versions")
         .with_no_client_auth()
-        .with_cert_resolver(leaves.clone());
+        .with_cert_resolver(leaves);
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let providers = providers
+            .into_iter()
+            .map(|p| GovernedProvider {
+                hosts: p.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                api: p.api,
+            })
+            .collect();
         Self {
             acceptor: TlsAcceptor::from(Arc::new(cfg)),
-            leaves,
             upstream,
-            provider_hosts: provider_hosts
-                .into_iter()
-                .map(|hs| hs.into_iter().map(|h| h.to_ascii_lowercase()).collect())
-                .collect(),
+            providers,
             hello_timeout,
             response_timeout,
+            max_request_body,
         }
     }
 
-    /// Terminate this connection? Only for a host of the dialled provider.
-    pub fn governs(&self, provider_id: u32, sni: &str) -> bool {
+    /// Terminate a connection with this server name? Only for a configured
+    /// provider host; returns that provider's id and API.
+    ///
+    /// The provider is the one the *name* belongs to, not the one the kernel
+    /// map names for the dialled address: providers behind one CDN share
+    /// addresses, and the map holds one provider per address. Connecting to
+    /// the dialled (provider-map) address with this name is safe because the
+    /// upstream handshake verifies the server really holds that name.
+    pub fn governs(&self, sni: &str) -> Option<(u32, Api)> {
         let sni = sni.to_ascii_lowercase();
-        self.provider_hosts
-            .get(provider_id as usize)
-            .is_some_and(|hs| hs.contains(&sni))
+        self.providers
+            .iter()
+            .position(|p| p.hosts.contains(&sni))
+            .map(|i| (i as u32, self.providers[i].api))
     }
 }
 
@@ -87,6 +107,7 @@ pub struct CallMeta {
     pub pid: u32,
     pub comm: String,
     pub provider: String,
+    pub api: Api,
     pub host: String,
     pub upstream: SocketAddr,
 }
@@ -96,6 +117,7 @@ pub struct CallMeta {
 pub async fn serve(
     tls: Arc<TlsContext>,
     events: EventLog,
+    metrics: Arc<Metrics>,
     client: TcpStream,
     meta: CallMeta,
 ) -> &'static str {
@@ -109,10 +131,13 @@ pub async fn serve(
         }
         Err(_) => return "client_tls_failed",
     };
-    let meta = Arc::new(meta);
-    let svc = hyper::service::service_fn(move |req| {
-        forward(tls.clone(), events.clone(), meta.clone(), req)
+    let call = Arc::new(Call {
+        tls,
+        events,
+        metrics,
+        meta,
     });
+    let svc = hyper::service::service_fn(move |req| forward(call.clone(), req));
     if let Err(e) = auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(stream), svc)
         .await
@@ -120,6 +145,13 @@ pub async fn serve(
         tracing::debug!(error = %e, "client connection ended with an error");
     }
     "terminated"
+}
+
+struct Call {
+    tls: Arc<TlsContext>,
+    events: EventLog,
+    metrics: Arc<Metrics>,
+    meta: CallMeta,
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
@@ -151,12 +183,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 async fn forward(
-    tls: Arc<TlsContext>,
-    events: EventLog,
-    meta: Arc<CallMeta>,
+    call: Arc<Call>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
+    let meta = &call.meta;
     let mut record = RequestRecord {
         time: now_rfc3339(),
         kind: "request",
@@ -171,18 +202,63 @@ async fn forward(
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_else(|| "/".into()),
+        operation: "other",
+        model: None,
+        response_model: None,
+        stream: false,
+        usage: Default::default(),
         client_http: format!("{:?}", req.version()),
         upstream: meta.upstream,
         status: 0,
         request_bytes: 0,
         response_bytes: 0,
         ttfb_ms: 0,
+        ttft_ms: 0,
         duration_ms: 0,
         result: "ok",
         error: None,
     };
 
     let (mut parts, body) = req.into_parts();
+    // The adapter needs the whole request (model, stream flag); LLM requests
+    // are bounded JSON documents, so reading them first costs an upload's time.
+    let body = match Limited::new(body, call.tls.max_request_body)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let too_big = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            record.result = if too_big {
+                "request_too_large"
+            } else {
+                "client_error"
+            };
+            let (status, msg) = if too_big {
+                (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body exceeds {} bytes", call.tls.max_request_body),
+                )
+            } else {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("reading the request body failed: {e}"),
+                )
+            };
+            return Ok(error_response(&call, status, &msg, record, started));
+        }
+    };
+    record.request_bytes = body.len() as u64;
+    let request = providers::parse_request(meta.api, &record.path, &body);
+    let input_chars = serde_json::from_slice(&body)
+        .map(|v| providers::input_chars(&v))
+        .unwrap_or(0);
+    record.operation = request.operation;
+    record.model = request.model;
+    record.stream = request.stream;
+
     let authority = if meta.upstream.port() == 443 {
         meta.host.clone()
     } else {
@@ -196,10 +272,11 @@ async fn forward(
     {
         Ok(u) => u,
         Err(e) => {
+            record.result = "client_error";
             return Ok(error_response(
+                &call,
                 StatusCode::BAD_REQUEST,
                 &format!("invalid request target: {e}"),
-                &events,
                 record,
                 started,
             ));
@@ -212,40 +289,35 @@ async fn forward(
         header::HOST,
         HeaderValue::from_str(&authority).expect("validated host"),
     );
+    parts.headers.remove(header::CONTENT_LENGTH); // recomputed from the buffered body
 
-    let sent = Arc::new(AtomicU64::new(0));
-    let body = Metered {
-        inner: body.boxed(),
-        bytes: sent.clone(),
-        on_end: None,
-    }
-    .boxed();
-    let client = tls.upstream.client(&meta.host, meta.upstream);
-    let response = tokio::time::timeout(
-        tls.response_timeout,
-        client.request(Request::from_parts(parts, body)),
-    )
-    .await;
-    record.request_bytes = sent.load(Ordering::Relaxed);
-    match response {
+    let upstream_req = Request::from_parts(
+        parts,
+        Full::new(body).map_err(|never| match never {}).boxed(),
+    );
+    let client = call.tls.upstream.client(&meta.host, meta.upstream);
+    match tokio::time::timeout(call.tls.response_timeout, client.request(upstream_req)).await {
         Ok(Ok(resp)) => {
             record.ttfb_ms = started.elapsed().as_millis() as u64;
             record.status = resp.status().as_u16();
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            let received = Arc::new(AtomicU64::new(0));
-            let on_end: OnEnd = Box::new(move |bytes, result, error| {
-                record.response_bytes = bytes;
-                record.request_bytes = sent.load(Ordering::Relaxed);
-                record.duration_ms = started.elapsed().as_millis() as u64;
-                record.result = result;
-                record.error = error;
-                events.record(&record);
-            });
+            let content_type = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let parser = ResponseParser::new(meta.api, content_type, input_chars);
             let body = Metered {
                 inner: body.boxed(),
-                bytes: received,
-                on_end: Some(on_end),
+                bytes: 0,
+                first_byte: None,
+                started,
+                parser: Some(parser),
+                finish: Some(Finish {
+                    call: call.clone(),
+                    record,
+                }),
             };
             Ok(Response::from_parts(parts, body.boxed()))
         }
@@ -253,9 +325,9 @@ async fn forward(
             record.result = "upstream_error";
             let msg = format!("provider {} at {} failed: {e}", meta.host, meta.upstream);
             Ok(error_response(
+                &call,
                 StatusCode::BAD_GATEWAY,
                 &msg,
-                &events,
                 record,
                 started,
             ))
@@ -264,12 +336,12 @@ async fn forward(
             record.result = "upstream_timeout";
             let msg = format!(
                 "provider {} sent no response within {:?}",
-                meta.host, tls.response_timeout
+                meta.host, call.tls.response_timeout
             );
             Ok(error_response(
+                &call,
                 StatusCode::GATEWAY_TIMEOUT,
                 &msg,
-                &events,
                 record,
                 started,
             ))
@@ -277,19 +349,61 @@ async fn forward(
     }
 }
 
+/// Write the audit record and the metrics of one finished request.
+fn account(call: &Call, record: &RequestRecord, started: Instant, ttft: Option<Duration>) {
+    let m = &call.metrics;
+    let workload = record.workload.label().to_string();
+    let model = m.model_label(
+        &record.provider,
+        record.response_model.as_deref().or(record.model.as_deref()),
+    );
+    let labels = [workload.as_str(), record.provider.as_str(), model.as_str()];
+    let class = format!("{}xx", record.status / 100);
+    m.requests
+        .with_label_values(&[&workload, &record.provider, &model, &class, record.result])
+        .inc();
+    m.operation_duration
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if let (true, Some(t)) = (record.stream, ttft) {
+        m.time_to_first_token
+            .with_label_values(&labels)
+            .observe(t.as_secs_f64());
+    }
+    let u = &record.usage;
+    if u.input_tokens + u.output_tokens > 0 {
+        for (kind, n) in [("input", u.input_tokens), ("output", u.output_tokens)] {
+            m.token_usage
+                .with_label_values(&[&workload, &record.provider, &model, kind])
+                .observe(n as f64);
+        }
+        for (kind, n) in [
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            ("cached_input", u.cached_input_tokens),
+            ("reasoning", u.reasoning_tokens),
+        ] {
+            m.tokens
+                .with_label_values(&[&workload, &record.provider, &model, kind])
+                .inc_by(n);
+        }
+    }
+    call.events.record(record);
+}
+
 /// An error the proxy itself answers, shaped like a provider error (OpenAI's
 /// `{"error": {...}}`, which SDKs of every OpenAI-compatible API parse).
 fn error_response(
+    call: &Call,
     status: StatusCode,
     message: &str,
-    events: &EventLog,
     mut record: RequestRecord,
     started: Instant,
 ) -> Response<ProxyBody> {
     record.status = status.as_u16();
     record.duration_ms = started.elapsed().as_millis() as u64;
     record.error = Some(message.to_string());
-    events.record(&record);
+    account(call, &record, started, None);
     let body = serde_json::json!({
         "error": { "message": format!("tollgate: {message}"), "type": "tollgate_error", "code": record.result }
     })
@@ -306,21 +420,41 @@ fn error_response(
         .expect("static response is valid")
 }
 
-type OnEnd = Box<dyn FnOnce(u64, &'static str, Option<String>) + Send + Sync>;
+/// What to do when a response body ends.
+struct Finish {
+    call: Arc<Call>,
+    record: RequestRecord,
+}
 
-/// A body that counts its data bytes and reports once when it ends, fails,
-/// or is dropped early (the client went away mid-response).
+/// The response body on its way to the workload: relayed frame by frame (no
+/// buffering), each data frame shown to the provider's usage parser, and the
+/// request accounted exactly once when the body ends, fails, or is dropped
+/// early (the client went away mid-stream: partial usage is still recorded).
 struct Metered {
     inner: ProxyBody,
-    bytes: Arc<AtomicU64>,
-    on_end: Option<OnEnd>,
+    bytes: u64,
+    first_byte: Option<Duration>,
+    started: Instant,
+    parser: Option<ResponseParser>,
+    finish: Option<Finish>,
 }
 
 impl Metered {
     fn finish(&mut self, result: &'static str, error: Option<String>) {
-        if let Some(f) = self.on_end.take() {
-            f(self.bytes.load(Ordering::Relaxed), result, error);
+        let Some(Finish { call, mut record }) = self.finish.take() else {
+            return;
+        };
+        if let Some(p) = self.parser.take() {
+            let info = p.finish();
+            record.usage = info.usage;
+            record.response_model = info.response_model;
         }
+        record.response_bytes = self.bytes;
+        record.ttft_ms = self.first_byte.map_or(0, |d| d.as_millis() as u64);
+        record.duration_ms = self.started.elapsed().as_millis() as u64;
+        record.result = result;
+        record.error = error;
+        account(&call, &record, self.started, self.first_byte);
     }
 }
 
@@ -336,7 +470,14 @@ impl Body for Metered {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    if self.first_byte.is_none() && !d.is_empty() {
+                        self.first_byte = Some(self.started.elapsed());
+                    }
+                    self.bytes += d.len() as u64;
+                    let d = d.clone();
+                    if let Some(p) = self.parser.as_mut() {
+                        p.feed(&d);
+                    }
                 }
                 // hyper stops polling once a body says it has ended (e.g. a
                 // content-length body whose last byte just came), so "ended"

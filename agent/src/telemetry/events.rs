@@ -64,6 +64,16 @@ pub struct RequestRecord {
     pub host: String,
     pub method: String,
     pub path: String,
+    /// `chat`, `responses`, `embeddings`, `messages`, `generate_content`, …
+    pub operation: &'static str,
+    /// Model the request asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Model the provider says answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_model: Option<String>,
+    pub stream: bool,
+    pub usage: crate::providers::Usage,
     /// HTTP version the workload spoke (`HTTP/1.1`, `HTTP/2.0`).
     pub client_http: String,
     /// Provider address the request went to.
@@ -74,6 +84,8 @@ pub struct RequestRecord {
     pub response_bytes: u64,
     /// Until response headers arrived.
     pub ttfb_ms: u64,
+    /// Until the first response body byte (for streams: the first token).
+    pub ttft_ms: u64,
     /// Until the response body ended (or the client went away).
     pub duration_ms: u64,
     /// `ok`, `upstream_error`, `upstream_timeout`, `client_disconnected`.

@@ -11,7 +11,10 @@ use std::{
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -24,9 +27,26 @@ pub struct Metrics {
     pub provider_addresses: IntGauge,
     pub namespaces: IntGauge,
     pub active_connections: IntGauge,
+    /// OpenTelemetry GenAI `gen_ai.client.token.usage`, by token type.
+    pub token_usage: HistogramVec,
+    /// OpenTelemetry GenAI `gen_ai.client.operation.duration`.
+    pub operation_duration: HistogramVec,
+    /// Time to first response byte of streamed calls (first token).
+    pub time_to_first_token: HistogramVec,
+    /// Token totals (sums are what budgets and dashboards read).
+    pub tokens: IntCounterVec,
+    /// Requests by status class and result.
+    pub requests: IntCounterVec,
+    /// Distinct model label values per provider; beyond the cap, `other`.
+    models: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Set once programs are attached and the first DNS round is done.
     pub ready: AtomicBool,
 }
+
+/// Models named in metric labels per provider. The model is whatever a
+/// workload sends, so it is capped: a client sending random names cannot
+/// blow up the metrics' cardinality.
+const MAX_MODELS_PER_PROVIDER: usize = 64;
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
@@ -70,6 +90,57 @@ impl Metrics {
             "Connections being relayed now",
         )
         .expect("valid metric");
+        let labels = ["workload", "provider", "model"];
+        // Buckets as the OpenTelemetry GenAI semantic conventions advise.
+        let token_usage = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_token_usage",
+                "Tokens used per call, by token type",
+            )
+            .buckets(vec![
+                1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
+                4194304.0,
+            ]),
+            &["workload", "provider", "model", "gen_ai_token_type"],
+        )
+        .expect("valid metric");
+        let duration_buckets = vec![
+            0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+        ];
+        let operation_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_operation_duration_seconds",
+                "Duration of provider calls",
+            )
+            .buckets(duration_buckets.clone()),
+            &labels,
+        )
+        .expect("valid metric");
+        let time_to_first_token = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time to the first streamed response byte",
+            )
+            .buckets(duration_buckets),
+            &labels,
+        )
+        .expect("valid metric");
+        let tokens = IntCounterVec::new(
+            Opts::new(
+                "tollgate_tokens_total",
+                "Tokens used, by type (input includes cached, output includes reasoning)",
+            ),
+            &["workload", "provider", "model", "token_type"],
+        )
+        .expect("valid metric");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_requests_total",
+                "Provider requests handled by the terminating proxy",
+            ),
+            &["workload", "provider", "model", "status_class", "result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -77,6 +148,11 @@ impl Metrics {
             Box::new(provider_addresses.clone()),
             Box::new(namespaces.clone()),
             Box::new(active_connections.clone()),
+            Box::new(token_usage.clone()),
+            Box::new(operation_duration.clone()),
+            Box::new(time_to_first_token.clone()),
+            Box::new(tokens.clone()),
+            Box::new(requests.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -88,8 +164,29 @@ impl Metrics {
             provider_addresses,
             namespaces,
             active_connections,
+            token_usage,
+            operation_duration,
+            time_to_first_token,
+            tokens,
+            requests,
+            models: Default::default(),
             ready: AtomicBool::new(false),
         })
+    }
+
+    /// The label to use for `model` of `provider` (bounded, see MAX_MODELS_PER_PROVIDER).
+    pub fn model_label(&self, provider: &str, model: Option<&str>) -> String {
+        let Some(model) = model else {
+            return "unknown".into();
+        };
+        let mut models = self.models.lock().unwrap();
+        let seen = models.entry(provider.to_string()).or_default();
+        if seen.contains(model) || seen.len() < MAX_MODELS_PER_PROVIDER {
+            seen.insert(model.to_string());
+            model.to_string()
+        } else {
+            "other".into()
+        }
     }
 
     pub fn render(&self) -> String {
@@ -180,5 +277,28 @@ mod tests {
         m.ready.store(true, Ordering::Relaxed);
         assert_eq!(route("/readyz", &m, &|| {}).status(), 200);
         assert_eq!(route("/nope", &m, &|| {}).status(), 404);
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_MODELS_PER_PROVIDER {
+            assert_eq!(
+                m.model_label("openai", Some(&format!("m{i}"))),
+                format!("m{i}")
+            );
+        }
+        assert_eq!(m.model_label("openai", Some("one-too-many")), "other");
+        assert_eq!(
+            m.model_label("openai", Some("m0")),
+            "m0",
+            "known models keep their label"
+        );
+        assert_eq!(
+            m.model_label("anthropic", Some("fresh")),
+            "fresh",
+            "per provider"
+        );
+        assert_eq!(m.model_label("openai", None), "unknown");
     }
 }

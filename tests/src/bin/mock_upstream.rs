@@ -122,16 +122,52 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             break;
         }
     }
-    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let head_end = buf[..n]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(n, |p| p + 4);
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let line = head.lines().next().unwrap_or_default().to_string();
-    let host = head.lines().find_map(|l| {
-        l.split_once(':')
-            .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
-            .map(|(_, v)| v.trim().to_string())
-    });
-    let authorization = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("authorization:"));
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    };
+    // The request body (LLM calls are POSTs with a content-length).
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        .min(buf.len() - head_end);
+    while n < head_end + length {
+        match s.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if let Some(resp) =
+        tollgate_tests::mock_llm::respond(&path, &buf[head_end..n.min(head_end + length)])
+    {
+        // No content-length: the body ends when the connection closes, and
+        // each piece is flushed on its own, as a provider streams.
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: {}\r\nconnection: close\r\nx-request-id: req_mock\r\n\r\n",
+            resp.content_type
+        );
+        let _ = s.write_all(head.as_bytes()).await;
+        for c in resp.chunks {
+            if s.write_all(c.as_bytes()).await.is_err() || s.flush().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let _ = s.shutdown().await;
+        return;
+    }
+    let host = header("host");
+    let authorization = header("authorization").is_some();
     let body = serde_json::json!({
         "peer": peer.to_string(),
         "peer_ip": peer.ip().to_string(),

@@ -1,0 +1,163 @@
+//! The mock provider's LLM answers, in the providers' real wire formats
+//! (OpenAI chat completions JSON and SSE with `include_usage`, Anthropic
+//! messages JSON and SSE). The usage numbers are constants here so the tests
+//! assert that what Tollgate recorded equals what the provider reported.
+
+/// Usage the mock reports, in the provider's own terms.
+pub struct MockUsage {
+    pub input: u64,
+    pub output: u64,
+    pub cached: u64,
+}
+
+pub const OPENAI_MODEL: &str = "gpt-4o-mini-2024-07-18";
+/// prompt_tokens 23 (5 of them cached), completion_tokens 7.
+pub const OPENAI_USAGE: MockUsage = MockUsage {
+    input: 23,
+    output: 7,
+    cached: 5,
+};
+pub const ANTHROPIC_MODEL: &str = "claude-sonnet-4-5-20250929";
+/// input_tokens 27 + cache_read_input_tokens 4 (Tollgate records 31 input, 4 cached), output_tokens 9.
+pub const ANTHROPIC_USAGE: MockUsage = MockUsage {
+    input: 27,
+    output: 9,
+    cached: 4,
+};
+/// The streamed text, one SSE event per word.
+pub const STREAM_WORDS: [&str; 4] = ["Hello", " from", " the", " mock"];
+
+pub struct MockResponse {
+    pub content_type: &'static str,
+    /// Body pieces, written (and flushed) one at a time, like a provider streams.
+    pub chunks: Vec<String>,
+}
+
+/// The answer to `path` with request `body`, or None when it is not an LLM call.
+pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
+    let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    if path.starts_with("/v1/chat/completions") {
+        let include_usage = req["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+        return Some(if stream {
+            openai_stream(include_usage)
+        } else {
+            openai_json()
+        });
+    }
+    if path.starts_with("/v1/messages") {
+        return Some(if stream {
+            anthropic_stream()
+        } else {
+            anthropic_json()
+        });
+    }
+    None
+}
+
+fn openai_usage() -> serde_json::Value {
+    let u = &OPENAI_USAGE;
+    serde_json::json!({
+        "prompt_tokens": u.input, "completion_tokens": u.output, "total_tokens": u.input + u.output,
+        "prompt_tokens_details": {"cached_tokens": u.cached, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+    })
+}
+
+fn openai_json() -> MockResponse {
+    let body = serde_json::json!({
+        "id": "chatcmpl-mock1", "object": "chat.completion", "created": 1741570283, "model": OPENAI_MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": STREAM_WORDS.concat(), "refusal": null},
+                     "logprobs": null, "finish_reason": "stop"}],
+        "usage": openai_usage(), "service_tier": "default", "system_fingerprint": "fp_mock"
+    });
+    MockResponse {
+        content_type: "application/json",
+        chunks: vec![body.to_string()],
+    }
+}
+
+fn openai_stream(include_usage: bool) -> MockResponse {
+    let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
+        let c = serde_json::json!({
+            "id": "chatcmpl-mock2", "object": "chat.completion.chunk", "created": 1741570283, "model": OPENAI_MODEL,
+            "system_fingerprint": "fp_mock", "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            "usage": null
+        });
+        format!("data: {c}\n\n")
+    };
+    let mut chunks = vec![chunk(
+        serde_json::json!({"role": "assistant", "content": ""}),
+        serde_json::Value::Null,
+    )];
+    for w in STREAM_WORDS {
+        chunks.push(chunk(
+            serde_json::json!({"content": w}),
+            serde_json::Value::Null,
+        ));
+    }
+    chunks.push(chunk(serde_json::json!({}), serde_json::json!("stop")));
+    if include_usage {
+        let c = serde_json::json!({
+            "id": "chatcmpl-mock2", "object": "chat.completion.chunk", "created": 1741570283, "model": OPENAI_MODEL,
+            "system_fingerprint": "fp_mock", "choices": [], "usage": openai_usage()
+        });
+        chunks.push(format!("data: {c}\n\n"));
+    }
+    chunks.push("data: [DONE]\n\n".into());
+    MockResponse {
+        content_type: "text/event-stream; charset=utf-8",
+        chunks,
+    }
+}
+
+fn anthropic_json() -> MockResponse {
+    let u = &ANTHROPIC_USAGE;
+    let body = serde_json::json!({
+        "id": "msg_mock1", "type": "message", "role": "assistant", "model": ANTHROPIC_MODEL,
+        "content": [{"type": "text", "text": STREAM_WORDS.concat()}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": u.input, "cache_creation_input_tokens": 0, "cache_read_input_tokens": u.cached, "output_tokens": u.output}
+    });
+    MockResponse {
+        content_type: "application/json",
+        chunks: vec![body.to_string()],
+    }
+}
+
+fn anthropic_stream() -> MockResponse {
+    let u = &ANTHROPIC_USAGE;
+    let ev = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut chunks = vec![
+        ev(
+            "message_start",
+            serde_json::json!({"type": "message_start", "message": {
+            "id": "msg_mock2", "type": "message", "role": "assistant", "content": [], "model": ANTHROPIC_MODEL,
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": u.input, "cache_creation_input_tokens": 0, "cache_read_input_tokens": u.cached, "output_tokens": 1}}}),
+        ),
+        ev(
+            "content_block_start",
+            serde_json::json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ev("ping", serde_json::json!({"type": "ping"})),
+    ];
+    for w in STREAM_WORDS {
+        chunks.push(ev("content_block_delta", serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}})));
+    }
+    chunks.push(ev(
+        "content_block_stop",
+        serde_json::json!({"type": "content_block_stop", "index": 0}),
+    ));
+    chunks.push(ev("message_delta", serde_json::json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": u.output}})));
+    chunks.push(ev(
+        "message_stop",
+        serde_json::json!({"type": "message_stop"}),
+    ));
+    MockResponse {
+        content_type: "text/event-stream; charset=utf-8",
+        chunks,
+    }
+}
