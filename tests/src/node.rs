@@ -281,6 +281,17 @@ impl TestNode {
         self.node_ca().join("ca.crt")
     }
 
+    /// An /etc/hosts for pod applications: provider names → the mock's address.
+    pub fn pod_hosts_file(&self) -> PathBuf {
+        let p = self.dir.join("pod-hosts");
+        fs::write(
+            &p,
+            format!("127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST}\n"),
+        )
+        .unwrap();
+        p
+    }
+
     pub fn connection_log(&self) -> PathBuf {
         self.dir.join("connections.jsonl")
     }
@@ -460,6 +471,23 @@ impl Pod {
             .arg(format!("https://{host}:{TLS_PORT}{path}"))
             .output()
             .expect("run curl")
+    }
+
+    /// Run `program args…` as an application of this pod: in its network
+    /// namespace and container cgroup, with its own mount namespace whose
+    /// /etc/hosts maps the provider names to the provider address (what the
+    /// pod's DNS would answer), so SDKs resolve their default base URLs.
+    pub fn app(&self, hosts_file: &std::path::Path, program: &str, args: &[&str]) -> Command {
+        let mut c = self.netns.command_in_cgroup("unshare", Some(&self.cgroup));
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {} /etc/hosts && exec \"$@\"",
+                hosts_file.display()
+            ))
+            .arg("sh")
+            .arg(program)
+            .args(args);
+        c
     }
 
     pub fn curl_cmd(&self, url: &str) -> Command {

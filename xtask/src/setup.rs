@@ -13,8 +13,15 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",        // ip netns / veth, ss
     "curl",            // the test clients
     "util-linux",      // nsenter
-    "python3",         // test clients (getpeername check)
+    "python3",         // test clients (getpeername check, SDK clients)
+    "python3-venv",    // the SDK clients' virtualenv
+    "nodejs",          // the npm SDK client
 ];
+
+/// The official SDKs the end-to-end tests drive, pinned. Installed into
+/// target/e2e (a virtualenv and an npm prefix), never system-wide.
+const PY_CLIENTS: &[&str] = &["openai==3.57.0", "anthropic==2.13.0"];
+const NPM_CLIENTS: &[&str] = &["openai@7.57.0"];
 
 /// bpf-linker pinned to the version verified with LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -41,6 +48,7 @@ pub fn run() -> Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
+    sdk_clients()?;
     eprintln!("setup: all prerequisites present");
     Ok(())
 }
@@ -139,6 +147,68 @@ fn bpf_linker() -> Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// Where the SDK clients live: <workspace>/target/e2e.
+pub fn e2e_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e")
+}
+
+fn sdk_clients() -> Result<()> {
+    let dir = e2e_dir();
+    let check = format!(
+        "import importlib.metadata as m, sys; sys.exit(0 if all(m.version(p.split('==')[0]) == p.split('==')[1] for p in {PY_CLIENTS:?}) else 1)"
+    );
+    let py_ok = Command::new(dir.join("venv/bin/python"))
+        .args(["-c", &check])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !py_ok {
+        eprintln!(
+            "setup: installing Python SDK clients {PY_CLIENTS:?} into {}",
+            dir.join("venv").display()
+        );
+        exec(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(dir.join("venv")),
+        )?;
+        exec(
+            Command::new(dir.join("venv/bin/pip"))
+                .args(["install", "-q", "--disable-pip-version-check"])
+                .args(PY_CLIENTS),
+        )?;
+    }
+    let node_dir = dir.join("node");
+    let npm_ok = NPM_CLIENTS.iter().all(|spec| {
+        let (name, version) = spec.rsplit_once('@').expect("name@version");
+        std::fs::read_to_string(
+            node_dir
+                .join("node_modules")
+                .join(name)
+                .join("package.json"),
+        )
+        .is_ok_and(|p| p.contains(&format!("\"version\": \"{version}\"")))
+    });
+    if !npm_ok {
+        eprintln!(
+            "setup: installing npm SDK clients {NPM_CLIENTS:?} into {}",
+            node_dir.display()
+        );
+        exec(
+            Command::new("npm")
+                .args([
+                    "install",
+                    "--no-audit",
+                    "--no-fund",
+                    "--loglevel=error",
+                    "--prefix",
+                ])
+                .arg(&node_dir)
+                .args(NPM_CLIENTS),
+        )?;
+    }
+    Ok(())
 }
 
 /// Remove test namespaces, cgroups and pins left behind by a run that was

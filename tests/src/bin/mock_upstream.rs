@@ -9,8 +9,10 @@
 //! address it reports.
 //!
 //! Usage: tollgate-mock-upstream [--cert PEM --key PEM] ADDR:PORT... [tls:ADDR:PORT...]
-//! `tls:` listeners speak TLS (http/1.1) with the given certificate; a
-//! ClientHello on a plaintext listener is answered with a TLS alert.
+//! `tls:` listeners speak TLS (http/1.1) with the given certificate; the
+//! others speak TLS to clients that start with a ClientHello (when a
+//! certificate is given; else they answer it with a TLS alert) and plain HTTP
+//! to the rest.
 use std::{net::SocketAddr, sync::Arc};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
@@ -54,17 +56,19 @@ async fn main() {
     });
     let mut tasks = Vec::new();
     for spec in addrs {
-        let (tls, addr) = match spec.strip_prefix("tls:") {
-            Some(a) => (
-                Some(
-                    acceptor
-                        .clone()
-                        .expect("tls: listeners need --cert and --key"),
-                ),
-                a.to_string(),
-            ),
-            None => (None, spec),
+        // `tls:` listeners always speak TLS; the others speak TLS to a client
+        // whose first byte is a handshake record (when a certificate is
+        // configured) and plaintext HTTP otherwise, like one provider port
+        // that tests reach both ways.
+        let (always_tls, addr) = match spec.strip_prefix("tls:") {
+            Some(a) => (true, a.to_string()),
+            None => (false, spec),
         };
+        assert!(
+            !always_tls || acceptor.is_some(),
+            "tls: listeners need --cert and --key"
+        );
+        let tls = acceptor.clone();
         let addr: SocketAddr = addr
             .parse()
             .unwrap_or_else(|e| panic!("bad address {addr}: {e}"));
@@ -78,7 +82,12 @@ async fn main() {
                 };
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    match tls {
+                    let mut first = [0u8; 1];
+                    let speaks_tls = always_tls
+                        || s.peek(&mut first)
+                            .await
+                            .is_ok_and(|n| n == 1 && first[0] == 0x16);
+                    match tls.filter(|_| speaks_tls) {
                         None => answer(s, peer, addr, None).await,
                         Some(acc) => {
                             if let Ok(t) = acc.accept(s).await {

@@ -1,0 +1,187 @@
+//! Unmodified applications using the official SDKs (OpenAI and Anthropic for
+//! Python, OpenAI for Node.js) with their default base URLs, inside a pod.
+//! They trust the node CA only through their standard environment variables;
+//! Tollgate terminates, forwards to the (mock) provider, and records what the
+//! provider reported, per pod.
+use std::{path::PathBuf, time::Duration};
+
+use tollgate_tests::{
+    TestNode,
+    mock_llm::{ANTHROPIC_USAGE, OPENAI_USAGE, STREAM_WORDS},
+    process::wait_until,
+    require_privileged,
+};
+
+/// target/e2e, where `cargo xtask setup` installs the pinned SDKs.
+fn e2e_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e")
+}
+
+fn clients_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients")
+}
+
+/// The SDK installation, or None (skip) when it is missing outside CI.
+fn sdk(test: &str, path: &str) -> Option<PathBuf> {
+    if !require_privileged(test) {
+        return None;
+    }
+    let p = e2e_dir().join(path);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("TOLLGATE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!(
+            "{test}: {} is missing: run `cargo xtask setup`",
+            p.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED {test}: {} is missing (run `cargo xtask setup`)",
+        p.display()
+    );
+    None
+}
+
+fn run_app(node: &TestNode, mut cmd: std::process::Command) -> serde_json::Value {
+    let out = cmd.output().expect("run the SDK client");
+    assert!(
+        out.status.success(),
+        "client failed:\n{}\n{}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        node.agent_log()
+    );
+    serde_json::from_slice(out.stdout.trim_ascii()).expect("client prints one JSON line")
+}
+
+fn requests(node: &TestNode, n: usize) -> Vec<serde_json::Value> {
+    wait_until(Duration::from_secs(5), || {
+        let r: Vec<_> = node
+            .connections()
+            .into_iter()
+            .filter(|r| r["kind"] == "request")
+            .collect();
+        (r.len() >= n).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("expected {n} request records: {:?}", node.connections()))
+}
+
+fn assert_recorded(
+    recs: &[serde_json::Value],
+    provider: &str,
+    pod_uid: &str,
+    input: u64,
+    output: u64,
+    secret: &str,
+) {
+    for r in recs {
+        assert_eq!(r["provider"], provider, "{r}");
+        assert_eq!(r["workload"]["pod_uid"], pod_uid, "{r}");
+        assert_eq!(r["usage"]["input_tokens"], input, "{r}");
+        assert_eq!(r["usage"]["output_tokens"], output, "{r}");
+        assert_eq!(r["usage"]["estimated"], false, "{r}");
+        assert_eq!(r["result"], "ok", "{r}");
+        assert!(
+            !r.to_string().contains(secret),
+            "API keys never reach the audit log"
+        );
+    }
+    assert_eq!(
+        recs.iter().filter(|r| r["stream"] == true).count(),
+        1,
+        "one streamed call: {recs:?}"
+    );
+}
+
+#[test]
+fn python_openai_sdk() {
+    let Some(python) = sdk("python_openai_sdk", "venv/bin/python") else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+    let mut cmd = pod.app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[clients_dir().join("openai_client.py").to_str().unwrap()],
+    );
+    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    let got = run_app(&node, cmd);
+    assert_eq!(got["content"], STREAM_WORDS.concat());
+    assert_eq!(got["stream_text"], STREAM_WORDS.concat());
+    assert_eq!(got["prompt_tokens"], OPENAI_USAGE.input);
+    assert_eq!(got["stream_prompt_tokens"], OPENAI_USAGE.input);
+    assert_recorded(
+        &requests(&node, 2),
+        "openai",
+        &pod.uid,
+        OPENAI_USAGE.input,
+        OPENAI_USAGE.output,
+        "sk-test-python-openai",
+    );
+}
+
+#[test]
+fn python_anthropic_sdk() {
+    let Some(python) = sdk("python_anthropic_sdk", "venv/bin/python") else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+    let mut cmd = pod.app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[clients_dir().join("anthropic_client.py").to_str().unwrap()],
+    );
+    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    let got = run_app(&node, cmd);
+    assert_eq!(got["content"], STREAM_WORDS.concat());
+    assert_eq!(got["stream_text"], STREAM_WORDS.concat());
+    assert_eq!(got["stream_output_tokens"], ANTHROPIC_USAGE.output);
+    let input = ANTHROPIC_USAGE.input + ANTHROPIC_USAGE.cached;
+    assert_recorded(
+        &requests(&node, 2),
+        "anthropic",
+        &pod.uid,
+        input,
+        ANTHROPIC_USAGE.output,
+        "sk-ant-test-python",
+    );
+}
+
+#[test]
+fn node_openai_sdk() {
+    let Some(modules) = sdk("node_openai_sdk", "node/node_modules/openai") else {
+        return;
+    };
+    let mut node = TestNode::new(2);
+    node.start_agent("");
+    // The second pod, to show attribution is per pod.
+    let pod = &node.pods[1];
+    // ESM resolves packages from the script's directory upwards: run a copy
+    // placed next to the installed node_modules.
+    let script = modules
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("openai_client.mjs");
+    std::fs::copy(clients_dir().join("openai_client.mjs"), &script).unwrap();
+    let mut cmd = pod.app(&node.pod_hosts_file(), "node", &[script.to_str().unwrap()]);
+    cmd.env("NODE_EXTRA_CA_CERTS", node.node_ca_cert());
+    let got = run_app(&node, cmd);
+    assert_eq!(got["content"], STREAM_WORDS.concat());
+    assert_eq!(got["stream_text"], STREAM_WORDS.concat());
+    assert_eq!(got["stream_prompt_tokens"], OPENAI_USAGE.input);
+    assert_recorded(
+        &requests(&node, 2),
+        "openai",
+        &pod.uid,
+        OPENAI_USAGE.input,
+        OPENAI_USAGE.output,
+        "sk-test-node-openai",
+    );
+}
