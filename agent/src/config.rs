@@ -61,8 +61,7 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
     pub tls: TlsConfig,
-    /// Where one JSON line per relayed connection goes: a file path, or `-` for stdout.
-    pub connection_log: String,
+    pub audit: AuditConfig,
     /// bpffs directory for pinned programs (fail-closed mode keeps them there so
     /// enforcement survives the agent).
     pub bpffs_dir: PathBuf,
@@ -152,6 +151,29 @@ pub struct DiscoveryConfig {
     /// has its listener, its provider connections follow `failure_mode`.
     #[serde(with = "humantime_serde")]
     pub scan_interval: Duration,
+}
+
+/// The audit log: one JSON line per relayed connection and per proxied request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A file path, or `-` for stdout.
+    pub path: String,
+    /// Rotate the file when it would grow past this many bytes.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`path.1` … `path.N`), oldest deleted.
+    pub max_files: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        // 100 MiB × 5: a day of a busy node's calls, bounded on disk.
+        Self {
+            path: "-".into(),
+            max_file_bytes: 100 * 1024 * 1024,
+            max_files: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -264,7 +286,7 @@ impl Default for Config {
             discovery: DiscoveryConfig::default(),
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
-            connection_log: "-".into(),
+            audit: AuditConfig::default(),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
         }
     }
@@ -372,6 +394,15 @@ impl Config {
         }
         if self.dns.min_ttl > self.dns.max_ttl {
             return err("dns.min_ttl", "must not exceed dns.max_ttl".into());
+        }
+        if self.audit.max_file_bytes < 4096 {
+            return err(
+                "audit.max_file_bytes",
+                "must be at least 4096 (one record must fit)".into(),
+            );
+        }
+        if self.audit.max_files == 0 {
+            return err("audit.max_files", "must be at least 1".into());
         }
         if self.discovery.scan_interval.is_zero() {
             return err(

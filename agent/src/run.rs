@@ -68,7 +68,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("writing settings to the kernel")?;
 
     let metrics = Metrics::new();
-    let events = EventLog::open(&config.connection_log)?;
+    let events = EventLog::open(&config.audit)?;
     let identity = Arc::new(IdentityCache::new(&root.path, &mount));
     let ctx = Arc::new(RelayContext {
         maps: maps.clone(),
@@ -104,7 +104,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let addr = config.metrics.listen.parse().expect("validated at load");
         let m = maps.clone();
         let mt = metrics.clone();
+        let ev = ctx.events.clone();
         let before: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            mt.audit_dropped.set(ev.dropped() as i64);
             for c in Counter::ALL {
                 mt.kernel_events
                     .with_label_values(&[c.label()])

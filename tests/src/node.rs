@@ -263,7 +263,7 @@ impl TestNode {
              providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n  - name: anthropic\n    hosts: [{ANTHROPIC_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
-             connection_log: {}\nbpffs_dir: {}\n{extra}",
+             audit:\n  path: {}\nbpffs_dir: {}\n{extra}",
             self.governed.display(),
             self.node_ca().display(),
             self.dir.join("upstream-ca.crt").display(),

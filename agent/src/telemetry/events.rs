@@ -16,7 +16,7 @@ use std::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::identity::Workload;
+use crate::{config::AuditConfig, identity::Workload};
 
 /// What the agent saw of one connection.
 #[derive(Debug, Clone, Serialize)]
@@ -102,48 +102,106 @@ pub struct EventLog {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cannot open connection log {path}: {source}\nhint: set connection_log to a writable file, or `-` for stdout"
+    "cannot open audit log {path}: {source}\nhint: set audit.path to a writable file, or `-` for stdout"
 )]
 pub struct EventLogError {
     path: PathBuf,
     source: std::io::Error,
 }
 
-impl EventLog {
-    /// `target`: a path, or `-` for stdout.
-    pub fn open(target: &str) -> Result<Self, EventLogError> {
-        let mut out: Box<dyn Write + Send> = if target == "-" {
-            Box::new(std::io::stdout())
-        } else {
-            let path = PathBuf::from(target);
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|source| EventLogError {
-                    path: path.clone(),
-                    source,
-                })?;
+/// Where records are written: stdout, or a file rotated by size.
+struct Sink {
+    out: Box<dyn Write + Send>,
+    file: Option<(PathBuf, u64, u32)>, // path, max bytes, files kept
+    size: u64,
+}
+
+impl Sink {
+    fn open(cfg: &AuditConfig) -> Result<Self, EventLogError> {
+        if cfg.path == "-" {
+            return Ok(Sink {
+                out: Box::new(std::io::stdout()),
+                file: None,
+                size: 0,
+            });
+        }
+        let path = PathBuf::from(&cfg.path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| EventLogError {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        let f = Self::append(&path).map_err(|source| EventLogError {
+            path: path.clone(),
+            source,
+        })?;
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Sink {
+            out: Box::new(f),
+            file: Some((path, cfg.max_file_bytes, cfg.max_files)),
+            size,
+        })
+    }
+
+    fn append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    }
+
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if let Some((path, max, keep)) = &self.file {
+            if self.size > 0 && self.size + line.len() as u64 > *max {
+                self.out.flush()?;
+                // path.N-1 → path.N, …, path → path.1; the oldest falls off.
+                for i in (1..*keep).rev() {
+                    let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));
+                }
+                std::fs::rename(path, rotated(path, 1))?;
+                self.out = Box::new(Self::append(path)?);
+                self.size = 0;
             }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(|source| EventLogError {
-                    path: path.clone(),
-                    source,
-                })?;
-            Box::new(f)
-        };
+        }
+        self.out.write_all(line)?;
+        self.out.flush()?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+}
+
+fn rotated(path: &std::path::Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+impl EventLog {
+    pub fn open(cfg: &AuditConfig) -> Result<Self, EventLogError> {
+        let mut sink = Sink::open(cfg)?;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
+        let lost = dropped.clone();
         std::thread::Builder::new()
-            .name("tollgate-eventlog".into())
+            .name("tollgate-audit".into())
             .spawn(move || {
+                let mut failing = false;
                 while let Some(line) = rx.blocking_recv() {
-                    if let Err(e) = out.write_all(&line).and_then(|_| out.flush()) {
-                        tracing::warn!(error = %e, "writing connection log failed");
+                    match sink.write(&line) {
+                        Ok(()) => failing = false,
+                        Err(e) => {
+                            // Disk full, file removed, …: count, say so once, keep serving.
+                            lost.fetch_add(1, Ordering::Relaxed);
+                            if !failing {
+                                tracing::error!(error = %e, "writing the audit log failed; records are being dropped (tollgate_audit_records_dropped_total)");
+                                failing = true;
+                            }
+                        }
                     }
                 }
             })
-            .expect("spawn event log thread");
+            .expect("spawn audit log thread");
         Ok(Self { tx, dropped })
     }
 
@@ -192,6 +250,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rotates_by_size_keeping_max_files() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("audit.jsonl");
+        let cfg = AuditConfig {
+            path: path.display().to_string(),
+            max_file_bytes: 100,
+            max_files: 2,
+        };
+        let mut sink = Sink::open(&cfg).unwrap();
+        for i in 0..10 {
+            sink.write(format!("{{\"n\":{i:040}}}\n").as_bytes())
+                .unwrap(); // 48-byte lines
+        }
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        // Two lines per file; the current file, .1 and .2 exist, .3 never does.
+        assert_eq!(read(path.clone()).lines().count(), 2);
+        assert_eq!(read(rotated(&path, 1)).lines().count(), 2);
+        assert_eq!(read(rotated(&path, 2)).lines().count(), 2);
+        assert!(!rotated(&path, 3).exists());
+        assert!(
+            read(path).contains(&format!("{:040}", 9)),
+            "newest records in the current file"
+        );
+    }
+
+    #[test]
     fn timestamp_shape() {
         let t = now_rfc3339();
         assert_eq!(t.len(), 24, "{t}");
@@ -205,7 +289,11 @@ mod tests {
     async fn writes_json_lines_to_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("sub/conn.jsonl");
-        let log = EventLog::open(p.to_str().unwrap()).unwrap();
+        let log = EventLog::open(&AuditConfig {
+            path: p.display().to_string(),
+            ..Default::default()
+        })
+        .unwrap();
         log.record(&ConnectionRecord {
             time: now_rfc3339(),
             workload: Workload {

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub provider_addresses: IntGauge,
     pub namespaces: IntGauge,
     pub active_connections: IntGauge,
+    /// Audit records the log writer could not keep up with or could not write.
+    pub audit_dropped: IntGauge,
     /// OpenTelemetry GenAI `gen_ai.client.token.usage`, by token type.
     pub token_usage: HistogramVec,
     /// OpenTelemetry GenAI `gen_ai.client.operation.duration`.
@@ -90,6 +92,11 @@ impl Metrics {
             "Connections being relayed now",
         )
         .expect("valid metric");
+        let audit_dropped = IntGauge::new(
+            "tollgate_audit_records_dropped_total",
+            "Audit records dropped because the writer fell behind or the write failed",
+        )
+        .expect("valid metric");
         let labels = ["workload", "provider", "model"];
         // Buckets as the OpenTelemetry GenAI semantic conventions advise.
         let token_usage = HistogramVec::new(
@@ -148,6 +155,7 @@ impl Metrics {
             Box::new(provider_addresses.clone()),
             Box::new(namespaces.clone()),
             Box::new(active_connections.clone()),
+            Box::new(audit_dropped.clone()),
             Box::new(token_usage.clone()),
             Box::new(operation_duration.clone()),
             Box::new(time_to_first_token.clone()),
@@ -164,6 +172,7 @@ impl Metrics {
             provider_addresses,
             namespaces,
             active_connections,
+            audit_dropped,
             token_usage,
             operation_duration,
             time_to_first_token,
