@@ -189,6 +189,10 @@ pub struct TlsConfig {
     /// How long a client may take to send its TLS ClientHello.
     #[serde(with = "humantime_serde")]
     pub client_hello_timeout: Duration,
+    /// End a response stream when the provider sends nothing for this long.
+    /// Reasoning models can think silently for minutes, hence 5 min.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
     /// Largest request body forwarded (it is read whole to learn the model).
     pub max_request_body: usize,
     /// Longest wait for a provider's response headers. Non-streaming completions
@@ -204,6 +208,7 @@ impl Default for TlsConfig {
             extra_roots: Vec::new(),
             system_roots: true,
             client_hello_timeout: Duration::from_secs(5),
+            stream_idle_timeout: Duration::from_secs(300),
             // 32 MiB: long-context requests with images stay well below it.
             max_request_body: 32 * 1024 * 1024,
             upstream_response_timeout: Duration::from_secs(600),

@@ -201,6 +201,7 @@ fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
         config.tls.client_hello_timeout,
         config.tls.upstream_response_timeout,
         config.tls.max_request_body,
+        config.tls.stream_idle_timeout,
     ))))
 }
 

@@ -27,7 +27,20 @@ pub const ANTHROPIC_USAGE: MockUsage = MockUsage {
 /// The streamed text, one SSE event per word.
 pub const STREAM_WORDS: [&str; 4] = ["Hello", " from", " the", " mock"];
 
+/// Provider misbehaviour the tests ask for through the request's `model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// `mock-cut`: two stream events, then the connection closes abruptly
+    /// (no TLS close_notify, no end of stream).
+    Cut,
+    /// `mock-stall`: two stream events, then silence (bounded at 30 s).
+    Stall,
+}
+
 pub struct MockResponse {
+    pub status: u16,
+    pub fault: Fault,
     pub content_type: &'static str,
     /// Body pieces, written (and flushed) one at a time, like a provider streams.
     pub chunks: Vec<String>,
@@ -37,6 +50,27 @@ pub struct MockResponse {
 pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
     let req: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let stream = req["stream"].as_bool().unwrap_or(false);
+    let model = req["model"].as_str().unwrap_or("");
+    if model == "mock-500" {
+        let body = serde_json::json!({"error": {"message": "The server had an error while processing your request.", "type": "server_error", "param": null, "code": null}});
+        return Some(MockResponse {
+            status: 500,
+            fault: Fault::None,
+            content_type: "application/json",
+            chunks: vec![body.to_string()],
+        });
+    }
+    let fault = match model {
+        "mock-cut" => Fault::Cut,
+        "mock-stall" => Fault::Stall,
+        _ => Fault::None,
+    };
+    if fault != Fault::None {
+        let mut r = openai_stream(false);
+        r.chunks.truncate(3); // role chunk + two words
+        r.fault = fault;
+        return Some(r);
+    }
     if path.starts_with("/v1/chat/completions") {
         let include_usage = req["stream_options"]["include_usage"]
             .as_bool()
@@ -74,6 +108,8 @@ fn openai_json() -> MockResponse {
         "usage": openai_usage(), "service_tier": "default", "system_fingerprint": "fp_mock"
     });
     MockResponse {
+        status: 200,
+        fault: Fault::None,
         content_type: "application/json",
         chunks: vec![body.to_string()],
     }
@@ -108,6 +144,8 @@ fn openai_stream(include_usage: bool) -> MockResponse {
     }
     chunks.push("data: [DONE]\n\n".into());
     MockResponse {
+        status: 200,
+        fault: Fault::None,
         content_type: "text/event-stream; charset=utf-8",
         chunks,
     }
@@ -122,6 +160,8 @@ fn anthropic_json() -> MockResponse {
         "usage": {"input_tokens": u.input, "cache_creation_input_tokens": 0, "cache_read_input_tokens": u.cached, "output_tokens": u.output}
     });
     MockResponse {
+        status: 200,
+        fault: Fault::None,
         content_type: "application/json",
         chunks: vec![body.to_string()],
     }
@@ -157,6 +197,8 @@ fn anthropic_stream() -> MockResponse {
         serde_json::json!({"type": "message_stop"}),
     ));
     MockResponse {
+        status: 200,
+        fault: Fault::None,
         content_type: "text/event-stream; charset=utf-8",
         chunks,
     }

@@ -253,9 +253,10 @@ impl TestNode {
         assert!(ready.is_some(), "dnsmasq did not start");
     }
 
-    /// Agent config for this node; `extra` is appended YAML (top-level keys).
+    /// Agent config for this node; `extra` is YAML merged over it (nested
+    /// keys override one by one, e.g. `tls: {stream_idle_timeout: 1s}`).
     pub fn agent_config(&self, extra: &str) -> String {
-        format!(
+        let base = format!(
             "cgroup_root: {}\nproxy:\n  port: {PROXY_PORT}\n  upstream_connect_timeout: 3s\n\
              heartbeat:\n  interval: 200ms\n  timeout: 2s\n\
              dns:\n  servers: [\"127.0.0.1\"]\n  min_ttl: 1s\n  stale_grace: 0s\n  retry: 1s\n\
@@ -263,13 +264,14 @@ impl TestNode {
              providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n  - name: anthropic\n    hosts: [{ANTHROPIC_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
-             audit:\n  path: {}\nbpffs_dir: {}\n{extra}",
+             audit:\n  path: {}\nbpffs_dir: {}\n",
             self.governed.display(),
             self.node_ca().display(),
             self.dir.join("upstream-ca.crt").display(),
             self.connection_log().display(),
             self.bpffs_dir.display(),
-        )
+        );
+        merge_yaml(&base, extra)
     }
 
     /// The node CA's certificate: what a workload trusts to have its TLS terminated.
@@ -495,6 +497,33 @@ impl Pod {
         c.args(["-sS", "-g", "-m", "5", "--connect-timeout", "3", url]);
         c
     }
+}
+
+/// `extra` YAML deep-merged over `base` YAML (mappings merge, other values replace).
+pub fn merge_yaml(base: &str, extra: &str) -> String {
+    fn merge(a: &mut serde_yaml::Value, b: serde_yaml::Value) {
+        match (a, b) {
+            (serde_yaml::Value::Mapping(a), serde_yaml::Value::Mapping(b)) => {
+                for (k, v) in b {
+                    match a.get_mut(&k) {
+                        Some(slot) => merge(slot, v),
+                        None => {
+                            a.insert(k, v);
+                        }
+                    }
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+    let mut v: serde_yaml::Value = serde_yaml::from_str(base).expect("base config is YAML");
+    if !extra.trim().is_empty() {
+        merge(
+            &mut v,
+            serde_yaml::from_str(extra).expect("extra config is YAML"),
+        );
+    }
+    serde_yaml::to_string(&v).expect("YAML serialises")
 }
 
 /// A veth between `host` (interface `host_if`, addresses `host_addrs`: v4 and

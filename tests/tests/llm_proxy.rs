@@ -174,3 +174,75 @@ fn anthropic_on_a_shared_address_is_attributed_by_server_name() {
         assert_eq!(r["usage"]["estimated"], false);
     }
 }
+
+#[test]
+fn upstream_faults_reach_the_client_and_partial_usage_is_recorded() {
+    if !require_privileged("upstream_faults_reach_the_client_and_partial_usage_is_recorded") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("tls:\n  stream_idle_timeout: 1s\n");
+    let ca = node.node_ca_cert();
+    let pod = &node.pods[0];
+    let path = "/v1/chat/completions";
+    let call = |model: &str| {
+        let body = format!(
+            r#"{{"model":"{model}","stream":true,"messages":[{{"role":"user","content":"Say hello"}}]}}"#
+        );
+        let started = std::time::Instant::now();
+        let out = pod.https_post(&ca, PROVIDER_HOST, path, &body);
+        (out, started.elapsed())
+    };
+
+    // A provider error passes through as the provider sent it.
+    let (out, _) = call("mock-500");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("server_error"), "{body}");
+
+    // Cut mid-stream: the client gets what was sent, then an error; the
+    // usage of what it got is recorded (estimated, no usage event came).
+    let (out, _) = call("mock-cut");
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        got.contains(STREAM_WORDS[1]),
+        "the partial stream reaches the client: {got}"
+    );
+    assert!(!got.contains(STREAM_WORDS[2]));
+
+    // Stalled mid-stream: ended by the idle timeout, not hung for 30 s.
+    let (out, took) = call("mock-stall");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(STREAM_WORDS[1]));
+    assert!(
+        took < Duration::from_secs(8),
+        "a stalled provider must not hold the client: {took:?}"
+    );
+
+    let recs = requests(&node, 3);
+    let by_model = |m: &str| {
+        recs.iter()
+            .find(|r| r["model"] == m)
+            .unwrap_or_else(|| panic!("no record for {m}: {recs:?}"))
+    };
+    let r = by_model("mock-500");
+    assert_eq!(r["status"], 500);
+    assert_eq!(
+        r["result"], "ok",
+        "a provider error is a completed call: {r}"
+    );
+    let partial_chars = (STREAM_WORDS[0].len() + STREAM_WORDS[1].len()) as u64;
+    for (m, result) in [
+        ("mock-cut", "upstream_error"),
+        ("mock-stall", "upstream_idle_timeout"),
+    ] {
+        let r = by_model(m);
+        assert_eq!(r["result"], result, "{r}");
+        assert_eq!(r["usage"]["estimated"], true, "{r}");
+        assert_eq!(
+            r["usage"]["output_tokens"],
+            partial_chars.div_ceil(4),
+            "{r}"
+        );
+    }
+    let m = node.metrics();
+    assert!(m.contains("result=\"upstream_idle_timeout\""), "{m}");
+}

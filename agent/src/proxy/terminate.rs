@@ -5,6 +5,7 @@
 //! and its token usage in the metrics.
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -22,7 +23,7 @@ use hyper_util::{
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::upstream::{ProxyBody, UpstreamPool};
+use super::upstream::{BoxError, ProxyBody, UpstreamPool};
 use crate::{
     identity::Workload,
     providers::{self, Api, ResponseParser},
@@ -48,6 +49,7 @@ pub struct TlsContext {
     pub hello_timeout: Duration,
     pub response_timeout: Duration,
     pub max_request_body: usize,
+    pub stream_idle_timeout: Duration,
 }
 
 impl TlsContext {
@@ -58,6 +60,7 @@ impl TlsContext {
         hello_timeout: Duration,
         response_timeout: Duration,
         max_request_body: usize,
+        stream_idle_timeout: Duration,
     ) -> Self {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -81,6 +84,7 @@ impl TlsContext {
             hello_timeout,
             response_timeout,
             max_request_body,
+            stream_idle_timeout,
         }
     }
 
@@ -309,7 +313,9 @@ async fn forward(
                 .unwrap_or("");
             let parser = ResponseParser::new(meta.api, content_type, input_chars);
             let body = Metered {
-                inner: body.boxed(),
+                inner: body.map_err(BoxError::from).boxed(),
+                idle: Box::pin(tokio::time::sleep(call.tls.stream_idle_timeout)),
+                idle_timeout: call.tls.stream_idle_timeout,
                 bytes: 0,
                 first_byte: None,
                 started,
@@ -432,6 +438,9 @@ struct Finish {
 /// early (the client went away mid-stream: partial usage is still recorded).
 struct Metered {
     inner: ProxyBody,
+    /// Fires when the provider sends nothing for `idle_timeout`; reset by each frame.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
     bytes: u64,
     first_byte: Option<Duration>,
     started: Instant,
@@ -460,15 +469,17 @@ impl Metered {
 
 impl Body for Metered {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + self.idle_timeout;
+                self.idle.as_mut().reset(deadline);
                 if let Some(d) = frame.data_ref() {
                     if self.first_byte.is_none() && !d.is_empty() {
                         self.first_byte = Some(self.started.elapsed());
@@ -491,7 +502,15 @@ impl Body for Metered {
                 self.finish("upstream_error", Some(msg));
             }
             Poll::Ready(None) => self.finish("ok", None),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if self.idle.as_mut().poll(cx).is_ready() {
+                    // A provider that stops mid-stream would hold the workload
+                    // forever: end the stream with an error, keep the usage seen.
+                    let msg = format!("provider sent nothing for {:?}", self.idle_timeout);
+                    self.finish("upstream_idle_timeout", Some(msg.clone()));
+                    return Poll::Ready(Some(Err(msg.into())));
+                }
+            }
         }
         polled
     }

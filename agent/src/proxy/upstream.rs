@@ -32,7 +32,9 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::relay::dial;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Body errors: hyper's own, or the proxy's (an idle provider stream).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamTlsError {

@@ -162,8 +162,8 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         // No content-length: the body ends when the connection closes, and
         // each piece is flushed on its own, as a provider streams.
         let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: {}\r\nconnection: close\r\nx-request-id: req_mock\r\n\r\n",
-            resp.content_type
+            "HTTP/1.1 {} Mock\r\ncontent-type: {}\r\nconnection: close\r\nx-request-id: req_mock\r\n\r\n",
+            resp.status, resp.content_type
         );
         let _ = s.write_all(head.as_bytes()).await;
         for c in resp.chunks {
@@ -171,6 +171,15 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        match resp.fault {
+            // Drop without shutdown: no TLS close_notify, no end of stream.
+            tollgate_tests::mock_llm::Fault::Cut => return,
+            tollgate_tests::mock_llm::Fault::Stall => {
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                return;
+            }
+            tollgate_tests::mock_llm::Fault::None => {}
         }
         let _ = s.shutdown().await;
         return;
