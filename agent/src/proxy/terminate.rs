@@ -316,6 +316,7 @@ async fn forward(
                 inner: body.map_err(BoxError::from).boxed(),
                 idle: Box::pin(tokio::time::sleep(call.tls.stream_idle_timeout)),
                 idle_timeout: call.tls.stream_idle_timeout,
+                deferred_error: None,
                 bytes: 0,
                 first_byte: None,
                 started,
@@ -426,6 +427,11 @@ fn error_response(
         .expect("static response is valid")
 }
 
+/// How long a failed stream's already-received events get to reach the
+/// workload before the failure is reported (see `Metered::fail_after_flush`).
+/// Long against a local flush, short against a human noticing.
+const FLUSH_GRACE: Duration = Duration::from_millis(100);
+
 /// What to do when a response body ends.
 struct Finish {
     call: Arc<Call>,
@@ -441,6 +447,8 @@ struct Metered {
     /// Fires when the provider sends nothing for `idle_timeout`; reset by each frame.
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_timeout: Duration,
+    /// An error to report on the next poll (see `fail_after_flush`).
+    deferred_error: Option<BoxError>,
     bytes: u64,
     first_byte: Option<Duration>,
     started: Instant,
@@ -449,6 +457,24 @@ struct Metered {
 }
 
 impl Metered {
+    /// Report `e` only after a short grace. When a body fails, hyper resets
+    /// the stream (h2) or drops the connection (h1), and frames still queued
+    /// for the workload are discarded; when the provider's last events and
+    /// its failure arrive together, the workload would lose events it is
+    /// owed. The grace lets the connection flush them first.
+    fn fail_after_flush(
+        &mut self,
+        e: BoxError,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.deferred_error = Some(e);
+        let deadline = tokio::time::Instant::now() + FLUSH_GRACE;
+        self.idle.as_mut().reset(deadline);
+        // Register the timer with this task so it wakes us.
+        let _ = self.idle.as_mut().poll(cx);
+        Poll::Pending
+    }
+
     fn finish(&mut self, result: &'static str, error: Option<String>) {
         let Some(Finish { call, mut record }) = self.finish.take() else {
             return;
@@ -475,8 +501,14 @@ impl Body for Metered {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+        if self.deferred_error.is_some() {
+            // Waiting out the flush grace (see fail_after_flush).
+            if self.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            return Poll::Ready(self.deferred_error.take().map(Err));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let deadline = tokio::time::Instant::now() + self.idle_timeout;
                 self.idle.as_mut().reset(deadline);
@@ -496,23 +528,27 @@ impl Body for Metered {
                 if self.inner.is_end_stream() {
                     self.finish("ok", None);
                 }
+                Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                let msg = e.to_string();
-                self.finish("upstream_error", Some(msg));
+                self.finish("upstream_error", Some(e.to_string()));
+                self.fail_after_flush(e, cx)
             }
-            Poll::Ready(None) => self.finish("ok", None),
+            Poll::Ready(None) => {
+                self.finish("ok", None);
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 if self.idle.as_mut().poll(cx).is_ready() {
                     // A provider that stops mid-stream would hold the workload
                     // forever: end the stream with an error, keep the usage seen.
                     let msg = format!("provider sent nothing for {:?}", self.idle_timeout);
                     self.finish("upstream_idle_timeout", Some(msg.clone()));
-                    return Poll::Ready(Some(Err(msg.into())));
+                    return self.fail_after_flush(msg.into(), cx);
                 }
+                Poll::Pending
             }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
