@@ -12,6 +12,7 @@ pub mod config;
 pub mod identity;
 pub mod netns;
 pub mod preflight;
+pub mod pricing;
 pub mod providers;
 pub mod proxy;
 pub mod resolver;

@@ -29,6 +29,7 @@ fn usage(u: &Value) -> Usage {
             .saturating_add(cache_write),
         output_tokens: num(u, &["output_tokens"]),
         cached_input_tokens: cache_read,
+        cache_write_input_tokens: cache_write,
         reasoning_tokens: 0, // not reported separately; thinking is part of output_tokens
         estimated: false,
     }
@@ -63,9 +64,13 @@ pub fn on_event(state: &mut ParseState, e: &SseEvent) {
                     usage.input_tokens = fresh.input_tokens.max(usage.input_tokens);
                     usage.cached_input_tokens =
                         fresh.cached_input_tokens.max(usage.cached_input_tokens);
+                    usage.cache_write_input_tokens = fresh
+                        .cache_write_input_tokens
+                        .max(usage.cache_write_input_tokens);
                 }
             }
         }
+        Some("message_stop") => state.complete = true,
         Some("content_block_delta") => {
             let d = v.get("delta");
             let text = d
@@ -106,6 +111,7 @@ mod tests {
                 input_tokens: 12 + 100 + 2048,
                 output_tokens: 6,
                 cached_input_tokens: 2048,
+                cache_write_input_tokens: 100,
                 ..Default::default()
             }
         );
@@ -117,6 +123,7 @@ mod tests {
             "text/event-stream",
             include_str!("fixtures/anthropic_messages_stream.sse"),
         );
+        assert!(r.complete, "message_stop ends the call");
         assert_eq!(
             r.usage,
             Usage {

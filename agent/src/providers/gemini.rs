@@ -32,7 +32,7 @@ fn usage(u: &Value) -> Usage {
         output_tokens: num(u, &["candidatesTokenCount"]).saturating_add(thoughts),
         cached_input_tokens: num(u, &["cachedContentTokenCount"]),
         reasoning_tokens: thoughts,
-        estimated: false,
+        ..Default::default()
     }
 }
 
@@ -46,6 +46,10 @@ fn on_chunk(state: &mut ParseState, v: &Value) {
         .into_iter()
         .flatten()
     {
+        // The last chunk of a response carries the finish reason.
+        if c.get("finishReason").is_some_and(|r| !r.is_null()) {
+            state.complete = true;
+        }
         for p in c
             .pointer("/content/parts")
             .and_then(Value::as_array)
@@ -105,7 +109,7 @@ mod tests {
                 output_tokens: 7 + 25,
                 cached_input_tokens: 4,
                 reasoning_tokens: 25,
-                estimated: false
+                ..Default::default()
             }
         );
     }

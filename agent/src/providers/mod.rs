@@ -57,10 +57,18 @@ pub struct Usage {
     /// Input tokens served from the provider's prompt cache (part of input_tokens
     /// for OpenAI and Gemini; reported separately by Anthropic, added here).
     pub cached_input_tokens: u64,
+    /// Input tokens written to the prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`, priced apart), part of input_tokens.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_write_input_tokens: u64,
     /// Reasoning ("thinking") tokens, part of output_tokens.
     pub reasoning_tokens: u64,
     /// True when the provider sent no usage and these are estimated from the text seen.
     pub estimated: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Largest JSON response body kept for parsing usage (embeddings of a large
@@ -99,6 +107,10 @@ pub struct ParseState {
     pub text_chars: u64,
     /// Characters of input text (from the request, for estimates).
     pub input_chars: u64,
+    /// The response's own end marker was seen (`[DONE]`, `message_stop`,
+    /// a final candidate, a complete JSON body): the call completed even if
+    /// the client closes before the transport's end of body.
+    pub complete: bool,
 }
 
 /// The outcome of parsing one response.
@@ -107,6 +119,9 @@ pub struct ResponseInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_model: Option<String>,
     pub usage: Usage,
+    /// See `ParseState::complete`.
+    #[serde(skip)]
+    pub complete: bool,
 }
 
 impl ResponseParser {
@@ -151,6 +166,7 @@ impl ResponseParser {
     pub fn finish(mut self) -> ResponseInfo {
         if self.sse.is_none() && !self.json_overflow {
             if let Ok(v) = serde_json::from_slice::<Value>(&self.json) {
+                self.state.complete = true;
                 match self.api {
                     Api::Openai => openai::on_json(&mut self.state, &v),
                     Api::Anthropic => anthropic::on_json(&mut self.state, &v),
@@ -167,6 +183,7 @@ impl ResponseParser {
         ResponseInfo {
             response_model: self.state.response_model,
             usage,
+            complete: self.state.complete,
         }
     }
 }

@@ -42,7 +42,7 @@ fn usage(u: &Value) -> Usage {
             output_tokens: num(u, &["output_tokens"]),
             cached_input_tokens: num(u, &["input_tokens_details", "cached_tokens"]),
             reasoning_tokens: num(u, &["output_tokens_details", "reasoning_tokens"]),
-            estimated: false,
+            ..Default::default()
         }
     } else {
         Usage {
@@ -50,7 +50,7 @@ fn usage(u: &Value) -> Usage {
             output_tokens: num(u, &["completion_tokens"]),
             cached_input_tokens: num(u, &["prompt_tokens_details", "cached_tokens"]),
             reasoning_tokens: num(u, &["completion_tokens_details", "reasoning_tokens"]),
-            estimated: false,
+            ..Default::default()
         }
     }
 }
@@ -66,6 +66,7 @@ pub fn on_json(state: &mut ParseState, v: &Value) {
 
 pub fn on_event(state: &mut ParseState, e: &SseEvent) {
     if e.data == "[DONE]" {
+        state.complete = true;
         return;
     }
     let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
@@ -80,6 +81,7 @@ pub fn on_event(state: &mut ParseState, e: &SseEvent) {
                 .map_or(0, |d| d.chars().count() as u64);
         }
         Some("response.completed") | Some("response.incomplete") | Some("response.failed") => {
+            state.complete = true;
             if let Some(r) = v.get("response") {
                 on_json(state, r);
             }
@@ -138,7 +140,7 @@ mod tests {
                 output_tokens: 46,
                 cached_input_tokens: 1024,
                 reasoning_tokens: 12,
-                estimated: false
+                ..Default::default()
             }
         );
     }
@@ -150,6 +152,7 @@ mod tests {
             include_str!("fixtures/openai_chat_stream.sse"),
         );
         assert_eq!(r.response_model.as_deref(), Some("gpt-4o-mini-2024-07-18"));
+        assert!(r.complete, "[DONE] ends the call");
         assert_eq!(
             r.usage,
             Usage {
@@ -167,6 +170,7 @@ mod tests {
             include_str!("fixtures/openai_responses_stream.sse"),
         );
         assert_eq!(r.response_model.as_deref(), Some("o4-mini-2025-04-16"));
+        assert!(r.complete, "response.completed ends the call");
         assert_eq!(
             r.usage,
             Usage {
@@ -198,6 +202,7 @@ mod tests {
         let full = include_str!("fixtures/openai_chat_stream.sse");
         let cut = &full[..full.find("\"finish_reason\":\"stop\"").unwrap()];
         let r = parse("text/event-stream", cut);
+        assert!(!r.complete);
         assert!(r.usage.estimated);
         assert_eq!(
             r.usage.output_tokens, 3,

@@ -1,0 +1,278 @@
+//! What a call cost: a price table (USD per million tokens, per model) and
+//! the arithmetic from a call's usage to dollars.
+//!
+//! The shipped table (`default.yaml`, embedded) covers the common models of
+//! the built-in providers; `pricing.models` in the config adds or overrides
+//! entries. A model is priced by the *most specific* matching entry (the most
+//! literal characters in its glob), so `gpt-4o-mini*` wins over `gpt-4o*`
+//! whatever the order; on a tie, a config entry wins over a shipped one.
+use globset::{Glob, GlobMatcher};
+use serde::{Deserialize, Serialize};
+
+use crate::providers::Usage;
+
+/// One price-table entry, as written in YAML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceEntry {
+    /// Glob on the model name (`gpt-4o-mini*`, `my-finetune`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Only for calls to this provider (a `providers[].name`); any when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// USD per million input tokens not served from or written to a cache.
+    pub input: f64,
+    /// USD per million input tokens read from the prompt cache (default: `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<f64>,
+    /// USD per million input tokens written to the prompt cache (default: `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_input: Option<f64>,
+    /// USD per million output tokens (reasoning tokens included).
+    pub output: f64,
+}
+
+/// The `pricing` section of the agent config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// Include Tollgate's shipped table (README: "Prices").
+    pub defaults: bool,
+    /// Entries added to (and winning ties over) the shipped table.
+    pub models: Vec<PriceEntry>,
+}
+
+impl Default for PricingConfig {
+    fn default() -> Self {
+        Self {
+            defaults: true,
+            models: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PricingError {
+    #[error("`{pattern}` is not a valid glob: {reason}")]
+    BadPattern { pattern: String, reason: String },
+    #[error("`{field}` of `{pattern}` must be a finite price >= 0 (USD per million tokens)")]
+    BadPrice {
+        pattern: String,
+        field: &'static str,
+    },
+}
+
+struct Entry {
+    matcher: GlobMatcher,
+    provider: Option<String>,
+    /// Literal (non-wildcard) characters: higher is more specific.
+    specificity: usize,
+    /// Config entries rank above shipped ones on equal specificity.
+    from_config: bool,
+    price: PriceEntry,
+}
+
+/// A compiled price table.
+pub struct PriceTable {
+    entries: Vec<Entry>,
+}
+
+/// The shipped table's source.
+pub const DEFAULT_TABLE: &str = include_str!("default.yaml");
+
+impl PriceTable {
+    pub fn new(cfg: &PricingConfig) -> Result<Self, (usize, PricingError)> {
+        let mut entries = Vec::new();
+        for (i, e) in cfg.models.iter().enumerate() {
+            entries.push(compile(e, true).map_err(|err| (i, err))?);
+        }
+        if cfg.defaults {
+            for e in shipped() {
+                entries.push(compile(&e, false).expect("the shipped price table is valid"));
+            }
+        }
+        Ok(Self { entries })
+    }
+
+    /// Price of a call to `provider` answered by `model`, or None when no
+    /// entry matches (the audit record then has no `cost_usd`).
+    pub fn price(&self, provider: &str, model: &str) -> Option<&PriceEntry> {
+        self.entries
+            .iter()
+            .filter(|e| e.provider.as_deref().is_none_or(|p| p == provider))
+            .filter(|e| e.matcher.is_match(model))
+            .max_by_key(|e| (e.specificity, e.from_config))
+            .map(|e| &e.price)
+    }
+
+    /// USD cost of `usage` for a call to `provider` answered by `model`.
+    pub fn cost(&self, provider: &str, model: &str, usage: &Usage) -> Option<f64> {
+        self.price(provider, model).map(|p| cost(p, usage))
+    }
+}
+
+/// USD cost of `usage` at price `p`.
+pub fn cost(p: &PriceEntry, u: &Usage) -> f64 {
+    let cached = u.cached_input_tokens;
+    let written = u.cache_write_input_tokens;
+    let fresh = u
+        .input_tokens
+        .saturating_sub(cached)
+        .saturating_sub(written);
+    let per_token = |n: u64, usd_per_m: f64| n as f64 * usd_per_m / 1e6;
+    per_token(fresh, p.input)
+        + per_token(cached, p.cached_input.unwrap_or(p.input))
+        + per_token(written, p.cache_write_input.unwrap_or(p.input))
+        + per_token(u.output_tokens, p.output)
+}
+
+fn shipped() -> Vec<PriceEntry> {
+    serde_yaml::from_str(DEFAULT_TABLE).expect("the shipped price table parses")
+}
+
+fn compile(e: &PriceEntry, from_config: bool) -> Result<Entry, PricingError> {
+    let matcher = Glob::new(&e.pattern)
+        .map_err(|err| PricingError::BadPattern {
+            pattern: e.pattern.clone(),
+            reason: err.kind().to_string(),
+        })?
+        .compile_matcher();
+    for (field, v) in [
+        ("input", Some(e.input)),
+        ("cached_input", e.cached_input),
+        ("cache_write_input", e.cache_write_input),
+        ("output", Some(e.output)),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            return Err(PricingError::BadPrice {
+                pattern: e.pattern.clone(),
+                field,
+            });
+        }
+    }
+    Ok(Entry {
+        matcher,
+        provider: e.provider.clone(),
+        specificity: e
+            .pattern
+            .chars()
+            .filter(|c| !matches!(c, '*' | '?' | '[' | ']' | '{' | '}'))
+            .count(),
+        from_config,
+        price: e.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(models: &str) -> PriceTable {
+        PriceTable::new(&PricingConfig {
+            defaults: true,
+            models: serde_yaml::from_str(models).unwrap(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn shipped_table_parses_and_prices_dated_snapshots() {
+        let t = table("[]");
+        let p = t.price("openai", "gpt-4o-mini-2024-07-18").unwrap();
+        assert_eq!(p.pattern, "gpt-4o-mini*"); // not gpt-4o*
+        assert_eq!(
+            t.price("openai", "gpt-4o-2024-08-06").unwrap().pattern,
+            "gpt-4o*"
+        );
+        assert_eq!(
+            t.price("anthropic", "claude-sonnet-4-5-20250929")
+                .unwrap()
+                .pattern,
+            "claude-sonnet-4*"
+        );
+        assert_eq!(
+            t.price("gemini", "gemini-2.5-flash-lite").unwrap().pattern,
+            "gemini-2.5-flash-lite*"
+        );
+        assert!(t.price("openai", "totally-unknown").is_none());
+    }
+
+    #[test]
+    fn cost_splits_fresh_cached_and_written_input() {
+        let p = PriceEntry {
+            pattern: "m".into(),
+            provider: None,
+            input: 3.0,
+            cached_input: Some(0.3),
+            cache_write_input: Some(3.75),
+            output: 15.0,
+        };
+        let u = Usage {
+            input_tokens: 1_000_000 + 2_000_000 + 4_000_000,
+            cached_input_tokens: 2_000_000,
+            cache_write_input_tokens: 4_000_000,
+            output_tokens: 500_000,
+            ..Default::default()
+        };
+        // 1M fresh × 3 + 2M cached × 0.3 + 4M written × 3.75 + 0.5M out × 15
+        let c = cost(&p, &u);
+        assert!((c - (3.0 + 0.6 + 15.0 + 7.5)).abs() < 1e-9, "{c}");
+        // Absent cache prices fall back to the input price.
+        let plain = PriceEntry {
+            cached_input: None,
+            cache_write_input: None,
+            ..p
+        };
+        assert!((cost(&plain, &u) - (21.0 + 7.5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn config_entries_win_ties_and_can_be_provider_scoped() {
+        let t = table(
+            r#"
+- {match: "gpt-4o*", input: 1.0, output: 2.0}
+- {match: "*", provider: azure, input: 9.0, output: 9.0}
+"#,
+        );
+        assert_eq!(t.price("openai", "gpt-4o").unwrap().input, 1.0);
+        // More specific shipped entry still wins over a broader config one.
+        assert_eq!(t.price("openai", "gpt-4o-mini").unwrap().input, 0.15);
+        // Provider-scoped catch-all: only for that provider.
+        assert_eq!(t.price("azure", "my-deployment").unwrap().input, 9.0);
+        assert!(t.price("openai", "my-deployment").is_none());
+    }
+
+    #[test]
+    fn bad_entries_are_rejected_with_their_index() {
+        let bad = |y: &str| {
+            PriceTable::new(&PricingConfig {
+                defaults: false,
+                models: serde_yaml::from_str(y).unwrap(),
+            })
+            .err()
+            .unwrap()
+        };
+        let (i, e) = bad("[{match: ok, input: 1, output: 1}, {match: 'a[', input: 1, output: 1}]");
+        assert_eq!(i, 1);
+        assert!(matches!(e, PricingError::BadPattern { .. }));
+        let (_, e) = bad("[{match: m, input: -1, output: 1}]");
+        assert_eq!(
+            e,
+            PricingError::BadPrice {
+                pattern: "m".into(),
+                field: "input"
+            }
+        );
+    }
+
+    #[test]
+    fn no_defaults_means_only_config_entries() {
+        let t = PriceTable::new(&PricingConfig {
+            defaults: false,
+            models: Vec::new(),
+        })
+        .unwrap();
+        assert!(t.price("openai", "gpt-4o").is_none());
+    }
+}
