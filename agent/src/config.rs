@@ -62,6 +62,11 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub tls: TlsConfig,
     pub audit: AuditConfig,
+    /// Prices for the `cost_usd` of audit records and the cost metric.
+    pub pricing: crate::pricing::PricingConfig,
+    /// Name of this node in audit records. Empty: `$NODE_NAME` (the
+    /// DaemonSet sets it from `spec.nodeName`), else the host name.
+    pub node_name: String,
     /// bpffs directory for pinned programs (fail-closed mode keeps them there so
     /// enforcement survives the agent).
     pub bpffs_dir: PathBuf,
@@ -163,6 +168,30 @@ pub struct AuditConfig {
     pub max_file_bytes: u64,
     /// Rotated files kept (`path.1` … `path.N`), oldest deleted.
     pub max_files: u32,
+    /// Request headers and bodies in request records (off by default: prompts
+    /// are often personal data). Credentials are always redacted.
+    pub capture: CaptureConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Add `request_headers` (credentials and cookies redacted).
+    pub headers: bool,
+    /// Add `request_body` and `response_body`, secrets redacted, truncated.
+    pub bodies: bool,
+    /// Longest captured body, in bytes (the record says how much was cut).
+    pub max_body_bytes: usize,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            headers: false,
+            bodies: false,
+            max_body_bytes: 4096,
+        }
+    }
 }
 
 impl Default for AuditConfig {
@@ -172,6 +201,7 @@ impl Default for AuditConfig {
             path: "-".into(),
             max_file_bytes: 100 * 1024 * 1024,
             max_files: 5,
+            capture: CaptureConfig::default(),
         }
     }
 }
@@ -292,6 +322,8 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
             audit: AuditConfig::default(),
+            pricing: crate::pricing::PricingConfig::default(),
+            node_name: String::new(),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
         }
     }
@@ -320,6 +352,22 @@ pub fn default_providers() -> Vec<ProviderConfig> {
 }
 
 impl Config {
+    /// This node's name for audit records (see `node_name`).
+    pub fn node_name(&self) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        std::env::var("NODE_NAME")
+            .ok()
+            .filter(|n| !n.is_empty())
+            .or_else(|| {
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+            })
+            .unwrap_or_else(|| "unknown".into())
+    }
+
     /// Load and validate a YAML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -408,6 +456,9 @@ impl Config {
         }
         if self.audit.max_files == 0 {
             return err("audit.max_files", "must be at least 1".into());
+        }
+        if let Err((i, e)) = crate::pricing::PriceTable::new(&self.pricing) {
+            return err(&format!("pricing.models[{i}]"), e.to_string());
         }
         if self.discovery.scan_interval.is_zero() {
             return err(

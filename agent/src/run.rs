@@ -68,7 +68,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("writing settings to the kernel")?;
 
     let metrics = Metrics::new();
-    let events = EventLog::open(&config.audit)?;
+    let events = EventLog::open(&config.audit, &config.node_name())?;
     let identity = Arc::new(IdentityCache::new(&root.path, &mount));
     let ctx = Arc::new(RelayContext {
         maps: maps.clone(),
@@ -194,14 +194,15 @@ fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
         config.proxy.upstream_connect_timeout,
     );
     tracing::info!(ca = %config.tls.ca_dir, "TLS termination enabled for provider hosts");
+    let prices = crate::pricing::PriceTable::new(&config.pricing)
+        .map_err(|(i, e)| anyhow::anyhow!("pricing.models[{i}]: {e}"))?;
     Ok(Some(Arc::new(TlsContext::new(
         leaves,
         pool,
         governed,
-        config.tls.client_hello_timeout,
-        config.tls.upstream_response_timeout,
-        config.tls.max_request_body,
-        config.tls.stream_idle_timeout,
+        config.tls.clone(),
+        config.audit.capture.clone(),
+        prices,
     ))))
 }
 

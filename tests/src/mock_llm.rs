@@ -1,6 +1,6 @@
 //! The mock provider's LLM answers, in the providers' real wire formats
 //! (OpenAI chat completions JSON and SSE with `include_usage`, Anthropic
-//! messages JSON and SSE). The usage numbers are constants here so the tests
+//! messages JSON and SSE, Gemini generateContent JSON and SSE). The usage numbers are constants here so the tests
 //! assert that what Tollgate recorded equals what the provider reported.
 
 /// Usage the mock reports, in the provider's own terms.
@@ -24,6 +24,15 @@ pub const ANTHROPIC_USAGE: MockUsage = MockUsage {
     output: 9,
     cached: 4,
 };
+pub const GEMINI_MODEL: &str = "gemini-2.5-flash";
+/// promptTokenCount 19 (3 cached), candidatesTokenCount 11 + thoughtsTokenCount 6
+/// (Tollgate records 17 output, 6 of them reasoning).
+pub const GEMINI_USAGE: MockUsage = MockUsage {
+    input: 19,
+    output: 11,
+    cached: 3,
+};
+pub const GEMINI_THOUGHTS: u64 = 6;
 /// The streamed text, one SSE event per word.
 pub const STREAM_WORDS: [&str; 4] = ["Hello", " from", " the", " mock"];
 
@@ -38,12 +47,18 @@ pub enum Fault {
     Stall,
 }
 
+/// Pause between streamed pieces; `mock-slow` streams at SLOW_CHUNK_DELAY.
+pub const CHUNK_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
+pub const SLOW_CHUNK_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
+
 pub struct MockResponse {
     pub status: u16,
     pub fault: Fault,
     pub content_type: &'static str,
     /// Body pieces, written (and flushed) one at a time, like a provider streams.
     pub chunks: Vec<String>,
+    /// Pause after each piece.
+    pub chunk_delay: std::time::Duration,
 }
 
 /// The answer to `path` with request `body`, or None when it is not an LLM call.
@@ -58,7 +73,14 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
             fault: Fault::None,
             content_type: "application/json",
             chunks: vec![body.to_string()],
+            chunk_delay: CHUNK_DELAY,
         });
+    }
+    if model == "mock-slow" {
+        // A full OpenAI stream with usage, one piece every SLOW_CHUNK_DELAY.
+        let mut r = openai_stream(true);
+        r.chunk_delay = SLOW_CHUNK_DELAY;
+        return Some(r);
     }
     let fault = match model {
         "mock-cut" => Fault::Cut,
@@ -88,7 +110,59 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
             anthropic_json()
         });
     }
+    if path.starts_with("/v1beta/models/") {
+        let path = path.split('?').next().unwrap_or_default();
+        if path.ends_with(":streamGenerateContent") {
+            return Some(gemini_stream());
+        }
+        if path.ends_with(":generateContent") {
+            return Some(gemini_json());
+        }
+    }
     None
+}
+
+fn gemini_chunk(text: &str, last: bool) -> serde_json::Value {
+    let u = &GEMINI_USAGE;
+    let mut c = serde_json::json!({
+        "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}],
+        "modelVersion": GEMINI_MODEL, "responseId": "mock-gemini-1"
+    });
+    if last {
+        c["candidates"][0]["finishReason"] = "STOP".into();
+        c["usageMetadata"] = serde_json::json!({
+            "promptTokenCount": u.input, "candidatesTokenCount": u.output,
+            "cachedContentTokenCount": u.cached, "thoughtsTokenCount": GEMINI_THOUGHTS,
+            "totalTokenCount": u.input + u.output + GEMINI_THOUGHTS
+        });
+    }
+    c
+}
+
+fn gemini_json() -> MockResponse {
+    MockResponse {
+        status: 200,
+        fault: Fault::None,
+        content_type: "application/json; charset=UTF-8",
+        chunks: vec![gemini_chunk(&STREAM_WORDS.concat(), true).to_string()],
+        chunk_delay: CHUNK_DELAY,
+    }
+}
+
+/// `streamGenerateContent?alt=sse`: each event a whole response; usage in the last.
+fn gemini_stream() -> MockResponse {
+    let n = STREAM_WORDS.len();
+    MockResponse {
+        status: 200,
+        fault: Fault::None,
+        content_type: "text/event-stream",
+        chunks: STREAM_WORDS
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!("data: {}\r\n\r\n", gemini_chunk(w, i + 1 == n)))
+            .collect(),
+        chunk_delay: CHUNK_DELAY,
+    }
 }
 
 fn openai_usage() -> serde_json::Value {
@@ -112,6 +186,7 @@ fn openai_json() -> MockResponse {
         fault: Fault::None,
         content_type: "application/json",
         chunks: vec![body.to_string()],
+        chunk_delay: CHUNK_DELAY,
     }
 }
 
@@ -148,6 +223,7 @@ fn openai_stream(include_usage: bool) -> MockResponse {
         fault: Fault::None,
         content_type: "text/event-stream; charset=utf-8",
         chunks,
+        chunk_delay: CHUNK_DELAY,
     }
 }
 
@@ -164,6 +240,7 @@ fn anthropic_json() -> MockResponse {
         fault: Fault::None,
         content_type: "application/json",
         chunks: vec![body.to_string()],
+        chunk_delay: CHUNK_DELAY,
     }
 }
 
@@ -201,5 +278,6 @@ fn anthropic_stream() -> MockResponse {
         fault: Fault::None,
         content_type: "text/event-stream; charset=utf-8",
         chunks,
+        chunk_delay: CHUNK_DELAY,
     }
 }

@@ -32,6 +32,8 @@ pub const PROXY_PORT: u16 = 15089;
 pub const PROVIDER_HOST: &str = "api.openai.com";
 /// A second provider on the same addresses (providers behind one CDN do this).
 pub const ANTHROPIC_HOST: &str = "api.anthropic.com";
+/// A third, with Gemini's API.
+pub const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -213,7 +215,7 @@ impl TestNode {
         let hosts = self.dir.join("hosts");
         let body: String = addrs
             .iter()
-            .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST}\n"))
+            .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n"))
             .collect();
         fs::write(&hosts, body).unwrap();
         if let Some(mut old) = self.dns.take() {
@@ -262,6 +264,7 @@ impl TestNode {
              dns:\n  servers: [\"127.0.0.1\"]\n  min_ttl: 1s\n  stale_grace: 0s\n  retry: 1s\n\
              discovery:\n  scan_interval: 200ms\n\
              providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n  - name: anthropic\n    hosts: [{ANTHROPIC_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
+             \x20 - name: gemini\n    hosts: [{GEMINI_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
              audit:\n  path: {}\nbpffs_dir: {}\n",
@@ -288,7 +291,7 @@ impl TestNode {
         let p = self.dir.join("pod-hosts");
         fs::write(
             &p,
-            format!("127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST}\n"),
+            format!("127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n"),
         )
         .unwrap();
         p
@@ -458,9 +461,21 @@ impl Pod {
         path: &str,
         json: &str,
     ) -> std::process::Output {
-        self.netns
-            .command_in_cgroup("curl", Some(&self.cgroup))
-            .args(["-sS", "-N", "-m", "10", "--cacert"])
+        self.https_post_command(ca, host, path, json)
+            .output()
+            .expect("run curl")
+    }
+
+    /// The curl command of `https_post`, to run with other stdio.
+    pub fn https_post_command(
+        &self,
+        ca: &std::path::Path,
+        host: &str,
+        path: &str,
+        json: &str,
+    ) -> Command {
+        let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
+        c.args(["-sS", "-N", "-m", "10", "--cacert"])
             .arg(ca)
             .args(["--resolve", &format!("{host}:{TLS_PORT}:{UPSTREAM_V4}")])
             .args([
@@ -470,9 +485,8 @@ impl Pod {
                 "authorization: Bearer sk-test-secret",
             ])
             .args(["--data-binary", json])
-            .arg(format!("https://{host}:{TLS_PORT}{path}"))
-            .output()
-            .expect("run curl")
+            .arg(format!("https://{host}:{TLS_PORT}{path}"));
+        c
     }
 
     /// Run `program args…` as an application of this pod: in its network
@@ -567,10 +581,14 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec![PROVIDER_HOST.to_string(), ANTHROPIC_HOST.to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
+    let leaf = CertificateParams::new(vec![
+        PROVIDER_HOST.to_string(),
+        ANTHROPIC_HOST.to_string(),
+        GEMINI_HOST.to_string(),
+    ])
+    .unwrap()
+    .signed_by(&leaf_key, &issuer)
+    .unwrap();
     fs::write(dir.join("upstream-ca.crt"), ca_cert.pem()).unwrap();
     let (cert, key) = (dir.join("upstream.crt"), dir.join("upstream.key"));
     fs::write(&cert, leaf.pem()).unwrap();

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use tollgate_tests::{
     TestNode,
-    mock_llm::{ANTHROPIC_MODEL, ANTHROPIC_USAGE, OPENAI_MODEL, OPENAI_USAGE, STREAM_WORDS},
-    node::{ANTHROPIC_HOST, PROVIDER_HOST},
+    mock_llm::{
+        ANTHROPIC_MODEL, ANTHROPIC_USAGE, GEMINI_MODEL, GEMINI_THOUGHTS, GEMINI_USAGE,
+        OPENAI_MODEL, OPENAI_USAGE, SLOW_CHUNK_DELAY, STREAM_WORDS,
+    },
+    node::{ANTHROPIC_HOST, GEMINI_HOST, PROVIDER_HOST},
     process::wait_until,
     require_privileged,
 };
@@ -37,6 +40,19 @@ fn requests(node: &TestNode, n: usize) -> Vec<serde_json::Value> {
             node.agent_log()
         )
     })
+}
+
+/// The value of the metric line starting with `series` (name and labels), if any.
+fn metric(m: &str, series: &str) -> Option<f64> {
+    m.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+fn assert_close(got: &serde_json::Value, want: f64, what: &str) {
+    let g = got
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: not a number: {got}"));
+    assert!((g - want).abs() < 1e-9, "{what}: {g} != {want}");
 }
 
 fn ok_stdout(out: &std::process::Output) -> String {
@@ -102,7 +118,23 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
             !r.to_string().contains("sk-test-secret"),
             "credentials never reach the audit log"
         );
+        assert!(!r["node"].as_str().unwrap_or_default().is_empty(), "{r}");
+        assert_eq!(r["id"].as_str().map(str::len), Some(36), "UUID: {r}");
+        assert_eq!(r["decision"], "allow");
+        assert_eq!(r["reason"], "no_policy");
+        assert_eq!(r["provider_request_id"], "req_mock");
+        // gpt-4o-mini in the shipped table: input 0.15, cached 0.075, output 0.60 $/M.
+        let u = &OPENAI_USAGE;
+        let cost =
+            ((u.input - u.cached) as f64 * 0.15 + u.cached as f64 * 0.075 + u.output as f64 * 0.60)
+                / 1e6;
+        assert_close(&r["cost_usd"], cost, "cost_usd");
+        assert!(
+            r.get("request_body").is_none(),
+            "bodies only when configured: {r}"
+        );
     }
+    assert_ne!(recs[0]["id"], recs[1]["id"]);
     assert!(recs[1]["ttft_ms"].as_u64().is_some());
 
     let m = node.metrics();
@@ -119,6 +151,28 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
         "{m}"
     );
     assert!(!m.contains("sk-test-secret"));
+    let u = &OPENAI_USAGE;
+    let cost =
+        ((u.input - u.cached) as f64 * 0.15 + u.cached as f64 * 0.075 + u.output as f64 * 0.60)
+            / 1e6;
+    let spent = metric(
+        &m,
+        &format!(
+            "tollgate_cost_usd_total{{model=\"{OPENAI_MODEL}\",provider=\"openai\",workload=\"{}\"}}",
+            pod.uid
+        ),
+    )
+    .unwrap_or_else(|| panic!("no cost metric: {m}"));
+    assert!((spent - 2.0 * cost).abs() < 1e-9, "{spent}");
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_decisions_total{decision=\"allow\",provider=\"openai\",reason=\"no_policy\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "tollgate_active_streams"), Some(0.0), "{m}");
 }
 
 #[test]
@@ -181,7 +235,7 @@ fn upstream_faults_reach_the_client_and_partial_usage_is_recorded() {
         return;
     }
     let mut node = TestNode::new(1);
-    node.start_agent("tls:\n  stream_idle_timeout: 1s\n");
+    node.start_agent("tls:\n  stream_idle_timeout: 1s\n  max_request_body: 2048\n");
     let ca = node.node_ca_cert();
     let pod = &node.pods[0];
     let path = "/v1/chat/completions";
@@ -217,7 +271,23 @@ fn upstream_faults_reach_the_client_and_partial_usage_is_recorded() {
         "a stalled provider must not hold the client: {took:?}"
     );
 
-    let recs = requests(&node, 3);
+    // Over tls.max_request_body: refused by the proxy, provider-shaped.
+    let big = format!(
+        r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(4096)
+    );
+    let out = pod.https_post(&ca, PROVIDER_HOST, path, &big);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("max_request_body"), "{body}");
+
+    let recs = requests(&node, 4);
+    let too_big = recs
+        .iter()
+        .find(|r| r["result"] == "request_too_large")
+        .unwrap_or_else(|| panic!("no request_too_large record: {recs:?}"));
+    assert_eq!(too_big["status"], 413);
+    assert_eq!(too_big["decision"], "deny");
+    assert_eq!(too_big["reason"], "request_too_large");
     let by_model = |m: &str| {
         recs.iter()
             .find(|r| r["model"] == m)
@@ -245,4 +315,144 @@ fn upstream_faults_reach_the_client_and_partial_usage_is_recorded() {
     }
     let m = node.metrics();
     assert!(m.contains("result=\"upstream_idle_timeout\""), "{m}");
+    for (kind, n) in [
+        ("status_5xx", 1.0),
+        ("upstream_error", 1.0),
+        ("upstream_idle_timeout", 1.0),
+    ] {
+        let series =
+            format!("tollgate_upstream_errors_total{{kind=\"{kind}\",provider=\"openai\"}}");
+        assert_eq!(metric(&m, &series), Some(n), "{series}: {m}");
+    }
+    assert_eq!(
+        metric(
+            &m,
+            "tollgate_decisions_total{decision=\"deny\",provider=\"openai\",reason=\"request_too_large\"}"
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[test]
+fn gemini_usage_is_recorded_and_query_keys_and_bodies_redacted() {
+    if !require_privileged("gemini_usage_is_recorded_and_query_keys_and_bodies_redacted") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("audit:\n  capture: {headers: true, bodies: true, max_body_bytes: 64}\n");
+    let ca = node.node_ca_cert();
+    let pod = &node.pods[0];
+    let body = r#"{"contents":[{"role":"user","parts":[{"text":"Say hello, and then a long sentence to be truncated"}]}]}"#;
+    let base = format!("/v1beta/models/{GEMINI_MODEL}");
+    let json = ok_stdout(&pod.https_post(
+        &ca,
+        GEMINI_HOST,
+        &format!("{base}:generateContent?key=AIza-test-secret"),
+        body,
+    ));
+    assert!(json.contains("usageMetadata"), "{json}");
+    let sse = ok_stdout(&pod.https_post(
+        &ca,
+        GEMINI_HOST,
+        &format!("{base}:streamGenerateContent?alt=sse&key=AIza-test-secret"),
+        body,
+    ));
+    assert_eq!(sse.matches("data: ").count(), STREAM_WORDS.len(), "{sse}");
+
+    let recs = requests(&node, 2);
+    let u = &GEMINI_USAGE;
+    for (r, stream) in recs.iter().zip([false, true]) {
+        assert_eq!(r["provider"], "gemini", "{r}");
+        assert_eq!(r["operation"], "generate_content", "{r}");
+        assert_eq!(r["model"], GEMINI_MODEL);
+        assert_eq!(r["response_model"], GEMINI_MODEL);
+        assert_eq!(r["stream"], stream);
+        assert_eq!(r["usage"]["input_tokens"], u.input, "{r}");
+        assert_eq!(r["usage"]["output_tokens"], u.output + GEMINI_THOUGHTS);
+        assert_eq!(r["usage"]["reasoning_tokens"], GEMINI_THOUGHTS);
+        assert_eq!(r["usage"]["cached_input_tokens"], u.cached);
+        // gemini-2.5-flash: input 0.30, cached 0.03, output 2.50 $/M.
+        let cost = ((u.input - u.cached) as f64 * 0.30
+            + u.cached as f64 * 0.03
+            + (u.output + GEMINI_THOUGHTS) as f64 * 2.50)
+            / 1e6;
+        assert_close(&r["cost_usd"], cost, "cost_usd");
+        let path = r["path"].as_str().unwrap();
+        assert!(path.contains("key=[REDACTED]"), "{path}");
+        assert_eq!(r["request_headers"]["authorization"], "[REDACTED]", "{r}");
+        assert_eq!(r["request_headers"]["content-type"], "application/json");
+        let req_body = r["request_body"].as_str().unwrap();
+        assert!(req_body.starts_with(r#"{"contents":"#), "{req_body}");
+        assert!(
+            req_body.ends_with("bytes]"),
+            "truncated to 64 bytes: {req_body}"
+        );
+        assert!(
+            r["response_body"].as_str().unwrap().contains("candidates"),
+            "{r}"
+        );
+    }
+    let log = std::fs::read_to_string(node.connection_log()).unwrap();
+    assert!(
+        !log.contains("AIza-test-secret"),
+        "API keys never reach the log"
+    );
+    assert!(!log.contains("sk-test-secret"));
+}
+
+/// A slow provider stream reaches the workload event by event, as it is
+/// produced (no buffering in the proxy), and counts as an active stream
+/// while it flows.
+#[test]
+fn slow_streams_are_relayed_event_by_event() {
+    if !require_privileged("slow_streams_are_relayed_event_by_event") {
+        return;
+    }
+    use std::io::BufRead;
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+    let mut curl = pod.https_post_command(
+        &node.node_ca_cert(),
+        PROVIDER_HOST,
+        "/v1/chat/completions",
+        r#"{"model":"mock-slow","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+    );
+    let mut child = curl
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    let started = std::time::Instant::now();
+    let mut arrivals = Vec::new();
+    let mut active_mid_stream = None;
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.expect("read curl output");
+        if line.starts_with("data: ") {
+            arrivals.push(started.elapsed());
+            if arrivals.len() == 2 {
+                active_mid_stream = metric(&node.metrics(), "tollgate_active_streams");
+            }
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(arrivals.len(), 8, "every event arrives: {arrivals:?}");
+    // The mock writes one event every SLOW_CHUNK_DELAY; had the proxy
+    // buffered the response, they would arrive together at the end.
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(
+        spread >= SLOW_CHUNK_DELAY * 7 / 2,
+        "events arrive as they are produced, not at once: {arrivals:?}"
+    );
+    assert_eq!(
+        active_mid_stream,
+        Some(1.0),
+        "an active stream while it flows"
+    );
+    let r = &requests(&node, 1)[0];
+    assert_eq!(r["usage"]["output_tokens"], OPENAI_USAGE.output, "{r}");
+    assert_eq!(
+        metric(&node.metrics(), "tollgate_active_streams"),
+        Some(0.0)
+    );
 }

@@ -79,7 +79,7 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
     let _ = client.set_nodelay(true);
 
     if let Some(tls) = &ctx.tls {
-        if let Hello::Tls(info) = peek_hello(&client, tls.hello_timeout).await {
+        if let Hello::Tls(info) = peek_hello(&client, tls.settings.client_hello_timeout).await {
             if let Some((sni, (id, api))) = info.sni.and_then(|s| tls.governs(&s).map(|g| (s, g))) {
                 // The provider the server name belongs to (see TlsContext::governs).
                 let provider = ctx

@@ -57,6 +57,13 @@ pub struct RequestRecord {
     pub time: String,
     /// Always `request` (connection records have no `kind`).
     pub kind: &'static str,
+    /// Tollgate's id of this call (UUIDv7), also sent to the workload as
+    /// the `x-tollgate-request-id` response header.
+    pub id: String,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// Why (`no_policy` until a policy decides; `request_too_large`, …).
+    pub reason: &'static str,
     pub workload: Workload,
     pub pid: u32,
     pub comm: String,
@@ -88,16 +95,33 @@ pub struct RequestRecord {
     pub ttft_ms: u64,
     /// Until the response body ended (or the client went away).
     pub duration_ms: u64,
-    /// `ok`, `upstream_error`, `upstream_timeout`, `client_disconnected`.
+    /// `ok`, `upstream_error`, `upstream_timeout`, `upstream_idle_timeout`,
+    /// `client_disconnected`, `request_too_large`, `client_error`.
     pub result: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// USD, from the price table; absent when no price matches the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// The provider's id of the call (`x-request-id`, `request-id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_request_id: Option<String>,
+    /// With `audit.capture.headers`: the request headers, credentials redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<std::collections::BTreeMap<String, String>>,
+    /// With `audit.capture.bodies`: bodies, secrets redacted, truncated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
 }
 
 #[derive(Clone)]
 pub struct EventLog {
     tx: mpsc::Sender<Vec<u8>>,
     dropped: Arc<AtomicU64>,
+    /// `{"node":"<name>",` — every record starts with the node's name.
+    prefix: Arc<[u8]>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +202,11 @@ fn rotated(path: &std::path::Path, n: u32) -> PathBuf {
 }
 
 impl EventLog {
-    pub fn open(cfg: &AuditConfig) -> Result<Self, EventLogError> {
+    pub fn open(cfg: &AuditConfig, node: &str) -> Result<Self, EventLogError> {
+        let prefix = format!(
+            "{{\"node\":{},",
+            serde_json::to_string(node).expect("strings serialise")
+        );
         let mut sink = Sink::open(cfg)?;
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -202,12 +230,23 @@ impl EventLog {
                 }
             })
             .expect("spawn audit log thread");
-        Ok(Self { tx, dropped })
+        Ok(Self {
+            tx,
+            dropped,
+            prefix: prefix.into_bytes().into(),
+        })
     }
 
     /// Queue one record (serialised here, written by the log thread).
     pub fn record(&self, rec: &impl Serialize) {
-        let mut line = serde_json::to_vec(rec).expect("records serialise");
+        let json = serde_json::to_vec(rec).expect("records serialise");
+        debug_assert!(
+            json.len() > 2 && json[0] == b'{',
+            "records are non-empty objects"
+        );
+        let mut line = Vec::with_capacity(self.prefix.len() + json.len());
+        line.extend_from_slice(&self.prefix);
+        line.extend_from_slice(&json[1..]);
         line.push(b'\n');
         if self.tx.try_send(line).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -219,30 +258,14 @@ impl EventLog {
     }
 }
 
-/// Current time as RFC 3339 UTC with milliseconds (no date crate needed for one format).
+/// Current time as RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::now_utc()
+        .format(FORMAT)
+        .expect("the format fits any date")
 }
 
 #[cfg(test)]
@@ -257,6 +280,7 @@ mod tests {
             path: path.display().to_string(),
             max_file_bytes: 100,
             max_files: 2,
+            ..Default::default()
         };
         let mut sink = Sink::open(&cfg).unwrap();
         for i in 0..10 {
@@ -289,10 +313,13 @@ mod tests {
     async fn writes_json_lines_to_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("sub/conn.jsonl");
-        let log = EventLog::open(&AuditConfig {
-            path: p.display().to_string(),
-            ..Default::default()
-        })
+        let log = EventLog::open(
+            &AuditConfig {
+                path: p.display().to_string(),
+                ..Default::default()
+            },
+            "node-a",
+        )
         .unwrap();
         log.record(&ConnectionRecord {
             time: now_rfc3339(),
@@ -324,6 +351,7 @@ mod tests {
         }
         let line = std::fs::read_to_string(&p).unwrap();
         let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(v["node"], "node-a");
         assert_eq!(v["provider"], "openai");
         assert_eq!(v["workload"]["cgroup"], "/x");
         assert_eq!(v["bytes_received"], 20);

@@ -12,8 +12,8 @@ use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -39,6 +39,14 @@ pub struct Metrics {
     pub tokens: IntCounterVec,
     /// Requests by status class and result.
     pub requests: IntCounterVec,
+    /// USD spent, from the price table.
+    pub cost: CounterVec,
+    /// Responses streaming to workloads now.
+    pub active_streams: IntGauge,
+    /// Failed provider calls by kind (transport failures, 429, 5xx).
+    pub upstream_errors: IntCounterVec,
+    /// Requests by decision (`allow`, `deny`) and reason.
+    pub decisions: IntCounterVec,
     /// Distinct model label values per provider; beyond the cap, `other`.
     models: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Set once programs are attached and the first DNS round is done.
@@ -148,6 +156,35 @@ impl Metrics {
             &["workload", "provider", "model", "status_class", "result"],
         )
         .expect("valid metric");
+        let cost = CounterVec::new(
+            Opts::new(
+                "tollgate_cost_usd_total",
+                "Spend in USD at the configured price table",
+            ),
+            &labels,
+        )
+        .expect("valid metric");
+        let active_streams = IntGauge::new(
+            "tollgate_active_streams",
+            "Streamed responses being relayed to workloads now",
+        )
+        .expect("valid metric");
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "tollgate_upstream_errors_total",
+                "Failed provider calls: upstream_error, upstream_timeout, upstream_idle_timeout, status_429, status_5xx",
+            ),
+            &["provider", "kind"],
+        )
+        .expect("valid metric");
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "tollgate_decisions_total",
+                "Requests by governance decision and its reason",
+            ),
+            &["provider", "decision", "reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -161,6 +198,10 @@ impl Metrics {
             Box::new(time_to_first_token.clone()),
             Box::new(tokens.clone()),
             Box::new(requests.clone()),
+            Box::new(cost.clone()),
+            Box::new(active_streams.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(decisions.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -178,6 +219,10 @@ impl Metrics {
             time_to_first_token,
             tokens,
             requests,
+            cost,
+            active_streams,
+            upstream_errors,
+            decisions,
             models: Default::default(),
             ready: AtomicBool::new(false),
         })

@@ -170,7 +170,7 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
             if s.write_all(c.as_bytes()).await.is_err() || s.flush().await.is_err() {
                 return;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            tokio::time::sleep(resp.chunk_delay).await;
         }
         match resp.fault {
             // Drop without shutdown: no TLS close_notify, no end of stream.

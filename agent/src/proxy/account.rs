@@ -1,0 +1,129 @@
+//! The end of every terminated request: its cost, its audit record, its
+//! metrics; and the provider-shaped error answers the proxy gives itself.
+use std::time::{Duration, Instant};
+
+use http::{Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+
+use super::{terminate::Call, upstream::ProxyBody};
+use crate::telemetry::events::RequestRecord;
+
+/// Price, log and count one finished request.
+pub(super) fn account(
+    call: &Call,
+    mut record: RequestRecord,
+    started: Instant,
+    ttft: Option<Duration>,
+) {
+    let m = &call.metrics;
+    // The model that answered is what is billed; the requested one otherwise.
+    let billed_model = record
+        .response_model
+        .as_deref()
+        .or(record.model.as_deref())
+        .unwrap_or_default();
+    record.cost_usd = call
+        .tls
+        .prices
+        .cost(&record.provider, billed_model, &record.usage)
+        .map(round_nano);
+    let workload = record.workload.label().to_string();
+    let model = m.model_label(
+        &record.provider,
+        Some(billed_model).filter(|s| !s.is_empty()),
+    );
+    let labels = [workload.as_str(), record.provider.as_str(), model.as_str()];
+    let class = format!("{}xx", record.status / 100);
+    m.requests
+        .with_label_values(&[&workload, &record.provider, &model, &class, record.result])
+        .inc();
+    m.decisions
+        .with_label_values(&[&record.provider, record.decision, record.reason])
+        .inc();
+    if let Some(kind) = upstream_error_kind(&record) {
+        m.upstream_errors
+            .with_label_values(&[&record.provider, kind])
+            .inc();
+    }
+    m.operation_duration
+        .with_label_values(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if let (true, Some(t)) = (record.stream, ttft) {
+        m.time_to_first_token
+            .with_label_values(&labels)
+            .observe(t.as_secs_f64());
+    }
+    if let Some(c) = record.cost_usd {
+        m.cost.with_label_values(&labels).inc_by(c);
+    }
+    let u = &record.usage;
+    if u.input_tokens + u.output_tokens > 0 {
+        for (kind, n) in [("input", u.input_tokens), ("output", u.output_tokens)] {
+            m.token_usage
+                .with_label_values(&[&workload, &record.provider, &model, kind])
+                .observe(n as f64);
+        }
+        for (kind, n) in [
+            ("input", u.input_tokens),
+            ("output", u.output_tokens),
+            ("cached_input", u.cached_input_tokens),
+            ("cache_write_input", u.cache_write_input_tokens),
+            ("reasoning", u.reasoning_tokens),
+        ] {
+            m.tokens
+                .with_label_values(&[&workload, &record.provider, &model, kind])
+                .inc_by(n);
+        }
+    }
+    call.events.record(&record);
+}
+
+/// Dollars to a tenth of a nano-dollar (a single cheap token costs ~1e-8):
+/// float noise out of the audit log, every real digit kept.
+fn round_nano(usd: f64) -> f64 {
+    (usd * 1e10).round() / 1e10
+}
+
+/// How the provider leg failed, for `tollgate_upstream_errors_total`:
+/// transport failures by result, and provider error statuses (429, 5xx).
+fn upstream_error_kind(r: &RequestRecord) -> Option<&'static str> {
+    match r.result {
+        "upstream_error" | "upstream_timeout" | "upstream_idle_timeout" => Some(r.result),
+        _ if r.decision != "allow" => None,
+        _ if r.status == 429 => Some("status_429"),
+        _ if r.status >= 500 => Some("status_5xx"),
+        _ => None,
+    }
+}
+
+/// An error the proxy itself answers, shaped like a provider error (OpenAI's
+/// `{"error": {...}}`, which SDKs of every OpenAI-compatible API parse).
+pub(super) fn error_response(
+    call: &Call,
+    status: StatusCode,
+    message: &str,
+    mut record: RequestRecord,
+    started: Instant,
+) -> Response<ProxyBody> {
+    record.status = status.as_u16();
+    record.duration_ms = started.elapsed().as_millis() as u64;
+    record.error = Some(message.to_string());
+    let body = serde_json::json!({
+        "error": { "message": format!("tollgate: {message}"), "type": "tollgate_error", "code": record.result }
+    })
+    .to_string();
+    let response = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-tollgate-reason", record.reason)
+        .header("x-tollgate-request-id", record.id.as_str());
+    account(call, record, started, None);
+    response
+        .body(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("static response is valid")
+}

@@ -1,0 +1,202 @@
+//! The response body on its way back to the workload: relayed frame by
+//! frame, metered (bytes, first byte, usage), bounded by an idle timeout, and
+//! accounted exactly once however it ends.
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use hyper::body::{Body, Bytes, Frame};
+
+use super::{
+    account,
+    terminate::Call,
+    upstream::{BoxError, ProxyBody},
+};
+use crate::{
+    providers::ResponseParser,
+    telemetry::{events::RequestRecord, redact},
+};
+
+/// How long a failed stream's already-received events get to reach the
+/// workload before the failure is reported (see `Metered::fail_after_flush`).
+/// Long against a local flush, short against a human noticing.
+const FLUSH_GRACE: Duration = Duration::from_millis(100);
+
+/// What to do when a response body ends.
+pub(super) struct Finish {
+    pub call: Arc<Call>,
+    pub record: RequestRecord,
+}
+
+/// The response body on its way to the workload: relayed frame by frame (no
+/// buffering), each data frame shown to the provider's usage parser, and the
+/// request accounted exactly once when the body ends, fails, or is dropped
+/// early (the client went away mid-stream: partial usage is still recorded).
+pub(super) struct Metered {
+    pub inner: ProxyBody,
+    /// Fires when the provider sends nothing for `idle_timeout`; reset by each frame.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_timeout: Duration,
+    /// An error to report on the next poll (see `fail_after_flush`).
+    deferred_error: Option<BoxError>,
+    bytes: u64,
+    first_byte: Option<Duration>,
+    started: Instant,
+    parser: Option<ResponseParser>,
+    /// The body's first bytes, for `audit.capture.bodies`.
+    capture: Option<Vec<u8>>,
+    capture_max: usize,
+    finish: Option<Finish>,
+}
+
+impl Metered {
+    pub fn new(inner: ProxyBody, started: Instant, parser: ResponseParser, finish: Finish) -> Self {
+        let tls = &finish.call.tls;
+        let idle_timeout = tls.settings.stream_idle_timeout;
+        let capture = tls.capture.bodies.then(Vec::new);
+        if finish.record.stream {
+            finish.call.metrics.active_streams.inc();
+        }
+        Self {
+            inner,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
+            deferred_error: None,
+            bytes: 0,
+            first_byte: None,
+            started,
+            parser: Some(parser),
+            capture,
+            capture_max: tls.capture.max_body_bytes,
+            finish: Some(finish),
+        }
+    }
+
+    /// Report `e` only after a short grace. When a body fails, hyper resets
+    /// the stream (h2) or drops the connection (h1), and frames still queued
+    /// for the workload are discarded; when the provider's last events and
+    /// its failure arrive together, the workload would lose events it is
+    /// owed. The grace lets the connection flush them first.
+    fn fail_after_flush(
+        &mut self,
+        e: BoxError,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.deferred_error = Some(e);
+        let deadline = tokio::time::Instant::now() + FLUSH_GRACE;
+        self.idle.as_mut().reset(deadline);
+        // Register the timer with this task so it wakes us.
+        let _ = self.idle.as_mut().poll(cx);
+        Poll::Pending
+    }
+
+    fn finish(&mut self, mut result: &'static str, error: Option<String>) {
+        let Some(Finish { call, mut record }) = self.finish.take() else {
+            return;
+        };
+        if let Some(p) = self.parser.take() {
+            let info = p.finish();
+            record.usage = info.usage;
+            record.response_model = info.response_model;
+            // SDKs stop reading at the stream's end marker (`[DONE]`) and may
+            // close before the transport's end of body: that call completed.
+            if result == "client_disconnected" && info.complete {
+                result = "ok";
+            }
+        }
+        record.response_bytes = self.bytes;
+        if let Some(c) = self.capture.take() {
+            record.response_body = Some(redact::body_prefix(&c, self.bytes, self.capture_max));
+        }
+        if record.stream {
+            call.metrics.active_streams.dec();
+        }
+        record.ttft_ms = self.first_byte.map_or(0, |d| d.as_millis() as u64);
+        record.duration_ms = self.started.elapsed().as_millis() as u64;
+        record.result = result;
+        record.error = error;
+        account::account(&call, record, self.started, self.first_byte);
+    }
+}
+
+impl Body for Metered {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.deferred_error.is_some() {
+            // Waiting out the flush grace (see fail_after_flush).
+            if self.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            return Poll::Ready(self.deferred_error.take().map(Err));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + self.idle_timeout;
+                self.idle.as_mut().reset(deadline);
+                if let Some(d) = frame.data_ref() {
+                    if self.first_byte.is_none() && !d.is_empty() {
+                        self.first_byte = Some(self.started.elapsed());
+                    }
+                    self.bytes += d.len() as u64;
+                    let d = d.clone();
+                    if let Some(p) = self.parser.as_mut() {
+                        p.feed(&d);
+                    }
+                    let max = self.capture_max;
+                    if let Some(c) = self.capture.as_mut().filter(|c| c.len() < max) {
+                        c.extend_from_slice(&d[..d.len().min(max - c.len())]);
+                    }
+                }
+                // hyper stops polling once a body says it has ended (e.g. a
+                // content-length body whose last byte just came), so "ended"
+                // must be noticed here, not only at a final None.
+                if self.inner.is_end_stream() {
+                    self.finish("ok", None);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finish("upstream_error", Some(e.to_string()));
+                self.fail_after_flush(e, cx)
+            }
+            Poll::Ready(None) => {
+                self.finish("ok", None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if self.idle.as_mut().poll(cx).is_ready() {
+                    // A provider that stops mid-stream would hold the workload
+                    // forever: end the stream with an error, keep the usage seen.
+                    let msg = format!("provider sent nothing for {:?}", self.idle_timeout);
+                    self.finish("upstream_idle_timeout", Some(msg.clone()));
+                    return self.fail_after_flush(msg.into(), cx);
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        // Dropped before the end: the client stopped reading.
+        self.finish("client_disconnected", None);
+    }
+}
