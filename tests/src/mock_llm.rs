@@ -47,6 +47,22 @@ pub enum Fault {
     Stall,
 }
 
+/// Replaced in each `mock-timed` piece by the time it is sent (`monotonic_ns`).
+pub const SENT_NS: &str = "{SENT_NS}";
+/// Pieces of a `mock-timed` stream.
+pub const TIMED_CHUNKS: usize = 20;
+
+/// CLOCK_MONOTONIC in ns: one clock for every process and namespace here.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Pause between streamed pieces; `mock-slow` streams at SLOW_CHUNK_DELAY.
 pub const CHUNK_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 pub const SLOW_CHUNK_DELAY: std::time::Duration = std::time::Duration::from_millis(300);
@@ -75,6 +91,19 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
             chunks: vec![body.to_string()],
             chunk_delay: CHUNK_DELAY,
         });
+    }
+    if model == "mock-timed" {
+        // TIMED_CHUNKS content events stamped with their send time, then usage.
+        let mut r = openai_stream(true);
+        let stamped = |w: usize| {
+            format!(
+                "data: {{\"id\":\"chatcmpl-timed\",\"object\":\"chat.completion.chunk\",\"model\":\"{OPENAI_MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{w} \"}},\"finish_reason\":null}}],\"sent_ns\":{SENT_NS}}}\n\n"
+            )
+        };
+        let tail = r.chunks.split_off(r.chunks.len() - 3); // stop, usage, [DONE]
+        r.chunks = (0..TIMED_CHUNKS).map(stamped).chain(tail).collect();
+        r.chunk_delay = std::time::Duration::from_millis(1);
+        return Some(r);
     }
     if model == "mock-slow" {
         // A full OpenAI stream with usage, one piece every SLOW_CHUNK_DELAY.

@@ -167,6 +167,7 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
             .output()
             .unwrap()
     };
+    let mut upstream_peers = Vec::new();
     for (i, flag) in ["--http1.1", "--http2"].into_iter().enumerate() {
         let out = call(&[flag]);
         assert!(
@@ -177,12 +178,16 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
         );
         let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(peer_ip(&a), NODE_UPSTREAM_V4, "forwarded by the agent: {a}");
+        upstream_peers.push(a["peer"].clone());
         assert_eq!(
             a["sni"], PROVIDER_HOST,
             "upstream TLS carries the provider name: {a}"
         );
         assert_eq!(a["host"], format!("{PROVIDER_HOST}:{TLS_PORT}"), "{a}");
-        assert_eq!(a["request"], "GET /v1/models?limit=2 HTTP/1.1", "{a}");
+        assert_eq!(
+            a["request"], "GET /v1/models?limit=2 HTTP/2.0",
+            "the pool speaks h2 to a provider that offers it, whatever the workload spoke: {a}"
+        );
         assert_eq!(
             a["saw_authorization"], true,
             "credentials pass through (no injection configured)"
@@ -221,6 +226,10 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
             "credentials never reach the audit log"
         );
     }
+    assert_eq!(
+        upstream_peers[0], upstream_peers[1],
+        "two workload connections, one pooled provider connection"
+    );
 
     // A client that does not trust the node CA fails its handshake (observe
     // fallback for such workloads is a later issue) and is counted.

@@ -1,26 +1,34 @@
-//! Mock provider endpoint for the test node: answers every HTTP request with
-//! JSON naming the TCP peer it saw, the address it was reached on, and (over
-//! TLS) the server name the client asked for and the Host header.
+//! Mock provider endpoint for the test node, on hyper (HTTP/1.1 keep-alive
+//! and, over TLS, h2 by ALPN, as real providers offer).
 //!
-//! That answer is what the redirect tests check: a relayed connection arrives
-//! from the node's address, a direct one from the pod's. HTTP handling is a
-//! few lines by hand on purpose: the test needs only "read a request head,
-//! write one response, close", and nothing between the socket and the peer
-//! address it reports.
+//! * LLM calls (`mock_llm::respond`) get the providers' wire formats, pieces
+//!   flushed one at a time, and the faults the tests ask for by model.
+//! * Any other request gets JSON naming the TCP peer it saw, the address it
+//!   was reached on, the request line, the Host (or h2 authority) and, over
+//!   TLS, the server name: what the redirect tests check (a relayed
+//!   connection arrives from the node's address, a direct one from the pod's).
 //!
 //! Usage: tollgate-mock-upstream [--cert PEM --key PEM] ADDR:PORT... [tls:ADDR:PORT...]
-//! `tls:` listeners speak TLS (http/1.1) with the given certificate; the
-//! others speak TLS to clients that start with a ClientHello (when a
-//! certificate is given; else they answer it with a TLS alert) and plain HTTP
-//! to the rest.
-use std::{net::SocketAddr, sync::Arc};
+//! `tls:` listeners speak TLS with the given certificate; the others speak
+//! TLS to clients that start with a ClientHello (when a certificate is given;
+//! else they answer it with a TLS alert) and plain HTTP to the rest.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpListener,
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::{
+    Request, Response,
+    body::{Bytes, Frame, Incoming},
 };
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tokio::{io::AsyncWriteExt, net::TcpListener};
 use tokio_rustls::TlsAcceptor;
+use tollgate_tests::mock_llm::{self, Fault, SENT_NS};
+
+type Body = BoxBody<Bytes, std::io::Error>;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -51,15 +59,11 @@ async fn main() {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .expect("certificate and key match");
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         TlsAcceptor::from(Arc::new(cfg))
     });
     let mut tasks = Vec::new();
     for spec in addrs {
-        // `tls:` listeners always speak TLS; the others speak TLS to a client
-        // whose first byte is a handshake record (when a certificate is
-        // configured) and plaintext HTTP otherwise, like one provider port
-        // that tests reach both ways.
         let (always_tls, addr) = match spec.strip_prefix("tls:") {
             Some(a) => (true, a.to_string()),
             None => (false, spec),
@@ -80,21 +84,30 @@ async fn main() {
                 let Ok((s, peer)) = l.accept().await else {
                     continue;
                 };
+                let _ = s.set_nodelay(true);
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let mut first = [0u8; 1];
-                    let speaks_tls = always_tls
-                        || s.peek(&mut first)
-                            .await
-                            .is_ok_and(|n| n == 1 && first[0] == 0x16);
-                    match tls.filter(|_| speaks_tls) {
-                        None => answer(s, peer, addr, None).await,
+                    let hello = s
+                        .peek(&mut first)
+                        .await
+                        .is_ok_and(|n| n == 1 && first[0] == 0x16);
+                    match tls.filter(|_| always_tls || hello) {
                         Some(acc) => {
                             if let Ok(t) = acc.accept(s).await {
                                 let sni = t.get_ref().1.server_name().map(str::to_owned);
-                                answer(t, peer, addr, Some(sni.unwrap_or_default())).await;
+                                serve(t, peer, addr, Some(sni.unwrap_or_default())).await;
                             }
                         }
+                        // A ClientHello on a plaintext-only listener: a
+                        // handshake_failure alert, so the client fails fast.
+                        None if hello => {
+                            let mut s = s;
+                            let _ = s
+                                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
+                                .await;
+                        }
+                        None => serve(s, peer, addr, None).await,
                     }
                 });
             }
@@ -105,88 +118,50 @@ async fn main() {
     }
 }
 
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
-    mut s: S,
+async fn serve<S>(io: S, peer: SocketAddr, local: SocketAddr, sni: Option<String>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| answer(req, peer, local, sni.clone()));
+    let _ = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
+async fn answer(
+    req: Request<Incoming>,
     peer: SocketAddr,
     local: SocketAddr,
     sni: Option<String>,
-) {
-    // Request heads here are small; 64 KiB bounds a misbehaving client.
-    let mut buf = vec![0u8; 65536];
-    let mut n = 0;
-    while n < buf.len() {
-        match s.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-        // A TLS ClientHello on a plaintext listener: answer with a
-        // handshake_failure alert so the client fails fast.
-        if sni.is_none() && buf[0] == 0x16 {
-            let _ = s
-                .write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28])
-                .await;
-            return;
-        }
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
+) -> Result<Response<Body>, Infallible> {
+    let line = format!(
+        "{} {} {:?}",
+        req.method(),
+        req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        req.version()
+    );
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let authorization = req.headers().contains_key("authorization");
+    // Request bodies here are small; 1 MiB bounds a misbehaving client.
+    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    if let Some(resp) = mock_llm::respond(&path, &body) {
+        return Ok(stream(resp));
     }
-    let head_end = buf[..n]
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(n, |p| p + 4);
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let line = head.lines().next().unwrap_or_default().to_string();
-    let header = |name: &str| {
-        head.lines().find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.trim().to_string())
-        })
-    };
-    // The request body (LLM calls are POSTs with a content-length).
-    let length: usize = header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-        .min(buf.len() - head_end);
-    while n < head_end + length {
-        match s.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    if let Some(resp) =
-        tollgate_tests::mock_llm::respond(&path, &buf[head_end..n.min(head_end + length)])
-    {
-        // No content-length: the body ends when the connection closes, and
-        // each piece is flushed on its own, as a provider streams.
-        let head = format!(
-            "HTTP/1.1 {} Mock\r\ncontent-type: {}\r\nconnection: close\r\nx-request-id: req_mock\r\n\r\n",
-            resp.status, resp.content_type
-        );
-        let _ = s.write_all(head.as_bytes()).await;
-        for c in resp.chunks {
-            if s.write_all(c.as_bytes()).await.is_err() || s.flush().await.is_err() {
-                return;
-            }
-            tokio::time::sleep(resp.chunk_delay).await;
-        }
-        match resp.fault {
-            // Drop without shutdown: no TLS close_notify, no end of stream.
-            tollgate_tests::mock_llm::Fault::Cut => return,
-            tollgate_tests::mock_llm::Fault::Stall => {
-                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
-                return;
-            }
-            tollgate_tests::mock_llm::Fault::None => {}
-        }
-        let _ = s.shutdown().await;
-        return;
-    }
-    let host = header("host");
-    let authorization = header("authorization").is_some();
-    let body = serde_json::json!({
+    let echo = serde_json::json!({
         "peer": peer.to_string(),
         "peer_ip": peer.ip().to_string(),
         "local": local.to_string(),
@@ -196,10 +171,37 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
         "saw_authorization": authorization,
     })
     .to_string();
-    let resp = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = s.write_all(resp.as_bytes()).await;
-    let _ = s.shutdown().await;
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(echo)).map_err(|n| match n {}).boxed())
+        .unwrap())
+}
+
+/// An LLM answer, written piece by piece as the provider would stream it
+/// (no content-length: chunked on h1, DATA frames on h2).
+fn stream(resp: mock_llm::MockResponse) -> Response<Body> {
+    let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
+    tokio::spawn(async move {
+        for c in resp.chunks {
+            // `mock-timed`: each piece says when it left (CLOCK_MONOTONIC, the
+            // same clock in every namespace), so a client can time the relay.
+            let c = c.replace(SENT_NS, &mock_llm::monotonic_ns().to_string());
+            if tx.send(Frame::data(Bytes::from(c))).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(resp.chunk_delay).await;
+        }
+        match resp.fault {
+            // Abort: the connection (h1) or stream (h2) ends without its end marker.
+            Fault::Cut => tx.abort(std::io::Error::other("mock-cut")),
+            Fault::Stall => tokio::time::sleep(std::time::Duration::from_secs(30)).await,
+            Fault::None => {}
+        }
+    });
+    Response::builder()
+        .status(resp.status)
+        .header("content-type", resp.content_type)
+        .header("x-request-id", "req_mock")
+        .body(body.boxed())
+        .unwrap()
 }
