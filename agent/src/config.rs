@@ -82,6 +82,20 @@ pub struct ProxyConfig {
     /// How long to wait for the provider to accept the relayed connection.
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
+    /// Proxy threads. 0: one per CPU this process may use (its affinity
+    /// mask). 1 runs everything on one thread, which on small nodes (or a
+    /// 1-CPU limit) saves the cost of waking idle workers.
+    pub worker_threads: usize,
+}
+
+impl ProxyConfig {
+    /// The number of proxy threads `worker_threads` asks for.
+    pub fn threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +277,7 @@ impl Default for ProxyConfig {
             port: DEFAULT_PROXY_PORT,
             skip_mark: tollgate_common::DEFAULT_SKIP_MARK,
             upstream_connect_timeout: Duration::from_secs(10),
+            worker_threads: 0,
         }
     }
 }

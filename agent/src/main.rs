@@ -20,9 +20,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = load_config(config.as_deref())?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            // One thread: the current-thread scheduler, no cross-thread wake-ups.
+            let rt = match config.proxy.threads() {
+                1 => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .enable_all()
+                    .build()?,
+            };
             rt.block_on(tollgate_agent::run::run(config))
         }
         Command::CheckConfig { file } => {

@@ -41,3 +41,28 @@ pub fn check_privileges() -> Result<(), PreflightError> {
         })
     }
 }
+
+/// Raise the open-files soft limit to the hard one. Every proxied call holds
+/// at least one descriptor (two while its provider connection is not
+/// pooled); the usual soft limit of 1024 would cap a node at a few hundred
+/// concurrent calls, failing accept() with EMFILE.
+pub fn raise_nofile_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit struct.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(limit = l.rlim_cur, "open files limit");
+    } else {
+        tracing::warn!(
+            "could not raise the open files limit; busy nodes may refuse connections (raise LimitNOFILE)"
+        );
+    }
+}

@@ -39,6 +39,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     preflight::check_privileges()?;
+    preflight::raise_nofile_limit();
     let mount = cgroup::cgroup2_mount()?;
     let root = CgroupRoot::resolve(&config.cgroup_root, &mount)?;
     tracing::info!(cgroup = %root.path.display(), host_mode = root.host_mode, "governing cgroup subtree");

@@ -73,7 +73,7 @@ pub struct MockResponse {
     pub content_type: &'static str,
     /// Body pieces, written (and flushed) one at a time, like a provider streams.
     pub chunks: Vec<String>,
-    /// Pause after each piece.
+    /// Pause between pieces.
     pub chunk_delay: std::time::Duration,
 }
 

@@ -62,7 +62,7 @@ pub struct Pod {
 /// then namespaces, then files.
 pub struct TestNode {
     pub agent: Option<Proc>,
-    _mock: Proc,
+    pub mock: Proc,
     dns: Option<Proc>,
     pub pods: Vec<Pod>,
     pub cgroups: CgroupTree,
@@ -139,7 +139,7 @@ impl TestNode {
 
         let mut n = TestNode {
             agent: None,
-            _mock: mock,
+            mock,
             dns: None,
             pods: Vec::new(),
             cgroups,
@@ -316,7 +316,11 @@ impl TestNode {
                 .command_in_cgroup(&agent_bin(), Some(&agent_cg))
                 .args(["run", "--config"])
                 .arg(&cfg)
-                .env("TOLLGATE_LOG", "info,tollgate_agent=debug")
+                // Tests read the debug lines; the benchmarks set `info`, as production runs.
+                .env(
+                    "TOLLGATE_LOG",
+                    std::env::var("TOLLGATE_LOG").unwrap_or("info,tollgate_agent=debug".into()),
+                )
                 .stdout(Stdio::null())
                 .stderr(log),
         );

@@ -37,6 +37,9 @@ enum Cmd {
         /// Fewer iterations (for a quick look; numbers are noisier).
         #[arg(long)]
         quick: bool,
+        /// Which benchmarks: `connect` (kernel programs), `proxy` (latency
+        /// and memory of the terminating proxy). Default: all.
+        which: Vec<String>,
     },
 }
 
@@ -45,7 +48,7 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, which } => bench(quick, &which),
     }
 }
 
@@ -184,7 +187,7 @@ fn demo() -> Result<()> {
     run(Command::new("target/debug/tollgate-demo").env("PATH", setup::path_with_tools()))
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, which: &[String]) -> Result<()> {
     setup::run()?;
     build_bins(true)?;
     require_root("the benchmarks")?;
@@ -194,6 +197,7 @@ fn bench(quick: bool) -> Result<()> {
     if quick {
         c.arg("--quick");
     }
+    c.args(which);
     run(&mut c)
 }
 

@@ -76,7 +76,13 @@ struct Entry {
 /// A compiled price table.
 pub struct PriceTable {
     entries: Vec<Entry>,
+    /// (provider, model) → entry index: globs are matched once per model,
+    /// not per call. Bounded: cleared when full (model names come from
+    /// workloads, so their number is not ours to trust).
+    cache: std::sync::Mutex<std::collections::HashMap<(String, String), Option<usize>>>,
 }
+
+const CACHE_CAP: usize = 4096;
 
 /// The shipped table's source.
 pub const DEFAULT_TABLE: &str = include_str!("default.yaml");
@@ -92,18 +98,33 @@ impl PriceTable {
                 entries.push(compile(&e, false).expect("the shipped price table is valid"));
             }
         }
-        Ok(Self { entries })
+        Ok(Self {
+            entries,
+            cache: Default::default(),
+        })
     }
 
     /// Price of a call to `provider` answered by `model`, or None when no
     /// entry matches (the audit record then has no `cost_usd`).
     pub fn price(&self, provider: &str, model: &str) -> Option<&PriceEntry> {
-        self.entries
+        let key = (provider.to_string(), model.to_string());
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = cache.get(&key) {
+            return hit.map(|i| &self.entries[i].price);
+        }
+        let found = self
+            .entries
             .iter()
-            .filter(|e| e.provider.as_deref().is_none_or(|p| p == provider))
-            .filter(|e| e.matcher.is_match(model))
-            .max_by_key(|e| (e.specificity, e.from_config))
-            .map(|e| &e.price)
+            .enumerate()
+            .filter(|(_, e)| e.provider.as_deref().is_none_or(|p| p == provider))
+            .filter(|(_, e)| e.matcher.is_match(model))
+            .max_by_key(|(_, e)| (e.specificity, e.from_config))
+            .map(|(i, _)| i);
+        if cache.len() >= CACHE_CAP {
+            cache.clear();
+        }
+        cache.insert(key, found);
+        found.map(|i| &self.entries[i].price)
     }
 
     /// USD cost of `usage` for a call to `provider` answered by `model`.

@@ -182,13 +182,19 @@ async fn answer(
 fn stream(resp: mock_llm::MockResponse) -> Response<Body> {
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
     tokio::spawn(async move {
-        for c in resp.chunks {
+        for (i, c) in resp.chunks.into_iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(resp.chunk_delay).await;
+            }
             // `mock-timed`: each piece says when it left (CLOCK_MONOTONIC, the
             // same clock in every namespace), so a client can time the relay.
             let c = c.replace(SENT_NS, &mock_llm::monotonic_ns().to_string());
             if tx.send(Frame::data(Bytes::from(c))).await.is_err() {
                 return;
             }
+        }
+        if resp.fault != Fault::None {
+            // Let the last piece reach the wire before the fault strikes.
             tokio::time::sleep(resp.chunk_delay).await;
         }
         match resp.fault {

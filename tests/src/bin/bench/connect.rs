@@ -1,8 +1,5 @@
-//! `cargo xtask bench`: Tollgate's costs, each printed beside a baseline
-//! measured in the same run on the same machine.
-//!
-//! Today: the connect() cost of the kernel programs (issue: kernel redirect
-//! path). A pod of the test node times connect() in a loop:
+//! The connect() cost of the kernel programs. A pod of the test node times
+//! connect() in a loop:
 //! 1. baseline — to a loopback listener, from a cgroup outside the governed
 //!    subtree (no programs run for it);
 //! 2. the same with the agent's programs attached (what every non-provider
@@ -10,28 +7,23 @@
 //! 3. to a provider address, redirected to the proxy's loopback listener
 //!    (lookup, listener check, record, rewrite, sock_ops) — compared with
 //!    baseline 1, since a redirected connect *is* a loopback connect.
+use std::path::Path;
+
 use serde_json::Value;
 use tollgate_tests::{
     TestNode,
     node::{PROVIDER_PORT, UPSTREAM_V4},
-    require_privileged,
 };
 
-fn main() {
-    if !require_privileged("bench") {
-        std::process::exit(1);
-    }
-    let quick = std::env::args().any(|a| a == "--quick");
+use crate::{median, sibling, us};
+
+/// Print the connect() table. `ungoverned`: a cgroup of the pod's namespace
+/// outside the governed subtree.
+pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) {
     let (n_local, n_provider) = if quick { (2_000, 300) } else { (20_000, 2_000) };
-    let mut node = TestNode::new(1);
-    // Same pod namespace, two cgroups: one outside the governed subtree (no
-    // programs run for it: the baseline) and the pod's own (programs run).
-    let ungoverned = node.cgroups.mkdir("ungoverned.scope");
-    let bench = |node: &TestNode, cgroup: &std::path::Path, target: &str, n: usize| -> Value {
+    let bench = |node: &TestNode, cgroup: &Path, target: &str, n: usize| -> Value {
         let pod = &node.pods[0];
-        let bin = std::env::current_exe()
-            .unwrap()
-            .with_file_name("tollgate-bench-connect");
+        let bin = sibling("tollgate-bench-connect");
         let out = pod
             .netns
             .command_in_cgroup(bin.to_str().unwrap(), Some(cgroup))
@@ -45,16 +37,15 @@ fn main() {
         );
         serde_json::from_slice(&out.stdout).expect("bench JSON")
     };
-    node.start_agent("");
     let governed = node.pods[0].cgroup.clone();
     let provider_target = format!("{UPSTREAM_V4}:{PROVIDER_PORT}");
     // Warm-up, then interleaved rounds so drift (frequency, caches) hits all three alike.
-    bench(&node, &ungoverned, "local", 500);
+    bench(&node, ungoverned, "local", 500);
     let rounds = 5;
     let (mut base, mut again, mut attached, mut provider) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        base.push(bench(&node, &ungoverned, "local", n_local / rounds));
+        base.push(bench(&node, ungoverned, "local", n_local / rounds));
         attached.push(bench(&node, &governed, "local", n_local / rounds));
         provider.push(bench(
             &node,
@@ -64,7 +55,7 @@ fn main() {
         ));
         // The baseline once more: how far two identical runs differ here is
         // the noise floor against which the other ratios must be read.
-        again.push(bench(&node, &ungoverned, "local", n_local / rounds));
+        again.push(bench(&node, ungoverned, "local", n_local / rounds));
     }
     let (base, again, attached, provider) = (
         median(&base),
@@ -113,27 +104,4 @@ fn main() {
     println!(
         "because after the rewrite that is what it is; the network path to the real provider is saved, not added."
     );
-}
-
-/// Per-field median over rounds (count and errors summed).
-fn median(rounds: &[Value]) -> Value {
-    let field = |k: &str| {
-        let mut v: Vec<u64> = rounds.iter().map(|r| r[k].as_u64().unwrap_or(0)).collect();
-        v.sort_unstable();
-        v[v.len() / 2]
-    };
-    let sum = |k: &str| {
-        rounds
-            .iter()
-            .map(|r| r[k].as_u64().unwrap_or(0))
-            .sum::<u64>()
-    };
-    serde_json::json!({
-        "count": sum("count"), "errors": sum("errors"),
-        "p50_ns": field("p50_ns"), "p99_ns": field("p99_ns"), "mean_ns": field("mean_ns"),
-    })
-}
-
-fn us(v: &Value) -> f64 {
-    v.as_u64().unwrap_or(0) as f64 / 1000.0
 }

@@ -1,0 +1,84 @@
+//! `cargo xtask bench`: Tollgate's costs, each printed beside a baseline
+//! measured in the same run on the same machine, in one test node:
+//!
+//! * `connect` — the connect() cost of the kernel programs;
+//! * `proxy` — what the terminating proxy adds to an LLM call (latency at a
+//!   fixed rate, per streamed chunk) and what it holds in memory.
+//!
+//! Usage: tollgate-bench [--quick] [connect|proxy]…  (default: both)
+mod connect;
+mod proxy;
+
+use serde_json::Value;
+use tollgate_tests::{TestNode, require_privileged};
+
+fn main() {
+    if !require_privileged("bench") {
+        std::process::exit(1);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let picked: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    for p in &picked {
+        assert!(
+            ["connect", "proxy"].contains(p),
+            "unknown benchmark `{p}`: choose connect, proxy (default: both)"
+        );
+    }
+    if std::env::var_os("TOLLGATE_LOG").is_none() {
+        // The agent logs as in production, not at the tests' debug level.
+        // SAFETY: single-threaded here; nothing reads the environment concurrently.
+        unsafe { std::env::set_var("TOLLGATE_LOG", "info") };
+    }
+    let wants = |name: &str| picked.is_empty() || picked.contains(&name);
+    let mut node = TestNode::new(1);
+    // Same pod namespace, two cgroups: one outside the governed subtree (no
+    // programs run for it: the baseline, direct path) and the pod's own.
+    let ungoverned = node.cgroups.mkdir("ungoverned.scope");
+    // TOLLGATE_BENCH_AGENT_CONFIG: YAML merged into the agent's config, to
+    // compare settings (e.g. `proxy: {worker_threads: 1}`).
+    node.start_agent(&std::env::var("TOLLGATE_BENCH_AGENT_CONFIG").unwrap_or_default());
+    println!(
+        "Tollgate benchmarks, {} mode ({} CPUs). Baselines run in the same node, interleaved with what they are compared to.",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    if wants("connect") {
+        connect::run(&node, &ungoverned, quick);
+    }
+    if wants("proxy") {
+        proxy::run(&node, &ungoverned, quick);
+    }
+}
+
+/// A binary built beside this one.
+pub fn sibling(name: &str) -> std::path::PathBuf {
+    std::env::current_exe().unwrap().with_file_name(name)
+}
+
+/// Per-field median over rounds (count and errors summed).
+pub fn median(rounds: &[Value]) -> Value {
+    let field = |k: &str| {
+        let mut v: Vec<u64> = rounds.iter().map(|r| r[k].as_u64().unwrap_or(0)).collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+    let sum = |k: &str| {
+        rounds
+            .iter()
+            .map(|r| r[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    serde_json::json!({
+        "count": sum("count"), "errors": sum("errors"),
+        "p50_ns": field("p50_ns"), "p99_ns": field("p99_ns"), "mean_ns": field("mean_ns"),
+    })
+}
+
+pub fn us(v: &Value) -> f64 {
+    v.as_u64().unwrap_or(0) as f64 / 1000.0
+}
