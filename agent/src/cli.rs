@@ -13,10 +13,14 @@ use crate::config::Config;
     long_about = "Tollgate attaches eBPF programs to a cgroup v2 subtree (the kubelet's pods, or \
 tollgate.slice on a plain host). Connections from processes there to LLM providers \
 (api.openai.com, api.anthropic.com, …) are transparently redirected to a proxy the agent runs \
-inside each workload's network namespace, attributed to the workload, relayed, and counted.\n\n\
+inside each workload's network namespace and attributed to the workload. With a node CA \
+(`tollgate ca init`, `tls.ca_dir`) the proxy terminates TLS for provider hosts, parses each API \
+call (model, stream, token usage, cost) and writes one audit line per call; without one, or for \
+workloads that do not trust it, connections are relayed and audited by server name and bytes. \
+Prometheus metrics on `metrics.listen`.\n\n\
 Needs: Linux ≥ 5.15 with BTF, cgroup v2 mounted (hybrid hosts are fine), root or \
 CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN+CAP_SYS_ADMIN.",
-    after_help = "Examples:\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate detach   # remove programs a fail-closed agent left pinned"
+    after_help = "Examples:\n  tollgate ca init --dir /var/lib/tollgate/ca   # once per node (or mount a Secret)\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate detach   # remove programs a fail-closed agent left pinned\n\nDocumentation: README.md (configuration reference, audit record, metrics, limits)."
 )]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `tollgate_agent=debug`.

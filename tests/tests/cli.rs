@@ -39,6 +39,9 @@ fn help_answers_the_obvious_questions() {
         "cgroup v2",
         "BTF",
         "CAP_BPF",
+        "ca init",
+        "tls.ca_dir",
+        "audit",
     ] {
         assert!(
             out.contains(needle),
