@@ -64,6 +64,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Prices for the `cost_usd` of audit records and the cost metric.
     pub pricing: crate::pricing::PricingConfig,
+    /// Who may call what (README "Policy"). Reloaded on change and SIGHUP.
+    pub policy: crate::policy::PolicyConfig,
     /// Name of this node in audit records. Empty: `$NODE_NAME` (the
     /// DaemonSet sets it from `spec.nodeName`), else the host name.
     pub node_name: String,
@@ -338,6 +340,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             audit: AuditConfig::default(),
             pricing: crate::pricing::PricingConfig::default(),
+            policy: crate::policy::PolicyConfig::default(),
             node_name: String::new(),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
         }
@@ -475,6 +478,10 @@ impl Config {
         if let Err((i, e)) = crate::pricing::PriceTable::new(&self.pricing) {
             return err(&format!("pricing.models[{i}]"), e.to_string());
         }
+        let names: Vec<String> = self.providers.iter().map(|p| p.name.clone()).collect();
+        if let Err(e) = crate::policy::Policy::new(&self.policy, &names) {
+            return err(&format!("policy.{}", e.field), e.message);
+        }
         if self.discovery.scan_interval.is_zero() {
             return err(
                 "discovery.scan_interval",
@@ -588,22 +595,52 @@ fn valid_host_name(h: &str) -> bool {
 /// deserialisation, so this is a best-effort text search; it is only used to
 /// point a human at the right line of an error.
 fn line_of(text: &str, field: &str) -> Option<usize> {
-    let keys: Vec<&str> = field
-        .split('.')
-        .map(|k| k.split('[').next().unwrap_or(k))
-        .filter(|k| !k.is_empty())
-        .collect();
-    let mut start = 0;
-    let mut found = None;
-    for key in keys {
+    // Hand-written on purpose: serde_yaml reports positions only for syntax
+    // and type errors, not for what `validate` finds; this walks the field
+    // path (`policy.rules[1].name`) over the text, block and flow style.
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let (mut start, mut found) = (0, None);
+    for seg in field.split('.') {
+        let (key, index) = match seg.split_once('[') {
+            Some((k, rest)) => (k, rest.trim_end_matches(']').parse::<usize>().ok()),
+            None => (seg, None),
+        };
+        if key.is_empty() {
+            continue;
+        }
         let pat = format!("{key}:");
-        let (idx, _) = text
-            .lines()
-            .enumerate()
-            .skip(start)
-            .find(|(_, l)| l.trim_start().trim_start_matches("- ").starts_with(&pat))?;
+        let idx = (start..lines.len()).find(|&i| {
+            let l = lines[i].trim_start().trim_start_matches("- ");
+            l.starts_with(&pat)
+                || l.contains(&format!("{{{pat}"))
+                || l.contains(&format!(", {pat}"))
+        })?;
+        let mut at = idx;
         start = idx + 1;
-        found = Some(idx + 1);
+        if let Some(n) = index {
+            // The n-th `- ` item of the list under the key.
+            let key_indent = indent(lines[idx]);
+            let items: Vec<usize> = (idx + 1..lines.len())
+                .take_while(|&i| {
+                    let l = lines[i];
+                    l.trim().is_empty()
+                        || indent(l) > key_indent
+                        || (indent(l) == key_indent && l.trim_start().starts_with("- "))
+                })
+                .filter(|&i| lines[i].trim_start().starts_with("- "))
+                .collect();
+            let item_indent = items.first().map(|&i| indent(lines[i]));
+            let items: Vec<usize> = items
+                .into_iter()
+                .filter(|&i| Some(indent(lines[i])) == item_indent)
+                .collect();
+            if let Some(&i) = items.get(n) {
+                at = i;
+                start = i; // the item's first key may sit on its own line
+            }
+        }
+        found = Some(at + 1);
     }
     found
 }
@@ -673,6 +710,18 @@ mod tests {
         assert!(e.contains("providers[0].hosts[0]"), "{e}");
         assert!(e.contains("wildcards"), "{e}");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn policy_errors_point_at_the_rule() {
+        let text = "policy:\n  rules:\n    - name: a\n      action: allow\n    - name: b\n      providers: [openia]\n      action: deny\n";
+        let e = Config::parse(text, "c").unwrap_err().to_string();
+        assert!(e.contains("policy.rules[1].providers[0]"), "{e}");
+        assert!(e.contains("line 6"), "{e}");
+        let flow = "policy:\n  rules:\n  - {name: a, action: allow}\n  - {name: a, action: deny}\n";
+        let e = Config::parse(flow, "c").unwrap_err().to_string();
+        assert!(e.contains("policy.rules[1].name"), "{e}");
+        assert!(e.contains("line 4"), "{e}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
+            let config_path = config.clone();
             let config = load_config(config.as_deref())?;
             // One thread: the current-thread scheduler, no cross-thread wake-ups.
             let rt = match config.proxy.threads() {
@@ -30,7 +31,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .enable_all()
                     .build()?,
             };
-            rt.block_on(tollgate_agent::run::run(config))
+            rt.block_on(tollgate_agent::run::run(config, config_path))
         }
         Command::CheckConfig { file } => {
             let config = load_config(Some(&file))?;

@@ -24,8 +24,9 @@ use crate::{
     netns::{self, NetnsId},
     preflight,
     proxy::{
+        relay::KnownProvider,
         relay::{RelayContext, accept_loop},
-        terminate::{GovernedProvider, TlsContext},
+        terminate::TlsContext,
         upstream::{self, UpstreamPool},
     },
     resolver::Refresher,
@@ -37,7 +38,9 @@ use crate::{
 /// Short enough for a Kubernetes default terminationGracePeriodSeconds (30 s).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Run the agent until SIGTERM. `config_path`: the file `config` came from,
+/// watched for policy and price changes (None: built-in defaults, no reload).
+pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     preflight::check_privileges()?;
     preflight::raise_nofile_limit();
     let mount = cgroup::cgroup2_mount()?;
@@ -71,18 +74,37 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let events = EventLog::open(&config.audit, &config.node_name())?;
     let identity = Arc::new(IdentityCache::new(&root.path, &mount));
+    let live = crate::live::Rules::live(&config);
     let ctx = Arc::new(RelayContext {
+        live: live.clone(),
         maps: maps.clone(),
         identity: identity.clone(),
         metrics: metrics.clone(),
         events,
-        provider_names: config.providers.iter().map(|p| p.name.clone()).collect(),
+        providers: config
+            .providers
+            .iter()
+            .map(|p| KnownProvider {
+                name: p.name.clone(),
+                hosts: p.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                api: p.api(),
+            })
+            .collect(),
+        hello_timeout: config.tls.client_hello_timeout,
         skip_mark: config.proxy.skip_mark,
         connect_timeout: config.proxy.upstream_connect_timeout,
-        tls: tls_context(&config)?,
+        tls: tls_context(&config, live.clone())?,
     });
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
+    if let Some(path) = config_path {
+        tasks.push(tokio::spawn(crate::live::watch(
+            path,
+            config.clone(),
+            live.clone(),
+            metrics.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(heartbeat(
         maps.clone(),
         settings,
@@ -170,7 +192,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 /// TLS termination, when `tls.ca_dir` is set: the CA must load (a broken CA
 /// is a startup error, not a silent fall-back to relaying).
-fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
+fn tls_context(
+    config: &Config,
+    live: crate::live::LiveRules,
+) -> anyhow::Result<Option<Arc<TlsContext>>> {
     if config.tls.ca_dir.is_empty() {
         tracing::info!("tls.ca_dir is not set: provider connections are relayed, not terminated");
         return Ok(None);
@@ -180,14 +205,6 @@ fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
         ca,
         config.providers.iter().flat_map(|p| p.hosts.clone()),
     ));
-    let governed = config
-        .providers
-        .iter()
-        .map(|p| GovernedProvider {
-            hosts: p.hosts.clone(),
-            api: p.api(),
-        })
-        .collect();
     let client = upstream::client_config(config.tls.system_roots, &config.tls.extra_roots)?;
     let pool = UpstreamPool::new(
         client,
@@ -195,15 +212,12 @@ fn tls_context(config: &Config) -> anyhow::Result<Option<Arc<TlsContext>>> {
         config.proxy.upstream_connect_timeout,
     );
     tracing::info!(ca = %config.tls.ca_dir, "TLS termination enabled for provider hosts");
-    let prices = crate::pricing::PriceTable::new(&config.pricing)
-        .map_err(|(i, e)| anyhow::anyhow!("pricing.models[{i}]: {e}"))?;
     Ok(Some(Arc::new(TlsContext::new(
         leaves,
         pool,
-        governed,
         config.tls.clone(),
         config.audit.capture.clone(),
-        prices,
+        live,
     ))))
 }
 

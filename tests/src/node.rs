@@ -304,9 +304,18 @@ impl TestNode {
     /// Start the agent in the node namespace, inside the governed subtree
     /// (so any loop through its own upstream connections would show), and
     /// wait until it governs every pod.
-    pub fn start_agent(&mut self, extra_config: &str) {
+    /// (Re)write the agent's config file (what a running agent reloads).
+    pub fn write_agent_config(&self, extra_config: &str) -> PathBuf {
         let cfg = self.dir.join("agent.yaml");
-        fs::write(&cfg, self.agent_config(extra_config)).unwrap();
+        // Write then rename: the agent never reads a half-written file.
+        let tmp = self.dir.join("agent.yaml.tmp");
+        fs::write(&tmp, self.agent_config(extra_config)).unwrap();
+        fs::rename(&tmp, &cfg).unwrap();
+        cfg
+    }
+
+    pub fn start_agent(&mut self, extra_config: &str) {
+        let cfg = self.write_agent_config(extra_config);
         let agent_cg = self.governed.join("tollgate-agent.scope");
         fs::create_dir_all(&agent_cg).unwrap();
         let log = fs::File::create(self.agent_log_path()).unwrap();

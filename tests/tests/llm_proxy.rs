@@ -121,7 +121,7 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
         assert!(!r["node"].as_str().unwrap_or_default().is_empty(), "{r}");
         assert_eq!(r["id"].as_str().map(str::len), Some(36), "UUID: {r}");
         assert_eq!(r["decision"], "allow");
-        assert_eq!(r["reason"], "no_policy");
+        assert_eq!(r["reason"], "default");
         assert_eq!(r["provider_request_id"], "req_mock");
         // gpt-4o-mini in the shipped table: input 0.15, cached 0.075, output 0.60 $/M.
         let u = &OPENAI_USAGE;
@@ -167,7 +167,7 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
     assert_eq!(
         metric(
             &m,
-            "tollgate_decisions_total{decision=\"allow\",provider=\"openai\",reason=\"no_policy\"}"
+            "tollgate_decisions_total{decision=\"allow\",provider=\"openai\",reason=\"default\"}"
         ),
         Some(2.0),
         "{m}"

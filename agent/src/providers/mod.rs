@@ -10,8 +10,10 @@
 //! Responses are parsed as they are relayed (`ResponseParser::feed` per
 //! chunk): SSE incrementally, JSON bodies once complete (bounded).
 pub mod anthropic;
+pub mod errors;
 pub mod gemini;
 pub mod openai;
+pub mod rewrite;
 pub mod sse;
 
 use serde::{Deserialize, Serialize};

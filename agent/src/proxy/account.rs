@@ -25,6 +25,8 @@ pub(super) fn account(
         .unwrap_or_default();
     record.cost_usd = call
         .tls
+        .live
+        .load()
         .prices
         .cost(&record.provider, billed_model, &record.usage)
         .map(round_nano);
@@ -39,7 +41,7 @@ pub(super) fn account(
         .with_label_values(&[&workload, &record.provider, &model, &class, record.result])
         .inc();
     m.decisions
-        .with_label_values(&[&record.provider, record.decision, record.reason])
+        .with_label_values(&[&record.provider, record.decision, &record.reason])
         .inc();
     if let Some(kind) = upstream_error_kind(&record) {
         m.upstream_errors
@@ -97,8 +99,8 @@ fn upstream_error_kind(r: &RequestRecord) -> Option<&'static str> {
     }
 }
 
-/// An error the proxy itself answers, shaped like a provider error (OpenAI's
-/// `{"error": {...}}`, which SDKs of every OpenAI-compatible API parse).
+/// An error the proxy itself answers, shaped like the provider's errors
+/// (`providers::errors`).
 pub(super) fn error_response(
     call: &Call,
     status: StatusCode,
@@ -109,14 +111,16 @@ pub(super) fn error_response(
     record.status = status.as_u16();
     record.duration_ms = started.elapsed().as_millis() as u64;
     record.error = Some(message.to_string());
-    let body = serde_json::json!({
-        "error": { "message": format!("tollgate: {message}"), "type": "tollgate_error", "code": record.result }
-    })
-    .to_string();
+    let code = if record.decision == "deny" {
+        record.reason.as_str()
+    } else {
+        record.result
+    };
+    let body = crate::providers::errors::body(call.meta.api, status.as_u16(), message, code);
     let response = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .header("x-tollgate-reason", record.reason)
+        .header("x-tollgate-reason", code)
         .header("x-tollgate-request-id", record.id.as_str());
     account(call, record, started, None);
     response

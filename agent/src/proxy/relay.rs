@@ -1,9 +1,7 @@
-//! Accept redirected connections and relay them, byte for byte, to the
-//! provider the workload asked for, counting what passes.
-//!
-//! This is the observe path: it never looks inside the bytes. The
-//! TLS-terminating proxy (next issue) takes over governed traffic at the point
-//! where this module dials upstream.
+//! Accept redirected connections, judge them by policy, and hand them to the
+//! terminating proxy (`terminate`) or relay them byte for byte to the
+//! provider the workload asked for, counting what passes (observe), or
+//! close them (deny without termination).
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -18,8 +16,9 @@ use super::{
     terminate::{self, CallMeta, TlsContext},
 };
 use crate::{
-    bpf::Maps,
-    identity::IdentityCache,
+    bpf::{Maps, maps::OrigDst},
+    identity::{IdentityCache, Workload},
+    policy::{ConnectionDecision, Subject},
     telemetry::{
         events::{ConnectionRecord, EventLog, now_rfc3339},
         metrics::Metrics,
@@ -28,15 +27,42 @@ use crate::{
 
 /// Everything a relay needs, shared by all connections.
 pub struct RelayContext {
+    /// Policy and prices, swapped on reload.
+    pub live: crate::live::LiveRules,
     pub maps: Arc<Maps>,
     pub identity: Arc<IdentityCache>,
     pub metrics: Arc<Metrics>,
     pub events: EventLog,
-    pub provider_names: Vec<String>,
+    /// By provider id (config order, as in the kernel map).
+    pub providers: Vec<KnownProvider>,
+    /// How long a client may take to send its first bytes (ClientHello).
+    pub hello_timeout: Duration,
     pub skip_mark: u32,
     pub connect_timeout: Duration,
     /// Present when a node CA is configured: governed hosts are terminated.
     pub tls: Option<Arc<TlsContext>>,
+}
+
+/// A configured provider, as the proxy tells them apart.
+pub struct KnownProvider {
+    pub name: String,
+    /// Lowercase host names.
+    pub hosts: Vec<String>,
+    pub api: crate::providers::Api,
+}
+
+impl RelayContext {
+    /// The provider a TLS server name belongs to.
+    ///
+    /// The name, not the dialled address, decides: providers behind one CDN
+    /// share addresses, and the kernel map holds one provider per address.
+    /// Terminating and then dialling that (provider-map) address with this
+    /// name is safe because the upstream handshake verifies the server
+    /// really holds the name.
+    fn by_host(&self, sni: &str) -> Option<&KnownProvider> {
+        let sni = sni.to_ascii_lowercase();
+        self.providers.iter().find(|p| p.hosts.contains(&sni))
+    }
 }
 
 /// Accept on one namespace's listener until the task is aborted.
@@ -70,50 +96,89 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
     let started = Instant::now();
     let time = now_rfc3339();
     let workload = ctx.identity.lookup(orig.cgroup_id);
-    let provider = ctx
-        .provider_names
+    let mut provider = ctx
+        .providers
         .get(orig.provider_id as usize)
-        .cloned()
+        .map(|p| p.name.clone())
         .unwrap_or_else(|| format!("provider-{}", orig.provider_id));
     let _active = ActiveGuard::new(&ctx.metrics);
     let _ = client.set_nodelay(true);
 
-    if let Some(tls) = &ctx.tls {
-        if let Hello::Tls(info) = peek_hello(&client, tls.settings.client_hello_timeout).await {
-            if let Some((sni, (id, api))) = info.sni.and_then(|s| tls.governs(&s).map(|g| (s, g))) {
-                // The provider the server name belongs to (see TlsContext::governs).
-                let provider = ctx
-                    .provider_names
-                    .get(id as usize)
-                    .cloned()
-                    .unwrap_or_else(|| provider.clone());
-                let meta = CallMeta {
-                    api,
-                    workload: workload.clone(),
-                    pid: orig.tgid,
-                    comm: orig.comm.clone(),
-                    provider: provider.clone(),
-                    host: sni,
-                    upstream: orig.dest,
-                };
-                let result = terminate::serve(
-                    tls.clone(),
-                    ctx.events.clone(),
-                    ctx.metrics.clone(),
-                    client,
-                    meta,
-                )
-                .await;
-                ctx.metrics
-                    .connections
-                    .with_label_values(&[workload.label(), &provider, result])
-                    .inc();
-                return;
+    // The ClientHello's server name (peeked, not consumed) says which
+    // provider this is and, with a CA, that it can be terminated. Policy
+    // needs the provider even when nothing is terminated (deny by provider).
+    let mut governed = None;
+    if let Hello::Tls(info) = peek_hello(&client, ctx.hello_timeout).await {
+        if let Some(known) = info.sni.as_deref().and_then(|s| ctx.by_host(s)) {
+            provider = known.name.clone();
+            if let Some(tls) = &ctx.tls {
+                let sni = info.sni.clone().expect("matched a host");
+                governed = Some((tls.clone(), sni, known.api));
             }
         }
-        // Not TLS, no SNI, or a name that is no provider host: relay the bytes
-        // untouched to where the workload was going (observe).
     }
+    let subject = Subject {
+        workload: &workload,
+        comm: &orig.comm,
+    };
+    let decision = ctx.live.load().policy.connection(subject, &provider);
+    let (decision, reason) = match decision {
+        // Terminated, a denied call gets the provider-shaped 403 with the
+        // rule's message (the request stage meets the same rule).
+        ConnectionDecision::Terminate { .. } | ConnectionDecision::Deny { .. }
+            if governed.is_some() =>
+        {
+            let (tls, sni, api) = governed.expect("checked");
+            let meta = CallMeta {
+                api,
+                workload: workload.clone(),
+                pid: orig.tgid,
+                comm: orig.comm.clone(),
+                provider: provider.clone(),
+                host: sni,
+                upstream: orig.dest,
+            };
+            let result =
+                terminate::serve(tls, ctx.events.clone(), ctx.metrics.clone(), client, meta).await;
+            ctx.metrics
+                .connections
+                .with_label_values(&[workload.label(), &provider, result])
+                .inc();
+            return;
+        }
+        ConnectionDecision::Deny { reason, .. } => {
+            // Nothing to answer in (no termination): close, say why.
+            tracing::info!(workload = %workload.label(), %provider, %reason, "provider connection denied by policy");
+            ctx.metrics
+                .decisions
+                .with_label_values(&[&provider, "deny", &reason])
+                .inc();
+            drop(client);
+            let t = Transfer::default();
+            return finish(
+                &ctx,
+                t,
+                Closing {
+                    time,
+                    workload,
+                    orig,
+                    provider,
+                    peer,
+                    started,
+                    decision: "deny",
+                    reason,
+                    denied: true,
+                },
+            );
+        }
+        ConnectionDecision::Observe { reason } => ("observe", reason),
+        ConnectionDecision::Terminate { reason } => ("allow", reason),
+    };
+    ctx.metrics
+        .decisions
+        .with_label_values(&[&provider, decision, &reason])
+        .inc();
+    // Relay the bytes untouched to where the workload was going.
 
     let t = match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
         Ok(upstream) => {
@@ -125,18 +190,55 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
             ..Transfer::default()
         },
     };
+    finish(
+        &ctx,
+        t,
+        Closing {
+            time,
+            workload,
+            orig,
+            provider,
+            peer,
+            started,
+            decision,
+            reason,
+            denied: false,
+        },
+    );
+}
+
+/// A relayed (or refused) connection, as its record needs it.
+struct Closing {
+    time: String,
+    workload: Workload,
+    orig: OrigDst,
+    provider: String,
+    peer: SocketAddr,
+    started: Instant,
+    decision: &'static str,
+    reason: String,
+    denied: bool,
+}
+
+/// Count and record one relayed or refused connection.
+fn finish(ctx: &RelayContext, t: Transfer, c: Closing) {
     let (sent, received) = (t.sent, t.received);
-    let result = t.error.as_ref().map_or("ok", RelayError::kind);
+    let result = if c.denied {
+        "denied"
+    } else {
+        t.error.as_ref().map_or("ok", RelayError::kind)
+    };
     let (client_protocol, tls) = match t.hello {
         Hello::Tls(info) => ("tls", Some(info)),
         Hello::NotTls => ("plaintext", None),
         Hello::Malformed(e) => {
-            tracing::debug!(%peer, error = %e, "malformed TLS ClientHello");
+            tracing::debug!(peer = %c.peer, error = %e, "malformed TLS ClientHello");
             ("malformed_tls", None)
         }
         Hello::Pending => ("none", None),
     };
-    let label = workload.label().to_string();
+    let label = c.workload.label().to_string();
+    let provider = c.provider;
     ctx.metrics
         .connections
         .with_label_values(&[&label, &provider, result])
@@ -150,19 +252,21 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
         .with_label_values(&[&label, &provider, "received"])
         .inc_by(received);
     ctx.events.record(&ConnectionRecord {
-        time,
-        workload,
-        pid: orig.tgid,
-        comm: orig.comm,
+        time: c.time,
+        workload: c.workload,
+        pid: c.orig.tgid,
+        comm: c.orig.comm,
         provider,
-        destination: orig.dest,
-        client: peer,
+        destination: c.orig.dest,
+        client: c.peer,
         bytes_sent: sent,
         bytes_received: received,
-        duration_ms: started.elapsed().as_millis() as u64,
+        duration_ms: c.started.elapsed().as_millis() as u64,
         result,
         error: t.error.map(|e| e.to_string()),
         client_protocol,
+        decision: c.decision,
+        reason: c.reason,
         tls,
     });
 }

@@ -7,7 +7,7 @@ use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Bytes, Incoming};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
@@ -23,8 +23,8 @@ use super::{
 use crate::{
     config::{CaptureConfig, TlsConfig},
     identity::Workload,
-    pricing::PriceTable,
-    providers::{self, Api, ResponseParser},
+    policy::{RequestDecision, Subject},
+    providers::{self, Api, ResponseParser, rewrite},
     telemetry::{
         events::{EventLog, RequestRecord, now_rfc3339},
         metrics::Metrics,
@@ -33,33 +33,25 @@ use crate::{
     tls::LeafCache,
 };
 
-/// One governed provider, as termination sees it.
-pub struct GovernedProvider {
-    pub hosts: Vec<String>,
-    pub api: Api,
-}
-
 /// What TLS termination needs, built once at startup when a CA is configured.
 pub struct TlsContext {
     pub acceptor: TlsAcceptor,
     pub upstream: UpstreamPool,
-    /// By provider id (config order).
-    pub providers: Vec<GovernedProvider>,
     /// Timeouts and limits (`tls` section of the config).
     pub settings: TlsConfig,
     /// What request records capture beyond metadata (`audit.capture`).
     pub capture: CaptureConfig,
-    pub prices: PriceTable,
+    /// Policy and prices, swapped on reload.
+    pub live: crate::live::LiveRules,
 }
 
 impl TlsContext {
     pub fn new(
         leaves: Arc<LeafCache>,
         upstream: UpstreamPool,
-        providers: Vec<GovernedProvider>,
         settings: TlsConfig,
         capture: CaptureConfig,
-        prices: PriceTable,
+        live: crate::live::LiveRules,
     ) -> Self {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -69,37 +61,20 @@ impl TlsContext {
         .with_no_client_auth()
         .with_cert_resolver(leaves);
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let providers = providers
-            .into_iter()
-            .map(|p| GovernedProvider {
-                hosts: p.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                api: p.api,
-            })
-            .collect();
         Self {
             acceptor: TlsAcceptor::from(Arc::new(cfg)),
             upstream,
-            providers,
             settings,
             capture,
-            prices,
+            live,
         }
     }
+}
 
-    /// Terminate a connection with this server name? Only for a configured
-    /// provider host; returns that provider's id and API.
-    ///
-    /// The provider is the one the *name* belongs to, not the one the kernel
-    /// map names for the dialled address: providers behind one CDN share
-    /// addresses, and the map holds one provider per address. Connecting to
-    /// the dialled (provider-map) address with this name is safe because the
-    /// upstream handshake verifies the server really holds that name.
-    pub fn governs(&self, sni: &str) -> Option<(u32, Api)> {
-        let sni = sni.to_ascii_lowercase();
-        self.providers
-            .iter()
-            .position(|p| p.hosts.contains(&sni))
-            .map(|i| (i as u32, self.providers[i].api))
+impl CallMeta {
+    /// OpenAI itself or Azure OpenAI (they name output limits their own way).
+    pub fn openai_native(&self) -> bool {
+        self.provider == "openai" || self.host.ends_with(".openai.azure.com")
     }
 }
 
@@ -202,7 +177,9 @@ async fn forward(
         kind: "request",
         id: uuid::Uuid::now_v7().to_string(),
         decision: "allow",
-        reason: "no_policy",
+        reason: String::new(),
+        routed_model: None,
+        capped_output_tokens: None,
         workload: meta.workload.clone(),
         pid: meta.pid,
         comm: meta.comm.clone(),
@@ -250,7 +227,7 @@ async fn forward(
                 .is_some();
             record.result = if too_big {
                 record.decision = "deny";
-                record.reason = "request_too_large";
+                record.reason = "request_too_large".into();
                 "request_too_large"
             } else {
                 "client_error"
@@ -280,6 +257,49 @@ async fn forward(
     record.operation = request.operation;
     record.model = request.model;
     record.stream = request.stream;
+
+    let subject = Subject {
+        workload: &meta.workload,
+        comm: &meta.comm,
+    };
+    let decision =
+        call.tls
+            .live
+            .load()
+            .policy
+            .request(subject, &meta.provider, record.model.as_deref());
+    let (mut target, mut body) = (target, body);
+    match decision {
+        RequestDecision::Deny { reason, message } => {
+            record.decision = "deny";
+            record.reason = reason;
+            record.result = "denied";
+            return Ok(error_response(
+                &call,
+                StatusCode::FORBIDDEN,
+                &message,
+                record,
+                started,
+            ));
+        }
+        RequestDecision::Allow { reason, caps } => {
+            record.reason = reason;
+            let (path, rewritten, changed) = rewrite::apply(
+                meta.api,
+                &target,
+                &body,
+                caps.model.as_deref(),
+                caps.max_output_tokens,
+                meta.openai_native(),
+            );
+            target = path;
+            if let Some(b) = rewritten {
+                body = Bytes::from(b);
+            }
+            record.routed_model = changed.model;
+            record.capped_output_tokens = changed.capped_output_tokens;
+        }
+    }
 
     let authority = if meta.upstream.port() == 443 {
         meta.host.clone()

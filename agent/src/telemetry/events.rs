@@ -40,6 +40,10 @@ pub struct ConnectionRecord {
     pub error: Option<String>,
     /// What the client's first bytes were: `tls`, `plaintext`, `malformed_tls`, or `none`.
     pub client_protocol: &'static str,
+    /// `allow`, `observe` (relayed by policy) or `deny` (closed).
+    pub decision: &'static str,
+    /// `rule:<name>` or `default`.
+    pub reason: String,
     /// Server name and ALPN from the TLS ClientHello, when there was one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<crate::proxy::client_hello::TlsInfo>,
@@ -62,8 +66,15 @@ pub struct RequestRecord {
     pub id: String,
     /// `allow` or `deny`.
     pub decision: &'static str,
-    /// Why (`no_policy` until a policy decides; `request_too_large`, …).
-    pub reason: &'static str,
+    /// Why: `rule:<name>` or `default` (the policy), or the proxy's own
+    /// reason (`request_too_large`).
+    pub reason: String,
+    /// The model sent upstream when a policy alias rewrote it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routed_model: Option<String>,
+    /// The output-token cap a policy applied to this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capped_output_tokens: Option<u64>,
     pub workload: Workload,
     pub pid: u32,
     pub comm: String,
@@ -351,6 +362,8 @@ mod tests {
             result: "ok",
             error: None,
             client_protocol: "tls",
+            decision: "allow",
+            reason: "default".into(),
             tls: Some(crate::proxy::client_hello::TlsInfo {
                 sni: Some("api.openai.com".into()),
                 alpn: vec![],

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// Requests by decision (`allow`, `deny`) and reason.
     pub decisions: IntCounterVec,
+    /// Config reloads by result (`applied`, `rejected`).
+    pub config_reloads: IntCounterVec,
+    /// Rules of the policy in force.
+    pub policy_rules: IntGauge,
     /// Distinct model label values per provider; beyond the cap, `other`.
     models: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Set once programs are attached and the first DNS round is done.
@@ -185,6 +189,16 @@ impl Metrics {
             &["provider", "decision", "reason"],
         )
         .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "tollgate_config_reloads_total",
+                "Config reloads: applied, or rejected (the running policy stays)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let policy_rules = IntGauge::new("tollgate_policy_rules", "Rules of the policy in force")
+            .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -202,6 +216,8 @@ impl Metrics {
             Box::new(active_streams.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(decisions.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(policy_rules.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -223,6 +239,8 @@ impl Metrics {
             active_streams,
             upstream_errors,
             decisions,
+            config_reloads,
+            policy_rules,
             models: Default::default(),
             ready: AtomicBool::new(false),
         })

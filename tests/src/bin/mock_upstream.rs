@@ -159,7 +159,20 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     if let Some(resp) = mock_llm::respond(&path, &body) {
-        return Ok(stream(resp));
+        // What arrived, for tests of policy rewrites: the model and output
+        // limits the provider was asked for, and whether a key came along.
+        let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let mut echo = vec![("x-mock-authorization", authorization.to_string())];
+        for (h, field) in [
+            ("x-mock-model", "model"),
+            ("x-mock-max-tokens", "max_tokens"),
+            ("x-mock-max-completion-tokens", "max_completion_tokens"),
+        ] {
+            if let Some(v) = req.get(field).filter(|v| !v.is_null()) {
+                echo.push((h, v.to_string().trim_matches('"').to_string()));
+            }
+        }
+        return Ok(stream(resp, echo));
     }
     let echo = serde_json::json!({
         "peer": peer.to_string(),
@@ -179,7 +192,7 @@ async fn answer(
 
 /// An LLM answer, written piece by piece as the provider would stream it
 /// (no content-length: chunked on h1, DATA frames on h2).
-fn stream(resp: mock_llm::MockResponse) -> Response<Body> {
+fn stream(resp: mock_llm::MockResponse, echo: Vec<(&'static str, String)>) -> Response<Body> {
     let (mut tx, body) = http_body_util::channel::Channel::<Bytes, std::io::Error>::new(1);
     tokio::spawn(async move {
         for (i, c) in resp.chunks.into_iter().enumerate() {
@@ -204,10 +217,12 @@ fn stream(resp: mock_llm::MockResponse) -> Response<Body> {
             Fault::None => {}
         }
     });
-    Response::builder()
+    let mut r = Response::builder()
         .status(resp.status)
         .header("content-type", resp.content_type)
-        .header("x-request-id", "req_mock")
-        .body(body.boxed())
-        .unwrap()
+        .header("x-request-id", "req_mock");
+    for (h, v) in echo {
+        r = r.header(h, v);
+    }
+    r.body(body.boxed()).unwrap()
 }

@@ -1,0 +1,287 @@
+//! The policy's YAML model, its validation, and rule matching.
+use std::collections::BTreeMap;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+
+use super::Subject;
+
+/// What a rule does with the calls it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Terminate, parse, account, forward.
+    #[default]
+    Allow,
+    /// Refuse: an HTTP error shaped like the provider's (403) when the
+    /// connection is terminated, else the connection is closed.
+    Deny,
+    /// Relay without terminating TLS: audited by server name and bytes; for
+    /// workloads that do not trust the node CA.
+    Observe,
+}
+
+/// The `policy` section.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// For calls no rule matches.
+    pub default: Action,
+    /// In order; the first rule that matches a call decides it.
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique; the decision's reason is `rule:<name>`.
+    pub name: String,
+    /// Which workloads (every workload when empty).
+    #[serde(rename = "match", default)]
+    pub selector: Selector,
+    /// Provider names (`providers[].name`); any when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<String>,
+    /// Globs over the requested model (`gpt-4o*`); any when empty. A rule
+    /// with models is decided per request, so its connections are terminated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    pub action: Action,
+    /// Shown to the workload when the rule denies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Cap on the output length a request may ask for (`max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens`, `maxOutputTokens`);
+    /// lowered to this, or set when the request leaves it open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    /// Model names the workload may use, and the model each is sent as
+    /// (`fast: gpt-4o-mini`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_aliases: BTreeMap<String, String>,
+}
+
+/// Which workloads a rule is for: every non-empty field must match (and),
+/// any entry of a field may (or).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Selector {
+    /// Globs over the workload's cgroup path below the cgroup2 mount (no
+    /// leading `/`; `*` also crosses `/`), e.g. `**/*pod<uid>.slice/**`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cgroups: Vec<String>,
+    /// Kubernetes pod UIDs.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pod_uids: Vec<String>,
+    /// Globs over systemd unit names (host mode), e.g. `batch-*.service`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<String>,
+    /// Globs over process names (`comm`, 15 characters at most), e.g. `python*`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{field}: {message}")]
+pub struct PolicyError {
+    /// Path below `policy`, e.g. `rules[2].models[0]`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Limits a rule puts on a request it allows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caps {
+    pub max_output_tokens: Option<u64>,
+    /// The model to send instead of the requested one.
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionDecision {
+    /// Terminate TLS (when possible) and decide per request; relayed
+    /// connections record `reason`.
+    Terminate { reason: String },
+    /// Relay the bytes; `reason` for the record.
+    Observe { reason: String },
+    /// Refuse.
+    Deny {
+        reason: String,
+        message: Option<String>,
+    },
+}
+
+impl ConnectionDecision {
+    pub(super) fn for_action(action: Action, reason: String, message: Option<String>) -> Self {
+        match action {
+            Action::Allow => Self::Terminate { reason },
+            Action::Observe => Self::Observe { reason },
+            Action::Deny => Self::Deny { reason, message },
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestDecision {
+    Allow { reason: String, caps: Caps },
+    Deny { reason: String, message: String },
+}
+
+impl RequestDecision {
+    pub(super) fn for_default(action: Action) -> Self {
+        match action {
+            Action::Deny => Self::Deny {
+                reason: "default".into(),
+                message: "no policy rule allows this call".into(),
+            },
+            // Observe by default yet terminated (a model rule of another
+            // workload asked for it): forward as allowed.
+            _ => Self::Allow {
+                reason: "default".into(),
+                caps: Caps::default(),
+            },
+        }
+    }
+}
+
+pub(super) struct Compiled {
+    pub rule: Rule,
+    cgroups: Option<GlobSet>,
+    units: Option<GlobSet>,
+    processes: Option<GlobSet>,
+    models: Option<GlobSet>,
+}
+
+impl Compiled {
+    pub fn matches(&self, s: Subject<'_>, provider: &str) -> bool {
+        let r = &self.rule;
+        let w = s.workload;
+        (r.providers.is_empty() || r.providers.iter().any(|p| p == provider))
+            && self
+                .cgroups
+                .as_ref()
+                .is_none_or(|g| g.is_match(w.cgroup.trim_start_matches('/')))
+            && (r.selector.pod_uids.is_empty()
+                || w.pod_uid
+                    .as_ref()
+                    .is_some_and(|u| r.selector.pod_uids.contains(u)))
+            && self
+                .units
+                .as_ref()
+                .is_none_or(|g| w.unit.as_ref().is_some_and(|u| g.is_match(u)))
+            && self.processes.as_ref().is_none_or(|g| g.is_match(s.comm))
+    }
+
+    pub fn has_models(&self) -> bool {
+        self.models.is_some()
+    }
+
+    pub fn matches_model(&self, model: Option<&str>) -> bool {
+        match (&self.models, model) {
+            (None, _) => true,
+            (Some(g), Some(m)) => g.is_match(m),
+            // A model rule cannot apply to a call that names no model.
+            (Some(_), None) => false,
+        }
+    }
+
+    pub fn reason(&self) -> String {
+        format!("rule:{}", self.rule.name)
+    }
+
+    pub fn message(&self) -> Option<String> {
+        self.rule.message.clone()
+    }
+
+    pub fn decide(&self, model: Option<&str>) -> RequestDecision {
+        let r = &self.rule;
+        match r.action {
+            Action::Deny => RequestDecision::Deny {
+                reason: self.reason(),
+                message: r.message.clone().unwrap_or_else(|| {
+                    format!(
+                        "denied by policy rule `{}`{}",
+                        r.name,
+                        model
+                            .map(|m| format!(" for model `{m}`"))
+                            .unwrap_or_default()
+                    )
+                }),
+            },
+            Action::Allow | Action::Observe => RequestDecision::Allow {
+                reason: self.reason(),
+                caps: Caps {
+                    max_output_tokens: r.max_output_tokens,
+                    model: model.and_then(|m| r.model_aliases.get(m)).cloned(),
+                },
+            },
+        }
+    }
+}
+
+pub(super) fn compile(
+    cfg: &PolicyConfig,
+    providers: &[String],
+) -> Result<Vec<Compiled>, PolicyError> {
+    let mut names = std::collections::HashSet::new();
+    cfg.rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let at = |f: &str| format!("rules[{i}].{f}");
+            let err = |field: String, message: String| PolicyError { field, message };
+            if r.name.trim().is_empty() {
+                return Err(err(at("name"), "must not be empty".into()));
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(err(at("name"), format!("`{}` names two rules", r.name)));
+            }
+            for (j, p) in r.providers.iter().enumerate() {
+                if !providers.contains(p) {
+                    return Err(err(
+                        at(&format!("providers[{j}]")),
+                        format!(
+                            "`{p}` is not a configured provider (known: {})",
+                            providers.join(", ")
+                        ),
+                    ));
+                }
+            }
+            if r.max_output_tokens == Some(0) {
+                return Err(err(at("max_output_tokens"), "must be at least 1".into()));
+            }
+            if r.action == Action::Deny
+                && (r.max_output_tokens.is_some() || !r.model_aliases.is_empty())
+            {
+                return Err(err(
+                    at("action"),
+                    "a deny rule cannot also cap or rewrite: split it in two rules".into(),
+                ));
+            }
+            Ok(Compiled {
+                cgroups: globs(&r.selector.cgroups, &at("match.cgroups"))?,
+                units: globs(&r.selector.units, &at("match.units"))?,
+                processes: globs(&r.selector.processes, &at("match.processes"))?,
+                models: globs(&r.models, &at("models"))?,
+                rule: r.clone(),
+            })
+        })
+        .collect()
+}
+
+fn globs(patterns: &[String], field: &str) -> Result<Option<GlobSet>, PolicyError> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for (i, p) in patterns.iter().enumerate() {
+        b.add(Glob::new(p).map_err(|e| PolicyError {
+            field: format!("{field}[{i}]"),
+            message: format!("`{p}` is not a valid glob: {}", e.kind()),
+        })?);
+    }
+    b.build().map(Some).map_err(|e| PolicyError {
+        field: field.into(),
+        message: e.to_string(),
+    })
+}

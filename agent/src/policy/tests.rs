@@ -1,0 +1,195 @@
+use super::*;
+
+fn policy(yaml: &str) -> Policy {
+    let cfg: PolicyConfig = serde_yaml::from_str(yaml).unwrap();
+    Policy::new(&cfg, &["openai".into(), "anthropic".into()]).unwrap()
+}
+
+fn pod(uid: &str) -> Workload {
+    Workload {
+        cgroup: format!("/kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-abc.scope"),
+        pod_uid: Some(uid.into()),
+        ..Default::default()
+    }
+}
+
+fn subject(w: &Workload) -> Subject<'_> {
+    Subject {
+        workload: w,
+        comm: "python3",
+    }
+}
+
+const RULES: &str = r#"
+default: allow
+rules:
+  - name: batch-no-frontier
+    match: {pod_uids: [batch]}
+    models: ["gpt-4o", "gpt-4.1*", "o3*"]
+    action: deny
+    message: batch jobs use gpt-4o-mini
+  - name: batch-capped
+    match: {pod_uids: [batch]}
+    providers: [openai]
+    action: allow
+    max_output_tokens: 256
+    model_aliases: {fast: gpt-4o-mini}
+  - name: untrusting
+    match: {cgroups: ["**/*podlegacy.slice/**"]}
+    action: observe
+  - name: no-anthropic
+    match: {processes: ["curl"]}
+    providers: [anthropic]
+    action: deny
+"#;
+
+#[test]
+fn first_matching_rule_decides_requests() {
+    let p = policy(RULES);
+    let batch = pod("batch");
+    let d = p.request(subject(&batch), "openai", Some("gpt-4.1-mini"));
+    assert_eq!(
+        d,
+        RequestDecision::Deny {
+            reason: "rule:batch-no-frontier".into(),
+            message: "batch jobs use gpt-4o-mini".into()
+        }
+    );
+    // Not a denied model: the next rule caps and rewrites.
+    let d = p.request(subject(&batch), "openai", Some("fast"));
+    assert_eq!(
+        d,
+        RequestDecision::Allow {
+            reason: "rule:batch-capped".into(),
+            caps: Caps {
+                max_output_tokens: Some(256),
+                model: Some("gpt-4o-mini".into())
+            }
+        }
+    );
+    // Another pod: the default.
+    let other = pod("web");
+    assert_eq!(
+        p.request(subject(&other), "openai", Some("gpt-4o")),
+        RequestDecision::Allow {
+            reason: "default".into(),
+            caps: Caps::default()
+        }
+    );
+}
+
+#[test]
+fn connections_are_terminated_when_a_model_rule_may_apply() {
+    let p = policy(RULES);
+    let batch = pod("batch");
+    // The first matching rule names models: the model decides, so terminate.
+    assert!(matches!(
+        p.connection(subject(&batch), "openai"),
+        ConnectionDecision::Terminate { .. }
+    ));
+    let legacy = pod("legacy");
+    assert_eq!(
+        p.connection(subject(&legacy), "openai"),
+        ConnectionDecision::Observe {
+            reason: "rule:untrusting".into()
+        }
+    );
+    let curl = Subject {
+        workload: &legacy,
+        comm: "curl",
+    };
+    // Rule order: `untrusting` comes first for this cgroup.
+    assert!(matches!(
+        p.connection(curl, "anthropic"),
+        ConnectionDecision::Observe { .. }
+    ));
+    let web = pod("web");
+    let curl = Subject {
+        workload: &web,
+        comm: "curl",
+    };
+    assert_eq!(
+        p.connection(curl, "anthropic"),
+        ConnectionDecision::Deny {
+            reason: "rule:no-anthropic".into(),
+            message: None
+        }
+    );
+}
+
+#[test]
+fn default_deny_denies_what_no_rule_allows() {
+    let p =
+        policy("default: deny\nrules:\n  - {name: ok, match: {pod_uids: [a]}, action: allow}\n");
+    let a = pod("a");
+    let b = pod("b");
+    assert_eq!(
+        p.connection(subject(&a), "openai"),
+        ConnectionDecision::Terminate {
+            reason: "rule:ok".into()
+        }
+    );
+    assert!(matches!(
+        p.connection(subject(&b), "openai"),
+        ConnectionDecision::Deny { ref reason, .. } if reason == "default"
+    ));
+    assert!(matches!(
+        p.request(subject(&b), "openai", Some("m")),
+        RequestDecision::Deny { .. }
+    ));
+}
+
+#[test]
+fn selectors_and_fields_combine_and_within_or_across() {
+    let p = policy(
+        "rules:\n  - name: r\n    match: {units: [\"batch-*.service\"], processes: [\"python*\"]}\n    action: deny\n",
+    );
+    let unit = |u: &str| Workload {
+        cgroup: format!("/tollgate.slice/{u}"),
+        unit: Some(u.into()),
+        ..Default::default()
+    };
+    let (a, b) = (unit("batch-1.service"), unit("web.service"));
+    let s = |w, comm| Subject { workload: w, comm };
+    assert!(matches!(
+        p.connection(s(&a, "python3"), "openai"),
+        ConnectionDecision::Deny { .. }
+    ));
+    for other in [s(&a, "node"), s(&b, "python3")] {
+        assert_eq!(
+            p.connection(other, "openai"),
+            ConnectionDecision::Terminate {
+                reason: "default".into()
+            }
+        );
+    }
+}
+
+#[test]
+fn a_model_rule_does_not_apply_to_calls_without_a_model() {
+    let p = policy("rules:\n  - {name: r, models: [\"*\"], action: deny}\n");
+    let w = pod("x");
+    assert!(matches!(
+        p.request(subject(&w), "openai", None),
+        RequestDecision::Allow { .. }
+    ));
+}
+
+#[test]
+fn invalid_policies_name_the_field() {
+    let bad = |yaml: &str| {
+        let cfg: PolicyConfig = serde_yaml::from_str(yaml).unwrap();
+        Policy::new(&cfg, &["openai".into()]).err().unwrap()
+    };
+    let e = bad("rules:\n  - {name: a, action: allow}\n  - {name: a, action: deny}\n");
+    assert_eq!(e.field, "rules[1].name");
+    let e = bad("rules:\n  - {name: a, providers: [openia], action: deny}\n");
+    assert_eq!(e.field, "rules[0].providers[0]");
+    assert!(e.message.contains("known: openai"), "{e}");
+    let e = bad("rules:\n  - {name: a, models: [\"ok\", \"a[\"], action: deny}\n");
+    assert_eq!(e.field, "rules[0].models[1]");
+    let e = bad("rules:\n  - {name: a, action: deny, max_output_tokens: 5}\n");
+    assert_eq!(e.field, "rules[0].action");
+    let e = bad("rules:\n  - {name: a, action: allow, max_output_tokens: 0}\n");
+    assert_eq!(e.field, "rules[0].max_output_tokens");
+}

@@ -1,0 +1,254 @@
+//! The policy engine with real clients in the test node: deny by model and
+//! by provider (with and without TLS termination), model aliases and output
+//! caps as the provider receives them, observe (relay) for a workload that
+//! does not trust the node CA, and reloads — a bad one keeps the running
+//! policy, a good one applies without a restart.
+use std::time::Duration;
+
+use tollgate_tests::{
+    TestNode,
+    node::{ANTHROPIC_HOST, PROVIDER_HOST},
+    process::wait_until,
+    require_privileged,
+};
+
+/// Records of `kind` (`request`, or None for connection records), waiting for `n`.
+fn records(node: &TestNode, kind: Option<&str>, n: usize) -> Vec<serde_json::Value> {
+    wait_until(Duration::from_secs(5), || {
+        let r: Vec<_> = node
+            .connections()
+            .into_iter()
+            .filter(|r| r.get("kind").and_then(|k| k.as_str()) == kind)
+            .collect();
+        (r.len() >= n).then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "expected {n} {kind:?} records: {:?}\n{}",
+            node.connections(),
+            node.agent_log()
+        )
+    })
+}
+
+fn rules(node: &TestNode) -> String {
+    format!(
+        r#"policy:
+  default: allow
+  rules:
+    - name: no-frontier
+      match: {{pod_uids: ["{p0}"]}}
+      models: ["gpt-4o"]
+      action: deny
+      message: this team uses gpt-4o-mini
+    - name: capped
+      match: {{pod_uids: ["{p0}"]}}
+      providers: [openai]
+      action: allow
+      max_output_tokens: 32
+      model_aliases: {{fast: gpt-4o-mini}}
+    - name: legacy-observe
+      match: {{pod_uids: ["{p1}"]}}
+      action: observe
+    - name: no-anthropic
+      providers: [anthropic]
+      action: deny
+      message: Anthropic is not approved here
+"#,
+        p0 = node.pods[0].uid,
+        p1 = node.pods[1].uid
+    )
+}
+
+/// curl's output with response headers (`-i`).
+fn post_with_headers(node: &TestNode, pod: usize, host: &str, body: &str) -> String {
+    let out = node.pods[pod]
+        .https_post_command(&node.node_ca_cert(), host, "/v1/chat/completions", body)
+        .arg("-i")
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn rules_deny_rewrite_cap_and_observe_per_workload() {
+    if !require_privileged("rules_deny_rewrite_cap_and_observe_per_workload") {
+        return;
+    }
+    let mut node = TestNode::new(2);
+    node.start_agent(&rules(&node));
+
+    // Denied model: a provider-shaped 403 with the rule's message.
+    let out = post_with_headers(
+        &node,
+        0,
+        PROVIDER_HOST,
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    );
+    assert!(
+        out.starts_with("HTTP/1.1 403") || out.starts_with("HTTP/2 403"),
+        "{out}"
+    );
+    assert!(out.contains("this team uses gpt-4o-mini"), "{out}");
+    assert!(out.contains("\"code\":\"rule:no-frontier\""), "{out}");
+
+    // Alias and cap: the provider receives the real model and the capped limit.
+    let out = post_with_headers(
+        &node,
+        0,
+        PROVIDER_HOST,
+        r#"{"model":"fast","max_tokens":1000,"messages":[]}"#,
+    );
+    assert!(out.contains(" 200"), "{out}");
+    assert!(out.contains("x-mock-model: gpt-4o-mini"), "{out}");
+    assert!(out.contains("x-mock-max-tokens: 32"), "{out}");
+
+    // Denied provider, connection terminated: Anthropic's own error shape.
+    let out = post_with_headers(
+        &node,
+        0,
+        ANTHROPIC_HOST,
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[]}"#,
+    );
+    assert!(out.contains(" 403"), "{out}");
+    assert!(out.contains("\"permission_error\""), "{out}");
+    assert!(out.contains("Anthropic is not approved here"), "{out}");
+
+    // Observe: pod 1's connection is relayed, not terminated — it works with
+    // the provider's own certificate (the test upstream CA), no node CA trust.
+    let upstream_ca = node.dir.join("upstream-ca.crt");
+    let out = node.pods[1].https_post(
+        &upstream_ca,
+        PROVIDER_HOST,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    );
+    assert!(
+        out.status.success(),
+        "observe relays to the provider: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let reqs = records(&node, Some("request"), 3);
+    let by_model = |m: &str| {
+        reqs.iter()
+            .find(|r| r["model"] == m)
+            .unwrap_or_else(|| panic!("no record for {m}: {reqs:?}"))
+    };
+    let denied = by_model("gpt-4o");
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    assert_eq!(denied["reason"], "rule:no-frontier");
+    assert_eq!(denied["status"], 403);
+    let capped = by_model("fast");
+    assert_eq!(capped["decision"], "allow");
+    assert_eq!(capped["reason"], "rule:capped");
+    assert_eq!(capped["routed_model"], "gpt-4o-mini");
+    assert_eq!(capped["capped_output_tokens"], 32);
+    let anthropic = by_model("claude-sonnet-4-5");
+    assert_eq!(anthropic["reason"], "rule:no-anthropic");
+
+    let conns = records(&node, None, 1);
+    let observed = conns
+        .iter()
+        .find(|r| r["workload"]["pod_uid"] == node.pods[1].uid.as_str())
+        .unwrap_or_else(|| panic!("no relayed connection of pod 1: {conns:?}"));
+    assert_eq!(observed["decision"], "observe", "{observed}");
+    assert_eq!(observed["reason"], "rule:legacy-observe");
+    assert_eq!(observed["tls"]["sni"], PROVIDER_HOST);
+    assert!(observed["bytes_received"].as_u64().unwrap() > 0);
+
+    let m = node.metrics();
+    for series in [
+        "tollgate_decisions_total{decision=\"deny\",provider=\"openai\",reason=\"rule:no-frontier\"} 1",
+        "tollgate_decisions_total{decision=\"allow\",provider=\"openai\",reason=\"rule:capped\"} 1",
+        "tollgate_decisions_total{decision=\"observe\",provider=\"openai\",reason=\"rule:legacy-observe\"} 1",
+        "tollgate_policy_rules 4",
+    ] {
+        assert!(m.contains(series), "{series}\n{m}");
+    }
+}
+
+#[test]
+fn deny_holds_without_tls_termination() {
+    if !require_privileged("deny_holds_without_tls_termination") {
+        return;
+    }
+    let mut node = TestNode::new(2);
+    // No node CA: nothing is terminated, yet the deny rule closes the connection.
+    node.start_agent(&format!(
+        "tls:\n  ca_dir: \"\"\n{}",
+        rules(&node).replace("pod_uids: [\"", "pod_uids: [\"x")
+    ));
+    let out = node.pods[0].https_post(
+        &node.dir.join("upstream-ca.crt"),
+        ANTHROPIC_HOST,
+        "/v1/messages",
+        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[]}"#,
+    );
+    assert!(!out.status.success(), "denied: the connection is closed");
+    // Another provider is allowed and relayed.
+    let ok = node.pods[0].https_post(
+        &node.dir.join("upstream-ca.crt"),
+        PROVIDER_HOST,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    );
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let conns = records(&node, None, 2);
+    let denied = conns
+        .iter()
+        .find(|r| r["result"] == "denied")
+        .unwrap_or_else(|| panic!("no denied connection: {conns:?}"));
+    assert_eq!(denied["provider"], "anthropic");
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["reason"], "rule:no-anthropic");
+    assert_eq!(denied["bytes_sent"], 0, "nothing reached the provider");
+}
+
+#[test]
+fn a_bad_reload_keeps_the_running_policy_and_a_good_one_applies() {
+    if !require_privileged("a_bad_reload_keeps_the_running_policy_and_a_good_one_applies") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let deny = "policy:\n  rules:\n    - {name: no-gpt4o, models: [gpt-4o], action: deny}\n";
+    node.start_agent(deny);
+    let status = |node: &TestNode| {
+        let out = post_with_headers(
+            node,
+            0,
+            PROVIDER_HOST,
+            r#"{"model":"gpt-4o","messages":[]}"#,
+        );
+        out.lines().next().unwrap_or_default().to_string()
+    };
+    assert!(status(&node).contains("403"));
+
+    // Invalid: an unknown provider. Signalled at once with SIGHUP.
+    node.write_agent_config(
+        "policy:\n  rules:\n    - {name: no-gpt4o, providers: [openia], action: deny}\n",
+    );
+    node.agent.as_ref().unwrap().signal(libc::SIGHUP);
+    let rejected = wait_until(Duration::from_secs(5), || {
+        node.metrics()
+            .contains("tollgate_config_reloads_total{result=\"rejected\"}")
+            .then_some(())
+    });
+    assert!(rejected.is_some(), "{}", node.agent_log());
+    assert!(node.agent_log().contains("policy.rules[0].providers[0]"));
+    assert!(status(&node).contains("403"), "the running policy stays");
+
+    // Valid: no rules. Picked up from the file change alone.
+    node.write_agent_config("policy:\n  rules: []\n");
+    let applied = wait_until(Duration::from_secs(10), || {
+        node.metrics()
+            .contains("tollgate_config_reloads_total{result=\"applied\"} 1")
+            .then_some(())
+    });
+    assert!(applied.is_some(), "{}", node.agent_log());
+    assert!(status(&node).contains("200"), "{}", node.agent_log());
+}
