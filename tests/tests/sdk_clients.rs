@@ -123,6 +123,73 @@ fn python_openai_sdk() {
     );
 }
 
+/// Policy as an SDK meets it: a denied model raises the SDK's own
+/// PermissionDeniedError with the rule's message; over the rate limit, the
+/// SDK's built-in retry waits as Tollgate's `retry-after` says, then succeeds.
+#[test]
+fn python_openai_sdk_obeys_policy() {
+    let Some(python) = sdk("python_openai_sdk_obeys_policy", "venv/bin/python") else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    // 2 requests a minute: the third waits ~30 s… too long for a test; 12 a
+    // minute refills one every 5 s. The client sends 1 denied + 3 allowed.
+    node.start_agent(
+        "policy:\n  rules:\n    - {name: no-gpt4o, models: [gpt-4o], action: deny, message: use gpt-4o-mini}\n    - name: sdk-limit\n      action: allow\n      limits: {requests_per_minute: 12}\n",
+    );
+    // Spend the bucket down to 2 from outside the SDK, so its third call is limited.
+    let pod = &node.pods[0];
+    for _ in 0..10 {
+        let out = pod.https_post(
+            &node.node_ca_cert(),
+            tollgate_tests::node::PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        );
+        assert!(out.status.success());
+    }
+    let mut cmd = pod.app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[clients_dir()
+            .join("openai_policy_client.py")
+            .to_str()
+            .unwrap()],
+    );
+    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    let got = run_app(&node, cmd);
+    let denied = &got["denied"];
+    assert_eq!(denied["class"], "PermissionDeniedError", "{got}");
+    assert_eq!(denied["status"], 403);
+    assert!(
+        denied["message"]
+            .as_str()
+            .unwrap()
+            .contains("use gpt-4o-mini"),
+        "{got}"
+    );
+    assert_eq!(got["content"], STREAM_WORDS.concat());
+    let d: Vec<f64> = got["durations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(d[0] < 2.0 && d[1] < 2.0, "within the limit: {d:?}");
+    assert!(
+        d[2] >= 3.0,
+        "the SDK waited out retry-after before succeeding: {d:?}"
+    );
+    let recs = node.connections();
+    let limited: Vec<_> = recs
+        .iter()
+        .filter(|r| r["result"] == "rate_limited")
+        .collect();
+    assert!(!limited.is_empty(), "{recs:?}");
+    assert_eq!(limited[0]["reason"], "rule:sdk-limit:requests");
+    assert_eq!(limited[0]["status"], 429);
+}
+
 #[test]
 fn python_anthropic_sdk() {
     let Some(python) = sdk("python_anthropic_sdk", "venv/bin/python") else {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::Subject;
+use super::{Subject, limits::LimitsConfig};
 
 /// What a rule does with the calls it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -59,6 +59,9 @@ pub struct Rule {
     /// (`fast: gpt-4o-mini`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub model_aliases: BTreeMap<String, String>,
+    /// Rate, token and concurrency limits for the calls this rule allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsConfig>,
 }
 
 /// Which workloads a rule is for: every non-empty field must match (and),
@@ -95,6 +98,8 @@ pub struct Caps {
     pub max_output_tokens: Option<u64>,
     /// The model to send instead of the requested one.
     pub model: Option<String>,
+    /// The rule's limits (buckets are per rule name and key).
+    pub limits: Option<LimitsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,6 +218,7 @@ impl Compiled {
                 caps: Caps {
                     max_output_tokens: r.max_output_tokens,
                     model: model.and_then(|m| r.model_aliases.get(m)).cloned(),
+                    limits: r.limits.clone(),
                 },
             },
         }
@@ -250,12 +256,17 @@ pub(super) fn compile(
             if r.max_output_tokens == Some(0) {
                 return Err(err(at("max_output_tokens"), "must be at least 1".into()));
             }
+            if let Some(Err((f, m))) = r.limits.as_ref().map(LimitsConfig::validate) {
+                return Err(err(at(&format!("limits.{f}")), m));
+            }
             if r.action == Action::Deny
-                && (r.max_output_tokens.is_some() || !r.model_aliases.is_empty())
+                && (r.max_output_tokens.is_some()
+                    || !r.model_aliases.is_empty()
+                    || r.limits.is_some())
             {
                 return Err(err(
                     at("action"),
-                    "a deny rule cannot also cap or rewrite: split it in two rules".into(),
+                    "a deny rule cannot also cap, rewrite or limit: split it in two rules".into(),
                 ));
             }
             Ok(Compiled {

@@ -63,7 +63,8 @@ fn first_matching_rule_decides_requests() {
             reason: "rule:batch-capped".into(),
             caps: Caps {
                 max_output_tokens: Some(256),
-                model: Some("gpt-4o-mini".into())
+                model: Some("gpt-4o-mini".into()),
+                limits: None,
             }
         }
     );

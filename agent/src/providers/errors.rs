@@ -7,8 +7,15 @@ use serde_json::json;
 use super::Api;
 
 /// The JSON error body for `status` with `message`; `code` is Tollgate's
-/// reason (`rule:<name>`, `request_too_large`, …).
-pub fn body(api: Api, status: u16, message: &str, code: &str) -> String {
+/// reason (`rule:<name>`, `request_too_large`, …); `retry` when the client
+/// should try again later (Gemini says so in the body).
+pub fn body(
+    api: Api,
+    status: u16,
+    message: &str,
+    code: &str,
+    retry: Option<std::time::Duration>,
+) -> String {
     let message = format!("tollgate: {message}");
     match api {
         // https://docs.anthropic.com/en/api/errors
@@ -37,7 +44,14 @@ pub fn body(api: Api, status: u16, message: &str, code: &str) -> String {
                 503 | 502 => "UNAVAILABLE",
                 _ => "INTERNAL",
             };
-            json!({"error": {"code": status, "message": message, "status": s}})
+            let mut e = json!({"error": {"code": status, "message": message, "status": s}});
+            if let Some(r) = retry {
+                e["error"]["details"] = json!([{
+                    "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                    "retryDelay": format!("{}s", r.as_secs_f64().ceil() as u64)
+                }]);
+            }
+            e
         }
         // OpenAI and compatible APIs.
         Api::Openai => {
@@ -58,16 +72,23 @@ mod tests {
     #[test]
     fn each_api_gets_its_own_shape() {
         let v: serde_json::Value =
-            serde_json::from_str(&body(Api::Anthropic, 403, "no", "rule:x")).unwrap();
+            serde_json::from_str(&body(Api::Anthropic, 403, "no", "rule:x", None)).unwrap();
         assert_eq!(v["type"], "error");
         assert_eq!(v["error"]["type"], "permission_error");
         assert_eq!(v["error"]["message"], "tollgate: no");
+        let v: serde_json::Value = serde_json::from_str(&body(
+            Api::Gemini,
+            429,
+            "no",
+            "rule:x",
+            Some(std::time::Duration::from_millis(1500)),
+        ))
+        .unwrap();
+        assert_eq!(v["error"]["status"], "RESOURCE_EXHAUSTED");
+        assert_eq!(v["error"]["code"], 429);
+        assert_eq!(v["error"]["details"][0]["retryDelay"], "2s");
         let v: serde_json::Value =
-            serde_json::from_str(&body(Api::Gemini, 403, "no", "rule:x")).unwrap();
-        assert_eq!(v["error"]["status"], "PERMISSION_DENIED");
-        assert_eq!(v["error"]["code"], 403);
-        let v: serde_json::Value =
-            serde_json::from_str(&body(Api::Openai, 502, "down", "upstream_error")).unwrap();
+            serde_json::from_str(&body(Api::Openai, 502, "down", "upstream_error", None)).unwrap();
         assert_eq!(v["error"]["type"], "server_error");
         assert_eq!(v["error"]["code"], "upstream_error");
     }

@@ -215,6 +215,15 @@ pub(crate) fn string(v: &Value, key: &str) -> Option<String> {
 
 /// Characters of text content in a request body, for estimates: every
 /// string value under the keys providers use for text.
+/// The output limit a request asks for (`max_completion_tokens`,
+/// `max_tokens`, `max_output_tokens`, Gemini's `maxOutputTokens`), if any.
+pub fn output_limit(body: &Value) -> Option<u64> {
+    ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_u64))
+        .or_else(|| body.pointer("/generationConfig/maxOutputTokens")?.as_u64())
+}
+
 pub fn input_chars(body: &Value) -> u64 {
     fn walk(v: &Value, n: &mut u64) {
         match v {

@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
 use super::{terminate::Call, upstream::ProxyBody};
-use crate::telemetry::events::RequestRecord;
+use crate::{policy::limits::Limited, providers::Api, telemetry::events::RequestRecord};
 
 /// Price, log and count one finished request.
 pub(super) fn account(
@@ -105,8 +105,102 @@ pub(super) fn error_response(
     call: &Call,
     status: StatusCode,
     message: &str,
+    record: RequestRecord,
+    started: Instant,
+) -> Response<ProxyBody> {
+    refuse(call, status, message, record, started, None, Vec::new())
+}
+
+/// A 429 for a request over one of its rule's limits, with the retry hints
+/// the provider's SDKs honour: `retry-after` (and `retry-after-ms`), and the
+/// rate-limit headers in the provider's own naming.
+pub(super) fn limited_response(
+    call: &Call,
+    limited: Limited,
     mut record: RequestRecord,
     started: Instant,
+) -> Response<ProxyBody> {
+    let wait = limited.retry_after;
+    let secs = wait.as_secs_f64();
+    let mut headers = vec![
+        (
+            "retry-after".to_string(),
+            (secs.ceil() as u64).max(1).to_string(),
+        ),
+        (
+            "retry-after-ms".to_string(),
+            (wait.as_millis() as u64).max(1).to_string(),
+        ),
+    ];
+    let which = limited.which;
+    match call.meta.api {
+        Api::Openai => {
+            let kind = if which == "requests" {
+                "requests"
+            } else {
+                "tokens"
+            };
+            headers.push((
+                format!("x-ratelimit-limit-{kind}"),
+                limited.limit.to_string(),
+            ));
+            headers.push((
+                format!("x-ratelimit-remaining-{kind}"),
+                limited.remaining.to_string(),
+            ));
+            headers.push((format!("x-ratelimit-reset-{kind}"), format!("{secs:.3}s")));
+        }
+        Api::Anthropic => {
+            let kind = which.replace('_', "-");
+            let reset = time::OffsetDateTime::now_utc() + wait;
+            let reset = reset
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            headers.push((
+                format!("anthropic-ratelimit-{kind}-limit"),
+                limited.limit.to_string(),
+            ));
+            headers.push((
+                format!("anthropic-ratelimit-{kind}-remaining"),
+                limited.remaining.to_string(),
+            ));
+            headers.push((format!("anthropic-ratelimit-{kind}-reset"), reset));
+        }
+        Api::Gemini => {}
+    }
+    record.decision = "deny";
+    record.result = "rate_limited";
+    record.reason = format!("{}:{which}", record.reason);
+    let message = format!(
+        "rate limit of policy {} reached: {} {} per {}; retry in {secs:.1}s",
+        record.reason,
+        limited.limit,
+        which.replace('_', " "),
+        if which == "concurrency" {
+            "time"
+        } else {
+            "minute"
+        }
+    );
+    refuse(
+        call,
+        StatusCode::TOO_MANY_REQUESTS,
+        &message,
+        record,
+        started,
+        Some(wait),
+        headers,
+    )
+}
+
+fn refuse(
+    call: &Call,
+    status: StatusCode,
+    message: &str,
+    mut record: RequestRecord,
+    started: Instant,
+    retry: Option<std::time::Duration>,
+    headers: Vec<(String, String)>,
 ) -> Response<ProxyBody> {
     record.status = status.as_u16();
     record.duration_ms = started.elapsed().as_millis() as u64;
@@ -116,12 +210,15 @@ pub(super) fn error_response(
     } else {
         record.result
     };
-    let body = crate::providers::errors::body(call.meta.api, status.as_u16(), message, code);
-    let response = Response::builder()
+    let body = crate::providers::errors::body(call.meta.api, status.as_u16(), message, code, retry);
+    let mut response = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .header("x-tollgate-reason", code)
         .header("x-tollgate-request-id", record.id.as_str());
+    for (k, v) in headers {
+        response = response.header(k, v);
+    }
     account(call, record, started, None);
     response
         .body(

@@ -17,6 +17,7 @@ use super::{
     upstream::{BoxError, ProxyBody},
 };
 use crate::{
+    policy::limits::Admission,
     providers::ResponseParser,
     telemetry::{events::RequestRecord, redact},
 };
@@ -30,6 +31,8 @@ const FLUSH_GRACE: Duration = Duration::from_millis(100);
 pub(super) struct Finish {
     pub call: Arc<Call>,
     pub record: RequestRecord,
+    /// The request's hold on its rule's limits, settled with the usage.
+    pub admission: Option<Admission>,
 }
 
 /// The response body on its way to the workload: relayed frame by frame (no
@@ -95,7 +98,12 @@ impl Metered {
     }
 
     fn finish(&mut self, mut result: &'static str, error: Option<String>) {
-        let Some(Finish { call, mut record }) = self.finish.take() else {
+        let Some(Finish {
+            call,
+            mut record,
+            admission,
+        }) = self.finish.take()
+        else {
             return;
         };
         if let Some(p) = self.parser.take() {
@@ -114,6 +122,9 @@ impl Metered {
         }
         if record.stream {
             call.metrics.active_streams.dec();
+        }
+        if let Some(a) = admission {
+            a.settle(record.usage.input_tokens, record.usage.output_tokens);
         }
         record.ttft_ms = self.first_byte.map_or(0, |d| d.as_millis() as u64);
         record.duration_ms = self.started.elapsed().as_millis() as u64;

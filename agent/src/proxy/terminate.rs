@@ -16,14 +16,17 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    account::error_response,
+    account::{error_response, limited_response},
     metered::{Finish, Metered},
     upstream::{BoxError, ProxyBody, UpstreamPool},
 };
 use crate::{
     config::{CaptureConfig, TlsConfig},
     identity::Workload,
-    policy::{RequestDecision, Subject},
+    policy::{
+        RequestDecision, Subject,
+        limits::{Estimate, LimitKey, Limiter},
+    },
     providers::{self, Api, ResponseParser, rewrite},
     telemetry::{
         events::{EventLog, RequestRecord, now_rfc3339},
@@ -43,6 +46,8 @@ pub struct TlsContext {
     pub capture: CaptureConfig,
     /// Policy and prices, swapped on reload.
     pub live: crate::live::LiveRules,
+    /// The node's limit buckets (kept across reloads).
+    pub limiter: Arc<Limiter>,
 }
 
 impl TlsContext {
@@ -67,6 +72,7 @@ impl TlsContext {
             settings,
             capture,
             live,
+            limiter: Arc::default(),
         }
     }
 }
@@ -77,6 +83,10 @@ impl CallMeta {
         self.provider == "openai" || self.host.ends_with(".openai.azure.com")
     }
 }
+
+/// Output tokens reserved against a token limit for a request that names no
+/// output limit: a typical chat answer; settled with the real count after.
+const DEFAULT_OUTPUT_ESTIMATE: u64 = 1024;
 
 /// Who and where, for every request on one connection.
 pub struct CallMeta {
@@ -269,6 +279,7 @@ async fn forward(
             .policy
             .request(subject, &meta.provider, record.model.as_deref());
     let (mut target, mut body) = (target, body);
+    let mut admission = None;
     match decision {
         RequestDecision::Deny { reason, message } => {
             record.decision = "deny";
@@ -298,6 +309,32 @@ async fn forward(
             }
             record.routed_model = changed.model;
             record.capped_output_tokens = changed.capped_output_tokens;
+            if let Some(limits) = caps.limits {
+                let key = match limits.per {
+                    LimitKey::Workload => meta.workload.label().to_string(),
+                    LimitKey::Pod => meta
+                        .workload
+                        .pod_uid
+                        .clone()
+                        .unwrap_or_else(|| meta.workload.label().to_string()),
+                    LimitKey::Global => String::new(),
+                };
+                // Reserve what the call may use: its input from the text
+                // size, its output up to the limit it asks for.
+                let asked = serde_json::from_slice(&body)
+                    .ok()
+                    .and_then(|v| providers::output_limit(&v));
+                let est = Estimate {
+                    input_tokens: input_chars.div_ceil(4),
+                    output_tokens: asked.unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
+                };
+                match call.tls.limiter.admit(&record.reason, &key, &limits, est) {
+                    Ok(a) => admission = Some(a),
+                    Err(limited) => {
+                        return Ok(limited_response(&call, limited, record, started));
+                    }
+                }
+            }
         }
     }
 
@@ -366,6 +403,7 @@ async fn forward(
                 Finish {
                     call: call.clone(),
                     record,
+                    admission,
                 },
             );
             Ok(Response::from_parts(parts, body.boxed()))
