@@ -252,3 +252,60 @@ fn a_bad_reload_keeps_the_running_policy_and_a_good_one_applies() {
     assert!(applied.is_some(), "{}", node.agent_log());
     assert!(status(&node).contains("200"), "{}", node.agent_log());
 }
+
+#[test]
+fn injected_credentials_replace_the_workloads_and_follow_the_secret() {
+    if !require_privileged("injected_credentials_replace_the_workloads_and_follow_the_secret") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let key = node.dir.join("secret/openai-key");
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    std::fs::write(&key, "sk-real-injected-1\n").unwrap();
+    node.start_agent(&format!(
+        "policy:\n  rules:\n    - {{name: team-key, providers: [openai], action: allow, credential_file: {}}}\n",
+        key.display()
+    ));
+    let call = |node: &TestNode| {
+        post_with_headers(
+            node,
+            0,
+            PROVIDER_HOST,
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+    };
+    let out = call(&node);
+    assert!(
+        out.contains("x-mock-credential: Bearer sk-real-injected-1"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("sk-test-secret"),
+        "the workload's key is not forwarded: {out}"
+    );
+
+    // The Secret changes: the next call carries the new key, no restart.
+    std::fs::write(&key, "sk-real-injected-22\n").unwrap();
+    let out = call(&node);
+    assert!(
+        out.contains("x-mock-credential: Bearer sk-real-injected-22"),
+        "{out}"
+    );
+
+    // The Secret disappears: refused with a clear error, never the workload's key.
+    std::fs::remove_file(&key).unwrap();
+    let out = call(&node);
+    assert!(out.contains(" 503"), "{out}");
+    assert!(
+        out.contains("credential of policy rule:team-key is unavailable"),
+        "{out}"
+    );
+
+    let recs = records(&node, Some("request"), 3);
+    assert!(
+        recs[..2].iter().all(|r| r["credential_injected"] == true),
+        "{recs:?}"
+    );
+    let log = std::fs::read_to_string(node.connection_log()).unwrap() + &node.agent_log();
+    assert!(!log.contains("sk-real-injected"), "keys never reach a log");
+}

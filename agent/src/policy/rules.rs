@@ -62,6 +62,10 @@ pub struct Rule {
     /// Rate, token and concurrency limits for the calls this rule allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsConfig>,
+    /// A file (Secret mount) with the provider key to send instead of the
+    /// workload's own credentials, which are then never forwarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_file: Option<std::path::PathBuf>,
 }
 
 /// Which workloads a rule is for: every non-empty field must match (and),
@@ -100,6 +104,8 @@ pub struct Caps {
     pub model: Option<String>,
     /// The rule's limits (buckets are per rule name and key).
     pub limits: Option<LimitsConfig>,
+    /// The provider key to inject.
+    pub credential_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,6 +225,7 @@ impl Compiled {
                     max_output_tokens: r.max_output_tokens,
                     model: model.and_then(|m| r.model_aliases.get(m)).cloned(),
                     limits: r.limits.clone(),
+                    credential_file: r.credential_file.clone(),
                 },
             },
         }
@@ -259,14 +266,22 @@ pub(super) fn compile(
             if let Some(Err((f, m))) = r.limits.as_ref().map(LimitsConfig::validate) {
                 return Err(err(at(&format!("limits.{f}")), m));
             }
+            if r.credential_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(err(
+                    at("credential_file"),
+                    "must be an absolute path (a mounted Secret's file)".into(),
+                ));
+            }
             if r.action == Action::Deny
                 && (r.max_output_tokens.is_some()
                     || !r.model_aliases.is_empty()
-                    || r.limits.is_some())
+                    || r.limits.is_some()
+                    || r.credential_file.is_some())
             {
                 return Err(err(
                     at("action"),
-                    "a deny rule cannot also cap, rewrite or limit: split it in two rules".into(),
+                    "a deny rule cannot also cap, rewrite, limit or inject: split it in two rules"
+                        .into(),
                 ));
             }
             Ok(Compiled {

@@ -65,6 +65,7 @@ fn first_matching_rule_decides_requests() {
                 max_output_tokens: Some(256),
                 model: Some("gpt-4o-mini".into()),
                 limits: None,
+                credential_file: None,
             }
         }
     );

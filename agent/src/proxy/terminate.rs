@@ -25,6 +25,7 @@ use crate::{
     identity::Workload,
     policy::{
         RequestDecision, Subject,
+        credentials::{self, Credentials},
         limits::{Estimate, LimitKey, Limiter},
     },
     providers::{self, Api, ResponseParser, rewrite},
@@ -48,6 +49,8 @@ pub struct TlsContext {
     pub live: crate::live::LiveRules,
     /// The node's limit buckets (kept across reloads).
     pub limiter: Arc<Limiter>,
+    /// Provider keys for credential injection, re-read on change.
+    pub credentials: Credentials,
 }
 
 impl TlsContext {
@@ -73,6 +76,7 @@ impl TlsContext {
             capture,
             live,
             limiter: Arc::default(),
+            credentials: Credentials::default(),
         }
     }
 }
@@ -190,6 +194,7 @@ async fn forward(
         reason: String::new(),
         routed_model: None,
         capped_output_tokens: None,
+        credential_injected: false,
         workload: meta.workload.clone(),
         pid: meta.pid,
         comm: meta.comm.clone(),
@@ -309,6 +314,34 @@ async fn forward(
             }
             record.routed_model = changed.model;
             record.capped_output_tokens = changed.capped_output_tokens;
+            if let Some(file) = &caps.credential_file {
+                match call.tls.credentials.get(file) {
+                    Ok(key) => {
+                        target = credentials::inject(
+                            meta.api,
+                            &meta.host,
+                            &mut parts.headers,
+                            &target,
+                            &key,
+                        );
+                        record.credential_injected = true;
+                    }
+                    Err(e) => {
+                        tracing::error!(rule = %record.reason, error = %e, "credential injection failed; the call is refused");
+                        record.result = "credential_unavailable";
+                        return Ok(error_response(
+                            &call,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!(
+                                "the provider credential of policy {} is unavailable",
+                                record.reason
+                            ),
+                            record,
+                            started,
+                        ));
+                    }
+                }
+            }
             if let Some(limits) = caps.limits {
                 let key = match limits.per {
                     LimitKey::Workload => meta.workload.label().to_string(),

@@ -75,6 +75,9 @@ pub struct RequestRecord {
     /// The output-token cap a policy applied to this request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capped_output_tokens: Option<u64>,
+    /// The policy replaced the workload's credentials with its own key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub credential_injected: bool,
     pub workload: Workload,
     pub pid: u32,
     pub comm: String,

@@ -152,6 +152,12 @@ async fn answer(
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let authorization = req.headers().contains_key("authorization");
+    // The credential the provider received (test keys only), for injection tests.
+    let credential = ["authorization", "x-api-key", "api-key", "x-goog-api-key"]
+        .iter()
+        .find_map(|h| req.headers().get(*h)?.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_default();
     // Request bodies here are small; 1 MiB bounds a misbehaving client.
     let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
         .collect()
@@ -162,7 +168,7 @@ async fn answer(
         // What arrived, for tests of policy rewrites: the model and output
         // limits the provider was asked for, and whether a key came along.
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        let mut echo = vec![("x-mock-authorization", authorization.to_string())];
+        let mut echo = vec![("x-mock-credential", credential)];
         for (h, field) in [
             ("x-mock-model", "model"),
             ("x-mock-max-tokens", "max_tokens"),
