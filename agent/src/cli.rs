@@ -20,7 +20,7 @@ workloads that do not trust it, connections are relayed and audited by server na
 Prometheus metrics on `metrics.listen`.\n\n\
 Needs: Linux ≥ 5.15 with BTF, cgroup v2 mounted (hybrid hosts are fine), root or \
 CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN+CAP_SYS_ADMIN.",
-    after_help = "Examples:\n  tollgate ca init --dir /var/lib/tollgate/ca   # once per node (or mount a Secret)\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate detach   # remove programs a fail-closed agent left pinned\n\nDocumentation: README.md (configuration reference, audit record, metrics, limits)."
+    after_help = "Examples:\n  tollgate ca init --dir /var/lib/tollgate/ca   # once per node (or mount a Secret)\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate status   # budget spend of the running agent\n  tollgate detach   # remove programs a fail-closed agent left pinned\n\nDocumentation: README.md (configuration reference, audit record, metrics, limits)."
 )]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `tollgate_agent=debug`.
@@ -55,6 +55,15 @@ pub enum Command {
     /// Node CA for TLS termination: create one, or check one (e.g. a mounted Secret).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Show a running agent's policy and budget spend (from its metrics endpoint).
+    Status {
+        /// The agent's `metrics.listen` address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        addr: std::net::SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove programs pinned by a fail-closed agent (provider connections flow again).
     Detach {
         /// bpffs directory the agent pinned into.

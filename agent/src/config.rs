@@ -66,6 +66,9 @@ pub struct Config {
     pub pricing: crate::pricing::PricingConfig,
     /// Who may call what (README "Policy"). Reloaded on change and SIGHUP.
     pub policy: crate::policy::PolicyConfig,
+    /// Where budget spend is kept across restarts (JSON, rewritten every few
+    /// seconds). Empty: in memory only, spend starts at 0 after a restart.
+    pub budget_state_file: String,
     /// Name of this node in audit records. Empty: `$NODE_NAME` (the
     /// DaemonSet sets it from `spec.nodeName`), else the host name.
     pub node_name: String,
@@ -342,6 +345,7 @@ impl Default for Config {
             pricing: crate::pricing::PricingConfig::default(),
             policy: crate::policy::PolicyConfig::default(),
             node_name: String::new(),
+            budget_state_file: String::new(),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
         }
     }

@@ -19,5 +19,6 @@ pub mod providers;
 pub mod proxy;
 pub mod resolver;
 pub mod run;
+pub mod status;
 pub mod telemetry;
 pub mod tls;

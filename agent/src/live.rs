@@ -123,7 +123,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         m
     };
     let (a, b) = (section(old), section(new));
-    const NAMES: [&str; 14] = [
+    const NAMES: [&str; 15] = [
         "cgroup_root",
         "proxy",
         "failure_mode",
@@ -136,6 +136,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "tls",
         "audit",
         "node_name",
+        "budget_state_file",
         "bpffs_dir",
         "policy",
     ];

@@ -64,6 +64,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", ca.cert_pem());
             Ok(())
         }
+        Command::Status { addr, json } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let body = rt.block_on(tollgate_agent::status::fetch(addr))?;
+            if json {
+                println!("{body}");
+            } else {
+                print!("{}", tollgate_agent::status::render(&body)?);
+            }
+            Ok(())
+        }
         Command::Detach { bpffs_dir } => {
             let n = tollgate_agent::bpf::detach_pinned(&bpffs_dir);
             println!(

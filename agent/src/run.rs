@@ -22,6 +22,7 @@ use crate::{
     config::{Config, FailureMode},
     identity::IdentityCache,
     netns::{self, NetnsId},
+    policy::budgets::Budgets,
     preflight,
     proxy::{
         relay::KnownProvider,
@@ -37,6 +38,8 @@ use crate::{
 /// How long shutdown waits for in-flight connections before detaching anyway.
 /// Short enough for a Kubernetes default terminationGracePeriodSeconds (30 s).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often budget spend is written to `budget_state_file` (when changed).
+const BUDGET_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Run the agent until SIGTERM. `config_path`: the file `config` came from,
 /// watched for policy and price changes (None: built-in defaults, no reload).
@@ -75,6 +78,16 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     let events = EventLog::open(&config.audit, &config.node_name())?;
     let identity = Arc::new(IdentityCache::new(&root.path, &mount));
     let live = crate::live::Rules::live(&config);
+    let budget_file = (!config.budget_state_file.is_empty())
+        .then(|| std::path::PathBuf::from(&config.budget_state_file));
+    let budgets = Arc::new(match &budget_file {
+        Some(p) => Budgets::load(p).map_err(|e| {
+            anyhow::anyhow!(
+                "budget_state_file: {e}\nhint: fix or remove the file (spend then starts at 0)"
+            )
+        })?,
+        None => Budgets::default(),
+    });
     let ctx = Arc::new(RelayContext {
         live: live.clone(),
         maps: maps.clone(),
@@ -93,7 +106,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         hello_timeout: config.tls.client_hello_timeout,
         skip_mark: config.proxy.skip_mark,
         connect_timeout: config.proxy.upstream_connect_timeout,
-        tls: tls_context(&config, live.clone())?,
+        tls: tls_context(&config, live.clone(), budgets.clone())?,
     });
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -128,13 +141,30 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         let m = maps.clone();
         let mt = metrics.clone();
         let ev = ctx.events.clone();
-        let before: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-            mt.audit_dropped.set(ev.dropped() as i64);
-            for c in Counter::ALL {
-                mt.kernel_events
-                    .with_label_values(&[c.label()])
-                    .set(m.counter(c) as i64);
-            }
+        let (b1, b2, live2) = (budgets.clone(), budgets.clone(), live.clone());
+        let hooks = Arc::new(crate::telemetry::metrics::Hooks {
+            before_scrape: Box::new(move || {
+                mt.audit_dropped.set(ev.dropped() as i64);
+                for c in Counter::ALL {
+                    mt.kernel_events
+                        .with_label_values(&[c.label()])
+                        .set(m.counter(c) as i64);
+                }
+                for r in b1.rows(time::OffsetDateTime::now_utc()) {
+                    for (period, usd) in [("daily", r.day_usd), ("monthly", r.month_usd)] {
+                        mt.budget_spent
+                            .with_label_values(&[&r.rule, &r.key, period])
+                            .set(usd);
+                    }
+                }
+            }),
+            status: Box::new(move || {
+                serde_json::json!({
+                    "policy_rules": live2.load().policy.rule_count(),
+                    "budgets": b2.rows(time::OffsetDateTime::now_utc()),
+                })
+                .to_string()
+            }),
         });
         let metrics = metrics.clone();
         // Bind now so a taken port is a startup error, not a log line.
@@ -143,8 +173,20 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         })?;
         drop(listener);
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::telemetry::metrics::serve(addr, metrics, before).await {
+            if let Err(e) = crate::telemetry::metrics::serve(addr, metrics, hooks).await {
                 tracing::error!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+    }
+
+    if let Some(path) = budget_file.clone() {
+        let b = budgets.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(BUDGET_SAVE_INTERVAL).await;
+                if let Err(e) = b.save(&path) {
+                    tracing::error!(path = %path.display(), error = %e, "saving budget spend failed");
+                }
             }
         }));
     }
@@ -177,6 +219,11 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     while metrics.active_connections.get() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if let Some(path) = &budget_file {
+        if let Err(e) = budgets.save(path) {
+            tracing::error!(path = %path.display(), error = %e, "saving budget spend failed");
+        }
+    }
     if attached.is_pinned() {
         tracing::info!(
             "fail-closed: programs stay pinned and refuse provider connections until an agent is back \
@@ -195,6 +242,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
 fn tls_context(
     config: &Config,
     live: crate::live::LiveRules,
+    budgets: Arc<Budgets>,
 ) -> anyhow::Result<Option<Arc<TlsContext>>> {
     if config.tls.ca_dir.is_empty() {
         tracing::info!("tls.ca_dir is not set: provider connections are relayed, not terminated");
@@ -218,6 +266,7 @@ fn tls_context(
         config.tls.clone(),
         config.audit.capture.clone(),
         live,
+        budgets,
     ))))
 }
 

@@ -309,3 +309,82 @@ fn injected_credentials_replace_the_workloads_and_follow_the_secret() {
     let log = std::fs::read_to_string(node.connection_log()).unwrap() + &node.agent_log();
     assert!(!log.contains("sk-real-injected"), "keys never reach a log");
 }
+
+#[test]
+fn budgets_refuse_when_spent_warn_at_the_soft_share_and_survive_a_restart() {
+    if !require_privileged("budgets_refuse_when_spent_warn_at_the_soft_share_and_survive_a_restart")
+    {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let state = node.dir.join("state/budgets.json");
+    // A mock chat call costs 7.275e-6 USD (gpt-4o-mini list price): the
+    // third call spends the 2e-5 budget; half of it warns.
+    let config = format!(
+        "budget_state_file: {}\npolicy:\n  rules:\n    - name: budgeted\n      action: allow\n      budget: {{daily_usd: 0.00002, soft_percent: 50}}\n",
+        state.display()
+    );
+    node.start_agent(&config);
+    let call = |node: &TestNode| {
+        post_with_headers(
+            node,
+            0,
+            PROVIDER_HOST,
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+    };
+    for i in 0..3 {
+        let out = call(&node);
+        assert!(out.contains(" 200"), "call {i}: {out}");
+    }
+    // Spend is charged when a call ends: wait for the third record.
+    records(&node, Some("request"), 3);
+    let out = call(&node);
+    assert!(out.contains(" 429"), "{out}");
+    assert!(
+        out.contains("daily budget of policy rule:budgeted is spent"),
+        "{out}"
+    );
+    assert!(out.to_ascii_lowercase().contains("retry-after:"), "{out}");
+
+    let m = node.metrics();
+    assert!(
+        m.contains(
+            "tollgate_budget_soft_limit_reached_total{period=\"daily\",rule=\"rule:budgeted\"} 1"
+        ),
+        "{m}"
+    );
+    assert!(m.contains("tollgate_budget_spent_usd{key=\""), "{m}");
+    assert!(node.agent_log().contains("budget soft limit reached"));
+
+    // `tollgate status` shows the spend.
+    let status = node
+        .node
+        .command(&tollgate_tests::node::agent_bin())
+        .args(["status", "--addr", "127.0.0.1:9464"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        text.contains("rule:budgeted") && text.contains(&node.pods[0].uid),
+        "{text}"
+    );
+
+    // Restart (SIGTERM saves the spend): still refused.
+    assert_eq!(
+        node.agent
+            .as_mut()
+            .unwrap()
+            .terminate(Duration::from_secs(15)),
+        Some(true)
+    );
+    assert!(state.exists(), "spend saved at shutdown");
+    node.start_agent(&config);
+    let out = call(&node);
+    assert!(out.contains(" 429"), "the budget survives a restart: {out}");
+}

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{Subject, limits::LimitsConfig};
+use super::{Subject, budgets::BudgetConfig, limits::LimitsConfig};
 
 /// What a rule does with the calls it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -66,6 +66,9 @@ pub struct Rule {
     /// workload's own credentials, which are then never forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_file: Option<std::path::PathBuf>,
+    /// Spend limits for the calls this rule allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetConfig>,
 }
 
 /// Which workloads a rule is for: every non-empty field must match (and),
@@ -97,7 +100,7 @@ pub struct PolicyError {
 }
 
 /// Limits a rule puts on a request it allows.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Caps {
     pub max_output_tokens: Option<u64>,
     /// The model to send instead of the requested one.
@@ -106,6 +109,8 @@ pub struct Caps {
     pub limits: Option<LimitsConfig>,
     /// The provider key to inject.
     pub credential_file: Option<std::path::PathBuf>,
+    /// The rule's budget (spend is per rule name and key).
+    pub budget: Option<BudgetConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +137,7 @@ impl ConnectionDecision {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RequestDecision {
     Allow { reason: String, caps: Caps },
     Deny { reason: String, message: String },
@@ -226,6 +231,7 @@ impl Compiled {
                     model: model.and_then(|m| r.model_aliases.get(m)).cloned(),
                     limits: r.limits.clone(),
                     credential_file: r.credential_file.clone(),
+                    budget: r.budget.clone(),
                 },
             },
         }
@@ -266,6 +272,9 @@ pub(super) fn compile(
             if let Some(Err((f, m))) = r.limits.as_ref().map(LimitsConfig::validate) {
                 return Err(err(at(&format!("limits.{f}")), m));
             }
+            if let Some(Err((f, m))) = r.budget.as_ref().map(BudgetConfig::validate) {
+                return Err(err(at(&format!("budget.{f}")), m));
+            }
             if r.credential_file.as_ref().is_some_and(|p| !p.is_absolute()) {
                 return Err(err(
                     at("credential_file"),
@@ -276,7 +285,8 @@ pub(super) fn compile(
                 && (r.max_output_tokens.is_some()
                     || !r.model_aliases.is_empty()
                     || r.limits.is_some()
-                    || r.credential_file.is_some())
+                    || r.credential_file.is_some()
+                    || r.budget.is_some())
             {
                 return Err(err(
                     at("action"),

@@ -66,6 +66,7 @@ fn first_matching_rule_decides_requests() {
                 model: Some("gpt-4o-mini".into()),
                 limits: None,
                 credential_file: None,
+                budget: None,
             }
         }
     );

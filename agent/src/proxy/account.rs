@@ -7,7 +7,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 
 use super::{terminate::Call, upstream::ProxyBody};
-use crate::{policy::limits::Limited, providers::Api, telemetry::events::RequestRecord};
+use crate::{
+    policy::{budgets::Exhausted, limits::Limited},
+    providers::Api,
+    telemetry::events::RequestRecord,
+};
 
 /// Price, log and count one finished request.
 pub(super) fn account(
@@ -58,6 +62,20 @@ pub(super) fn account(
     }
     if let Some(c) = record.cost_usd {
         m.cost.with_label_values(&labels).inc_by(c);
+        if let Some(b) = &record.budget {
+            for soft in call
+                .tls
+                .budgets
+                .charge(b, c, time::OffsetDateTime::now_utc())
+            {
+                tracing::warn!(rule = %b.rule, key = %b.key, period = soft.period,
+                    spent_usd = soft.spent, limit_usd = soft.limit,
+                    "budget soft limit reached ({}% of the {} budget)", b.config.soft_percent, soft.period);
+                m.budget_soft_reached
+                    .with_label_values(&[&b.rule, soft.period])
+                    .inc();
+            }
+        }
     }
     let u = &record.usage;
     if u.input_tokens + u.output_tokens > 0 {
@@ -182,6 +200,43 @@ pub(super) fn limited_response(
             "minute"
         }
     );
+    refuse(
+        call,
+        StatusCode::TOO_MANY_REQUESTS,
+        &message,
+        record,
+        started,
+        Some(wait),
+        headers,
+    )
+}
+
+/// A 429 for a request whose budget is spent, with `retry-after` at the
+/// budget's reset (SDKs give up on waits that long and show the message).
+pub(super) fn budget_response(
+    call: &Call,
+    e: Exhausted,
+    mut record: RequestRecord,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let wait = (e.resets_at - time::OffsetDateTime::now_utc())
+        .try_into()
+        .unwrap_or_default();
+    let reset = e
+        .resets_at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let message = format!(
+        "the {} budget of policy {} is spent (${:.2} of ${:.2}); it resets at {reset}",
+        e.period, record.reason, e.spent, e.limit
+    );
+    record.decision = "deny";
+    record.result = "budget_exhausted";
+    record.reason = format!("{}:budget_{}", record.reason, e.period);
+    let headers = vec![(
+        "retry-after".to_string(),
+        (std::time::Duration::as_secs(&wait)).max(1).to_string(),
+    )];
     refuse(
         call,
         StatusCode::TOO_MANY_REQUESTS,

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{
-    account::{error_response, limited_response},
+    account::{budget_response, error_response, limited_response},
     metered::{Finish, Metered},
     upstream::{BoxError, ProxyBody, UpstreamPool},
 };
@@ -25,6 +25,7 @@ use crate::{
     identity::Workload,
     policy::{
         RequestDecision, Subject,
+        budgets::{BudgetKey, Budgets},
         credentials::{self, Credentials},
         limits::{Estimate, LimitKey, Limiter},
     },
@@ -51,6 +52,8 @@ pub struct TlsContext {
     pub limiter: Arc<Limiter>,
     /// Provider keys for credential injection, re-read on change.
     pub credentials: Credentials,
+    /// Spend per budget (kept across reloads; saved across restarts).
+    pub budgets: Arc<Budgets>,
 }
 
 impl TlsContext {
@@ -60,6 +63,7 @@ impl TlsContext {
         settings: TlsConfig,
         capture: CaptureConfig,
         live: crate::live::LiveRules,
+        budgets: Arc<Budgets>,
     ) -> Self {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -77,11 +81,25 @@ impl TlsContext {
             live,
             limiter: Arc::default(),
             credentials: Credentials::default(),
+            budgets,
         }
     }
 }
 
 impl CallMeta {
+    /// The key a limit or budget with `per` counts this workload under.
+    pub fn key(&self, per: LimitKey) -> String {
+        match per {
+            LimitKey::Workload => self.workload.label().to_string(),
+            LimitKey::Pod => self
+                .workload
+                .pod_uid
+                .clone()
+                .unwrap_or_else(|| self.workload.label().to_string()),
+            LimitKey::Global => String::new(),
+        }
+    }
+
     /// OpenAI itself or Azure OpenAI (they name output limits their own way).
     pub fn openai_native(&self) -> bool {
         self.provider == "openai" || self.host.ends_with(".openai.azure.com")
@@ -195,6 +213,7 @@ async fn forward(
         routed_model: None,
         capped_output_tokens: None,
         credential_injected: false,
+        budget: None,
         workload: meta.workload.clone(),
         pid: meta.pid,
         comm: meta.comm.clone(),
@@ -342,16 +361,19 @@ async fn forward(
                     }
                 }
             }
-            if let Some(limits) = caps.limits {
-                let key = match limits.per {
-                    LimitKey::Workload => meta.workload.label().to_string(),
-                    LimitKey::Pod => meta
-                        .workload
-                        .pod_uid
-                        .clone()
-                        .unwrap_or_else(|| meta.workload.label().to_string()),
-                    LimitKey::Global => String::new(),
+            if let Some(config) = caps.budget {
+                let b = BudgetKey {
+                    rule: record.reason.clone(),
+                    key: meta.key(config.per),
+                    config,
                 };
+                if let Err(e) = call.tls.budgets.check(&b, time::OffsetDateTime::now_utc()) {
+                    return Ok(budget_response(&call, e, record, started));
+                }
+                record.budget = Some(b);
+            }
+            if let Some(limits) = caps.limits {
+                let key = meta.key(limits.per);
                 // Reserve what the call may use: its input from the text
                 // size, its output up to the limit it asks for.
                 let asked = serde_json::from_slice(&body)

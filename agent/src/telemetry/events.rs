@@ -78,6 +78,9 @@ pub struct RequestRecord {
     /// The policy replaced the workload's credentials with its own key.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub credential_injected: bool,
+    /// The budget this call's cost is charged to (not logged).
+    #[serde(skip)]
+    pub budget: Option<crate::policy::budgets::BudgetKey>,
     pub workload: Workload,
     pub pid: u32,
     pub comm: String,

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Rules of the policy in force.
     pub policy_rules: IntGauge,
+    /// Budget spend by rule, key and period (set at scrape time).
+    pub budget_spent: prometheus::GaugeVec,
+    /// Soft budget limits reached, by rule and period.
+    pub budget_soft_reached: IntCounterVec,
     /// Distinct model label values per provider; beyond the cap, `other`.
     models: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Set once programs are attached and the first DNS round is done.
@@ -199,6 +203,22 @@ impl Metrics {
         .expect("valid metric");
         let policy_rules = IntGauge::new("tollgate_policy_rules", "Rules of the policy in force")
             .expect("valid metric");
+        let budget_spent = prometheus::GaugeVec::new(
+            Opts::new(
+                "tollgate_budget_spent_usd",
+                "Spend charged to policy budgets in the current period",
+            ),
+            &["rule", "key", "period"],
+        )
+        .expect("valid metric");
+        let budget_soft_reached = IntCounterVec::new(
+            Opts::new(
+                "tollgate_budget_soft_limit_reached_total",
+                "Budgets that crossed their soft share",
+            ),
+            &["rule", "period"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -218,6 +238,8 @@ impl Metrics {
             Box::new(decisions.clone()),
             Box::new(config_reloads.clone()),
             Box::new(policy_rules.clone()),
+            Box::new(budget_spent.clone()),
+            Box::new(budget_soft_reached.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -241,6 +263,8 @@ impl Metrics {
             decisions,
             config_reloads,
             policy_rules,
+            budget_spent,
+            budget_soft_reached,
             models: Default::default(),
             ready: AtomicBool::new(false),
         })
@@ -272,10 +296,18 @@ impl Metrics {
 
 /// Serve the endpoint until the task is aborted. `before_scrape` refreshes
 /// gauges copied from the kernel.
+/// What the endpoint asks of the rest of the agent.
+pub struct Hooks {
+    /// Refresh gauges copied from elsewhere (kernel counters, budgets).
+    pub before_scrape: Box<dyn Fn() + Send + Sync>,
+    /// The JSON of `/status` (`tollgate status`).
+    pub status: Box<dyn Fn() -> String + Send + Sync>,
+}
+
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    before_scrape: Arc<dyn Fn() + Send + Sync>,
+    hooks: Arc<Hooks>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "metrics endpoint listening");
@@ -288,12 +320,12 @@ pub async fn serve(
             }
         };
         let metrics = metrics.clone();
-        let before = before_scrape.clone();
+        let hooks = hooks.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
-                let before = before.clone();
-                async move { Ok::<_, Infallible>(route(req.uri().path(), &metrics, &*before)) }
+                let hooks = hooks.clone();
+                async move { Ok::<_, Infallible>(route(req.uri().path(), &metrics, &hooks)) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -302,15 +334,16 @@ pub async fn serve(
     }
 }
 
-fn route(
-    path: &str,
-    metrics: &Metrics,
-    before: &(dyn Fn() + Send + Sync),
-) -> Response<Full<Bytes>> {
+fn route(path: &str, metrics: &Metrics, hooks: &Hooks) -> Response<Full<Bytes>> {
+    let mut content_type = "text/plain; version=0.0.4";
     let (status, body) = match path {
         "/metrics" => {
-            before();
+            (hooks.before_scrape)();
             (200, metrics.render())
+        }
+        "/status" => {
+            content_type = "application/json";
+            (200, (hooks.status)())
         }
         "/healthz" => (200, "ok\n".to_string()),
         "/readyz" if metrics.ready.load(Ordering::Relaxed) => (200, "ready\n".to_string()),
@@ -320,12 +353,12 @@ fn route(
         ),
         _ => (
             404,
-            "not found: try /metrics, /healthz or /readyz\n".to_string(),
+            "not found: try /metrics, /healthz, /readyz or /status\n".to_string(),
         ),
     };
     Response::builder()
         .status(status)
-        .header("content-type", "text/plain; version=0.0.4")
+        .header("content-type", content_type)
         .body(Full::new(Bytes::from(body)))
         .expect("static response is valid")
 }
@@ -334,21 +367,28 @@ fn route(
 mod tests {
     use super::*;
 
+    fn noop() -> Hooks {
+        Hooks {
+            before_scrape: Box::new(|| {}),
+            status: Box::new(|| "{}".into()),
+        }
+    }
+
     #[test]
     fn renders_and_routes() {
         let m = Metrics::new();
         m.connections
             .with_label_values(&["w", "openai", "ok"])
             .inc();
-        let r = route("/metrics", &m, &|| {});
+        let r = route("/metrics", &m, &noop());
         assert_eq!(r.status(), 200);
         assert!(m.render().contains(
             "tollgate_connections_total{provider=\"openai\",result=\"ok\",workload=\"w\"} 1"
         ));
-        assert_eq!(route("/readyz", &m, &|| {}).status(), 503);
+        assert_eq!(route("/readyz", &m, &noop()).status(), 503);
         m.ready.store(true, Ordering::Relaxed);
-        assert_eq!(route("/readyz", &m, &|| {}).status(), 200);
-        assert_eq!(route("/nope", &m, &|| {}).status(), 404);
+        assert_eq!(route("/readyz", &m, &noop()).status(), 200);
+        assert_eq!(route("/nope", &m, &noop()).status(), 404);
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! `tollgate status`: what a running agent reports on `/status` of its
+//! metrics endpoint, as a table.
+use std::{fmt::Write, net::SocketAddr, time::Duration};
+
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "cannot reach the agent at {addr}: {message}\nhint: is `tollgate run` running, and is this its metrics.listen address (--addr)?"
+    )]
+    Unreachable { addr: SocketAddr, message: String },
+    #[error("the agent at {0} answered something that is not its status (an older agent?)")]
+    Unexpected(SocketAddr),
+}
+
+/// GET `/status` from the agent at `addr`.
+pub async fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
+    let unreachable = |e: &dyn std::fmt::Display| StatusError::Unreachable {
+        addr,
+        message: e.to_string(),
+    };
+    let get = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/status")
+            .header("host", addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .expect("static request");
+        let resp = send.send_request(req).await.map_err(|e| unreachable(&e))?;
+        if !resp.status().is_success() {
+            return Err(StatusError::Unexpected(addr));
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        String::from_utf8(body.to_bytes().to_vec()).map_err(|_| StatusError::Unexpected(addr))
+    };
+    tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .map_err(|_| unreachable(&"no answer within 5 s"))?
+}
+
+/// The status JSON as a human table.
+pub fn render(json: &str) -> Result<String, serde_json::Error> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let mut out = String::new();
+    let _ = writeln!(out, "policy rules in force: {}", v["policy_rules"]);
+    let rows = v["budgets"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        let _ = writeln!(out, "budgets: no spend recorded yet");
+        return Ok(out);
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<28} {:<40} {:>12} {:>12}",
+        "budget (rule)", "key", "today USD", "month USD"
+    );
+    for r in rows {
+        let key = r["key"].as_str().unwrap_or("");
+        let _ = writeln!(
+            out,
+            "{:<28} {:<40} {:>12.4} {:>12.4}",
+            r["rule"].as_str().unwrap_or(""),
+            if key.is_empty() { "(global)" } else { key },
+            r["day_usd"].as_f64().unwrap_or(0.0),
+            r["month_usd"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renders_rows() {
+        let t = super::render(
+            r#"{"policy_rules":2,"budgets":[{"rule":"rule:team","key":"","day":"2026-11-25","day_usd":1.5,"month":"2026-11","month_usd":3.25}]}"#,
+        )
+        .unwrap();
+        assert!(t.contains("policy rules in force: 2"), "{t}");
+        assert!(
+            t.contains("rule:team") && t.contains("(global)") && t.contains("3.2500"),
+            "{t}"
+        );
+    }
+}
