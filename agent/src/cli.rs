@@ -55,6 +55,9 @@ pub enum Command {
     /// Node CA for TLS termination: create one, or check one (e.g. a mounted Secret).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Show a running agent's policy and budget spend (from its metrics endpoint).
     Status {
         /// The agent's `metrics.listen` address.
@@ -70,6 +73,13 @@ pub enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/tollgate")]
         bpffs_dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print the JSON Schema of the configuration file (policy included), for
+    /// editors and CI checks; `check-config` validates a file against the same types.
+    Schema,
 }
 
 #[derive(Debug, Subcommand)]

@@ -34,7 +34,9 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// Agent gone: provider connections go straight to the provider, ungoverned.
@@ -44,7 +46,7 @@ pub enum FailureMode {
     Closed,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// cgroup v2 subtree whose processes are governed. `auto`: the kubelet pods
@@ -77,7 +79,7 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     /// Port of the loopback listeners the agent opens in each workload namespace.
@@ -86,6 +88,7 @@ pub struct ProxyConfig {
     pub skip_mark: u32,
     /// How long to wait for the provider to accept the relayed connection.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub upstream_connect_timeout: Duration,
     /// Proxy threads. 0: one per CPU this process may use (its affinity
     /// mask). 1 runs everything on one thread, which on small nodes (or a
@@ -103,38 +106,44 @@ impl ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeartbeatConfig {
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub interval: Duration,
     /// Without a heartbeat for this long the kernel programs treat the agent as gone.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Name servers (`ip` or `ip:port`). Empty: the system's /etc/resolv.conf.
     pub servers: Vec<String>,
     /// Re-resolve no sooner than this, whatever the record TTL says.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub min_ttl: Duration,
     /// Re-resolve at least this often.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_ttl: Duration,
     /// After a failed lookup, retry after this long; the last good addresses
     /// stay in the map until their TTL (plus this grace) has passed.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub retry: Duration,
     /// Keep an address this long after its TTL ran out: applications cache
     /// answers (the JVM for 30 s by default) and connect after we re-resolved.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub stale_grace: Duration,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub name: String,
@@ -159,7 +168,7 @@ impl ProviderConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptOutConfig {
     /// Globs over cgroup paths relative to `cgroup_root`; a matching cgroup and
@@ -167,18 +176,19 @@ pub struct OptOutConfig {
     pub cgroups: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiscoveryConfig {
     /// How often the cgroup tree is scanned for new workload namespaces (each
     /// gets a loopback listener) and new opted-out cgroups. Until a namespace
     /// has its listener, its provider connections follow `failure_mode`.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub scan_interval: Duration,
 }
 
 /// The audit log: one JSON line per relayed connection and per proxied request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// A file path, or `-` for stdout.
@@ -192,7 +202,7 @@ pub struct AuditConfig {
     pub capture: CaptureConfig,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaptureConfig {
     /// Add `request_headers` (credentials and cookies redacted).
@@ -225,7 +235,7 @@ impl Default for AuditConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// Directory with the node CA (`ca.crt`, `ca.key`; `tollgate ca init`).
@@ -237,16 +247,19 @@ pub struct TlsConfig {
     pub system_roots: bool,
     /// How long a client may take to send its TLS ClientHello.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub client_hello_timeout: Duration,
     /// End a response stream when the provider sends nothing for this long.
     /// Reasoning models can think silently for minutes, hence 5 min.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub stream_idle_timeout: Duration,
     /// Largest request body forwarded (it is read whole to learn the model).
     pub max_request_body: usize,
     /// Longest wait for a provider's response headers. Non-streaming completions
     /// send headers only when generation is done, so this is long.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub upstream_response_timeout: Duration,
 }
 
@@ -265,7 +278,7 @@ impl Default for TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Address of `/metrics`, `/healthz`, `/readyz`. Empty disables the endpoint.

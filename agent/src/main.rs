@@ -2,7 +2,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tollgate_agent::cli::{CaCommand, Cli, Command, LogFormat, load_config};
+use tollgate_agent::cli::{CaCommand, Cli, Command, LogFormat, PolicyCommand, load_config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -62,6 +62,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let ca = tollgate_agent::tls::NodeCa::load(&dir)?;
             println!("{}: valid CA, key permissions ok", dir.display());
             print!("{}", ca.cert_pem());
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Schema) => {
+            let schema = schemars::schema_for!(tollgate_agent::config::Config);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
             Ok(())
         }
         Command::Status { addr, json } => {

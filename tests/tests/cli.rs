@@ -153,3 +153,52 @@ fn detach_with_nothing_pinned_is_harmless() {
     assert!(out.contains("removed 0"), "{out}");
     let _ = std::fs::remove_dir_all(d);
 }
+
+#[test]
+fn policy_schema_is_json_schema_of_the_config() {
+    let (ok, out, err) = tollgate(&["policy", "schema"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert!(
+        v["$schema"].as_str().unwrap().contains("json-schema.org"),
+        "{v}"
+    );
+    assert!(v["properties"]["policy"].is_object());
+    let rule = &v["$defs"]["Rule"];
+    assert_eq!(
+        rule["additionalProperties"], false,
+        "unknown keys are errors: {rule}"
+    );
+    assert!(rule["properties"]["action"].is_object());
+    assert!(
+        rule["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "action")
+    );
+}
+
+/// Every YAML example in the README is a valid configuration: the docs
+/// cannot drift from the types.
+#[test]
+fn readme_yaml_examples_pass_check_config() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let d = tmpdir("readme");
+    let mut n = 0;
+    for (i, block) in readme.split("```yaml\n").skip(1).enumerate() {
+        let yaml = block.split("```").next().unwrap();
+        let f = write(&d, &format!("example{i}.yaml"), yaml);
+        let (ok, _, err) = tollgate(&["check-config", &f]);
+        assert!(
+            ok,
+            "README YAML example {i} is invalid:\n{err}\n---\n{yaml}"
+        );
+        n += 1;
+    }
+    assert!(
+        n >= 2,
+        "the README has its configuration and policy examples"
+    );
+}

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use super::limits::LimitKey;
 
 /// A rule's `budget`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
     #[serde(default)]

@@ -15,7 +15,9 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 /// Whose calls share one set of buckets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LimitKey {
     /// Each workload (pod, unit or cgroup) on its own.
@@ -28,7 +30,7 @@ pub enum LimitKey {
 }
 
 /// A rule's `limits`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub per: LimitKey,

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 use super::{Subject, budgets::BudgetConfig, limits::LimitsConfig};
 
 /// What a rule does with the calls it matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Terminate, parse, account, forward.
@@ -22,7 +24,7 @@ pub enum Action {
 }
 
 /// The `policy` section.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// For calls no rule matches.
@@ -31,7 +33,7 @@ pub struct PolicyConfig {
     pub rules: Vec<Rule>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// Unique; the decision's reason is `rule:<name>`.
@@ -73,7 +75,7 @@ pub struct Rule {
 
 /// Which workloads a rule is for: every non-empty field must match (and),
 /// any entry of a field may (or).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Selector {
     /// Globs over the workload's cgroup path below the cgroup2 mount (no

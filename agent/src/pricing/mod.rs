@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::providers::Usage;
 
 /// One price-table entry, as written in YAML.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PriceEntry {
     /// Glob on the model name (`gpt-4o-mini*`, `my-finetune`).
@@ -34,7 +34,7 @@ pub struct PriceEntry {
 }
 
 /// The `pricing` section of the agent config.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PricingConfig {
     /// Include Tollgate's shipped table (README: "Prices").
