@@ -38,7 +38,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Which benchmarks: `connect` (kernel programs), `proxy` (latency
-        /// and memory of the terminating proxy). Default: all.
+        /// and memory of the terminating proxy), `policy` (decision cost).
+        /// Default: all.
         which: Vec<String>,
     },
 }

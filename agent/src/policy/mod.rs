@@ -17,6 +17,11 @@ pub use rules::{
     Action, Caps, ConnectionDecision, PolicyConfig, PolicyError, RequestDecision, Rule, Selector,
 };
 
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
 use crate::identity::Workload;
 
 /// What the rules look at: the workload and, for host mode, its process.
@@ -30,7 +35,14 @@ pub struct Subject<'a> {
 pub struct Policy {
     rules: Vec<rules::Compiled>,
     default: Action,
+    /// (cgroup, process) → indexes of the rules whose selector matches: a
+    /// workload's selector matches are computed once per policy, so a
+    /// decision is a lookup plus provider and model checks on those rules.
+    by_subject: Mutex<HashMap<(String, String), Arc<[u32]>>>,
 }
+
+/// Workloads remembered per policy; beyond, the memo starts over.
+const SUBJECT_MEMO: usize = 16_384;
 
 impl Policy {
     /// Compile `cfg`; `providers` are the configured provider names (rules
@@ -39,6 +51,7 @@ impl Policy {
         Ok(Self {
             rules: rules::compile(cfg, providers)?,
             default: cfg.default,
+            by_subject: Mutex::default(),
         })
     }
 
@@ -47,13 +60,15 @@ impl Policy {
         Self {
             rules: Vec::new(),
             default: Action::Allow,
+            by_subject: Mutex::default(),
         }
     }
 
     /// The decision for a new connection of `subject` to `provider`.
     pub fn connection(&self, subject: Subject<'_>, provider: &str) -> ConnectionDecision {
-        for r in &self.rules {
-            if !r.matches(subject, provider) {
+        for &i in self.candidates(subject).iter() {
+            let r = &self.rules[i as usize];
+            if !r.matches_provider(provider) {
                 continue;
             }
             if r.has_models() {
@@ -72,12 +87,34 @@ impl Policy {
         provider: &str,
         model: Option<&str>,
     ) -> RequestDecision {
-        for r in &self.rules {
-            if r.matches(subject, provider) && r.matches_model(model) {
+        for &i in self.candidates(subject).iter() {
+            let r = &self.rules[i as usize];
+            if r.matches_provider(provider) && r.matches_model(model) {
                 return r.decide(model);
             }
         }
         RequestDecision::for_default(self.default)
+    }
+
+    /// The rules whose selector matches `subject`, in order (memoised).
+    fn candidates(&self, subject: Subject<'_>) -> Arc<[u32]> {
+        let key = (subject.workload.cgroup.clone(), subject.comm.to_string());
+        let mut memo = self.by_subject.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = memo.get(&key) {
+            return c.clone();
+        }
+        let c: Arc<[u32]> = self
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.matches_subject(subject))
+            .map(|(i, _)| i as u32)
+            .collect();
+        if memo.len() >= SUBJECT_MEMO {
+            memo.clear();
+        }
+        memo.insert(key, c.clone());
+        c
     }
 
     pub fn rule_count(&self) -> usize {

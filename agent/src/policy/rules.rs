@@ -171,14 +171,18 @@ pub(super) struct Compiled {
 }
 
 impl Compiled {
-    pub fn matches(&self, s: Subject<'_>, provider: &str) -> bool {
+    pub fn matches_provider(&self, provider: &str) -> bool {
+        self.rule.providers.is_empty() || self.rule.providers.iter().any(|p| p == provider)
+    }
+
+    /// The workload part of the match (the costly part: globs), cached per
+    /// workload by `Policy`.
+    pub fn matches_subject(&self, s: Subject<'_>) -> bool {
         let r = &self.rule;
         let w = s.workload;
-        (r.providers.is_empty() || r.providers.iter().any(|p| p == provider))
-            && self
-                .cgroups
-                .as_ref()
-                .is_none_or(|g| g.is_match(w.cgroup.trim_start_matches('/')))
+        self.cgroups
+            .as_ref()
+            .is_none_or(|g| g.is_match(w.cgroup.trim_start_matches('/')))
             && (r.selector.pod_uids.is_empty()
                 || w.pod_uid
                     .as_ref()

@@ -3,19 +3,18 @@
 //!
 //! * `connect` — the connect() cost of the kernel programs;
 //! * `proxy` — what the terminating proxy adds to an LLM call (latency at a
-//!   fixed rate, per streamed chunk) and what it holds in memory.
+//!   fixed rate, per streamed chunk) and what it holds in memory;
+//! * `policy` — the cost of a policy decision with many rules and workloads.
 //!
-//! Usage: tollgate-bench [--quick] [connect|proxy]…  (default: both)
+//! Usage: tollgate-bench [--quick] [connect|proxy|policy]…  (default: all)
 mod connect;
+mod policy;
 mod proxy;
 
 use serde_json::Value;
 use tollgate_tests::{TestNode, require_privileged};
 
 fn main() {
-    if !require_privileged("bench") {
-        std::process::exit(1);
-    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let picked: Vec<&str> = args
@@ -25,8 +24,8 @@ fn main() {
         .collect();
     for p in &picked {
         assert!(
-            ["connect", "proxy"].contains(p),
-            "unknown benchmark `{p}`: choose connect, proxy (default: both)"
+            ["connect", "proxy", "policy"].contains(p),
+            "unknown benchmark `{p}`: choose connect, proxy, policy (default: all)"
         );
     }
     if std::env::var_os("TOLLGATE_LOG").is_none() {
@@ -35,6 +34,15 @@ fn main() {
         unsafe { std::env::set_var("TOLLGATE_LOG", "info") };
     }
     let wants = |name: &str| picked.is_empty() || picked.contains(&name);
+    if wants("policy") {
+        policy::run(quick);
+    }
+    if !wants("connect") && !wants("proxy") {
+        return;
+    }
+    if !require_privileged("bench") {
+        std::process::exit(1);
+    }
     let mut node = TestNode::new(1);
     // Same pod namespace, two cgroups: one outside the governed subtree (no
     // programs run for it: the baseline, direct path) and the pod's own.

@@ -1,0 +1,130 @@
+//! Policy decisions with many rules and many workloads: the per-call cost
+//! of `Policy::request`, beside a baseline of one hash-map lookup per call
+//! (what any per-workload table costs). No privileges, no node needed.
+use std::{collections::HashMap, hint::black_box, time::Instant};
+
+use tollgate_agent::{
+    identity::Workload,
+    policy::{Policy, PolicyConfig, Subject},
+};
+
+fn uid(i: usize) -> String {
+    format!("{i:08x}-0000-4000-8000-000000000000")
+}
+
+pub fn run(quick: bool) {
+    let (rules, workloads) = (1_000, 10_000);
+    let calls = if quick { 50_000 } else { 500_000 };
+    // A realistic mix: most rules name pods, some name cgroup globs and
+    // processes, every fourth limits models; the catch-all comes last.
+    let mut yaml = String::from("default: allow\nrules:\n");
+    for i in 0..rules {
+        let sel = match i % 10 {
+            0..=6 => format!("{{pod_uids: [\"{}\"]}}", uid(i * 7 % workloads)),
+            7 | 8 => format!("{{cgroups: [\"**/*team{}*/**\"]}}", i % 50),
+            _ => format!("{{processes: [\"worker-{i}*\"]}}"),
+        };
+        let models = if i % 4 == 0 {
+            ", models: [\"gpt-4o*\", \"o3*\"]"
+        } else {
+            ""
+        };
+        let action = if i % 3 == 0 { "deny" } else { "allow" };
+        yaml += &format!("  - {{name: r{i}, match: {sel}{models}, action: {action}}}\n");
+    }
+    let cfg: PolicyConfig = serde_yaml::from_str(&yaml).expect("bench policy parses");
+    let policy = Policy::new(&cfg, &["openai".into(), "anthropic".into()]).expect("valid");
+    let ws: Vec<Workload> = (0..workloads)
+        .map(|i| Workload {
+            cgroup: format!(
+                "/kubepods.slice/kubepods-team{}.slice/kubepods-pod{}.slice/cri-containerd-{i:064x}.scope",
+                i % 60,
+                uid(i).replace('-', "_")
+            ),
+            pod_uid: Some(uid(i)),
+            ..Default::default()
+        })
+        .collect();
+    let models = ["gpt-4o-mini", "gpt-4o", "o3-mini", "claude-sonnet-4-5"];
+    let table: HashMap<String, usize> = ws
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.cgroup.clone(), i))
+        .collect();
+
+    // First decision per workload: selectors matched against all rules.
+    let mut cold = Vec::with_capacity(workloads);
+    for w in &ws {
+        let t = Instant::now();
+        black_box(policy.request(
+            Subject {
+                workload: w,
+                comm: "python3",
+            },
+            "openai",
+            Some("gpt-4o"),
+        ));
+        cold.push(t.elapsed().as_nanos() as u64);
+    }
+    // Steady state: random workloads, models and providers.
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let (mut warm, mut base) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    for _ in 0..calls {
+        let r = next();
+        let w = &ws[(r % workloads as u64) as usize];
+        let model = models[(r >> 32) as usize % models.len()];
+        let provider = if r & 1 == 0 { "openai" } else { "anthropic" };
+        let t = Instant::now();
+        black_box(table.get(black_box(&w.cgroup)));
+        base.push(t.elapsed().as_nanos() as u64);
+        let t = Instant::now();
+        black_box(policy.request(
+            Subject {
+                workload: w,
+                comm: "python3",
+            },
+            provider,
+            Some(model),
+        ));
+        warm.push(t.elapsed().as_nanos() as u64);
+    }
+    let pct = |v: &mut Vec<u64>, p: f64| {
+        v.sort_unstable();
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0
+    };
+    println!(
+        "\nPolicy decisions, {rules} rules, {workloads} workloads ({} mode)\n",
+        if quick { "quick" } else { "full" }
+    );
+    println!(
+        "{:<58} {:>9} {:>9} {:>9}  target",
+        "", "calls", "p50", "p99"
+    );
+    println!(
+        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs",
+        "baseline: one hash-map lookup of the workload",
+        base.len(),
+        pct(&mut base, 0.5),
+        pct(&mut base, 0.99)
+    );
+    println!(
+        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs  ≤ 5 µs p99",
+        "decision (workload seen before)",
+        warm.len(),
+        pct(&mut warm, 0.5),
+        pct(&mut warm, 0.99)
+    );
+    println!(
+        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs",
+        "first decision of a workload (selectors against all rules)",
+        cold.len(),
+        pct(&mut cold, 0.5),
+        pct(&mut cold, 0.99)
+    );
+}
