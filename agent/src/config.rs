@@ -499,6 +499,25 @@ impl Config {
         if let Err(e) = crate::policy::Policy::new(&self.policy, &names) {
             return err(&format!("policy.{}", e.field), e.message);
         }
+        for (i, chain) in self.policy.failover.iter().enumerate() {
+            let api_of = |name: &str| {
+                self.providers
+                    .iter()
+                    .find(|p| p.name == name)
+                    .map(|p| p.api())
+            };
+            let first = api_of(&chain.targets[0].provider);
+            if let Some(j) = chain
+                .targets
+                .iter()
+                .position(|t| api_of(&t.provider) != first)
+            {
+                return err(
+                    &format!("policy.failover[{i}].targets[{j}].provider"),
+                    "targets of a chain must speak the same API family (requests are not translated)".into(),
+                );
+            }
+        }
         if self.discovery.scan_interval.is_zero() {
             return err(
                 "discovery.scan_interval",

@@ -78,6 +78,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     let events = EventLog::open(&config.audit, &config.node_name())?;
     let identity = Arc::new(IdentityCache::new(&root.path, &mount));
     let live = crate::live::Rules::live(&config);
+    let addresses: crate::proxy::send::ProviderAddresses = Arc::default();
     let budget_file = (!config.budget_state_file.is_empty())
         .then(|| std::path::PathBuf::from(&config.budget_state_file));
     let budgets = Arc::new(match &budget_file {
@@ -106,7 +107,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         hello_timeout: config.tls.client_hello_timeout,
         skip_mark: config.proxy.skip_mark,
         connect_timeout: config.proxy.upstream_connect_timeout,
-        tls: tls_context(&config, live.clone(), budgets.clone())?,
+        tls: tls_context(&config, live.clone(), budgets.clone(), addresses.clone())?,
     });
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -126,11 +127,12 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
 
     let mut refresher = Refresher::new(&config)?;
     // First round before we call ourselves ready, so `/readyz` means "governing".
-    refresh_providers(&mut refresher, &maps, &metrics).await;
+    refresh_providers(&mut refresher, &maps, &metrics, &addresses).await;
     tasks.push(tokio::spawn(dns_loop(
         refresher,
         maps.clone(),
         metrics.clone(),
+        addresses.clone(),
     )));
 
     let scanner = Scanner::new(&config, root.clone(), ctx.clone(), identity.clone())?;
@@ -243,6 +245,7 @@ fn tls_context(
     config: &Config,
     live: crate::live::LiveRules,
     budgets: Arc<Budgets>,
+    addresses: crate::proxy::send::ProviderAddresses,
 ) -> anyhow::Result<Option<Arc<TlsContext>>> {
     if config.tls.ca_dir.is_empty() {
         tracing::info!("tls.ca_dir is not set: provider connections are relayed, not terminated");
@@ -267,6 +270,16 @@ fn tls_context(
         config.audit.capture.clone(),
         live,
         budgets,
+        config
+            .providers
+            .iter()
+            .map(|p| crate::proxy::send::ProviderEndpoint {
+                name: p.name.clone(),
+                host: p.hosts.first().cloned().unwrap_or_default(),
+                ports: p.ports.clone(),
+            })
+            .collect(),
+        addresses,
     ))))
 }
 
@@ -291,9 +304,20 @@ async fn heartbeat(maps: Arc<Maps>, mut settings: Settings, every: Duration) {
     }
 }
 
-async fn refresh_providers(refresher: &mut Refresher, maps: &Maps, metrics: &Metrics) {
+async fn refresh_providers(
+    refresher: &mut Refresher,
+    maps: &Maps,
+    metrics: &Metrics,
+    addresses: &crate::proxy::send::ProviderAddresses,
+) {
     refresher.refresh_due().await;
     refresher.book.expire(Instant::now());
+    // Failover targets dial what DNS says now, like the kernel map.
+    addresses.store(Arc::new(
+        (0..refresher.ports.len() as u32)
+            .map(|id| refresher.book.addresses_of(id))
+            .collect(),
+    ));
     let want = refresher.book.desired(&refresher.ports);
     match maps.sync_providers(&want) {
         Ok((added, removed)) if added + removed > 0 => {
@@ -310,7 +334,12 @@ async fn refresh_providers(refresher: &mut Refresher, maps: &Maps, metrics: &Met
     metrics.provider_addresses.set(maps.provider_count() as i64);
 }
 
-async fn dns_loop(mut refresher: Refresher, maps: Arc<Maps>, metrics: Arc<Metrics>) {
+async fn dns_loop(
+    mut refresher: Refresher,
+    maps: Arc<Maps>,
+    metrics: Arc<Metrics>,
+    addresses: crate::proxy::send::ProviderAddresses,
+) {
     loop {
         // Wake for the next due lookup, and at least every second so expired
         // addresses leave the map on time.
@@ -319,7 +348,7 @@ async fn dns_loop(mut refresher: Refresher, maps: Arc<Maps>, metrics: Arc<Metric
             .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(1));
         tokio::time::sleep(wait).await;
-        refresh_providers(&mut refresher, &maps, &metrics).await;
+        refresh_providers(&mut refresher, &maps, &metrics, &addresses).await;
     }
 }
 

@@ -18,6 +18,8 @@ pub const UPSTREAM_V4: &str = "10.77.0.2";
 /// A second provider address, for DNS changes.
 pub const UPSTREAM_V4_ALT: &str = "10.77.0.3";
 pub const UPSTREAM_V6: &str = "fd77::2";
+/// A second provider's address (`backup`, for failover), same mock.
+pub const UPSTREAM_V4_BACKUP: &str = "10.77.0.4";
 /// Node side of the upstream link: what the mock sees when the agent relays.
 pub const NODE_UPSTREAM_V4: &str = "10.77.0.1";
 pub const NODE_UPSTREAM_V6: &str = "fd77::1";
@@ -34,6 +36,8 @@ pub const PROVIDER_HOST: &str = "api.openai.com";
 pub const ANTHROPIC_HOST: &str = "api.anthropic.com";
 /// A third, with Gemini's API.
 pub const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
+/// An OpenAI-compatible provider on its own address: a failover target.
+pub const BACKUP_HOST: &str = "api.backup.test";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -104,7 +108,12 @@ impl TestNode {
             "up0",
             [NODE_UPSTREAM_V4, NODE_UPSTREAM_V6],
             &upstream,
-            &[UPSTREAM_V4, UPSTREAM_V4_ALT, UPSTREAM_V6],
+            &[
+                UPSTREAM_V4,
+                UPSTREAM_V4_ALT,
+                UPSTREAM_V4_BACKUP,
+                UPSTREAM_V6,
+            ],
         );
 
         let mount = cgroup2_mount();
@@ -129,6 +138,7 @@ impl TestNode {
                 key,
                 format!("tls:{UPSTREAM_V4}:{TLS_PORT}"),
                 format!("tls:[{UPSTREAM_V6}]:{TLS_PORT}"),
+                format!("tls:{UPSTREAM_V4_BACKUP}:{TLS_PORT}"),
                 format!("{UPSTREAM_V4}:{PROVIDER_PORT}"),
                 format!("{UPSTREAM_V4_ALT}:{PROVIDER_PORT}"),
                 format!("[{UPSTREAM_V6}]:{PROVIDER_PORT}"),
@@ -216,6 +226,9 @@ impl TestNode {
         let body: String = addrs
             .iter()
             .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n"))
+            .chain(std::iter::once(format!(
+                "{UPSTREAM_V4_BACKUP} {BACKUP_HOST}\n"
+            )))
             .collect();
         fs::write(&hosts, body).unwrap();
         if let Some(mut old) = self.dns.take() {
@@ -265,6 +278,7 @@ impl TestNode {
              discovery:\n  scan_interval: 200ms\n\
              providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n  - name: anthropic\n    hosts: [{ANTHROPIC_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              \x20 - name: gemini\n    hosts: [{GEMINI_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
+             \x20 - name: backup\n    hosts: [{BACKUP_HOST}]\n    ports: [{TLS_PORT}]\n    api: openai\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
              audit:\n  path: {}\nbpffs_dir: {}\n",
@@ -598,6 +612,7 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
         PROVIDER_HOST.to_string(),
         ANTHROPIC_HOST.to_string(),
         GEMINI_HOST.to_string(),
+        BACKUP_HOST.to_string(),
     ])
     .unwrap()
     .signed_by(&leaf_key, &issuer)

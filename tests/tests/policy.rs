@@ -388,3 +388,94 @@ fn budgets_refuse_when_spent_warn_at_the_soft_share_and_survive_a_restart() {
     let out = call(&node);
     assert!(out.contains(" 429"), "the budget survives a restart: {out}");
 }
+
+#[test]
+fn failover_moves_a_failing_call_to_an_equivalent_target_never_mid_stream() {
+    if !require_privileged("failover_moves_a_failing_call_to_an_equivalent_target_never_mid_stream")
+    {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent(
+        r#"policy:
+  failover:
+    - name: mini
+      targets:
+        - {provider: openai, model: mock-500}
+        - {provider: backup, model: gpt-4o-mini}
+      backoff: 10ms
+    - name: cut
+      targets:
+        - {provider: openai, model: mock-cut}
+        - {provider: backup, model: gpt-4o-mini}
+      backoff: 10ms
+  rules:
+    - {name: cut-rule, models: [mock-cut], action: allow, failover: cut}
+    - {name: chat, action: allow, failover: mini}
+"#,
+    );
+    // The primary answers 500: the call is served by the backup, with the
+    // backup's model; the workload sees one successful response.
+    let out = post_with_headers(
+        &node,
+        0,
+        PROVIDER_HOST,
+        r#"{"model":"mock-500","messages":[]}"#,
+    );
+    assert!(out.contains(" 200"), "{out}");
+    assert!(out.contains("x-mock-model: gpt-4o-mini"), "{out}");
+    // Cut mid-stream: already streaming, so no failover; the workload gets
+    // what was sent, then the error.
+    let out = post_with_headers(
+        &node,
+        0,
+        PROVIDER_HOST,
+        r#"{"model":"mock-cut","stream":true,"messages":[]}"#,
+    );
+    assert!(out.contains(" 200") && out.contains("Hello"), "{out}");
+    // Not a declared target: never moved.
+    let out = post_with_headers(
+        &node,
+        0,
+        PROVIDER_HOST,
+        r#"{"model":"gpt-4o","messages":[]}"#,
+    );
+    assert!(out.contains("x-mock-model: gpt-4o\r"), "{out}");
+
+    let recs = records(&node, Some("request"), 3);
+    let by_model = |m: &str| {
+        recs.iter()
+            .find(|r| r["model"] == m)
+            .unwrap_or_else(|| panic!("no record for {m}: {recs:?}"))
+    };
+    let moved = by_model("mock-500");
+    assert_eq!(moved["served_by"], "backup", "{moved}");
+    assert_eq!(moved["status"], 200);
+    assert_eq!(
+        moved["upstream"],
+        format!(
+            "{}:{}",
+            tollgate_tests::node::UPSTREAM_V4_BACKUP,
+            tollgate_tests::node::TLS_PORT
+        )
+    );
+    let attempts = moved["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{moved}");
+    assert_eq!(attempts[0]["provider"], "openai");
+    assert_eq!(attempts[0]["status"], 500);
+    assert_eq!(attempts[0]["result"], "retried");
+    assert_eq!(attempts[1]["provider"], "backup");
+    assert_eq!(attempts[1]["model"], "gpt-4o-mini");
+    assert_eq!(attempts[1]["status"], 200);
+
+    let cut = by_model("mock-cut");
+    assert_eq!(cut["attempts"].as_array().unwrap().len(), 1, "{cut}");
+    assert!(cut.get("served_by").is_none());
+    assert_eq!(cut["result"], "upstream_error");
+
+    let plain = by_model("gpt-4o");
+    assert!(
+        plain.get("attempts").is_none() && plain.get("served_by").is_none(),
+        "{plain}"
+    );
+}

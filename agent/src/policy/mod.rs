@@ -10,6 +10,7 @@
 //!   length and a rewritten model — or deny.
 pub mod budgets;
 pub mod credentials;
+pub mod failover;
 pub mod limits;
 mod rules;
 

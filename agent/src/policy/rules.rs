@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{Subject, budgets::BudgetConfig, limits::LimitsConfig};
+use super::{Subject, budgets::BudgetConfig, failover::FailoverChain, limits::LimitsConfig};
 
 /// What a rule does with the calls it matches.
 #[derive(
@@ -31,6 +31,9 @@ pub struct PolicyConfig {
     pub default: Action,
     /// In order; the first rule that matches a call decides it.
     pub rules: Vec<Rule>,
+    /// Chains of equivalent targets that rules may fail over along.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<FailoverChain>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -71,6 +74,9 @@ pub struct Rule {
     /// Spend limits for the calls this rule allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetConfig>,
+    /// A `failover` chain (by name) for the calls this rule allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<String>,
 }
 
 /// Which workloads a rule is for: every non-empty field must match (and),
@@ -113,6 +119,8 @@ pub struct Caps {
     pub credential_file: Option<std::path::PathBuf>,
     /// The rule's budget (spend is per rule name and key).
     pub budget: Option<BudgetConfig>,
+    /// The rule's failover chain.
+    pub failover: Option<std::sync::Arc<FailoverChain>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +172,7 @@ impl RequestDecision {
 
 pub(super) struct Compiled {
     pub rule: Rule,
+    failover: Option<std::sync::Arc<FailoverChain>>,
     cgroups: Option<GlobSet>,
     units: Option<GlobSet>,
     processes: Option<GlobSet>,
@@ -238,6 +247,7 @@ impl Compiled {
                     limits: r.limits.clone(),
                     credential_file: r.credential_file.clone(),
                     budget: r.budget.clone(),
+                    failover: self.failover.clone(),
                 },
             },
         }
@@ -248,6 +258,22 @@ pub(super) fn compile(
     cfg: &PolicyConfig,
     providers: &[String],
 ) -> Result<Vec<Compiled>, PolicyError> {
+    let mut chains = std::collections::HashMap::new();
+    for (i, c) in cfg.failover.iter().enumerate() {
+        c.validate(providers).map_err(|(f, message)| PolicyError {
+            field: format!("failover[{i}].{f}"),
+            message,
+        })?;
+        if chains
+            .insert(c.name.as_str(), std::sync::Arc::new(c.clone()))
+            .is_some()
+        {
+            return Err(PolicyError {
+                field: format!("failover[{i}].name"),
+                message: format!("`{}` names two chains", c.name),
+            });
+        }
+    }
     let mut names = std::collections::HashSet::new();
     cfg.rules
         .iter()
@@ -300,7 +326,17 @@ pub(super) fn compile(
                         .into(),
                 ));
             }
+            let failover = match &r.failover {
+                None => None,
+                Some(name) => Some(chains.get(name.as_str()).cloned().ok_or_else(|| {
+                    err(
+                        at("failover"),
+                        format!("no failover chain is named `{name}`"),
+                    )
+                })?),
+            };
             Ok(Compiled {
+                failover,
                 cgroups: globs(&r.selector.cgroups, &at("match.cgroups"))?,
                 units: globs(&r.selector.units, &at("match.units"))?,
                 processes: globs(&r.selector.processes, &at("match.processes"))?,

@@ -67,6 +67,7 @@ fn first_matching_rule_decides_requests() {
                 limits: None,
                 credential_file: None,
                 budget: None,
+                failover: None,
             }
         }
     );

@@ -5,5 +5,6 @@ mod account;
 pub mod client_hello;
 mod metered;
 pub mod relay;
+pub mod send;
 pub mod terminate;
 pub mod upstream;

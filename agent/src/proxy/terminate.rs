@@ -5,8 +5,8 @@
 //! and its token usage in the metrics.
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -18,6 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     account::{budget_response, error_response, limited_response},
     metered::{Finish, Metered},
+    send::{self, ProviderAddresses, ProviderEndpoint, Sent},
     upstream::{BoxError, ProxyBody, UpstreamPool},
 };
 use crate::{
@@ -54,6 +55,9 @@ pub struct TlsContext {
     pub credentials: Credentials,
     /// Spend per budget (kept across reloads; saved across restarts).
     pub budgets: Arc<Budgets>,
+    /// Providers by id, and their known addresses: failover targets.
+    pub endpoints: Vec<ProviderEndpoint>,
+    pub addresses: ProviderAddresses,
 }
 
 impl TlsContext {
@@ -64,6 +68,8 @@ impl TlsContext {
         capture: CaptureConfig,
         live: crate::live::LiveRules,
         budgets: Arc<Budgets>,
+        endpoints: Vec<ProviderEndpoint>,
+        addresses: ProviderAddresses,
     ) -> Self {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -82,6 +88,8 @@ impl TlsContext {
             limiter: Arc::default(),
             credentials: Credentials::default(),
             budgets,
+            endpoints,
+            addresses,
         }
     }
 }
@@ -213,6 +221,8 @@ async fn forward(
         routed_model: None,
         capped_output_tokens: None,
         credential_injected: false,
+        attempts: Vec::new(),
+        served_by: None,
         budget: None,
         workload: meta.workload.clone(),
         pid: meta.pid,
@@ -304,6 +314,7 @@ async fn forward(
             .request(subject, &meta.provider, record.model.as_deref());
     let (mut target, mut body) = (target, body);
     let mut admission = None;
+    let failover;
     match decision {
         RequestDecision::Deny { reason, message } => {
             record.decision = "deny";
@@ -333,6 +344,7 @@ async fn forward(
             }
             record.routed_model = changed.model;
             record.capped_output_tokens = changed.capped_output_tokens;
+            failover = caps.failover;
             if let Some(file) = &caps.credential_file {
                 match call.tls.credentials.get(file) {
                     Ok(key) => {
@@ -393,46 +405,32 @@ async fn forward(
         }
     }
 
-    let authority = if meta.upstream.port() == 443 {
-        meta.host.clone()
-    } else {
-        format!("{}:{}", meta.host, meta.upstream.port())
-    };
-    parts.uri = match Uri::builder()
-        .scheme("https")
-        .authority(authority.as_str())
-        .path_and_query(target.as_str())
-        .build()
-    {
-        Ok(u) => u,
-        Err(e) => {
-            record.result = "client_error";
-            return Ok(error_response(
-                &call,
-                StatusCode::BAD_REQUEST,
-                &format!("invalid request target: {e}"),
-                record,
-                started,
-            ));
-        }
-    };
     // The pool speaks h2 to the provider when ALPN chose it, whatever the workload spoke.
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&authority).expect("validated host"),
-    );
     parts.headers.remove(header::CONTENT_LENGTH); // recomputed from the buffered body
-
-    let upstream_req = Request::from_parts(
-        parts,
-        Full::new(body).map_err(|never| match never {}).boxed(),
-    );
-    let client = call.tls.upstream.client(&meta.host, meta.upstream);
-    let response_timeout = call.tls.settings.upstream_response_timeout;
-    match tokio::time::timeout(response_timeout, client.request(upstream_req)).await {
-        Ok(Ok(resp)) => {
+    let model = record.routed_model.clone().or_else(|| record.model.clone());
+    let (endpoints, chain) = send::plan(&call, failover.as_deref(), model.as_deref());
+    let mut attempts = Vec::new();
+    let sent = send::send(
+        &call,
+        &parts,
+        &target,
+        body,
+        &endpoints,
+        chain.as_deref(),
+        &mut attempts,
+    )
+    .await;
+    if chain.is_some() {
+        record.attempts = attempts;
+    }
+    match sent {
+        Sent::Response(resp, ep) => {
+            if ep.provider != meta.provider {
+                record.served_by = Some(ep.provider.clone());
+            }
+            record.upstream = ep.addr;
             record.ttfb_ms = started.elapsed().as_millis() as u64;
             record.status = resp.status().as_u16();
             let (mut parts, body) = resp.into_parts();
@@ -463,30 +461,13 @@ async fn forward(
             );
             Ok(Response::from_parts(parts, body.boxed()))
         }
-        Ok(Err(e)) => {
-            record.result = "upstream_error";
-            let msg = format!("provider {} at {} failed: {e}", meta.host, meta.upstream);
-            Ok(error_response(
-                &call,
-                StatusCode::BAD_GATEWAY,
-                &msg,
-                record,
-                started,
-            ))
-        }
-        Err(_) => {
-            record.result = "upstream_timeout";
-            let msg = format!(
-                "provider {} sent no response within {:?} (tls.upstream_response_timeout)",
-                meta.host, response_timeout
-            );
-            Ok(error_response(
-                &call,
-                StatusCode::GATEWAY_TIMEOUT,
-                &msg,
-                record,
-                started,
-            ))
+        Sent::Failed {
+            status,
+            result,
+            message,
+        } => {
+            record.result = result;
+            Ok(error_response(&call, status, &message, record, started))
         }
     }
 }

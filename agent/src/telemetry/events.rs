@@ -78,6 +78,12 @@ pub struct RequestRecord {
     /// The policy replaced the workload's credentials with its own key.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub credential_injected: bool,
+    /// With a failover chain: every attempt, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<crate::proxy::send::Attempt>,
+    /// The provider that answered, when failover moved the call elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
     /// The budget this call's cost is charged to (not logged).
     #[serde(skip)]
     pub budget: Option<crate::policy::budgets::BudgetKey>,

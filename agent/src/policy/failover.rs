@@ -1,0 +1,184 @@
+//! Failover chains: targets (provider + model) declared equivalent, tried
+//! in turn when one fails before its response starts — a connect or TLS
+//! error, no response headers in time, HTTP 429 or 5xx. Bounded by
+//! `max_attempts` and a per-call `deadline`, with jittered exponential
+//! backoff between attempts. Never after a response has begun streaming to
+//! the workload, and never to a target the chain does not list.
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// A provider name (`providers[].name`); all targets of a chain share its API family.
+    pub provider: String,
+    /// The model to ask this provider for.
+    pub model: String,
+    /// Key file for this provider (else the call's credentials go as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_file: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverChain {
+    /// Referenced by rules (`failover: <name>`).
+    pub name: String,
+    /// Equivalent targets, in order of preference.
+    pub targets: Vec<Target>,
+    /// Attempts at most, the first included (default: one per target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Wait before the 2nd attempt; doubles after each, ±50% jitter.
+    #[serde(default = "default_backoff", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub backoff: Duration,
+    /// The whole call, all attempts, until a response starts.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub deadline: Duration,
+}
+
+fn default_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_deadline() -> Duration {
+    Duration::from_secs(120)
+}
+
+impl FailoverChain {
+    /// The targets to try for a call to `provider` asking `model`: the
+    /// matching target first, then the others in order; empty when the call
+    /// is not one of the chain's targets (then it is not failed over).
+    pub fn plan(&self, provider: &str, model: Option<&str>) -> Vec<&Target> {
+        let Some(first) = self
+            .targets
+            .iter()
+            .position(|t| t.provider == provider && Some(t.model.as_str()) == model)
+        else {
+            return Vec::new();
+        };
+        let max = self.max_attempts.unwrap_or(self.targets.len() as u32) as usize;
+        std::iter::once(&self.targets[first])
+            .chain(
+                self.targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != first)
+                    .map(|(_, t)| t),
+            )
+            .take(max.max(1))
+            .collect()
+    }
+
+    /// Wait before attempt `n` (1-based; the 2nd attempt is n = 2).
+    pub fn backoff_before(&self, n: u32) -> Duration {
+        let base = self
+            .backoff
+            .saturating_mul(1 << (n.saturating_sub(2)).min(10));
+        // ±50% jitter from the clock's low bits: spreads retries of many
+        // workloads without a random-number dependency.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        base.mul_f64(0.5 + (nanos % 1000) as f64 / 1000.0)
+    }
+
+    pub fn validate(&self, providers: &[String]) -> Result<(), (String, String)> {
+        if self.name.trim().is_empty() {
+            return Err(("name".into(), "must not be empty".into()));
+        }
+        if self.targets.len() < 2 {
+            return Err((
+                "targets".into(),
+                "a chain needs at least two targets".into(),
+            ));
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            if !providers.contains(&t.provider) {
+                return Err((
+                    format!("targets[{i}].provider"),
+                    format!("`{}` is not a configured provider", t.provider),
+                ));
+            }
+            if t.credential_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err((
+                    format!("targets[{i}].credential_file"),
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
+        if self.max_attempts == Some(0) {
+            return Err(("max_attempts".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(y: &str) -> FailoverChain {
+        serde_yaml::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn plan_starts_at_the_calls_target_and_stays_in_the_chain() {
+        let c = chain(
+            "{name: c, targets: [{provider: a, model: m1}, {provider: b, model: m2}, {provider: c, model: m3}], max_attempts: 2}",
+        );
+        let p: Vec<_> = c
+            .plan("b", Some("m2"))
+            .iter()
+            .map(|t| t.provider.as_str())
+            .collect();
+        assert_eq!(
+            p,
+            ["b", "a"],
+            "own target first, then in order, at most max_attempts"
+        );
+        assert!(
+            c.plan("b", Some("other")).is_empty(),
+            "not a declared target: no failover"
+        );
+        assert!(c.plan("b", None).is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        let c = chain(
+            "{name: c, targets: [{provider: a, model: m}, {provider: b, model: m}], backoff: 100ms}",
+        );
+        for _ in 0..20 {
+            let b2 = c.backoff_before(2);
+            let b3 = c.backoff_before(3);
+            assert!(
+                b2 >= Duration::from_millis(50) && b2 <= Duration::from_millis(150),
+                "{b2:?}"
+            );
+            assert!(
+                b3 >= Duration::from_millis(100) && b3 <= Duration::from_millis(300),
+                "{b3:?}"
+            );
+        }
+        assert_eq!(c.deadline, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn validation() {
+        let names = ["a".to_string(), "b".to_string()];
+        assert!(
+            chain("{name: c, targets: [{provider: a, model: m}]}")
+                .validate(&names)
+                .is_err()
+        );
+        let e = chain("{name: c, targets: [{provider: a, model: m}, {provider: z, model: m}]}")
+            .validate(&names)
+            .unwrap_err();
+        assert_eq!(e.0, "targets[1].provider");
+    }
+}

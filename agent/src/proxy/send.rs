@@ -1,0 +1,277 @@
+//! Sending a terminated request upstream: to the provider address the
+//! workload dialled, or along the rule's failover chain when that attempt
+//! fails before its response starts (`policy::failover`).
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use serde::Serialize;
+
+use super::terminate::Call;
+use crate::{
+    policy::{credentials, failover::FailoverChain},
+    providers::rewrite,
+};
+
+/// Known addresses of each provider (by id, config order), refreshed with DNS.
+pub type ProviderAddresses = Arc<ArcSwap<Vec<Vec<IpAddr>>>>;
+
+/// A configured provider as a failover target needs it.
+#[derive(Debug, Clone)]
+pub struct ProviderEndpoint {
+    pub name: String,
+    pub host: String,
+    pub ports: Vec<u16>,
+}
+
+/// Where one attempt goes.
+#[derive(Debug, Clone)]
+pub(super) struct Endpoint {
+    pub provider: String,
+    pub host: String,
+    pub addr: SocketAddr,
+    /// Model to ask for instead of the request's (a failover target's).
+    pub model: Option<String>,
+    pub credential_file: Option<std::path::PathBuf>,
+}
+
+/// One attempt, for the audit record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub provider: String,
+    pub host: String,
+    pub upstream: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// HTTP status, 0 when none came.
+    pub status: u16,
+    /// `ok`, `retried` (a 429/5xx answer), `upstream_error`, `upstream_timeout`.
+    pub result: &'static str,
+    pub ms: u64,
+}
+
+/// How a send ended.
+pub(super) enum Sent {
+    /// The response to relay (possibly a provider error when no retry was left).
+    Response(Response<Incoming>, Endpoint),
+    /// No response: status and result for the workload's error.
+    Failed {
+        status: StatusCode,
+        result: &'static str,
+        message: String,
+    },
+}
+
+/// The attempts to make: the dialled endpoint, or the chain's plan.
+pub(super) fn plan(
+    call: &Call,
+    chain: Option<&FailoverChain>,
+    model: Option<&str>,
+) -> (Vec<Endpoint>, Option<Arc<FailoverChain>>) {
+    let meta = &call.meta;
+    let dialled = Endpoint {
+        provider: meta.provider.clone(),
+        host: meta.host.clone(),
+        addr: meta.upstream,
+        model: None,
+        credential_file: None,
+    };
+    let Some(chain) = chain else {
+        return (vec![dialled], None);
+    };
+    let targets = chain.plan(&meta.provider, model);
+    if targets.is_empty() {
+        return (vec![dialled], None);
+    }
+    let addresses = call.tls.addresses.load();
+    let endpoints = targets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            if i == 0 {
+                // The call's own target: where the workload was going.
+                return Some(Endpoint {
+                    credential_file: t.credential_file.clone(),
+                    ..dialled.clone()
+                });
+            }
+            let id = call
+                .tls
+                .endpoints
+                .iter()
+                .position(|p| p.name == t.provider)?;
+            let p = &call.tls.endpoints[id];
+            let ips = addresses.get(id)?;
+            // Same address family as the workload used, if the provider has one.
+            let ip = ips
+                .iter()
+                .find(|ip| ip.is_ipv4() == meta.upstream.is_ipv4())
+                .or(ips.first())?;
+            let port = if p.ports.contains(&meta.upstream.port()) {
+                meta.upstream.port()
+            } else {
+                *p.ports.first()?
+            };
+            Some(Endpoint {
+                provider: p.name.clone(),
+                host: p.host.clone(),
+                addr: SocketAddr::new(*ip, port),
+                model: Some(t.model.clone()),
+                credential_file: t.credential_file.clone(),
+            })
+        })
+        .collect();
+    (endpoints, Some(Arc::new(chain.clone())))
+}
+
+/// Send `parts` + `body` to `endpoints` in turn until one answers without
+/// a retryable failure (or the chain's attempts or deadline run out).
+pub(super) async fn send(
+    call: &Call,
+    parts: &http::request::Parts,
+    path: &str,
+    body: Bytes,
+    endpoints: &[Endpoint],
+    chain: Option<&FailoverChain>,
+    attempts: &mut Vec<Attempt>,
+) -> Sent {
+    let started = Instant::now();
+    let response_timeout = call.tls.settings.upstream_response_timeout;
+    let deadline = chain.map_or(response_timeout, |c| c.deadline);
+    let mut last = Sent::Failed {
+        status: StatusCode::BAD_GATEWAY,
+        result: "upstream_error",
+        message: "no provider address for any failover target".into(),
+    };
+    for (n, ep) in endpoints.iter().enumerate() {
+        let more = n + 1 < endpoints.len();
+        if n > 0 {
+            let wait = chain.map_or(Duration::ZERO, |c| c.backoff_before(n as u32 + 1));
+            if started.elapsed() + wait >= deadline {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+        }
+        let req = match build(call, parts, path, &body, ep) {
+            Ok(r) => r,
+            Err(message) => {
+                return Sent::Failed {
+                    status: StatusCode::BAD_REQUEST,
+                    result: "client_error",
+                    message,
+                };
+            }
+        };
+        let t0 = Instant::now();
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .min(response_timeout);
+        let client = call.tls.upstream.client(&ep.host, ep.addr);
+        let outcome = tokio::time::timeout(left, client.request(req)).await;
+        let mut attempt = Attempt {
+            provider: ep.provider.clone(),
+            host: ep.host.clone(),
+            upstream: ep.addr,
+            model: ep.model.clone(),
+            status: 0,
+            result: "ok",
+            ms: t0.elapsed().as_millis() as u64,
+        };
+        match outcome {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                attempt.status = status.as_u16();
+                let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+                if retryable && more && chain.is_some() {
+                    // Its body is dropped unread: the workload never sees it.
+                    attempt.result = "retried";
+                    attempts.push(attempt);
+                    continue;
+                }
+                attempts.push(attempt);
+                return Sent::Response(resp, ep.clone());
+            }
+            Ok(Err(e)) => {
+                attempt.result = "upstream_error";
+                last = Sent::Failed {
+                    status: StatusCode::BAD_GATEWAY,
+                    result: "upstream_error",
+                    message: format!("provider {} at {} failed: {e}", ep.host, ep.addr),
+                };
+            }
+            Err(_) => {
+                attempt.result = "upstream_timeout";
+                last = Sent::Failed {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    result: "upstream_timeout",
+                    message: format!(
+                        "provider {} sent no response within {left:?} (tls.upstream_response_timeout or the failover deadline)",
+                        ep.host
+                    ),
+                };
+            }
+        }
+        attempts.push(attempt);
+        if chain.is_none() {
+            break;
+        }
+    }
+    last
+}
+
+/// The request for one endpoint: its authority, its model, its credentials.
+fn build(
+    call: &Call,
+    parts: &http::request::Parts,
+    path: &str,
+    body: &Bytes,
+    ep: &Endpoint,
+) -> Result<Request<super::upstream::ProxyBody>, String> {
+    let authority = if ep.addr.port() == 443 {
+        ep.host.clone()
+    } else {
+        format!("{}:{}", ep.host, ep.addr.port())
+    };
+    let mut headers = parts.headers.clone();
+    let mut path = path.to_string();
+    let mut body = body.clone();
+    if let Some(model) = &ep.model {
+        let (p, b, _) = rewrite::apply(
+            call.meta.api,
+            &path,
+            &body,
+            Some(model),
+            None,
+            ep.provider == "openai" || ep.host.ends_with(".openai.azure.com"),
+        );
+        path = p;
+        if let Some(b) = b {
+            body = Bytes::from(b);
+        }
+    }
+    if let Some(file) = &ep.credential_file {
+        let key = call.tls.credentials.get(file).map_err(|e| e.to_string())?;
+        path = credentials::inject(call.meta.api, &ep.host, &mut headers, &path, &key);
+    }
+    let uri = Uri::builder()
+        .scheme("https")
+        .authority(authority.as_str())
+        .path_and_query(path.as_str())
+        .build()
+        .map_err(|e| format!("invalid request target: {e}"))?;
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&authority).map_err(|e| e.to_string())?,
+    );
+    let mut req = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
