@@ -68,6 +68,8 @@ pub struct Config {
     pub pricing: crate::pricing::PricingConfig,
     /// Who may call what (README "Policy"). Reloaded on change and SIGHUP.
     pub policy: crate::policy::PolicyConfig,
+    /// Where limits' and budgets' state lives: this node, or Redis (shared).
+    pub state: crate::policy::shared::StateConfig,
     /// Where budget spend is kept across restarts (JSON, rewritten every few
     /// seconds). Empty: in memory only, spend starts at 0 after a restart.
     pub budget_state_file: String,
@@ -359,6 +361,7 @@ impl Default for Config {
             policy: crate::policy::PolicyConfig::default(),
             node_name: String::new(),
             budget_state_file: String::new(),
+            state: crate::policy::shared::StateConfig::default(),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),
         }
     }
@@ -494,6 +497,11 @@ impl Config {
         }
         if let Err((i, e)) = crate::pricing::PriceTable::new(&self.pricing) {
             return err(&format!("pricing.models[{i}]"), e.to_string());
+        }
+        if self.state.backend == crate::policy::shared::Backend::Redis {
+            if let Err(e) = crate::policy::shared::SharedBudgets::new(&self.state) {
+                return err("state.redis_url", e.to_string());
+            }
         }
         let names: Vec<String> = self.providers.iter().map(|p| p.name.clone()).collect();
         if let Err(e) = crate::policy::Policy::new(&self.policy, &names) {

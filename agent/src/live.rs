@@ -123,7 +123,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         m
     };
     let (a, b) = (section(old), section(new));
-    const NAMES: [&str; 15] = [
+    const NAMES: [&str; 16] = [
         "cgroup_root",
         "proxy",
         "failure_mode",
@@ -137,6 +137,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         "audit",
         "node_name",
         "budget_state_file",
+        "state",
         "bpffs_dir",
         "policy",
     ];

@@ -81,14 +81,26 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     let addresses: crate::proxy::send::ProviderAddresses = Arc::default();
     let budget_file = (!config.budget_state_file.is_empty())
         .then(|| std::path::PathBuf::from(&config.budget_state_file));
-    let budgets = Arc::new(match &budget_file {
+    let local = match &budget_file {
         Some(p) => Budgets::load(p).map_err(|e| {
             anyhow::anyhow!(
                 "budget_state_file: {e}\nhint: fix or remove the file (spend then starts at 0)"
             )
         })?,
         None => Budgets::default(),
-    });
+    };
+    let shared = match config.state.backend {
+        crate::policy::shared::Backend::Local => None,
+        crate::policy::shared::Backend::Redis => {
+            tracing::info!(url = %config.state.redis_url, "budgets are shared through Redis");
+            Some(crate::policy::shared::SharedBudgets::new(&config.state)?)
+        }
+    };
+    let budgets = Arc::new(crate::policy::spend::BudgetStore::new(
+        local,
+        shared,
+        metrics.state_errors.clone(),
+    ));
     let ctx = Arc::new(RelayContext {
         live: live.clone(),
         maps: maps.clone(),
@@ -152,7 +164,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
                         .with_label_values(&[c.label()])
                         .set(m.counter(c) as i64);
                 }
-                for r in b1.rows(time::OffsetDateTime::now_utc()) {
+                for r in b1.local.rows(time::OffsetDateTime::now_utc()) {
                     for (period, usd) in [("daily", r.day_usd), ("monthly", r.month_usd)] {
                         mt.budget_spent
                             .with_label_values(&[&r.rule, &r.key, period])
@@ -163,7 +175,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
             status: Box::new(move || {
                 serde_json::json!({
                     "policy_rules": live2.load().policy.rule_count(),
-                    "budgets": b2.rows(time::OffsetDateTime::now_utc()),
+                    "budgets": b2.local.rows(time::OffsetDateTime::now_utc()),
                 })
                 .to_string()
             }),
@@ -186,7 +198,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(BUDGET_SAVE_INTERVAL).await;
-                if let Err(e) = b.save(&path) {
+                if let Err(e) = b.local.save(&path) {
                     tracing::error!(path = %path.display(), error = %e, "saving budget spend failed");
                 }
             }
@@ -222,7 +234,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if let Some(path) = &budget_file {
-        if let Err(e) = budgets.save(path) {
+        if let Err(e) = budgets.local.save(path) {
             tracing::error!(path = %path.display(), error = %e, "saving budget spend failed");
         }
     }
@@ -244,7 +256,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
 fn tls_context(
     config: &Config,
     live: crate::live::LiveRules,
-    budgets: Arc<Budgets>,
+    budgets: Arc<crate::policy::spend::BudgetStore>,
     addresses: crate::proxy::send::ProviderAddresses,
 ) -> anyhow::Result<Option<Arc<TlsContext>>> {
     if config.tls.ca_dir.is_empty() {

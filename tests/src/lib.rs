@@ -17,6 +17,7 @@ pub mod netns;
 pub mod node;
 pub mod privileged;
 pub mod process;
+pub mod redis;
 
 pub use node::{Pod, TestNode};
 pub use privileged::require_privileged;

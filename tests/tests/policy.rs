@@ -479,3 +479,61 @@ fn failover_moves_a_failing_call_to_an_equivalent_target_never_mid_stream() {
         "{plain}"
     );
 }
+
+#[test]
+fn two_agents_share_one_budget_through_redis_and_decide_locally_without_it() {
+    if !require_privileged(
+        "two_agents_share_one_budget_through_redis_and_decide_locally_without_it",
+    ) {
+        return;
+    }
+    let mut redis = tollgate_tests::redis::RedisServer::start("shared-budget");
+    // Two nodes (two agents), one global budget of 2e-5 USD; a call costs 7.275e-6.
+    let config = format!(
+        "state: {{backend: redis, redis_url: \"{}\", timeout: 300ms}}\npolicy:\n  rules:\n    - name: shared\n      action: allow\n      budget: {{per: global, daily_usd: 0.00002}}\n",
+        redis.url()
+    );
+    let mut a = TestNode::new(1);
+    a.start_agent(&config);
+    let mut b = TestNode::new(1);
+    b.start_agent(&config);
+    let call = |node: &TestNode| {
+        post_with_headers(
+            node,
+            0,
+            PROVIDER_HOST,
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+    };
+    for node in [&a, &a, &b] {
+        let out = call(node);
+        assert!(out.contains(" 200"), "{out}");
+    }
+    // Node A spent 1.5e-5 itself; with B's call the shared total passes 2e-5.
+    let refused = wait_until(Duration::from_secs(5), || {
+        call(&a).contains(" 429").then_some(())
+    });
+    assert!(
+        refused.is_some(),
+        "node A must see node B's spend:\n{}",
+        a.agent_log()
+    );
+    assert!(call(&b).contains(" 429"));
+    assert!(a.agent_log().contains("budgets are shared through Redis"));
+
+    // Redis goes away: decisions continue with each node's own spend.
+    redis.stop();
+    let out = call(&a);
+    assert!(
+        out.contains(" 200"),
+        "A's own spend is under the budget: {out}"
+    );
+    let m = a.metrics();
+    assert!(!m.contains("tollgate_state_errors_total 0"), "{m}");
+    assert!(m.contains("tollgate_state_errors_total"), "{m}");
+    assert!(
+        a.agent_log().contains("shared budget state unavailable"),
+        "{}",
+        a.agent_log()
+    );
+}

@@ -10,6 +10,7 @@ const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",     // bpf-linker links against LLVM 22
     "libpolly-22-dev", // …which llvm-22-dev's cmake config requires
     "dnsmasq-base",    // the test node's DNS server
+    "redis-server",    // the shared state store the policy tests run
     "iproute2",        // ip netns / veth, ss
     "curl",            // the test clients
     "util-linux",      // nsenter

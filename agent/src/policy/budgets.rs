@@ -132,6 +132,45 @@ pub struct SpendRow {
     pub month_usd: f64,
 }
 
+/// Refuse when a hard limit of `b` is reached by these totals.
+pub fn verdict(
+    b: &BudgetKey,
+    day_usd: f64,
+    month_usd: f64,
+    now: OffsetDateTime,
+) -> Result<(), Exhausted> {
+    let d = now.date();
+    if let Some(limit) = b.config.daily_usd.filter(|l| day_usd >= *l) {
+        return Err(Exhausted {
+            period: "daily",
+            limit,
+            spent: day_usd,
+            resets_at: d
+                .next_day()
+                .expect("not the end of time")
+                .midnight()
+                .assume_utc(),
+        });
+    }
+    if let Some(limit) = b.config.monthly_usd.filter(|l| month_usd >= *l) {
+        let (y, m) = if d.month() == time::Month::December {
+            (d.year() + 1, time::Month::January)
+        } else {
+            (d.year(), d.month().next())
+        };
+        return Err(Exhausted {
+            period: "monthly",
+            limit,
+            spent: month_usd,
+            resets_at: time::Date::from_calendar_date(y, m, 1)
+                .expect("valid date")
+                .midnight()
+                .assume_utc(),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 pub struct Budgets {
     spend: Mutex<(HashMap<String, Spend>, bool)>, // by "rule\tkey"; dirty flag
@@ -142,41 +181,12 @@ fn id(rule: &str, key: &str) -> String {
 }
 
 impl Budgets {
-    /// Refuse if a hard limit of `b` is reached.
+    /// Refuse if a hard limit of `b` is reached (this node's spend).
     pub fn check(&self, b: &BudgetKey, now: OffsetDateTime) -> Result<(), Exhausted> {
         let mut g = self.spend.lock().unwrap_or_else(|e| e.into_inner());
         let s = g.0.entry(id(&b.rule, &b.key)).or_default();
         s.roll(now);
-        let d = now.date();
-        if let Some(limit) = b.config.daily_usd.filter(|l| s.day_usd >= *l) {
-            return Err(Exhausted {
-                period: "daily",
-                limit,
-                spent: s.day_usd,
-                resets_at: d
-                    .next_day()
-                    .expect("not the end of time")
-                    .midnight()
-                    .assume_utc(),
-            });
-        }
-        if let Some(limit) = b.config.monthly_usd.filter(|l| s.month_usd >= *l) {
-            let (y, m) = if d.month() == time::Month::December {
-                (d.year() + 1, time::Month::January)
-            } else {
-                (d.year(), d.month().next())
-            };
-            return Err(Exhausted {
-                period: "monthly",
-                limit,
-                spent: s.month_usd,
-                resets_at: time::Date::from_calendar_date(y, m, 1)
-                    .expect("valid date")
-                    .midnight()
-                    .assume_utc(),
-            });
-        }
-        Ok(())
+        verdict(b, s.day_usd, s.month_usd, now)
     }
 
     /// Add `usd` to `b`'s spend; the soft limits it crossed (once per period).

@@ -13,6 +13,8 @@ pub mod credentials;
 pub mod failover;
 pub mod limits;
 mod rules;
+pub mod shared;
+pub mod spend;
 
 pub use rules::{
     Action, Caps, ConnectionDecision, PolicyConfig, PolicyError, RequestDecision, Rule, Selector,

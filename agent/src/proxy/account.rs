@@ -63,18 +63,15 @@ pub(super) fn account(
     if let Some(c) = record.cost_usd {
         m.cost.with_label_values(&labels).inc_by(c);
         if let Some(b) = &record.budget {
-            for soft in call
-                .tls
+            let counter = m.budget_soft_reached.clone();
+            call.tls
                 .budgets
-                .charge(b, c, time::OffsetDateTime::now_utc())
-            {
-                tracing::warn!(rule = %b.rule, key = %b.key, period = soft.period,
-                    spent_usd = soft.spent, limit_usd = soft.limit,
-                    "budget soft limit reached ({}% of the {} budget)", b.config.soft_percent, soft.period);
-                m.budget_soft_reached
-                    .with_label_values(&[&b.rule, soft.period])
-                    .inc();
-            }
+                .charge(b, c, time::OffsetDateTime::now_utc(), move |b, soft| {
+                    tracing::warn!(rule = %b.rule, key = %b.key, period = soft.period,
+                        spent_usd = soft.spent, limit_usd = soft.limit,
+                        "budget soft limit reached ({}% of the {} budget)", b.config.soft_percent, soft.period);
+                    counter.with_label_values(&[&b.rule, soft.period]).inc();
+                });
         }
     }
     let u = &record.usage;

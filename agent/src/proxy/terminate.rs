@@ -26,9 +26,10 @@ use crate::{
     identity::Workload,
     policy::{
         RequestDecision, Subject,
-        budgets::{BudgetKey, Budgets},
+        budgets::BudgetKey,
         credentials::{self, Credentials},
         limits::{Estimate, LimitKey, Limiter},
+        spend::BudgetStore,
     },
     providers::{self, Api, ResponseParser, rewrite},
     telemetry::{
@@ -54,7 +55,7 @@ pub struct TlsContext {
     /// Provider keys for credential injection, re-read on change.
     pub credentials: Credentials,
     /// Spend per budget (kept across reloads; saved across restarts).
-    pub budgets: Arc<Budgets>,
+    pub budgets: Arc<BudgetStore>,
     /// Providers by id, and their known addresses: failover targets.
     pub endpoints: Vec<ProviderEndpoint>,
     pub addresses: ProviderAddresses,
@@ -67,7 +68,7 @@ impl TlsContext {
         settings: TlsConfig,
         capture: CaptureConfig,
         live: crate::live::LiveRules,
-        budgets: Arc<Budgets>,
+        budgets: Arc<BudgetStore>,
         endpoints: Vec<ProviderEndpoint>,
         addresses: ProviderAddresses,
     ) -> Self {
@@ -379,7 +380,12 @@ async fn forward(
                     key: meta.key(config.per),
                     config,
                 };
-                if let Err(e) = call.tls.budgets.check(&b, time::OffsetDateTime::now_utc()) {
+                if let Err(e) = call
+                    .tls
+                    .budgets
+                    .check(&b, time::OffsetDateTime::now_utc())
+                    .await
+                {
                     return Ok(budget_response(&call, e, record, started));
                 }
                 record.budget = Some(b);

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub budget_spent: prometheus::GaugeVec,
     /// Soft budget limits reached, by rule and period.
     pub budget_soft_reached: IntCounterVec,
+    /// Shared-state (Redis) failures; each decision fell back to local spend.
+    pub state_errors: prometheus::IntCounter,
     /// Distinct model label values per provider; beyond the cap, `other`.
     models: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Set once programs are attached and the first DNS round is done.
@@ -219,6 +221,11 @@ impl Metrics {
             &["rule", "period"],
         )
         .expect("valid metric");
+        let state_errors = prometheus::IntCounter::new(
+            "tollgate_state_errors_total",
+            "Shared state (Redis) requests that failed or timed out; decided with this node's spend",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(bytes.clone()),
@@ -240,6 +247,7 @@ impl Metrics {
             Box::new(policy_rules.clone()),
             Box::new(budget_spent.clone()),
             Box::new(budget_soft_reached.clone()),
+            Box::new(state_errors.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -265,6 +273,7 @@ impl Metrics {
             policy_rules,
             budget_spent,
             budget_soft_reached,
+            state_errors,
             models: Default::default(),
             ready: AtomicBool::new(false),
         })

@@ -127,4 +127,83 @@ pub fn run(quick: bool) {
         pct(&mut cold, 0.5),
         pct(&mut cold, 0.99)
     );
+    budget_checks(quick);
+}
+
+/// A budget decision against this node's spend, and against Redis (one
+/// MGET over a unix socket to a local redis-server), side by side.
+fn budget_checks(quick: bool) {
+    use tollgate_agent::policy::{
+        budgets::{BudgetConfig, BudgetKey, Budgets},
+        limits::LimitKey,
+        shared::{Backend, SharedBudgets, StateConfig},
+        spend::BudgetStore,
+    };
+    let n = if quick { 2_000 } else { 20_000 };
+    let redis = tollgate_tests::redis::RedisServer::start("bench");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = BudgetKey {
+        rule: "rule:bench".into(),
+        key: "w".into(),
+        config: BudgetConfig {
+            per: LimitKey::Workload,
+            daily_usd: Some(1e9),
+            monthly_usd: None,
+            soft_percent: 80.0,
+        },
+    };
+    let errors = prometheus::IntCounter::new("e", "e").unwrap();
+    let local = BudgetStore::new(Budgets::default(), None, errors.clone());
+    let shared = BudgetStore::new(
+        Budgets::default(),
+        Some(
+            SharedBudgets::new(&StateConfig {
+                backend: Backend::Redis,
+                redis_url: redis.url(),
+                timeout: std::time::Duration::from_secs(1),
+            })
+            .unwrap(),
+        ),
+        errors.clone(),
+    );
+    let time = |store: &BudgetStore| {
+        rt.block_on(async {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                let now = time::OffsetDateTime::now_utc();
+                let t = Instant::now();
+                black_box(store.check(&key, now).await.is_ok());
+                v.push(t.elapsed().as_nanos() as u64);
+            }
+            v.sort_unstable();
+            v
+        })
+    };
+    time(&shared); // connect and warm
+    let (mut l, mut r) = (time(&local), time(&shared));
+    let pct = |v: &mut Vec<u64>, p: f64| {
+        v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0
+    };
+    println!(
+        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs",
+        "budget check, this node's spend",
+        l.len(),
+        pct(&mut l, 0.5),
+        pct(&mut l, 0.99)
+    );
+    println!(
+        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs{}",
+        "budget check, shared through Redis (unix socket, 1 MGET)",
+        r.len(),
+        pct(&mut r, 0.5),
+        pct(&mut r, 0.99),
+        if errors.get() > 0 {
+            format!("  ({} Redis errors)", errors.get())
+        } else {
+            String::new()
+        }
+    );
 }
