@@ -60,6 +60,22 @@ fn rules(node: &TestNode) -> String {
     )
 }
 
+/// A call trusting only the provider's own certificate (the test upstream
+/// CA): it succeeds only if the connection is relayed, not terminated.
+fn relayed_post(node: &TestNode, pod: usize, host: &str) -> std::process::Output {
+    let path = if host == ANTHROPIC_HOST {
+        "/v1/messages"
+    } else {
+        "/v1/chat/completions"
+    };
+    node.pods[pod].https_post(
+        &node.dir.join("upstream-ca.crt"),
+        host,
+        path,
+        r#"{"model":"gpt-4o","max_tokens":10,"messages":[]}"#,
+    )
+}
+
 /// curl's output with response headers (`-i`).
 fn post_with_headers(node: &TestNode, pod: usize, host: &str, body: &str) -> String {
     let out = node.pods[pod]
@@ -116,13 +132,7 @@ fn rules_deny_rewrite_cap_and_observe_per_workload() {
 
     // Observe: pod 1's connection is relayed, not terminated — it works with
     // the provider's own certificate (the test upstream CA), no node CA trust.
-    let upstream_ca = node.dir.join("upstream-ca.crt");
-    let out = node.pods[1].https_post(
-        &upstream_ca,
-        PROVIDER_HOST,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o","messages":[]}"#,
-    );
+    let out = relayed_post(&node, 1, PROVIDER_HOST);
     assert!(
         out.status.success(),
         "observe relays to the provider: {}",
@@ -179,20 +189,10 @@ fn deny_holds_without_tls_termination() {
         "tls:\n  ca_dir: \"\"\n{}",
         rules(&node).replace("pod_uids: [\"", "pod_uids: [\"x")
     ));
-    let out = node.pods[0].https_post(
-        &node.dir.join("upstream-ca.crt"),
-        ANTHROPIC_HOST,
-        "/v1/messages",
-        r#"{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[]}"#,
-    );
+    let out = relayed_post(&node, 0, ANTHROPIC_HOST);
     assert!(!out.status.success(), "denied: the connection is closed");
     // Another provider is allowed and relayed.
-    let ok = node.pods[0].https_post(
-        &node.dir.join("upstream-ca.crt"),
-        PROVIDER_HOST,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o","messages":[]}"#,
-    );
+    let ok = relayed_post(&node, 0, PROVIDER_HOST);
     assert!(
         ok.status.success(),
         "{}",

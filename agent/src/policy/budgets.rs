@@ -198,28 +198,26 @@ impl Budgets {
         s.day_usd += usd;
         s.month_usd += usd;
         let share = b.config.soft_percent / 100.0;
-        let mut crossed = Vec::new();
-        if let Some(l) = b.config.daily_usd {
-            if !s.day_warned && s.day_usd >= l * share {
-                s.day_warned = true;
-                crossed.push(SoftCrossed {
-                    period: "daily",
-                    limit: l,
-                    spent: s.day_usd,
-                });
-            }
-        }
-        if let Some(l) = b.config.monthly_usd {
-            if !s.month_warned && s.month_usd >= l * share {
-                s.month_warned = true;
-                crossed.push(SoftCrossed {
-                    period: "monthly",
-                    limit: l,
-                    spent: s.month_usd,
-                });
-            }
-        }
-        crossed
+        [
+            ("daily", b.config.daily_usd, s.day_usd, &mut s.day_warned),
+            (
+                "monthly",
+                b.config.monthly_usd,
+                s.month_usd,
+                &mut s.month_warned,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(period, limit, spent, warned)| {
+            let limit = limit.filter(|l| !*warned && spent >= l * share)?;
+            *warned = true;
+            Some(SoftCrossed {
+                period,
+                limit,
+                spent,
+            })
+        })
+        .collect()
     }
 
     /// Current spend, for `tollgate status` and the metrics.

@@ -139,6 +139,11 @@ fn gemini_path_with_model(path: &str, model: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Apply only an output cap.
+    fn cap(api: Api, path: &str, body: &[u8], max: u64, native: bool) -> Option<Vec<u8>> {
+        apply(api, path, body, None, Some(max), native).1
+    }
+
     fn json(b: &Option<Vec<u8>>) -> Value {
         serde_json::from_slice(b.as_ref().expect("body changed")).unwrap()
     }
@@ -161,23 +166,9 @@ mod tests {
         assert_eq!(r.capped_output_tokens, Some(256));
         // No limit asked: set, named as the provider wants it.
         let open = br#"{"model":"m","messages":[]}"#;
-        let (_, b, _) = apply(
-            Api::Openai,
-            "/v1/chat/completions",
-            open,
-            None,
-            Some(64),
-            true,
-        );
+        let b = cap(Api::Openai, "/v1/chat/completions", open, 64, true);
         assert_eq!(json(&b)["max_completion_tokens"], 64);
-        let (_, b, _) = apply(
-            Api::Openai,
-            "/v1/chat/completions",
-            open,
-            None,
-            Some(64),
-            false,
-        );
+        let b = cap(Api::Openai, "/v1/chat/completions", open, 64, false);
         assert_eq!(json(&b)["max_tokens"], 64);
         // Already below the cap: unchanged.
         let low = br#"{"model":"m","max_completion_tokens":10}"#;
@@ -195,42 +186,38 @@ mod tests {
 
     #[test]
     fn responses_anthropic_and_gemini_caps() {
-        let (_, b, _) = apply(
+        let b = cap(
             Api::Openai,
             "/v1/responses",
             br#"{"model":"m","input":"x"}"#,
-            None,
-            Some(9),
+            9,
             true,
         );
         assert_eq!(json(&b)["max_output_tokens"], 9);
-        let (_, b, _) = apply(
+        let b = cap(
             Api::Anthropic,
             "/v1/messages",
             br#"{"model":"m","max_tokens":1024}"#,
-            None,
-            Some(100),
+            100,
             false,
         );
         assert_eq!(json(&b)["max_tokens"], 100);
-        let (_, b, _) = apply(
+        let b = cap(
             Api::Gemini,
             "/v1beta/models/gemini-2.5-pro:generateContent",
             br#"{"contents":[],"generationConfig":{"maxOutputTokens":9000,"temperature":0.2}}"#,
-            None,
-            Some(512),
+            512,
             false,
         );
         let v = json(&b);
         assert_eq!(v["generationConfig"]["maxOutputTokens"], 512);
         assert_eq!(v["generationConfig"]["temperature"], 0.2);
         // Embeddings have no output to cap.
-        let (_, b, _) = apply(
+        let b = cap(
             Api::Openai,
             "/v1/embeddings",
             br#"{"model":"m","input":"x"}"#,
-            None,
-            Some(9),
+            9,
             true,
         );
         assert!(b.is_none());

@@ -197,15 +197,7 @@ pub(super) fn limited_response(
             "minute"
         }
     );
-    refuse(
-        call,
-        StatusCode::TOO_MANY_REQUESTS,
-        &message,
-        record,
-        started,
-        Some(wait),
-        headers,
-    )
+    too_many(call, &message, record, started, wait, headers)
 }
 
 /// A 429 for a request whose budget is spent, with `retry-after` at the
@@ -234,15 +226,19 @@ pub(super) fn budget_response(
         "retry-after".to_string(),
         (std::time::Duration::as_secs(&wait)).max(1).to_string(),
     )];
-    refuse(
-        call,
-        StatusCode::TOO_MANY_REQUESTS,
-        &message,
-        record,
-        started,
-        Some(wait),
-        headers,
-    )
+    too_many(call, &message, record, started, wait, headers)
+}
+
+fn too_many(
+    call: &Call,
+    message: &str,
+    record: RequestRecord,
+    started: Instant,
+    wait: std::time::Duration,
+    headers: Vec<(String, String)>,
+) -> Response<ProxyBody> {
+    let status = StatusCode::TOO_MANY_REQUESTS;
+    refuse(call, status, message, record, started, Some(wait), headers)
 }
 
 fn refuse(

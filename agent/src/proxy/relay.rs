@@ -149,27 +149,7 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
         ConnectionDecision::Deny { reason, .. } => {
             // Nothing to answer in (no termination): close, say why.
             tracing::info!(workload = %workload.label(), %provider, %reason, "provider connection denied by policy");
-            ctx.metrics
-                .decisions
-                .with_label_values(&[&provider, "deny", &reason])
-                .inc();
-            drop(client);
-            let t = Transfer::default();
-            return finish(
-                &ctx,
-                t,
-                Closing {
-                    time,
-                    workload,
-                    orig,
-                    provider,
-                    peer,
-                    started,
-                    decision: "deny",
-                    reason,
-                    denied: true,
-                },
-            );
+            ("deny", reason)
         }
         ConnectionDecision::Observe { reason } => ("observe", reason),
         ConnectionDecision::Terminate { reason } => ("allow", reason),
@@ -178,17 +158,22 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
         .decisions
         .with_label_values(&[&provider, decision, &reason])
         .inc();
-    // Relay the bytes untouched to where the workload was going.
-
-    let t = match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
-        Ok(upstream) => {
-            let _ = upstream.set_nodelay(true);
-            relay(client, upstream).await
+    let denied = decision == "deny";
+    let t = if denied {
+        drop(client);
+        Transfer::default()
+    } else {
+        // Relay the bytes untouched to where the workload was going.
+        match dial(orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
+            Ok(upstream) => {
+                let _ = upstream.set_nodelay(true);
+                relay(client, upstream).await
+            }
+            Err(e) => Transfer {
+                error: Some(e),
+                ..Transfer::default()
+            },
         }
-        Err(e) => Transfer {
-            error: Some(e),
-            ..Transfer::default()
-        },
     };
     finish(
         &ctx,
@@ -202,7 +187,7 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
             started,
             decision,
             reason,
-            denied: false,
+            denied,
         },
     );
 }

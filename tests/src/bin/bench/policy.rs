@@ -94,10 +94,6 @@ pub fn run(quick: bool) {
         ));
         warm.push(t.elapsed().as_nanos() as u64);
     }
-    let pct = |v: &mut Vec<u64>, p: f64| {
-        v.sort_unstable();
-        v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0
-    };
     println!(
         "\nPolicy decisions, {rules} rules, {workloads} workloads ({} mode)\n",
         if quick { "quick" } else { "full" }
@@ -106,26 +102,16 @@ pub fn run(quick: bool) {
         "{:<58} {:>9} {:>9} {:>9}  target",
         "", "calls", "p50", "p99"
     );
-    println!(
-        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs",
+    row(
         "baseline: one hash-map lookup of the workload",
-        base.len(),
-        pct(&mut base, 0.5),
-        pct(&mut base, 0.99)
+        &mut base,
+        "",
     );
-    println!(
-        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs  ≤ 5 µs p99",
-        "decision (workload seen before)",
-        warm.len(),
-        pct(&mut warm, 0.5),
-        pct(&mut warm, 0.99)
-    );
-    println!(
-        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs",
+    row("decision (workload seen before)", &mut warm, "  ≤ 5 µs p99");
+    row(
         "first decision of a workload (selectors against all rules)",
-        cold.len(),
-        pct(&mut cold, 0.5),
-        pct(&mut cold, 0.99)
+        &mut cold,
+        "",
     );
     budget_checks(quick);
 }
@@ -184,26 +170,26 @@ fn budget_checks(quick: bool) {
     };
     time(&shared); // connect and warm
     let (mut l, mut r) = (time(&local), time(&shared));
-    let pct = |v: &mut Vec<u64>, p: f64| {
-        v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0
+    row("budget check, this node's spend", &mut l, "");
+    let errors = match errors.get() {
+        0 => String::new(),
+        n => format!("  ({n} Redis errors)"),
     };
-    println!(
-        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs",
-        "budget check, this node's spend",
-        l.len(),
-        pct(&mut l, 0.5),
-        pct(&mut l, 0.99)
-    );
-    println!(
-        "{:<58} {:>9} {:>7.2}µs {:>7.2}µs{}",
+    row(
         "budget check, shared through Redis (unix socket, 1 MGET)",
-        r.len(),
-        pct(&mut r, 0.5),
-        pct(&mut r, 0.99),
-        if errors.get() > 0 {
-            format!("  ({} Redis errors)", errors.get())
-        } else {
-            String::new()
-        }
+        &mut r,
+        &errors,
+    );
+}
+
+/// One table row: name, count, p50 and p99 in µs, and a suffix (target, errors).
+fn row(name: &str, v: &mut [u64], suffix: &str) {
+    v.sort_unstable();
+    let pct = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)] as f64 / 1000.0;
+    println!(
+        "{name:<58} {:>9} {:>7.2}µs {:>7.2}µs{suffix}",
+        v.len(),
+        pct(0.5),
+        pct(0.99)
     );
 }
