@@ -47,6 +47,8 @@ fn rules(node: &TestNode) -> String {
       action: allow
       max_output_tokens: 32
       model_aliases: {{fast: gpt-4o-mini}}
+      max_request_bytes: 2000
+      headers: {{remove: [x-drop-me], set: {{openai-project: proj_tollgate}}}}
     - name: legacy-observe
       match: {{pod_uids: ["{p1}"]}}
       action: observe
@@ -80,7 +82,7 @@ fn relayed_post(node: &TestNode, pod: usize, host: &str) -> std::process::Output
 fn post_with_headers(node: &TestNode, pod: usize, host: &str, body: &str) -> String {
     let out = node.pods[pod]
         .https_post_command(&node.node_ca_cert(), host, "/v1/chat/completions", body)
-        .arg("-i")
+        .args(["-i", "-H", "x-drop-me: secret-team-header"])
         .output()
         .expect("run curl");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -118,6 +120,22 @@ fn rules_deny_rewrite_cap_and_observe_per_workload() {
     assert!(out.contains(" 200"), "{out}");
     assert!(out.contains("x-mock-model: gpt-4o-mini"), "{out}");
     assert!(out.contains("x-mock-max-tokens: 32"), "{out}");
+    assert!(
+        out.contains("x-mock-openai-project: proj_tollgate"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("x-mock-drop-me"),
+        "removed header reached the provider: {out}"
+    );
+    // Over the rule's body limit: 413 before anything is sent.
+    let big = format!(
+        r#"{{"model":"fast","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(3000)
+    );
+    let out = post_with_headers(&node, 0, PROVIDER_HOST, &big);
+    assert!(out.contains(" 413"), "{out}");
+    assert!(out.contains("policy rule:capped allows"), "{out}");
 
     // Denied provider, connection terminated: Anthropic's own error shape.
     let out = post_with_headers(
@@ -139,7 +157,7 @@ fn rules_deny_rewrite_cap_and_observe_per_workload() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let reqs = records(&node, Some("request"), 3);
+    let reqs = records(&node, Some("request"), 4);
     let by_model = |m: &str| {
         reqs.iter()
             .find(|r| r["model"] == m)

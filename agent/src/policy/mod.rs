@@ -17,7 +17,8 @@ pub mod shared;
 pub mod spend;
 
 pub use rules::{
-    Action, Caps, ConnectionDecision, PolicyConfig, PolicyError, RequestDecision, Rule, Selector,
+    Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, PolicyError, RequestDecision,
+    Rule, Selector,
 };
 
 use std::{

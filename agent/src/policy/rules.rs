@@ -77,6 +77,69 @@ pub struct Rule {
     /// A `failover` chain (by name) for the calls this rule allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<String>,
+    /// Request headers to drop or set on the way to the provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<HeaderRules>,
+    /// Largest request body this rule lets through (below `tls.max_request_body`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_bytes: Option<usize>,
+}
+
+/// A rule's `headers`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderRules {
+    /// Header names removed from the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+    /// Headers set (replacing any the workload sent). Credentials are not
+    /// allowed here: use `credential_file`, which keeps keys out of configs.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+}
+
+impl HeaderRules {
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        for name in &self.remove {
+            h.remove(name.as_str());
+        }
+        for (k, v) in &self.set {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(v),
+            ) {
+                h.insert(k, v);
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        for (i, n) in self.remove.iter().enumerate() {
+            if http::HeaderName::from_bytes(n.as_bytes()).is_err() {
+                return Err((
+                    format!("remove[{i}]"),
+                    format!("`{n}` is not a header name"),
+                ));
+            }
+        }
+        for (k, v) in &self.set {
+            if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+                return Err((format!("set.{k}"), format!("`{k}` is not a header name")));
+            }
+            if ["authorization", "x-api-key", "api-key", "x-goog-api-key"]
+                .contains(&k.to_ascii_lowercase().as_str())
+            {
+                return Err((
+                    format!("set.{k}"),
+                    "credentials do not belong in the policy: use credential_file".into(),
+                ));
+            }
+            if http::HeaderValue::from_str(v).is_err() {
+                return Err((format!("set.{k}"), "is not a valid header value".into()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Which workloads a rule is for: every non-empty field must match (and),
@@ -121,6 +184,8 @@ pub struct Caps {
     pub budget: Option<BudgetConfig>,
     /// The rule's failover chain.
     pub failover: Option<std::sync::Arc<FailoverChain>>,
+    pub headers: Option<HeaderRules>,
+    pub max_request_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +313,8 @@ impl Compiled {
                     credential_file: r.credential_file.clone(),
                     budget: r.budget.clone(),
                     failover: self.failover.clone(),
+                    headers: r.headers.clone(),
+                    max_request_bytes: r.max_request_bytes,
                 },
             },
         }
@@ -303,6 +370,12 @@ pub(super) fn compile(
             }
             if let Some(Err((f, m))) = r.limits.as_ref().map(LimitsConfig::validate) {
                 return Err(err(at(&format!("limits.{f}")), m));
+            }
+            if let Some(Err((f, m))) = r.headers.as_ref().map(HeaderRules::validate) {
+                return Err(err(at(&format!("headers.{f}")), m));
+            }
+            if r.max_request_bytes == Some(0) {
+                return Err(err(at("max_request_bytes"), "must be at least 1".into()));
             }
             if let Some(Err((f, m))) = r.budget.as_ref().map(BudgetConfig::validate) {
                 return Err(err(at(&format!("budget.{f}")), m));

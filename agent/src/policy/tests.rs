@@ -68,6 +68,8 @@ fn first_matching_rule_decides_requests() {
                 credential_file: None,
                 budget: None,
                 failover: None,
+                headers: None,
+                max_request_bytes: None,
             }
         }
     );

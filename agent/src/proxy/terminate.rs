@@ -346,6 +346,21 @@ async fn forward(
             record.routed_model = changed.model;
             record.capped_output_tokens = changed.capped_output_tokens;
             failover = caps.failover;
+            if let Some(max) = caps.max_request_bytes.filter(|m| body.len() > *m) {
+                let message = format!(
+                    "request body of {} bytes exceeds the {max} bytes policy {} allows",
+                    body.len(),
+                    record.reason
+                );
+                record.decision = "deny";
+                record.reason = format!("{}:request_too_large", record.reason);
+                record.result = "request_too_large";
+                let status = StatusCode::PAYLOAD_TOO_LARGE;
+                return Ok(error_response(&call, status, &message, record, started));
+            }
+            if let Some(h) = &caps.headers {
+                h.apply(&mut parts.headers);
+            }
             if let Some(file) = &caps.credential_file {
                 match call.tls.credentials.get(file) {
                     Ok(key) => {

@@ -152,6 +152,7 @@ async fn answer(
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
     let authorization = req.headers().contains_key("authorization");
+    let req_headers = req.headers().clone();
     // The credential the provider received (test keys only), for injection tests.
     let credential = ["authorization", "x-api-key", "api-key", "x-goog-api-key"]
         .iter()
@@ -169,6 +170,14 @@ async fn answer(
         // limits the provider was asked for, and whether a key came along.
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         let mut echo = vec![("x-mock-credential", credential)];
+        for (h, name) in [
+            ("x-mock-openai-project", "openai-project"),
+            ("x-mock-drop-me", "x-drop-me"),
+        ] {
+            if let Some(v) = req_headers.get(name).and_then(|v| v.to_str().ok()) {
+                echo.push((h, v.to_string()));
+            }
+        }
         for (h, field) in [
             ("x-mock-model", "model"),
             ("x-mock-max-tokens", "max_tokens"),
