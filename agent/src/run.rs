@@ -101,6 +101,15 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         shared,
         metrics.state_errors.clone(),
     ));
+    let limiter = Arc::new(crate::policy::gate::LimitStore::new(
+        match config.state.backend {
+            crate::policy::shared::Backend::Local => None,
+            crate::policy::shared::Backend::Redis => {
+                Some(crate::policy::shared::SharedLimits::new(&config.state)?)
+            }
+        },
+        metrics.state_errors.clone(),
+    ));
     let ctx = Arc::new(RelayContext {
         live: live.clone(),
         maps: maps.clone(),
@@ -119,7 +128,13 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         hello_timeout: config.tls.client_hello_timeout,
         skip_mark: config.proxy.skip_mark,
         connect_timeout: config.proxy.upstream_connect_timeout,
-        tls: tls_context(&config, live.clone(), budgets.clone(), addresses.clone())?,
+        tls: tls_context(
+            &config,
+            live.clone(),
+            budgets.clone(),
+            limiter.clone(),
+            addresses.clone(),
+        )?,
     });
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -257,6 +272,7 @@ fn tls_context(
     config: &Config,
     live: crate::live::LiveRules,
     budgets: Arc<crate::policy::spend::BudgetStore>,
+    limiter: Arc<crate::policy::gate::LimitStore>,
     addresses: crate::proxy::send::ProviderAddresses,
 ) -> anyhow::Result<Option<Arc<TlsContext>>> {
     if config.tls.ca_dir.is_empty() {
@@ -282,6 +298,7 @@ fn tls_context(
         config.audit.capture.clone(),
         live,
         budgets,
+        limiter,
         config
             .providers
             .iter()

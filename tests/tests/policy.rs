@@ -508,7 +508,7 @@ fn two_agents_share_one_budget_through_redis_and_decide_locally_without_it() {
     let mut redis = tollgate_tests::redis::RedisServer::start("shared-budget");
     // Two nodes (two agents), one global budget of 2e-5 USD; a call costs 7.275e-6.
     let config = format!(
-        "state: {{backend: redis, redis_url: \"{}\", timeout: 300ms}}\npolicy:\n  rules:\n    - name: shared\n      action: allow\n      budget: {{per: global, daily_usd: 0.00002}}\n",
+        "state: {{backend: redis, redis_url: \"{}\", timeout: 300ms}}\npolicy:\n  rules:\n    - name: shared-rate\n      providers: [anthropic]\n      action: allow\n      limits: {{per: global, requests_per_minute: 3}}\n    - name: shared\n      action: allow\n      budget: {{per: global, daily_usd: 0.00002}}\n",
         redis.url()
     );
     let mut a = TestNode::new(1);
@@ -539,6 +539,21 @@ fn two_agents_share_one_budget_through_redis_and_decide_locally_without_it() {
     assert!(call(&b).contains(" 429"));
     assert!(a.agent_log().contains("budgets are shared through Redis"));
 
+    // One rate limit for both nodes: 3 requests a minute in all.
+    let anthropic = |node: &TestNode| {
+        let body = r#"{"model":"claude-sonnet-4-5","max_tokens":5,"messages":[]}"#;
+        post_with_headers(node, 0, ANTHROPIC_HOST, body)
+    };
+    for node in [&a, &b, &a] {
+        assert!(anthropic(node).contains(" 200"));
+    }
+    let out = anthropic(&b);
+    assert!(out.contains(" 429"), "node B sees node A's requests: {out}");
+    assert!(
+        out.contains("anthropic-ratelimit-requests-limit: 3"),
+        "{out}"
+    );
+
     // Redis goes away: decisions continue with each node's own spend.
     redis.stop();
     let out = call(&a);
@@ -546,6 +561,7 @@ fn two_agents_share_one_budget_through_redis_and_decide_locally_without_it() {
         out.contains(" 200"),
         "A's own spend is under the budget: {out}"
     );
+    assert!(anthropic(&a).contains(" 200"), "A's own bucket is full");
     let m = a.metrics();
     assert!(!m.contains("tollgate_state_errors_total 0"), "{m}");
     assert!(m.contains("tollgate_state_errors_total"), "{m}");

@@ -11,6 +11,7 @@
 pub mod budgets;
 pub mod credentials;
 pub mod failover;
+pub mod gate;
 pub mod limits;
 mod rules;
 pub mod shared;

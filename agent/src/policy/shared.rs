@@ -188,3 +188,161 @@ impl SharedBudgets {
             .collect())
     }
 }
+
+/// Token buckets in Redis, same arithmetic as `limits::Limiter`, one Lua
+/// call per decision (atomic: two nodes cannot both take the last token).
+/// Hash fields per (rule, key): `r`, `i`, `o` (available requests, input and
+/// output tokens) and `t` (last refill, ms); a counter for concurrency.
+const ADMIT: &str = r#"
+local now = tonumber(ARGV[1])
+local lim = {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local need = {1, tonumber(ARGV[5]), tonumber(ARGV[6])}
+local maxc = tonumber(ARGV[7])
+local f = {'r', 'i', 'o'}
+local h = redis.call('HMGET', KEYS[1], 'r', 'i', 'o', 't')
+local t = tonumber(h[4]) or now
+local avail = {}
+for k = 1, 3 do
+  if lim[k] > 0 then
+    local a = tonumber(h[k]) or lim[k]
+    a = math.min(lim[k], a + math.max(0, now - t) * lim[k] / 60000)
+    avail[k] = a
+    local n = math.min(need[k], lim[k])
+    if a < n then
+      return {k, tostring(math.max(0, a)), tostring((n - a) * 60000 / lim[k])}
+    end
+  end
+end
+if maxc > 0 and tonumber(redis.call('GET', KEYS[2]) or '0') >= maxc then
+  return {4, '0', '1000'}
+end
+for k = 1, 3 do
+  if lim[k] > 0 then
+    redis.call('HSET', KEYS[1], f[k], tostring(avail[k] - math.min(need[k], lim[k])))
+  end
+end
+redis.call('HSET', KEYS[1], 't', tostring(now))
+redis.call('PEXPIRE', KEYS[1], 120000)
+if maxc > 0 then
+  redis.call('INCR', KEYS[2])
+  redis.call('PEXPIRE', KEYS[2], 600000)
+end
+return {0, '0', '0'}
+"#;
+
+/// Give back (or take more of) reserved tokens and release a slot.
+const SETTLE: &str = r#"
+local lim_i, lim_o = tonumber(ARGV[1]), tonumber(ARGV[2])
+local d_i, d_o = tonumber(ARGV[3]), tonumber(ARGV[4])
+if lim_i > 0 then
+  local a = tonumber(redis.call('HGET', KEYS[1], 'i') or lim_i)
+  redis.call('HSET', KEYS[1], 'i', tostring(math.min(lim_i, a + d_i)))
+end
+if lim_o > 0 then
+  local a = tonumber(redis.call('HGET', KEYS[1], 'o') or lim_o)
+  redis.call('HSET', KEYS[1], 'o', tostring(math.min(lim_o, a + d_o)))
+end
+if tonumber(ARGV[5]) == 1 then
+  local c = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if c > 0 then redis.call('DECR', KEYS[2]) end
+end
+return 0
+"#;
+
+pub struct SharedLimits {
+    inner: SharedBudgets,
+    admit: redis::Script,
+    settle: redis::Script,
+}
+
+fn limit_keys(rule: &str, key: &str) -> [String; 2] {
+    [
+        format!("tollgate:limit:{rule}:{key}"),
+        format!("tollgate:inflight:{rule}:{key}"),
+    ]
+}
+
+impl SharedLimits {
+    pub fn new(cfg: &StateConfig) -> Result<Self, SharedError> {
+        Ok(Self {
+            inner: SharedBudgets::new(cfg)?,
+            admit: redis::Script::new(ADMIT),
+            settle: redis::Script::new(SETTLE),
+        })
+    }
+
+    /// Take from the cluster's buckets, or say which limit refuses.
+    pub async fn admit(
+        &self,
+        rule: &str,
+        key: &str,
+        limits: &super::limits::LimitsConfig,
+        est: super::limits::Estimate,
+    ) -> Result<Result<(), super::limits::Limited>, SharedError> {
+        let keys = limit_keys(rule, key);
+        let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let (which, remaining, wait_ms): (u8, String, String) = self
+            .inner
+            .bounded(async {
+                let mut c = self.inner.conn().await?;
+                Ok(self
+                    .admit
+                    .key(&keys[0])
+                    .key(&keys[1])
+                    .arg(now as i64)
+                    .arg(limits.requests_per_minute.unwrap_or(0))
+                    .arg(limits.input_tokens_per_minute.unwrap_or(0))
+                    .arg(limits.output_tokens_per_minute.unwrap_or(0))
+                    .arg(est.input_tokens)
+                    .arg(est.output_tokens)
+                    .arg(limits.concurrent_requests.unwrap_or(0))
+                    .invoke_async(&mut c)
+                    .await?)
+            })
+            .await?;
+        let (name, limit) = match which {
+            0 => return Ok(Ok(())),
+            1 => ("requests", limits.requests_per_minute),
+            2 => ("input_tokens", limits.input_tokens_per_minute),
+            3 => ("output_tokens", limits.output_tokens_per_minute),
+            _ => ("concurrency", limits.concurrent_requests.map(u64::from)),
+        };
+        Ok(Err(super::limits::Limited {
+            which: name,
+            limit: limit.unwrap_or(0),
+            remaining: remaining.parse::<f64>().unwrap_or(0.0) as u64,
+            retry_after: Duration::from_secs_f64(
+                wait_ms.parse::<f64>().unwrap_or(1000.0).max(1.0) / 1000.0,
+            ),
+        }))
+    }
+
+    /// Replace a reservation by the real usage, release the slot.
+    pub async fn settle(
+        &self,
+        rule: &str,
+        key: &str,
+        limits: &super::limits::LimitsConfig,
+        delta_in: f64,
+        delta_out: f64,
+    ) -> Result<(), SharedError> {
+        let keys = limit_keys(rule, key);
+        self.inner
+            .bounded(async {
+                let mut c = self.inner.conn().await?;
+                let _: i64 = self
+                    .settle
+                    .key(&keys[0])
+                    .key(&keys[1])
+                    .arg(limits.input_tokens_per_minute.unwrap_or(0))
+                    .arg(limits.output_tokens_per_minute.unwrap_or(0))
+                    .arg(delta_in)
+                    .arg(delta_out)
+                    .arg(u8::from(limits.concurrent_requests.is_some()))
+                    .invoke_async(&mut c)
+                    .await?;
+                Ok(())
+            })
+            .await
+    }
+}

@@ -17,7 +17,7 @@ use super::{
     upstream::{BoxError, ProxyBody},
 };
 use crate::{
-    policy::limits::Admission,
+    policy::gate::Hold,
     providers::ResponseParser,
     telemetry::{events::RequestRecord, redact},
 };
@@ -32,7 +32,7 @@ pub(super) struct Finish {
     pub call: Arc<Call>,
     pub record: RequestRecord,
     /// The request's hold on its rule's limits, settled with the usage.
-    pub admission: Option<Admission>,
+    pub admission: Option<Hold>,
 }
 
 /// The response body on its way to the workload: relayed frame by frame (no

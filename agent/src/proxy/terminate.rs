@@ -28,7 +28,8 @@ use crate::{
         RequestDecision, Subject,
         budgets::BudgetKey,
         credentials::{self, Credentials},
-        limits::{Estimate, LimitKey, Limiter},
+        gate::LimitStore,
+        limits::{Estimate, LimitKey},
         spend::BudgetStore,
     },
     providers::{self, Api, ResponseParser, rewrite},
@@ -50,8 +51,8 @@ pub struct TlsContext {
     pub capture: CaptureConfig,
     /// Policy and prices, swapped on reload.
     pub live: crate::live::LiveRules,
-    /// The node's limit buckets (kept across reloads).
-    pub limiter: Arc<Limiter>,
+    /// Limit buckets (kept across reloads; shared when state is Redis).
+    pub limiter: Arc<LimitStore>,
     /// Provider keys for credential injection, re-read on change.
     pub credentials: Credentials,
     /// Spend per budget (kept across reloads; saved across restarts).
@@ -69,6 +70,7 @@ impl TlsContext {
         capture: CaptureConfig,
         live: crate::live::LiveRules,
         budgets: Arc<BudgetStore>,
+        limiter: Arc<LimitStore>,
         endpoints: Vec<ProviderEndpoint>,
         addresses: ProviderAddresses,
     ) -> Self {
@@ -86,7 +88,7 @@ impl TlsContext {
             settings,
             capture,
             live,
-            limiter: Arc::default(),
+            limiter,
             credentials: Credentials::default(),
             budgets,
             endpoints,
@@ -416,7 +418,12 @@ async fn forward(
                     input_tokens: input_chars.div_ceil(4),
                     output_tokens: asked.unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
                 };
-                match call.tls.limiter.admit(&record.reason, &key, &limits, est) {
+                match call
+                    .tls
+                    .limiter
+                    .admit(&record.reason, &key, &limits, est)
+                    .await
+                {
                     Ok(a) => admission = Some(a),
                     Err(limited) => {
                         return Ok(limited_response(&call, limited, record, started));

@@ -122,7 +122,7 @@ fn budget_checks(quick: bool) {
     use tollgate_agent::policy::{
         budgets::{BudgetConfig, BudgetKey, Budgets},
         limits::LimitKey,
-        shared::{Backend, SharedBudgets, StateConfig},
+        shared::{Backend, SharedBudgets, SharedLimits, StateConfig},
         spend::BudgetStore,
     };
     let n = if quick { 2_000 } else { 20_000 };
@@ -142,6 +142,7 @@ fn budget_checks(quick: bool) {
         },
     };
     let errors = prometheus::IntCounter::new("e", "e").unwrap();
+    let counter = errors.clone();
     let local = BudgetStore::new(Budgets::default(), None, errors.clone());
     let shared = BudgetStore::new(
         Budgets::default(),
@@ -179,6 +180,52 @@ fn budget_checks(quick: bool) {
         "budget check, shared through Redis (unix socket, 1 MGET)",
         &mut r,
         &errors,
+    );
+
+    // Rate-limit admission: this node's buckets vs the Lua script in Redis.
+    use tollgate_agent::policy::{
+        gate::LimitStore,
+        limits::{Estimate, LimitsConfig},
+    };
+    let limits = LimitsConfig {
+        requests_per_minute: Some(u64::MAX / 4),
+        ..Default::default()
+    };
+    let state = StateConfig {
+        backend: Backend::Redis,
+        redis_url: redis.url(),
+        timeout: std::time::Duration::from_secs(1),
+    };
+    let stores = [
+        LimitStore::new(None, counter.clone()),
+        LimitStore::new(Some(SharedLimits::new(&state).unwrap()), counter.clone()),
+    ];
+    let mut rows: Vec<Vec<u64>> = stores
+        .iter()
+        .map(|store| {
+            rt.block_on(async {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let t = Instant::now();
+                    let hold = store
+                        .admit("rule:bench", "w", &limits, Estimate::default())
+                        .await;
+                    v.push(t.elapsed().as_nanos() as u64);
+                    black_box(hold.is_ok());
+                }
+                v
+            })
+        })
+        .collect();
+    row(
+        "rate-limit admission, this node's buckets",
+        &mut rows[0],
+        "",
+    );
+    row(
+        "rate-limit admission, shared through Redis (1 Lua call)",
+        &mut rows[1],
+        "",
     );
 }
 
