@@ -33,7 +33,7 @@ pub enum Backend {
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     pub backend: Backend,
-    /// `redis://host:port/db`, `rediss://…` (TLS) or `unix:///path/redis.sock`.
+    /// `redis://host:port/db` or `unix:///path/redis.sock` (no TLS client is built in).
     pub redis_url: String,
     /// Longest wait for Redis before deciding locally.
     #[serde(with = "humantime_serde")]
