@@ -15,9 +15,11 @@ pub mod cgroups;
 pub mod mock_llm;
 pub mod netns;
 pub mod node;
+pub mod pod;
 pub mod privileged;
 pub mod process;
 pub mod redis;
 
-pub use node::{Pod, TestNode};
+pub use node::TestNode;
+pub use pod::Pod;
 pub use privileged::require_privileged;

@@ -10,6 +10,7 @@ use std::{
 use crate::{
     cgroups::{CgroupTree, cgroup2_mount, remove_tree},
     netns::{Netns, run_ok},
+    pod::Pod,
     process::{Proc, wait_until},
 };
 
@@ -48,18 +49,6 @@ pub enum Layout {
     Kubelet,
     /// Host mode: `tollgate.slice/<name>.service`
     Host,
-}
-
-pub struct Pod {
-    /// Dropped first: the pod's long-lived process.
-    _pause: Proc,
-    pub index: u32,
-    pub uid: String,
-    pub container_id: String,
-    pub cgroup: PathBuf,
-    pub netns: Netns,
-    pub ip4: String,
-    pub ip6: String,
 }
 
 /// Fields are dropped in declaration order: processes first, then cgroups,
@@ -460,83 +449,6 @@ impl Drop for TestNode {
             eprintln!("--- agent log ({}) ---\n{}", self.id, self.agent_log());
         }
         let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Pod {
-    /// `curl` from inside this pod (its namespace and container cgroup).
-    /// Returns the mock's JSON answer, or curl's error.
-    pub fn curl(&self, url: &str) -> Result<serde_json::Value, String> {
-        let out = self.curl_cmd(url).output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "curl {url}: exit {:?}: {}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad body from {url}: {e}"))
-    }
-
-    /// POST `json` to `https://<host>:TLS_PORT<path>` from inside the pod,
-    /// trusting `ca` (the node CA), resolving `host` to the provider address
-    /// the way the workload's DNS would. Returns curl's output.
-    pub fn https_post(
-        &self,
-        ca: &std::path::Path,
-        host: &str,
-        path: &str,
-        json: &str,
-    ) -> std::process::Output {
-        self.https_post_command(ca, host, path, json)
-            .output()
-            .expect("run curl")
-    }
-
-    /// The curl command of `https_post`, to run with other stdio.
-    pub fn https_post_command(
-        &self,
-        ca: &std::path::Path,
-        host: &str,
-        path: &str,
-        json: &str,
-    ) -> Command {
-        let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
-        c.args(["-sS", "-N", "-m", "10", "--cacert"])
-            .arg(ca)
-            .args(["--resolve", &format!("{host}:{TLS_PORT}:{UPSTREAM_V4}")])
-            .args([
-                "-H",
-                "content-type: application/json",
-                "-H",
-                "authorization: Bearer sk-test-secret",
-            ])
-            .args(["--data-binary", json])
-            .arg(format!("https://{host}:{TLS_PORT}{path}"));
-        c
-    }
-
-    /// Run `program args…` as an application of this pod: in its network
-    /// namespace and container cgroup, with its own mount namespace whose
-    /// /etc/hosts maps the provider names to the provider address (what the
-    /// pod's DNS would answer), so SDKs resolve their default base URLs.
-    pub fn app(&self, hosts_file: &std::path::Path, program: &str, args: &[&str]) -> Command {
-        let mut c = self.netns.command_in_cgroup("unshare", Some(&self.cgroup));
-        c.args(["--mount", "--propagation", "private", "sh", "-c"])
-            .arg(format!(
-                "mount --bind {} /etc/hosts && exec \"$@\"",
-                hosts_file.display()
-            ))
-            .arg("sh")
-            .arg(program)
-            .args(args);
-        c
-    }
-
-    pub fn curl_cmd(&self, url: &str) -> Command {
-        let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
-        c.args(["-sS", "-g", "-m", "5", "--connect-timeout", "3", url]);
-        c
     }
 }
 

@@ -1,0 +1,290 @@
+//! The sections of the configuration file, each with its defaults.
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::DEFAULT_PROXY_PORT;
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Port of the loopback listeners the agent opens in each workload namespace.
+    pub port: u16,
+    /// SO_MARK on the agent's own sockets; the kernel programs never redirect them.
+    pub skip_mark: u32,
+    /// How long to wait for the provider to accept the relayed connection.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub upstream_connect_timeout: Duration,
+    /// Proxy threads. 0: one per CPU this process may use (its affinity
+    /// mask). 1 runs everything on one thread, which on small nodes (or a
+    /// 1-CPU limit) saves the cost of waking idle workers.
+    pub worker_threads: usize,
+}
+
+impl ProxyConfig {
+    /// The number of proxy threads `worker_threads` asks for.
+    pub fn threads(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub interval: Duration,
+    /// Without a heartbeat for this long the kernel programs treat the agent as gone.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers (`ip` or `ip:port`). Empty: the system's /etc/resolv.conf.
+    pub servers: Vec<String>,
+    /// Re-resolve no sooner than this, whatever the record TTL says.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub min_ttl: Duration,
+    /// Re-resolve at least this often.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_ttl: Duration,
+    /// After a failed lookup, retry after this long; the last good addresses
+    /// stay in the map until their TTL (plus this grace) has passed.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub retry: Duration,
+    /// Keep an address this long after its TTL ran out: applications cache
+    /// answers (the JVM for 30 s by default) and connect after we re-resolved.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub stale_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// Host names to resolve and redirect.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Fixed addresses (no DNS), e.g. a private endpoint.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// API family: openai (and OpenAI-compatible), anthropic, gemini.
+    /// Default: from the name (anthropic, gemini), else openai.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<crate::providers::Api>,
+}
+
+impl ProviderConfig {
+    pub fn api(&self) -> crate::providers::Api {
+        self.api
+            .unwrap_or_else(|| crate::providers::Api::for_provider_name(&self.name))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptOutConfig {
+    /// Globs over cgroup paths relative to `cgroup_root`; a matching cgroup and
+    /// everything below it is never redirected (e.g. `**/*pod<uid>.slice`).
+    pub cgroups: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// How often the cgroup tree is scanned for new workload namespaces (each
+    /// gets a loopback listener) and new opted-out cgroups. Until a namespace
+    /// has its listener, its provider connections follow `failure_mode`.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub scan_interval: Duration,
+}
+
+/// The audit log: one JSON line per relayed connection and per proxied request.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// A file path, or `-` for stdout.
+    pub path: String,
+    /// Rotate the file when it would grow past this many bytes.
+    pub max_file_bytes: u64,
+    /// Rotated files kept (`path.1` … `path.N`), oldest deleted.
+    pub max_files: u32,
+    /// Request headers and bodies in request records (off by default: prompts
+    /// are often personal data). Credentials are always redacted.
+    pub capture: CaptureConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Add `request_headers` (credentials and cookies redacted).
+    pub headers: bool,
+    /// Add `request_body` and `response_body`, secrets redacted, truncated.
+    pub bodies: bool,
+    /// Longest captured body, in bytes (the record says how much was cut).
+    pub max_body_bytes: usize,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            headers: false,
+            bodies: false,
+            max_body_bytes: 4096,
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        // 100 MiB × 5: a day of a busy node's calls, bounded on disk.
+        Self {
+            path: "-".into(),
+            max_file_bytes: 100 * 1024 * 1024,
+            max_files: 5,
+            capture: CaptureConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Directory with the node CA (`ca.crt`, `ca.key`; `tollgate ca init`).
+    /// Empty: no TLS termination, every connection is relayed as bytes.
+    pub ca_dir: String,
+    /// PEM files trusted for upstream (provider) certificates besides the system roots.
+    pub extra_roots: Vec<PathBuf>,
+    /// Trust the system's root certificates for upstream connections.
+    pub system_roots: bool,
+    /// How long a client may take to send its TLS ClientHello.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub client_hello_timeout: Duration,
+    /// End a response stream when the provider sends nothing for this long.
+    /// Reasoning models can think silently for minutes, hence 5 min.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub stream_idle_timeout: Duration,
+    /// Largest request body forwarded (it is read whole to learn the model).
+    pub max_request_body: usize,
+    /// Longest wait for a provider's response headers. Non-streaming completions
+    /// send headers only when generation is done, so this is long.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub upstream_response_timeout: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            ca_dir: String::new(),
+            extra_roots: Vec::new(),
+            system_roots: true,
+            client_hello_timeout: Duration::from_secs(5),
+            stream_idle_timeout: Duration::from_secs(300),
+            // 32 MiB: long-context requests with images stay well below it.
+            max_request_body: 32 * 1024 * 1024,
+            upstream_response_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/healthz`, `/readyz`. Empty disables the endpoint.
+    pub listen: String,
+}
+
+fn default_ports() -> Vec<u16> {
+    vec![443]
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            port: DEFAULT_PROXY_PORT,
+            skip_mark: tollgate_common::DEFAULT_SKIP_MARK,
+            upstream_connect_timeout: Duration::from_secs(10),
+            worker_threads: 0,
+        }
+    }
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        // 1 s beats with a 5 s timeout: a busy node can miss a few beats without
+        // flapping, and a hung agent stops governing within seconds.
+        Self {
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        // min 5 s keeps a 0-TTL record from turning into a query storm; max 5 min
+        // bounds how stale a long-TTL answer can get.
+        Self {
+            servers: Vec::new(),
+            min_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(300),
+            retry: Duration::from_secs(10),
+            stale_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            scan_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
+}
+
+/// The providers Tollgate knows out of the box. Azure OpenAI hosts are per
+/// resource (`<name>.openai.azure.com`) and must be listed in the config.
+pub fn default_providers() -> Vec<ProviderConfig> {
+    let p = |name: &str, hosts: &[&str]| ProviderConfig {
+        name: name.into(),
+        hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        addresses: Vec::new(),
+        ports: default_ports(),
+        api: None,
+    };
+    vec![
+        p("openai", &["api.openai.com"]),
+        p("anthropic", &["api.anthropic.com"]),
+        p("gemini", &["generativelanguage.googleapis.com"]),
+        p("mistral", &["api.mistral.ai"]),
+        p("groq", &["api.groq.com"]),
+        p("deepseek", &["api.deepseek.com"]),
+        p("openrouter", &["openrouter.ai"]),
+        p("cohere", &["api.cohere.com", "api.cohere.ai"]),
+    ]
+}

@@ -1,0 +1,98 @@
+//! A pod of the test node, and the ways a test acts from inside it: curl,
+//! HTTPS calls trusting a given CA, and applications with their own /etc/hosts.
+use std::{path::PathBuf, process::Command};
+
+use crate::{
+    netns::Netns,
+    node::{TLS_PORT, UPSTREAM_V4},
+    process::Proc,
+};
+
+pub struct Pod {
+    /// Dropped first: the pod's long-lived process.
+    pub(crate) _pause: Proc,
+    pub index: u32,
+    pub uid: String,
+    pub container_id: String,
+    pub cgroup: PathBuf,
+    pub netns: Netns,
+    pub ip4: String,
+    pub ip6: String,
+}
+
+impl Pod {
+    /// `curl` from inside this pod (its namespace and container cgroup).
+    /// Returns the mock's JSON answer, or curl's error.
+    pub fn curl(&self, url: &str) -> Result<serde_json::Value, String> {
+        let out = self.curl_cmd(url).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "curl {url}: exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad body from {url}: {e}"))
+    }
+
+    /// POST `json` to `https://<host>:TLS_PORT<path>` from inside the pod,
+    /// trusting `ca` (the node CA), resolving `host` to the provider address
+    /// the way the workload's DNS would. Returns curl's output.
+    pub fn https_post(
+        &self,
+        ca: &std::path::Path,
+        host: &str,
+        path: &str,
+        json: &str,
+    ) -> std::process::Output {
+        self.https_post_command(ca, host, path, json)
+            .output()
+            .expect("run curl")
+    }
+
+    /// The curl command of `https_post`, to run with other stdio.
+    pub fn https_post_command(
+        &self,
+        ca: &std::path::Path,
+        host: &str,
+        path: &str,
+        json: &str,
+    ) -> Command {
+        let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
+        c.args(["-sS", "-N", "-m", "10", "--cacert"])
+            .arg(ca)
+            .args(["--resolve", &format!("{host}:{TLS_PORT}:{UPSTREAM_V4}")])
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "authorization: Bearer sk-test-secret",
+            ])
+            .args(["--data-binary", json])
+            .arg(format!("https://{host}:{TLS_PORT}{path}"));
+        c
+    }
+
+    /// Run `program args…` as an application of this pod: in its network
+    /// namespace and container cgroup, with its own mount namespace whose
+    /// /etc/hosts maps the provider names to the provider address (what the
+    /// pod's DNS would answer), so SDKs resolve their default base URLs.
+    pub fn app(&self, hosts_file: &std::path::Path, program: &str, args: &[&str]) -> Command {
+        let mut c = self.netns.command_in_cgroup("unshare", Some(&self.cgroup));
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(format!(
+                "mount --bind {} /etc/hosts && exec \"$@\"",
+                hosts_file.display()
+            ))
+            .arg("sh")
+            .arg(program)
+            .args(args);
+        c
+    }
+
+    pub fn curl_cmd(&self, url: &str) -> Command {
+        let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
+        c.args(["-sS", "-g", "-m", "5", "--connect-timeout", "3", url]);
+        c
+    }
+}
