@@ -231,28 +231,47 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
         "two workload connections, one pooled provider connection"
     );
 
-    // A client that does not trust the node CA fails its handshake (observe
-    // fallback for such workloads is a later issue) and is counted.
-    let out = pod
-        .netns
-        .command_in_cgroup("curl", Some(&pod.cgroup))
-        .args([
-            "-sS",
-            "-m",
-            "5",
-            "--resolve",
-            &format!("{PROVIDER_HOST}:{TLS_PORT}:{UPSTREAM_V4}"),
-        ])
-        .arg(format!("https://{PROVIDER_HOST}:{TLS_PORT}/v1/models"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let failed = wait_until(Duration::from_secs(5), || {
-        node.metrics()
-            .contains("result=\"client_tls_failed\"")
-            .then_some(())
-    });
-    assert!(failed.is_some(), "{}", node.metrics());
+    // A client that does not trust the node CA (it trusts the provider's own
+    // CA only) rejects the leaf: that call fails, and its next calls to the
+    // host are relayed untouched instead of broken again.
+    let upstream_ca = node.dir.join("upstream-ca.crt");
+    let untrusting = || {
+        pod.netns
+            .command_in_cgroup("curl", Some(&pod.cgroup))
+            .args(["-sS", "-m", "5", "--cacert", upstream_ca.to_str().unwrap()])
+            .args([
+                "--resolve",
+                &format!("{PROVIDER_HOST}:{TLS_PORT}:{UPSTREAM_V4}"),
+            ])
+            .arg(format!("https://{PROVIDER_HOST}:{TLS_PORT}/v1/models"))
+            .output()
+            .unwrap()
+    };
+    let first = untrusting();
+    assert!(!first.status.success(), "the node CA's leaf is rejected");
+    let second = untrusting();
+    assert!(
+        second.status.success(),
+        "then relayed: {}\n{}",
+        String::from_utf8_lossy(&second.stderr),
+        node.agent_log()
+    );
+    let a: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(
+        peer_ip(&a),
+        NODE_UPSTREAM_V4,
+        "still through the agent: {a}"
+    );
+    let m = node.metrics();
+    assert!(m.contains("result=\"client_rejected_ca\""), "{m}");
+    let conns = node.connections();
+    let relayed = conns
+        .iter()
+        .find(|r| r["reason"] == "ca_rejected")
+        .unwrap_or_else(|| panic!("no relayed connection record: {conns:?}"));
+    assert_eq!(relayed["decision"], "observe");
+    assert_eq!(relayed["tls"]["sni"], PROVIDER_HOST);
+    assert!(node.agent_log().contains("rejected the node CA"));
 }
 
 #[test]

@@ -161,6 +161,14 @@ impl Default for AuditConfig {
     }
 }
 
+/// See `TlsConfig::on_ca_rejected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCaRejected {
+    Observe,
+    Terminate,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -187,6 +195,14 @@ pub struct TlsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub upstream_response_timeout: Duration,
+    /// What to do with a workload that rejects the node CA's certificate:
+    /// `observe` (relay its connections to that host untouched, for
+    /// `ca_rejected_retry`) or `terminate` (keep terminating: it keeps failing).
+    pub on_ca_rejected: OnCaRejected,
+    /// How long a rejecting workload is relayed before termination is tried again.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub ca_rejected_retry: Duration,
 }
 
 impl Default for TlsConfig {
@@ -197,6 +213,8 @@ impl Default for TlsConfig {
             system_roots: true,
             client_hello_timeout: Duration::from_secs(5),
             stream_idle_timeout: Duration::from_secs(300),
+            on_ca_rejected: OnCaRejected::Observe,
+            ca_rejected_retry: Duration::from_secs(3600),
             // 32 MiB: long-context requests with images stay well below it.
             max_request_body: 32 * 1024 * 1024,
             upstream_response_timeout: Duration::from_secs(600),

@@ -7,4 +7,5 @@ mod metered;
 pub mod relay;
 pub mod send;
 pub mod terminate;
+pub mod trust;
 pub mod upstream;

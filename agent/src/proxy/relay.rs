@@ -108,12 +108,18 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
     // provider this is and, with a CA, that it can be terminated. Policy
     // needs the provider even when nothing is terminated (deny by provider).
     let mut governed = None;
+    let mut distrusted = false;
     if let Hello::Tls(info) = peek_hello(&client, ctx.hello_timeout).await {
         if let Some(known) = info.sni.as_deref().and_then(|s| ctx.by_host(s)) {
             provider = known.name.clone();
             if let Some(tls) = &ctx.tls {
                 let sni = info.sni.clone().expect("matched a host");
-                governed = Some((tls.clone(), sni, known.api));
+                if tls.distrust.is_distrusted(&workload.cgroup, &sni) {
+                    // It rejected the node CA: relayed, not terminated (`trust`).
+                    distrusted = true;
+                } else {
+                    governed = Some((tls.clone(), sni, known.api));
+                }
             }
         }
     }
@@ -152,6 +158,8 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
             ("deny", reason)
         }
         ConnectionDecision::Observe { reason } => ("observe", reason),
+        // Would be terminated, but the workload rejects the node CA.
+        ConnectionDecision::Terminate { .. } if distrusted => ("observe", "ca_rejected".into()),
         ConnectionDecision::Terminate { reason } => ("allow", reason),
     };
     ctx.metrics

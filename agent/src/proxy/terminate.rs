@@ -51,6 +51,8 @@ pub struct TlsContext {
     pub capture: CaptureConfig,
     /// Policy and prices, swapped on reload.
     pub live: crate::live::LiveRules,
+    /// Workloads that rejected the node CA, relayed for a while.
+    pub distrust: super::trust::Distrust,
     /// Limit buckets (kept across reloads; shared when state is Redis).
     pub limiter: Arc<LimitStore>,
     /// Provider keys for credential injection, re-read on change.
@@ -74,6 +76,7 @@ impl TlsContext {
         endpoints: Vec<ProviderEndpoint>,
         addresses: ProviderAddresses,
     ) -> Self {
+        let ca_rejected_retry = settings.ca_rejected_retry;
         let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -89,6 +92,7 @@ impl TlsContext {
             capture,
             live,
             limiter,
+            distrust: super::trust::Distrust::new(ca_rejected_retry),
             credentials: Credentials::default(),
             budgets,
             endpoints,
@@ -148,10 +152,21 @@ pub async fn serve(
     .await
     {
         Ok(Ok(s)) => s,
+        Ok(Err(e)) if super::trust::Distrust::is_rejection(&e) => {
+            let observe = tls.settings.on_ca_rejected == crate::config::OnCaRejected::Observe;
+            let first = observe && tls.distrust.mark(&meta.workload.cgroup, &meta.host);
+            if first || !observe {
+                tracing::warn!(workload = %meta.workload.label(), host = %meta.host, error = %e,
+                    relayed_for = ?tls.settings.ca_rejected_retry, observe,
+                    "the workload rejected the node CA's certificate; its calls are {} \
+                     (make it trust the node CA: SSL_CERT_FILE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS)",
+                    if observe { "relayed without inspection from now on" } else { "refused (tls.on_ca_rejected: terminate)" });
+            }
+            return "client_rejected_ca";
+        }
         Ok(Err(e)) => {
-            // Typically a workload that does not trust the node CA.
             tracing::info!(workload = %meta.workload.label(), host = %meta.host, error = %e,
-                "client TLS handshake failed; does the workload trust the node CA (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, NODE_EXTRA_CA_CERTS)?");
+                "client TLS handshake failed");
             return "client_tls_failed";
         }
         Err(_) => return "client_tls_failed",
