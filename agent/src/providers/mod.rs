@@ -84,11 +84,16 @@ const CHARS_PER_TOKEN: u64 = 4;
 /// Parse the request: path (and query) plus the JSON body when there is one.
 pub fn parse_request(api: Api, path: &str, body: &[u8]) -> RequestInfo {
     let json: Option<Value> = serde_json::from_slice(body).ok();
+    parse_request_json(api, path, json.as_ref())
+}
+
+/// `parse_request` for a body already parsed (None: not JSON).
+pub fn parse_request_json(api: Api, path: &str, json: Option<&Value>) -> RequestInfo {
     let (p, query) = path.split_once('?').unwrap_or((path, ""));
     match api {
-        Api::Openai => openai::request(p, query, json.as_ref()),
-        Api::Anthropic => anthropic::request(p, json.as_ref()),
-        Api::Gemini => gemini::request(p, query, json.as_ref()),
+        Api::Openai => openai::request(p, query, json),
+        Api::Anthropic => anthropic::request(p, json),
+        Api::Gemini => gemini::request(p, query, json),
     }
 }
 

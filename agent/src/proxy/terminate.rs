@@ -312,10 +312,12 @@ async fn forward(
     if capture.bodies {
         record.request_body = Some(redact::body(&body, capture.max_body_bytes));
     }
-    let request = providers::parse_request(meta.api, &target, &body);
-    let input_chars = serde_json::from_slice(&body)
-        .map(|v| providers::input_chars(&v))
-        .unwrap_or(0);
+    // Parsed once: the adapter, the input size and the output limit read it.
+    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let request = providers::parse_request_json(meta.api, &target, json.as_ref());
+    let input_chars = json.as_ref().map_or(0, providers::input_chars);
+    let asked_output = json.as_ref().and_then(providers::output_limit);
+    drop(json);
     record.operation = request.operation;
     record.model = request.model;
     record.stream = request.stream;
@@ -426,9 +428,11 @@ async fn forward(
                 let key = meta.key(limits.per);
                 // Reserve what the call may use: its input from the text
                 // size, its output up to the limit it asks for.
-                let asked = serde_json::from_slice(&body)
-                    .ok()
-                    .and_then(|v| providers::output_limit(&v));
+                // A cap the policy applied replaces what the request asked.
+                let asked = match record.capped_output_tokens {
+                    Some(cap) => Some(cap),
+                    None => asked_output,
+                };
                 let est = Estimate {
                     input_tokens: input_chars.div_ceil(4),
                     output_tokens: asked.unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
