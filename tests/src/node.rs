@@ -559,6 +559,22 @@ fn sibling_bin(name: &str, env: &str) -> String {
     p.display().to_string()
 }
 
+/// A test node with `pods` pods and a running agent (`config` merged over
+/// the defaults), or None (test skipped) when it cannot run privileged here.
+pub fn governed_node(test: &str, pods: u32, config: &str) -> Option<TestNode> {
+    if !crate::require_privileged(test) {
+        return None;
+    }
+    let mut node = TestNode::new(pods);
+    node.start_agent(config);
+    Some(node)
+}
+
+/// The TCP peer the mock provider saw (its echo answer's `peer_ip`).
+pub fn peer_ip(answer: &serde_json::Value) -> String {
+    answer["peer_ip"].as_str().unwrap_or_default().to_string()
+}
+
 pub fn agent_bin() -> String {
     sibling_bin("tollgate", "TOLLGATE_BIN")
 }

@@ -9,19 +9,10 @@ use tollgate_tests::{
         ANTHROPIC_MODEL, ANTHROPIC_USAGE, GEMINI_MODEL, GEMINI_THOUGHTS, GEMINI_USAGE,
         OPENAI_MODEL, OPENAI_USAGE, SLOW_CHUNK_DELAY, STREAM_WORDS,
     },
-    node::{ANTHROPIC_HOST, GEMINI_HOST, PROVIDER_HOST},
+    node::{ANTHROPIC_HOST, GEMINI_HOST, PROVIDER_HOST, governed_node},
     process::wait_until,
     require_privileged,
 };
-
-fn node_with_agent(test: &str) -> Option<TestNode> {
-    if !require_privileged(test) {
-        return None;
-    }
-    let mut node = TestNode::new(2);
-    node.start_agent("");
-    Some(node)
-}
 
 /// The request records so far, waiting for at least `n`.
 fn requests(node: &TestNode, n: usize) -> Vec<serde_json::Value> {
@@ -66,7 +57,8 @@ fn ok_stdout(out: &std::process::Output) -> String {
 
 #[test]
 fn openai_chat_usage_is_recorded_for_json_and_streams() {
-    let Some(node) = node_with_agent("openai_chat_usage_is_recorded_for_json_and_streams") else {
+    let Some(node) = governed_node("openai_chat_usage_is_recorded_for_json_and_streams", 2, "")
+    else {
         return;
     };
     let ca = node.node_ca_cert();
@@ -177,7 +169,7 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
 
 #[test]
 fn stream_without_usage_is_estimated_from_the_text() {
-    let Some(node) = node_with_agent("stream_without_usage_is_estimated_from_the_text") else {
+    let Some(node) = governed_node("stream_without_usage_is_estimated_from_the_text", 2, "") else {
         return;
     };
     let pod = &node.pods[1];
@@ -200,8 +192,11 @@ fn stream_without_usage_is_estimated_from_the_text() {
 
 #[test]
 fn anthropic_on_a_shared_address_is_attributed_by_server_name() {
-    let Some(node) = node_with_agent("anthropic_on_a_shared_address_is_attributed_by_server_name")
-    else {
+    let Some(node) = governed_node(
+        "anthropic_on_a_shared_address_is_attributed_by_server_name",
+        2,
+        "",
+    ) else {
         return;
     };
     let pod = &node.pods[0];
