@@ -219,6 +219,48 @@ fn python_anthropic_sdk() {
     );
 }
 
+/// The Anthropic SDK raises its own PermissionDeniedError and RateLimitError
+/// from Tollgate's Anthropic-shaped answers.
+#[test]
+fn python_anthropic_sdk_sees_policy_errors() {
+    let Some(python) = sdk("python_anthropic_sdk_sees_policy_errors", "venv/bin/python") else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent(
+        "policy:\n  rules:\n    - {name: no-opus, models: [\"claude-opus*\"], action: deny, message: opus is not approved}\n    - {name: slow, action: allow, limits: {requests_per_minute: 1}}\n",
+    );
+    let pod = &node.pods[0];
+    let mut cmd = pod.app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[clients_dir()
+            .join("anthropic_policy_client.py")
+            .to_str()
+            .unwrap()],
+    );
+    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    let got = run_app(&node, cmd);
+    assert_eq!(got["denied"]["class"], "PermissionDeniedError", "{got}");
+    assert_eq!(got["denied"]["status"], 403);
+    assert!(
+        got["denied"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opus is not approved"),
+        "{got}"
+    );
+    assert_eq!(got["limited"]["class"], "RateLimitError", "{got}");
+    assert_eq!(got["limited"]["status"], 429);
+    assert_eq!(got["limited"]["limit"], "1");
+    let wait: u64 = got["limited"]["retry_after"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "{got}");
+}
+
 #[test]
 fn node_openai_sdk() {
     let Some(modules) = sdk("node_openai_sdk", "node/node_modules/openai") else {
