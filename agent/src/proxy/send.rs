@@ -68,10 +68,11 @@ pub(super) enum Sent {
     },
 }
 
-/// The attempts to make: the dialled endpoint, or the chain's plan.
+/// The attempts to make: the dialled endpoint, or the chain's plan (the
+/// chain is handed back when it applies to this call).
 pub(super) fn plan(
     call: &Call,
-    chain: Option<&FailoverChain>,
+    chain: Option<Arc<FailoverChain>>,
     model: Option<&str>,
 ) -> (Vec<Endpoint>, Option<Arc<FailoverChain>>) {
     let meta = &call.meta;
@@ -127,7 +128,7 @@ pub(super) fn plan(
             })
         })
         .collect();
-    (endpoints, Some(Arc::new(chain.clone())))
+    (endpoints, Some(chain))
 }
 
 /// Send `parts` + `body` to `endpoints` in turn until one answers without

@@ -457,7 +457,7 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::CONTENT_LENGTH); // recomputed from the buffered body
     let model = record.routed_model.clone().or_else(|| record.model.clone());
-    let (endpoints, chain) = send::plan(&call, failover.as_deref(), model.as_deref());
+    let (endpoints, chain) = send::plan(&call, failover, model.as_deref());
     let mut attempts = Vec::new();
     let sent = send::send(
         &call,
