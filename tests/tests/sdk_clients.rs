@@ -55,6 +55,18 @@ fn run_app(node: &TestNode, mut cmd: std::process::Command) -> serde_json::Value
     serde_json::from_slice(out.stdout.trim_ascii()).expect("client prints one JSON line")
 }
 
+/// Run `tests/clients/<script>` with the pinned Python SDKs as an app of
+/// pod 0, trusting the node CA only through SSL_CERT_FILE.
+fn run_python(node: &TestNode, python: &std::path::Path, script: &str) -> serde_json::Value {
+    let mut cmd = node.pods[0].app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[clients_dir().join(script).to_str().unwrap()],
+    );
+    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    run_app(node, cmd)
+}
+
 fn requests(node: &TestNode, n: usize) -> Vec<serde_json::Value> {
     wait_until(Duration::from_secs(5), || {
         let r: Vec<_> = node
@@ -102,13 +114,7 @@ fn python_openai_sdk() {
     let mut node = TestNode::new(1);
     node.start_agent("");
     let pod = &node.pods[0];
-    let mut cmd = pod.app(
-        &node.pod_hosts_file(),
-        python.to_str().unwrap(),
-        &[clients_dir().join("openai_client.py").to_str().unwrap()],
-    );
-    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
-    let got = run_app(&node, cmd);
+    let got = run_python(&node, &python, "openai_client.py");
     assert_eq!(got["content"], STREAM_WORDS.concat());
     assert_eq!(got["stream_text"], STREAM_WORDS.concat());
     assert_eq!(got["prompt_tokens"], OPENAI_USAGE.input);
@@ -148,16 +154,7 @@ fn python_openai_sdk_obeys_policy() {
         );
         assert!(out.status.success());
     }
-    let mut cmd = pod.app(
-        &node.pod_hosts_file(),
-        python.to_str().unwrap(),
-        &[clients_dir()
-            .join("openai_policy_client.py")
-            .to_str()
-            .unwrap()],
-    );
-    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
-    let got = run_app(&node, cmd);
+    let got = run_python(&node, &python, "openai_policy_client.py");
     let denied = &got["denied"];
     assert_eq!(denied["class"], "PermissionDeniedError", "{got}");
     assert_eq!(denied["status"], 403);
@@ -198,13 +195,7 @@ fn python_anthropic_sdk() {
     let mut node = TestNode::new(1);
     node.start_agent("");
     let pod = &node.pods[0];
-    let mut cmd = pod.app(
-        &node.pod_hosts_file(),
-        python.to_str().unwrap(),
-        &[clients_dir().join("anthropic_client.py").to_str().unwrap()],
-    );
-    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
-    let got = run_app(&node, cmd);
+    let got = run_python(&node, &python, "anthropic_client.py");
     assert_eq!(got["content"], STREAM_WORDS.concat());
     assert_eq!(got["stream_text"], STREAM_WORDS.concat());
     assert_eq!(got["stream_output_tokens"], ANTHROPIC_USAGE.output);
@@ -230,17 +221,7 @@ fn python_anthropic_sdk_sees_policy_errors() {
     node.start_agent(
         "policy:\n  rules:\n    - {name: no-opus, models: [\"claude-opus*\"], action: deny, message: opus is not approved}\n    - {name: slow, action: allow, limits: {requests_per_minute: 1}}\n",
     );
-    let pod = &node.pods[0];
-    let mut cmd = pod.app(
-        &node.pod_hosts_file(),
-        python.to_str().unwrap(),
-        &[clients_dir()
-            .join("anthropic_policy_client.py")
-            .to_str()
-            .unwrap()],
-    );
-    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
-    let got = run_app(&node, cmd);
+    let got = run_python(&node, &python, "anthropic_policy_client.py");
     assert_eq!(got["denied"]["class"], "PermissionDeniedError", "{got}");
     assert_eq!(got["denied"]["status"], 403);
     assert!(
