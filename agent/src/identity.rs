@@ -2,13 +2,13 @@
 //!
 //! Kubernetes pods are recognised from the kubelet's cgroup layouts (systemd
 //! and cgroupfs drivers; containerd, CRI-O and Docker scopes); anything else is
-//! a host workload named by its cgroup path. Pod metadata (namespace, owner)
-//! comes from the Kubernetes API in the kubernetes issue; here the pod UID and
-//! container ID are what the kernel alone can tell.
+//! a host workload named by its cgroup path. The pod UID and container ID
+//! are what the kernel alone can tell; namespace, name, owner workload and
+//! labels are joined from the API server's view (`pods`) by UID.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::RwLock,
+    sync::{Arc, RwLock},
 };
 
 use serde::Serialize;
@@ -26,6 +26,10 @@ pub struct Workload {
     /// systemd unit (host mode), e.g. `myapp.service`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// What the Kubernetes API says about the pod (namespace, name, owner
+    /// workload, service account), once known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Arc<crate::pods::PodMeta>>,
 }
 
 impl Workload {
@@ -35,6 +39,40 @@ impl Workload {
             .as_deref()
             .or(self.unit.as_deref())
             .unwrap_or(&self.cgroup)
+    }
+
+    /// The pod's namespace; empty for host workloads and unknown pods.
+    pub fn namespace(&self) -> &str {
+        self.kubernetes
+            .as_ref()
+            .map_or("", |k| k.namespace.as_str())
+    }
+
+    /// The workload for metrics and per-workload limits: `Kind/name` of the
+    /// pod's owner when known (`Deployment/chat`), else [`Self::label`].
+    pub fn workload_name(&self) -> String {
+        match &self.kubernetes {
+            Some(k) => k.workload.to_string(),
+            None => self.label().to_string(),
+        }
+    }
+
+    /// The pod's name when known, else its UID; empty outside pods.
+    pub fn pod(&self) -> &str {
+        match (&self.kubernetes, &self.pod_uid) {
+            (Some(k), _) => &k.name,
+            (None, Some(u)) => u,
+            (None, None) => "",
+        }
+    }
+
+    /// `namespace`, `workload` and `pod` label values for metrics.
+    pub fn metric_labels(&self) -> [String; 3] {
+        [
+            self.namespace().to_string(),
+            self.workload_name(),
+            self.pod().to_string(),
+        ]
     }
 }
 
@@ -100,6 +138,9 @@ pub struct IdentityCache {
     root: PathBuf,
     mount: PathBuf,
     by_id: RwLock<HashMap<u64, Workload>>,
+    /// Pod metadata from the API server, and how long a connection waits
+    /// for a pod not known yet (`kubernetes.metadata_wait`).
+    pods: Option<(Arc<crate::pods::PodDirectory>, std::time::Duration)>,
 }
 
 impl IdentityCache {
@@ -108,7 +149,31 @@ impl IdentityCache {
             root: root.into(),
             mount: mount.into(),
             by_id: RwLock::new(HashMap::new()),
+            pods: None,
         }
+    }
+
+    /// Join pod metadata from `dir` (Kubernetes mode).
+    pub fn with_pods(
+        mut self,
+        dir: Arc<crate::pods::PodDirectory>,
+        wait: std::time::Duration,
+    ) -> Self {
+        self.pods = Some((dir, wait));
+        self
+    }
+
+    /// [`Self::lookup`] plus the pod's metadata, waiting up to
+    /// `kubernetes.metadata_wait` for a pod the watch has not delivered.
+    pub async fn resolve(&self, id: u64) -> Workload {
+        let mut w = self.lookup(id);
+        if let (Some((dir, wait)), Some(uid)) = (&self.pods, &w.pod_uid) {
+            w.kubernetes = dir.get_or_wait(uid, *wait).await;
+            if w.kubernetes.is_none() {
+                tracing::debug!(pod_uid = %uid, "no metadata for this pod yet; recorded by UID");
+            }
+        }
+        w
     }
 
     pub fn refresh(&self, entries: &[crate::cgroup::CgroupEntry]) {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod identity;
 pub mod live;
 pub mod netns;
+pub mod pods;
 pub mod policy;
 pub mod preflight;
 pub mod pricing;

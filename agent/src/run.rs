@@ -76,7 +76,15 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
 
     let metrics = Metrics::new();
     let events = EventLog::open(&config.audit, &config.node_name())?;
-    let identity = Arc::new(IdentityCache::new(&root.path, &mount));
+    let pods = Arc::new(crate::pods::PodDirectory::new());
+    let mut identity = IdentityCache::new(&root.path, &mount);
+    let kube_client = if config.kubernetes.enabled() {
+        identity = identity.with_pods(pods.clone(), config.kubernetes.metadata_wait);
+        Some(crate::pods::watch::client(&config.kubernetes).await?)
+    } else {
+        None
+    };
+    let identity = Arc::new(identity);
     let live = crate::live::Rules::live(&config);
     let addresses: crate::proxy::send::ProviderAddresses = Arc::default();
     let budget_file = (!config.budget_state_file.is_empty())
@@ -152,6 +160,18 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         config.heartbeat.interval,
     )));
 
+    if let Some(client) = kube_client {
+        let node = config.node_name();
+        tracing::info!(node = %node, "watching this node's pods for workload metadata");
+        tasks.push(tokio::spawn(crate::pods::watch::run(
+            client,
+            config.kubernetes.clone(),
+            node,
+            pods.clone(),
+            metrics.kubernetes_watch_errors.clone(),
+        )));
+    }
+
     let mut refresher = Refresher::new(&config)?;
     // First round before we call ourselves ready, so `/readyz` means "governing".
     refresh_providers(&mut refresher, &maps, &metrics, &addresses).await;
@@ -171,9 +191,12 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         let mt = metrics.clone();
         let ev = ctx.events.clone();
         let (b1, b2, live2) = (budgets.clone(), budgets.clone(), live.clone());
+        let (pods1, pods2) = (pods.clone(), pods.clone());
+        let kube_on = config.kubernetes.enabled();
         let hooks = Arc::new(crate::telemetry::metrics::Hooks {
             before_scrape: Box::new(move || {
                 mt.audit_dropped.set(ev.dropped() as i64);
+                mt.kubernetes_pods.set(pods1.len() as i64);
                 for c in Counter::ALL {
                     mt.kernel_events
                         .with_label_values(&[c.label()])
@@ -191,6 +214,10 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
                 serde_json::json!({
                     "policy_rules": live2.load().policy.rule_count(),
                     "budgets": b2.local.rows(time::OffsetDateTime::now_utc()),
+                    "kubernetes": kube_on.then(|| serde_json::json!({
+                        "synced": pods2.synced(),
+                        "pods": pods2.len(),
+                    })),
                 })
                 .to_string()
             }),

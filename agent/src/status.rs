@@ -55,6 +55,18 @@ pub fn render(json: &str) -> Result<String, serde_json::Error> {
     let v: serde_json::Value = serde_json::from_str(json)?;
     let mut out = String::new();
     let _ = writeln!(out, "policy rules in force: {}", v["policy_rules"]);
+    if let Some(k) = v["kubernetes"].as_object() {
+        let _ = writeln!(
+            out,
+            "kubernetes pods known: {} ({})",
+            k.get("pods").and_then(|p| p.as_u64()).unwrap_or(0),
+            if k.get("synced").and_then(|s| s.as_bool()) == Some(true) {
+                "synced with the API server"
+            } else {
+                "not synced yet: records carry pod UIDs only"
+            }
+        );
+    }
     let rows = v["budgets"].as_array().cloned().unwrap_or_default();
     if rows.is_empty() {
         let _ = writeln!(out, "budgets: no spend recorded yet");

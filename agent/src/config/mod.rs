@@ -81,6 +81,8 @@ pub struct Config {
     /// Name of this node in audit records. Empty: `$NODE_NAME` (the
     /// DaemonSet sets it from `spec.nodeName`), else the host name.
     pub node_name: String,
+    /// Pod metadata from the Kubernetes API (README "Kubernetes").
+    pub kubernetes: crate::pods::KubernetesConfig,
     /// bpffs directory for pinned programs (fail-closed mode keeps them there so
     /// enforcement survives the agent).
     pub bpffs_dir: PathBuf,
@@ -103,6 +105,7 @@ impl Default for Config {
             pricing: crate::pricing::PricingConfig::default(),
             policy: crate::policy::PolicyConfig::default(),
             node_name: String::new(),
+            kubernetes: crate::pods::KubernetesConfig::default(),
             budget_state_file: String::new(),
             state: crate::policy::shared::StateConfig::default(),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/tollgate"),

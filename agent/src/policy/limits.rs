@@ -20,11 +20,15 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum LimitKey {
-    /// Each workload (pod, unit or cgroup) on its own.
+    /// Each workload on its own: a pod's owner (`Deployment/chat` in its
+    /// namespace, all replicas together) when the pod is known, else the
+    /// pod, systemd unit or cgroup.
     #[default]
     Workload,
     /// Each pod on its own (its containers share).
     Pod,
+    /// Each Kubernetes namespace (workloads outside pods: each on its own).
+    Namespace,
     /// Every workload the rule matches, together.
     Global,
 }

@@ -14,13 +14,14 @@ pub mod failover;
 pub mod gate;
 pub mod limits;
 mod rules;
+mod selector;
 pub mod shared;
 pub mod spend;
 
 pub use rules::{
-    Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, PolicyError, RequestDecision,
-    Rule, Selector,
+    Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, PolicyError, RequestDecision, Rule,
 };
+pub use selector::Selector;
 
 use std::{
     collections::HashMap,
@@ -40,10 +41,11 @@ pub struct Subject<'a> {
 pub struct Policy {
     rules: Vec<rules::Compiled>,
     default: Action,
-    /// (cgroup, process) → indexes of the rules whose selector matches: a
-    /// workload's selector matches are computed once per policy, so a
-    /// decision is a lookup plus provider and model checks on those rules.
-    by_subject: Mutex<HashMap<(String, String), Arc<[u32]>>>,
+    /// (cgroup, process, pod metadata serial) → indexes of the rules whose
+    /// selector matches: a workload's selector matches are computed once per
+    /// policy and pod metadata version, so a decision is a lookup plus
+    /// provider and model checks on those rules.
+    by_subject: Mutex<HashMap<(String, String, u64), Arc<[u32]>>>,
 }
 
 /// Workloads remembered per policy; beyond, the memo starts over.
@@ -103,7 +105,12 @@ impl Policy {
 
     /// The rules whose selector matches `subject`, in order (memoised).
     fn candidates(&self, subject: Subject<'_>) -> Arc<[u32]> {
-        let key = (subject.workload.cgroup.clone(), subject.comm.to_string());
+        let serial = subject.workload.kubernetes.as_ref().map_or(0, |k| k.serial);
+        let key = (
+            subject.workload.cgroup.clone(),
+            subject.comm.to_string(),
+            serial,
+        );
         let mut memo = self.by_subject.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = memo.get(&key) {
             return c.clone();

@@ -4,7 +4,13 @@ use std::collections::BTreeMap;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{Subject, budgets::BudgetConfig, failover::FailoverChain, limits::LimitsConfig};
+use super::{
+    Subject,
+    budgets::BudgetConfig,
+    failover::FailoverChain,
+    limits::LimitsConfig,
+    selector::{CompiledSelector, Selector},
+};
 
 /// What a rule does with the calls it matches.
 #[derive(
@@ -142,26 +148,6 @@ impl HeaderRules {
     }
 }
 
-/// Which workloads a rule is for: every non-empty field must match (and),
-/// any entry of a field may (or).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct Selector {
-    /// Globs over the workload's cgroup path below the cgroup2 mount (no
-    /// leading `/`; `*` also crosses `/`), e.g. `**/*pod<uid>.slice/**`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub cgroups: Vec<String>,
-    /// Kubernetes pod UIDs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub pod_uids: Vec<String>,
-    /// Globs over systemd unit names (host mode), e.g. `batch-*.service`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub units: Vec<String>,
-    /// Globs over process names (`comm`, 15 characters at most), e.g. `python*`.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub processes: Vec<String>,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("{field}: {message}")]
 pub struct PolicyError {
@@ -238,9 +224,7 @@ impl RequestDecision {
 pub(super) struct Compiled {
     pub rule: Rule,
     failover: Option<std::sync::Arc<FailoverChain>>,
-    cgroups: Option<GlobSet>,
-    units: Option<GlobSet>,
-    processes: Option<GlobSet>,
+    selector: CompiledSelector,
     models: Option<GlobSet>,
 }
 
@@ -252,20 +236,7 @@ impl Compiled {
     /// The workload part of the match (the costly part: globs), cached per
     /// workload by `Policy`.
     pub fn matches_subject(&self, s: Subject<'_>) -> bool {
-        let r = &self.rule;
-        let w = s.workload;
-        self.cgroups
-            .as_ref()
-            .is_none_or(|g| g.is_match(w.cgroup.trim_start_matches('/')))
-            && (r.selector.pod_uids.is_empty()
-                || w.pod_uid
-                    .as_ref()
-                    .is_some_and(|u| r.selector.pod_uids.contains(u)))
-            && self
-                .units
-                .as_ref()
-                .is_none_or(|g| w.unit.as_ref().is_some_and(|u| g.is_match(u)))
-            && self.processes.as_ref().is_none_or(|g| g.is_match(s.comm))
+        self.selector.matches(s)
     }
 
     pub fn has_models(&self) -> bool {
@@ -410,9 +381,7 @@ pub(super) fn compile(
             };
             Ok(Compiled {
                 failover,
-                cgroups: globs(&r.selector.cgroups, &at("match.cgroups"))?,
-                units: globs(&r.selector.units, &at("match.units"))?,
-                processes: globs(&r.selector.processes, &at("match.processes"))?,
+                selector: r.selector.compile(&at("match"))?,
                 models: globs(&r.models, &at("models"))?,
                 rule: r.clone(),
             })
@@ -420,7 +389,7 @@ pub(super) fn compile(
         .collect()
 }
 
-fn globs(patterns: &[String], field: &str) -> Result<Option<GlobSet>, PolicyError> {
+pub(super) fn globs(patterns: &[String], field: &str) -> Result<Option<GlobSet>, PolicyError> {
     if patterns.is_empty() {
         return Ok(None);
     }

@@ -199,3 +199,109 @@ fn invalid_policies_name_the_field() {
     let e = bad("rules:\n  - {name: a, action: allow, max_output_tokens: 0}\n");
     assert_eq!(e.field, "rules[0].max_output_tokens");
 }
+
+fn kube_pod(uid: &str, ns: &str, owner: &str, sa: &str, labels: &[(&str, &str)]) -> Workload {
+    let (kind, name) = owner.split_once('/').unwrap();
+    let mut w = pod(uid);
+    w.kubernetes = Some(std::sync::Arc::new(crate::pods::PodMeta {
+        namespace: ns.into(),
+        name: format!("{name}-x1"),
+        uid: uid.into(),
+        workload: crate::pods::Owner {
+            kind: kind.into(),
+            name: name.into(),
+        },
+        service_account: sa.into(),
+        node: "n1".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        serial: 1,
+    }));
+    w
+}
+
+#[test]
+fn kubernetes_selectors_match_namespace_workload_labels_and_service_account() {
+    let p = policy(
+        r#"
+default: deny
+rules:
+  - name: research-gold
+    match: {namespaces: ["research-*"], labels: {tier: gold, team: "*"}}
+    action: allow
+  - name: nightly
+    match: {workloads: ["CronJob/nightly-*"]}
+    action: allow
+  - name: chat-by-name
+    match: {workloads: [chat], service_accounts: [llm-caller]}
+    action: allow
+"#,
+    );
+    let decide = |w: &Workload| match p.request(subject(w), "openai", Some("m")) {
+        RequestDecision::Allow { reason, .. } => reason,
+        RequestDecision::Deny { reason, .. } => format!("deny:{reason}"),
+    };
+    let gold = kube_pod(
+        "u1",
+        "research-nlp",
+        "Deployment/x",
+        "default",
+        &[("tier", "gold"), ("team", "nlp")],
+    );
+    assert_eq!(decide(&gold), "rule:research-gold");
+    // Every label must be there.
+    let no_team = kube_pod(
+        "u2",
+        "research-nlp",
+        "Deployment/x",
+        "default",
+        &[("tier", "gold")],
+    );
+    assert_eq!(decide(&no_team), "deny:default");
+    let nightly = kube_pod("u3", "ops", "CronJob/nightly-report", "default", &[]);
+    assert_eq!(decide(&nightly), "rule:nightly");
+    // A glob with `/` looks at the kind too.
+    let not_cron = kube_pod("u4", "ops", "Job/nightly-report", "default", &[]);
+    assert_eq!(decide(&not_cron), "deny:default");
+    // A bare glob matches the name, whatever the kind; both fields must match.
+    let chat = kube_pod("u5", "web", "StatefulSet/chat", "llm-caller", &[]);
+    assert_eq!(decide(&chat), "rule:chat-by-name");
+    let chat_other_sa = kube_pod("u6", "web", "StatefulSet/chat", "default", &[]);
+    assert_eq!(decide(&chat_other_sa), "deny:default");
+    // No metadata (unknown pod, host mode): Kubernetes selectors never match.
+    assert_eq!(decide(&pod("u1")), "deny:default");
+}
+
+#[test]
+fn metadata_arriving_later_is_seen_by_the_memo() {
+    let p = policy(
+        r#"
+default: deny
+rules:
+  - name: team-a
+    match: {namespaces: [team-a]}
+    action: allow
+"#,
+    );
+    let unknown = pod("u1");
+    assert!(matches!(
+        p.request(subject(&unknown), "openai", None),
+        RequestDecision::Deny { .. }
+    ));
+    let known = kube_pod("u1", "team-a", "Deployment/chat", "default", &[]);
+    assert!(matches!(
+        p.request(subject(&known), "openai", None),
+        RequestDecision::Allow { .. }
+    ));
+}
+
+#[test]
+fn bad_label_glob_names_its_field() {
+    let cfg: PolicyConfig =
+        serde_yaml::from_str("rules: [{name: r, match: {labels: {app: \"[\"}}, action: allow}]")
+            .unwrap();
+    let e = Policy::new(&cfg, &["openai".into()]).err().unwrap();
+    assert_eq!(e.field, "rules[0].match.labels.app");
+}

@@ -34,15 +34,29 @@ pub(super) fn account(
         .prices
         .cost(&record.provider, billed_model, &record.usage)
         .map(round_nano);
-    let workload = record.workload.label().to_string();
+    let [ns, workload, pod] = record.workload.metric_labels();
     let model = m.model_label(
         &record.provider,
         Some(billed_model).filter(|s| !s.is_empty()),
     );
-    let labels = [workload.as_str(), record.provider.as_str(), model.as_str()];
+    let labels = [
+        ns.as_str(),
+        workload.as_str(),
+        pod.as_str(),
+        record.provider.as_str(),
+        model.as_str(),
+    ];
     let class = format!("{}xx", record.status / 100);
     m.requests
-        .with_label_values(&[&workload, &record.provider, &model, &class, record.result])
+        .with_label_values(&[
+            &ns,
+            &workload,
+            &pod,
+            &record.provider,
+            &model,
+            &class,
+            record.result,
+        ])
         .inc();
     m.decisions
         .with_label_values(&[&record.provider, record.decision, &record.reason])
@@ -78,7 +92,7 @@ pub(super) fn account(
     if u.input_tokens + u.output_tokens > 0 {
         for (kind, n) in [("input", u.input_tokens), ("output", u.output_tokens)] {
             m.token_usage
-                .with_label_values(&[&workload, &record.provider, &model, kind])
+                .with_label_values(&[&ns, &workload, &pod, &record.provider, &model, kind])
                 .observe(n as f64);
         }
         for (kind, n) in [
@@ -89,7 +103,7 @@ pub(super) fn account(
             ("reasoning", u.reasoning_tokens),
         ] {
             m.tokens
-                .with_label_values(&[&workload, &record.provider, &model, kind])
+                .with_label_values(&[&ns, &workload, &pod, &record.provider, &model, kind])
                 .inc_by(n);
         }
     }

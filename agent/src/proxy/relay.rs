@@ -89,13 +89,13 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
         tracing::debug!(%peer, "connection without a redirect record; closing");
         ctx.metrics
             .connections
-            .with_label_values(&["unknown", "unknown", "no_record"])
+            .with_label_values(&["", "unknown", "", "unknown", "no_record"])
             .inc();
         return;
     };
     let started = Instant::now();
     let time = now_rfc3339();
-    let workload = ctx.identity.lookup(orig.cgroup_id);
+    let workload = ctx.identity.resolve(orig.cgroup_id).await;
     let mut provider = ctx
         .providers
         .get(orig.provider_id as usize)
@@ -146,9 +146,10 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
             };
             let result =
                 terminate::serve(tls, ctx.events.clone(), ctx.metrics.clone(), client, meta).await;
+            let [ns, name, pod] = workload.metric_labels();
             ctx.metrics
                 .connections
-                .with_label_values(&[workload.label(), &provider, result])
+                .with_label_values(&[&ns, &name, &pod, &provider, result])
                 .inc();
             return;
         }
@@ -230,20 +231,18 @@ fn finish(ctx: &RelayContext, t: Transfer, c: Closing) {
         }
         Hello::Pending => ("none", None),
     };
-    let label = c.workload.label().to_string();
+    let [ns, name, pod] = c.workload.metric_labels();
     let provider = c.provider;
     ctx.metrics
         .connections
-        .with_label_values(&[&label, &provider, result])
+        .with_label_values(&[&ns, &name, &pod, &provider, result])
         .inc();
-    ctx.metrics
-        .bytes
-        .with_label_values(&[&label, &provider, "sent"])
-        .inc_by(sent);
-    ctx.metrics
-        .bytes
-        .with_label_values(&[&label, &provider, "received"])
-        .inc_by(received);
+    for (direction, n) in [("sent", sent), ("received", received)] {
+        ctx.metrics
+            .bytes
+            .with_label_values(&[&ns, &name, &pod, &provider, direction])
+            .inc_by(n);
+    }
     ctx.events.record(&ConnectionRecord {
         time: c.time,
         workload: c.workload,

@@ -105,7 +105,14 @@ impl CallMeta {
     /// The key a limit or budget with `per` counts this workload under.
     pub fn key(&self, per: LimitKey) -> String {
         match per {
-            LimitKey::Workload => self.workload.label().to_string(),
+            LimitKey::Workload => match &self.workload.kubernetes {
+                Some(k) => format!("{}/{}", k.namespace, k.workload),
+                None => self.workload.label().to_string(),
+            },
+            LimitKey::Namespace => match &self.workload.kubernetes {
+                Some(k) => format!("namespace:{}", k.namespace),
+                None => self.workload.label().to_string(),
+            },
             LimitKey::Pod => self
                 .workload
                 .pod_uid

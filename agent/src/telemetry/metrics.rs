@@ -57,6 +57,10 @@ pub struct Metrics {
     pub budget_soft_reached: IntCounterVec,
     /// Shared-state (Redis) failures; each decision fell back to local spend.
     pub state_errors: prometheus::IntCounter,
+    /// Pods of this node whose metadata the agent holds (set at scrape time).
+    pub kubernetes_pods: IntGauge,
+    /// Failed list/watch calls to the Kubernetes API (each retried).
+    pub kubernetes_watch_errors: prometheus::IntCounter,
     /// Distinct model label values per provider; beyond the cap, `other`.
     models: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Set once programs are attached and the first DNS round is done.
@@ -76,7 +80,7 @@ impl Metrics {
                 "tollgate_connections_total",
                 "Provider connections handled by the proxy",
             ),
-            &["workload", "provider", "result"],
+            &["namespace", "workload", "pod", "provider", "result"],
         )
         .expect("valid metric");
         let bytes = IntCounterVec::new(
@@ -84,7 +88,7 @@ impl Metrics {
                 "tollgate_relay_bytes_total",
                 "Bytes relayed between workloads and providers",
             ),
-            &["workload", "provider", "direction"],
+            &["namespace", "workload", "pod", "provider", "direction"],
         )
         .expect("valid metric");
         let kernel_events = IntGaugeVec::new(
@@ -115,7 +119,7 @@ impl Metrics {
             "Audit records dropped because the writer fell behind or the write failed",
         )
         .expect("valid metric");
-        let labels = ["workload", "provider", "model"];
+        let labels = ["namespace", "workload", "pod", "provider", "model"];
         // Buckets as the OpenTelemetry GenAI semantic conventions advise.
         let token_usage = HistogramVec::new(
             HistogramOpts::new(
@@ -126,7 +130,14 @@ impl Metrics {
                 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0,
                 4194304.0,
             ]),
-            &["workload", "provider", "model", "gen_ai_token_type"],
+            &[
+                "namespace",
+                "workload",
+                "pod",
+                "provider",
+                "model",
+                "gen_ai_token_type",
+            ],
         )
         .expect("valid metric");
         let duration_buckets = vec![
@@ -155,7 +166,14 @@ impl Metrics {
                 "tollgate_tokens_total",
                 "Tokens used, by type (input includes cached, output includes reasoning)",
             ),
-            &["workload", "provider", "model", "token_type"],
+            &[
+                "namespace",
+                "workload",
+                "pod",
+                "provider",
+                "model",
+                "token_type",
+            ],
         )
         .expect("valid metric");
         let requests = IntCounterVec::new(
@@ -163,7 +181,15 @@ impl Metrics {
                 "tollgate_requests_total",
                 "Provider requests handled by the terminating proxy",
             ),
-            &["workload", "provider", "model", "status_class", "result"],
+            &[
+                "namespace",
+                "workload",
+                "pod",
+                "provider",
+                "model",
+                "status_class",
+                "result",
+            ],
         )
         .expect("valid metric");
         let cost = CounterVec::new(
@@ -226,8 +252,20 @@ impl Metrics {
             "Shared state (Redis) requests that failed or timed out; decided with this node's spend",
         )
         .expect("valid metric");
+        let kubernetes_pods = IntGauge::new(
+            "tollgate_kubernetes_pods",
+            "Pods of this node whose metadata (namespace, owner, labels) the agent holds",
+        )
+        .expect("valid metric");
+        let kubernetes_watch_errors = prometheus::IntCounter::new(
+            "tollgate_kubernetes_watch_errors_total",
+            "Failed list/watch calls to the Kubernetes API; each is retried with backoff",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(kubernetes_pods.clone()),
+            Box::new(kubernetes_watch_errors.clone()),
             Box::new(bytes.clone()),
             Box::new(kernel_events.clone()),
             Box::new(provider_addresses.clone()),
@@ -274,6 +312,8 @@ impl Metrics {
             budget_spent,
             budget_soft_reached,
             state_errors,
+            kubernetes_pods,
+            kubernetes_watch_errors,
             models: Default::default(),
             ready: AtomicBool::new(false),
         })
@@ -387,12 +427,12 @@ mod tests {
     fn renders_and_routes() {
         let m = Metrics::new();
         m.connections
-            .with_label_values(&["w", "openai", "ok"])
+            .with_label_values(&["team-a", "Deployment/chat", "chat-1", "openai", "ok"])
             .inc();
         let r = route("/metrics", &m, &noop());
         assert_eq!(r.status(), 200);
         assert!(m.render().contains(
-            "tollgate_connections_total{provider=\"openai\",result=\"ok\",workload=\"w\"} 1"
+            "tollgate_connections_total{namespace=\"team-a\",pod=\"chat-1\",provider=\"openai\",result=\"ok\",workload=\"Deployment/chat\"} 1"
         ));
         assert_eq!(route("/readyz", &m, &noop()).status(), 503);
         m.ready.store(true, Ordering::Relaxed);
