@@ -93,8 +93,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if !cli.log.contains("kube_client") {
+        // kube-rs logs every failed API call at error level; the pod watch
+        // reports failures itself, once per outage, with a hint.
+        filter = filter.add_directive("kube_client=off".parse().expect("valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

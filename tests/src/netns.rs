@@ -39,6 +39,26 @@ impl Netns {
         run_ok(&mut c);
     }
 
+    /// A TCP listener bound inside this namespace by the calling process
+    /// (a socket stays in the namespace it was created in, whichever thread
+    /// later serves it): for test servers the namespace's processes reach.
+    pub fn bind_tcp(&self, addr: &str) -> std::net::TcpListener {
+        let path = self.path();
+        let addr = addr.to_string();
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("netns file exists");
+            // This thread only: the test's other threads stay where they are.
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns {path}"
+            );
+            std::net::TcpListener::bind(&addr).expect("bind in netns")
+        })
+        .join()
+        .expect("bind thread")
+    }
+
     /// A command that will run inside this namespace. Entered with setns(2)
     /// only: unlike `ip netns exec` it keeps the mount namespace, so the
     /// cgroup2 and bpffs mounts stay visible.

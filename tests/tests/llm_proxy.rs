@@ -132,7 +132,7 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
     let m = node.metrics();
     let line = |kind: &str, n: u64| {
         format!(
-            "tollgate_tokens_total{{model=\"{OPENAI_MODEL}\",provider=\"openai\",token_type=\"{kind}\",workload=\"{}\"}} {n}",
+            "tollgate_tokens_total{{model=\"{OPENAI_MODEL}\",namespace=\"\",pod=\"{0}\",provider=\"openai\",token_type=\"{kind}\",workload=\"{0}\"}} {n}",
             pod.uid
         )
     };
@@ -150,7 +150,7 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
     let spent = metric(
         &m,
         &format!(
-            "tollgate_cost_usd_total{{model=\"{OPENAI_MODEL}\",provider=\"openai\",workload=\"{}\"}}",
+            "tollgate_cost_usd_total{{model=\"{OPENAI_MODEL}\",namespace=\"\",pod=\"{0}\",provider=\"openai\",workload=\"{0}\"}}",
             pod.uid
         ),
     )

@@ -72,7 +72,7 @@ fn provider_connection_is_redirected_and_attributed_to_its_pod() {
     );
     assert!(
         m.contains(&format!(
-            "tollgate_connections_total{{provider=\"openai\",result=\"ok\",workload=\"{}\"}} 1",
+            "tollgate_connections_total{{namespace=\"\",pod=\"{0}\",provider=\"openai\",result=\"ok\",workload=\"{0}\"}} 1",
             pod.uid
         )),
         "{m}"

@@ -58,6 +58,10 @@ pub async fn client(cfg: &KubernetesConfig) -> Result<Client, WatchError> {
             .map_err(|e| WatchError::Infer(e.to_string()))?,
     };
     config.connect_timeout = Some(cfg.request_timeout);
+    // The watcher's own backoff (bounded, counted, logged) decides retries;
+    // the client's built-in retry would hide an unreachable API server for
+    // minutes.
+    config.default_retry = false;
     Ok(Client::try_from(config)?)
 }
 
