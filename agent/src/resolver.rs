@@ -314,3 +314,61 @@ mod tests {
         }
     }
 }
+
+/// The provider names whose DNS answers the kernel learns from (the
+/// `DNS_NAMES` map): every configured host, with its provider's first
+/// [`MAX_LEARNED_PORTS`](tollgate_common::MAX_LEARNED_PORTS) ports. Empty
+/// when `dns.learn_from_workloads` is off.
+pub fn learned_names(
+    config: &Config,
+) -> Vec<(tollgate_common::dns::DnsName, tollgate_common::DnsNameValue)> {
+    use tollgate_common::{DnsNameValue, MAX_LEARNED_PORTS, dns::DnsName};
+    if !config.dns.learn_from_workloads {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (id, p) in config.providers.iter().enumerate() {
+        let mut v = DnsNameValue {
+            provider_id: id as u32,
+            ..Default::default()
+        };
+        for (i, port) in p.ports.iter().take(MAX_LEARNED_PORTS).enumerate() {
+            v.ports[i] = *port;
+            v.port_count = i as u32 + 1;
+        }
+        for host in &p.hosts {
+            match DnsName::encode(host) {
+                Some(name) => out.push((name, v)),
+                None => {
+                    tracing::warn!(%host, "host name too long to learn from DNS answers; it is still resolved by the agent")
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod learned_tests {
+    use super::*;
+
+    #[test]
+    fn every_host_with_its_providers_ports() {
+        let mut c = Config::default();
+        c.providers = serde_yaml::from_str(
+            "[{name: a, hosts: [api.a.test, API.b.test], ports: [443, 8443]}, {name: c, hosts: [c.test]}]",
+        )
+        .unwrap();
+        let names = learned_names(&c);
+        assert_eq!(names.len(), 3);
+        assert_eq!(
+            names[1].0,
+            tollgate_common::dns::DnsName::encode("api.b.test").unwrap()
+        );
+        assert_eq!(names[1].1.port_count, 2);
+        assert_eq!(&names[1].1.ports[..2], &[443, 8443]);
+        assert_eq!(names[2].1.provider_id, 1);
+        c.dns.learn_from_workloads = false;
+        assert!(learned_names(&c).is_empty());
+    }
+}

@@ -70,9 +70,13 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         fail_closed: u8::from(config.failure_mode == FailureMode::Closed),
         _pad: 0,
         skip_mark: config.proxy.skip_mark,
+        dns_min_ttl_s: config.dns.min_ttl.as_secs_f64().ceil() as u32,
+        dns_grace_s: config.dns.stale_grace.as_secs_f64().ceil() as u32,
     };
     maps.write_settings(settings)
         .context("writing settings to the kernel")?;
+    maps.set_dns_names(&crate::resolver::learned_names(&config))
+        .context("writing provider names to learn from DNS answers to the kernel")?;
 
     let metrics = Metrics::new();
     let events = EventLog::open(&config.audit, &config.node_name())?;
@@ -197,6 +201,8 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
             before_scrape: Box::new(move || {
                 mt.audit_dropped.set(ev.dropped() as i64);
                 mt.kubernetes_pods.set(pods1.len() as i64);
+                mt.dns_learned
+                    .set(m.learned(crate::bpf::monotonic_ns()).len() as i64);
                 for c in Counter::ALL {
                     mt.kernel_events
                         .with_label_values(&[c.label()])

@@ -22,7 +22,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
@@ -141,7 +141,9 @@ macro_rules! attach_link {
     }};
 }
 
-const PROGRAMS: [(&str, Kind); 5] = [
+const PROGRAMS: [(&str, Kind); 6] = [
+    // DNS learning first: an answer arriving while the rest attach is learned.
+    (prog::DNS_INGRESS, Kind::SkbIngress),
     (prog::CONNECT4, Kind::SockAddr),
     (prog::CONNECT6, Kind::SockAddr),
     (prog::SOCK_OPS, Kind::SockOps),
@@ -153,6 +155,7 @@ const PROGRAMS: [(&str, Kind); 5] = [
 enum Kind {
     SockAddr,
     SockOps,
+    SkbIngress,
 }
 
 impl Attached {
@@ -189,6 +192,7 @@ impl Attached {
             let r = match kind {
                 Kind::SockAddr => <&mut CgroupSockAddr>::try_from(p).and_then(|p| p.load()),
                 Kind::SockOps => <&mut SockOps>::try_from(p).and_then(|p| p.load()),
+                Kind::SkbIngress => <&mut CgroupSkb>::try_from(p).and_then(|p| p.load()),
             };
             r.map_err(|e| BpfError::program(name, e))?;
         }
@@ -201,6 +205,18 @@ impl Attached {
             let link = match kind {
                 Kind::SockAddr => attach_link!(CgroupSockAddr, p, cg, name),
                 Kind::SockOps => attach_link!(SockOps, p, cg, name),
+                Kind::SkbIngress => {
+                    let p = <&mut CgroupSkb>::try_from(p).expect("type checked at load");
+                    p.attach(cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                        .and_then(|id| p.take_link(id))
+                        .map_err(|e| BpfError::program(name, e))
+                        .and_then(|l| {
+                            FdLink::try_from(l).map_err(|e| BpfError::Link {
+                                name,
+                                message: e.to_string(),
+                            })
+                        })
+                }
             };
             links.push(link?);
         }

@@ -10,8 +10,8 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
 };
 use tollgate_common::{
-    ConnInfo, Counter, OrigDstKey, ProviderKey, ProviderValue, Settings, is_v4_mapped, map_names,
-    v4_mapped,
+    ConnInfo, Counter, DnsNameValue, LearnedValue, OrigDstKey, ProviderKey, ProviderValue,
+    Settings, dns::DnsName, is_v4_mapped, map_names, v4_mapped,
 };
 
 use super::loader::BpfError;
@@ -22,6 +22,8 @@ pub struct Maps {
     opt_out: Mutex<HashMap<MapData, u64, u8>>,
     settings: Mutex<Array<MapData, Settings>>,
     counters: PerCpuArray<MapData, u64>,
+    dns_names: Mutex<HashMap<MapData, DnsName, DnsNameValue>>,
+    learned: Mutex<HashMap<MapData, ProviderKey, LearnedValue>>,
 }
 
 /// A redirected connection's record, as the proxy needs it.
@@ -80,6 +82,8 @@ impl Maps {
             opt_out: Mutex::new(take(ebpf, map_names::OPT_OUT)?),
             settings: Mutex::new(take(ebpf, map_names::SETTINGS)?),
             counters: take(ebpf, map_names::COUNTERS)?,
+            dns_names: Mutex::new(take(ebpf, map_names::DNS_NAMES)?),
+            learned: Mutex::new(take(ebpf, map_names::LEARNED)?),
         })
     }
 
@@ -135,6 +139,31 @@ impl Maps {
 
     pub fn provider_count(&self) -> usize {
         self.providers.lock().unwrap().keys().count()
+    }
+
+    /// Make the learned-name set equal `want` (written once at start; the
+    /// provider list does not change without a restart).
+    pub fn set_dns_names(&self, want: &[(DnsName, DnsNameValue)]) -> Result<(), MapError> {
+        let mut map = self.dns_names.lock().unwrap();
+        let have: Vec<DnsName> = map.keys().filter_map(Result::ok).collect();
+        for k in &have {
+            map.remove(k)?;
+        }
+        for (k, v) in want {
+            map.insert(*k, *v, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Provider (address, port) pairs learned from DNS answers and still
+    /// valid at `now_ns` (CLOCK_MONOTONIC).
+    pub fn learned(&self, now_ns: u64) -> Vec<(SocketAddr, u32)> {
+        let map = self.learned.lock().unwrap();
+        map.iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| v.expires_ns > now_ns)
+            .map(|(k, v)| (SocketAddr::new(ip_from_key(k.ip_be), k.port), v.provider_id))
+            .collect()
     }
 
     /// Make the opt-out set equal `want` (cgroup ids).

@@ -67,6 +67,12 @@ pub struct DnsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub stale_grace: Duration,
+    /// Also learn provider addresses from the DNS answers workloads receive
+    /// (a kernel program reads them before the application does), so an
+    /// address only the workload's resolver returned is redirected on its
+    /// first connection. Learned addresses live for max(TTL, `min_ttl`) +
+    /// `stale_grace`. Only the first 4 `ports` of a provider are learned.
+    pub learn_from_workloads: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -265,6 +271,7 @@ impl Default for DnsConfig {
             max_ttl: Duration::from_secs(300),
             retry: Duration::from_secs(10),
             stale_grace: Duration::from_secs(60),
+            learn_from_workloads: true,
         }
     }
 }

@@ -57,6 +57,9 @@ pub struct Metrics {
     pub budget_soft_reached: IntCounterVec,
     /// Shared-state (Redis) failures; each decision fell back to local spend.
     pub state_errors: prometheus::IntCounter,
+    /// Provider (address, port) pairs learned from workloads' DNS answers
+    /// and still valid (set at scrape time).
+    pub dns_learned: IntGauge,
     /// Pods of this node whose metadata the agent holds (set at scrape time).
     pub kubernetes_pods: IntGauge,
     /// Failed list/watch calls to the Kubernetes API (each retried).
@@ -252,6 +255,11 @@ impl Metrics {
             "Shared state (Redis) requests that failed or timed out; decided with this node's spend",
         )
         .expect("valid metric");
+        let dns_learned = IntGauge::new(
+            "tollgate_dns_learned_addresses",
+            "Provider (address, port) pairs learned from workloads' DNS answers, still valid",
+        )
+        .expect("valid metric");
         let kubernetes_pods = IntGauge::new(
             "tollgate_kubernetes_pods",
             "Pods of this node whose metadata (namespace, owner, labels) the agent holds",
@@ -265,6 +273,7 @@ impl Metrics {
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(kubernetes_pods.clone()),
+            Box::new(dns_learned.clone()),
             Box::new(kubernetes_watch_errors.clone()),
             Box::new(bytes.clone()),
             Box::new(kernel_events.clone()),
@@ -314,6 +323,7 @@ impl Metrics {
             state_errors,
             kubernetes_pods,
             kubernetes_watch_errors,
+            dns_learned,
             models: Default::default(),
             ready: AtomicBool::new(false),
         })

@@ -11,6 +11,8 @@
 //! finds the same provider entry as a plain IPv4 connect.
 #![no_std]
 
+pub mod dns;
+
 /// Names of the maps, shared so the agent never spells one differently.
 pub mod map_names {
     pub const PROVIDERS: &str = "PROVIDERS";
@@ -19,6 +21,8 @@ pub mod map_names {
     pub const OPT_OUT: &str = "OPT_OUT";
     pub const SETTINGS: &str = "SETTINGS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const DNS_NAMES: &str = "DNS_NAMES";
+    pub const LEARNED: &str = "LEARNED";
 }
 
 /// Names of the programs inside the object.
@@ -28,6 +32,7 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "tollgate_sock_ops";
     pub const GETPEERNAME4: &str = "tollgate_getpeername4";
     pub const GETPEERNAME6: &str = "tollgate_getpeername6";
+    pub const DNS_INGRESS: &str = "tollgate_dns_ingress";
 }
 
 /// Capacity of the maps. Each number is a bound on kernel memory, not a tuning knob:
@@ -45,7 +50,15 @@ pub mod capacity {
     pub const ORIG_DST: u32 = 65536;
     /// Opted-out cgroups (a pod's cgroup opts out all its containers).
     pub const OPT_OUT: u32 = 4096;
+    /// Provider host names whose DNS answers are learned.
+    pub const DNS_NAMES: u32 = 1024;
+    /// Provider (address, port) pairs learned from workloads' DNS answers.
+    /// LRU: a flood of answers evicts the oldest, never fails the insert.
+    pub const LEARNED: u32 = 16384;
 }
+
+/// Ports learned per provider address (the provider's configured `ports`).
+pub const MAX_LEARNED_PORTS: usize = 4;
 
 /// Maximum cgroup depth (below the cgroup2 root) at which an opt-out is
 /// honoured. Kubelet's deepest layout is
@@ -75,6 +88,27 @@ pub struct ProviderValue {
     /// Index of the provider in the agent's config (for attribution and metrics).
     pub provider_id: u32,
     pub _pad: u32,
+}
+
+/// A provider host name to learn from DNS answers, and where its
+/// addresses are dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsNameValue {
+    pub provider_id: u32,
+    /// Host-order ports; the first `port_count` are used.
+    pub ports: [u16; MAX_LEARNED_PORTS],
+    pub port_count: u32,
+}
+
+/// A provider address learned from a DNS answer, valid until `expires_ns`
+/// (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LearnedValue {
+    pub provider_id: u32,
+    pub _pad: u32,
+    pub expires_ns: u64,
 }
 
 /// One redirected connection as recorded at connect() time.
@@ -145,6 +179,10 @@ pub struct Settings {
     pub _pad: u8,
     /// Sockets carrying this SO_MARK are never redirected (the agent's own).
     pub skip_mark: u32,
+    /// A learned address stays valid for max(TTL, this) seconds…
+    pub dns_min_ttl_s: u32,
+    /// …plus this grace (applications keep answers a little past their TTL).
+    pub dns_grace_s: u32,
 }
 
 /// Slots of the per-CPU `COUNTERS` array.
@@ -165,10 +203,12 @@ pub enum Counter {
     RecordFailed = 5,
     /// sock_ops moved a record to `ORIG_DST`.
     Recorded = 6,
+    /// A provider address (per port) learned or refreshed from a workload's DNS answer.
+    DnsLearned = 7,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::PassedNoListener,
@@ -177,6 +217,7 @@ impl Counter {
         Counter::OptedOut,
         Counter::RecordFailed,
         Counter::Recorded,
+        Counter::DnsLearned,
     ];
 
     /// Stable label for metrics.
@@ -189,6 +230,7 @@ impl Counter {
             Counter::OptedOut => "opted_out",
             Counter::RecordFailed => "record_failed",
             Counter::Recorded => "recorded",
+            Counter::DnsLearned => "dns_learned",
         }
     }
 }
@@ -225,6 +267,9 @@ mod pod {
     unsafe impl aya::Pod for super::ConnInfo {}
     unsafe impl aya::Pod for super::OrigDstKey {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::DnsNameValue {}
+    unsafe impl aya::Pod for super::LearnedValue {}
+    unsafe impl aya::Pod for super::dns::DnsName {}
 }
 
 #[cfg(test)]
@@ -241,7 +286,10 @@ mod tests {
         assert_eq!(size_of::<ProviderValue>(), 8);
         assert_eq!(size_of::<ConnInfo>(), 16 + 2 + 2 + 4 + 8 + 8 + 4 + 4 + 16);
         assert_eq!(size_of::<OrigDstKey>(), 8 + 16 + 2 + 6);
-        assert_eq!(size_of::<Settings>(), 8 + 8 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<Settings>(), 8 + 8 + 2 + 1 + 1 + 4 + 4 + 4);
+        assert_eq!(size_of::<DnsNameValue>(), 4 + 2 * MAX_LEARNED_PORTS + 4);
+        assert_eq!(size_of::<LearnedValue>(), 4 + 4 + 8);
+        assert_eq!(size_of::<dns::DnsName>(), dns::NAME_MAX);
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //!   provider address, so applications that log or check their peer see what
 //!   they asked for.
 //!
+//! * `dns_ingress` (cgroup_skb/ingress, module `dns`): provider addresses
+//!   learned from the DNS answers workloads receive.
+//!
 //! Rules every program here follows: return quickly, never wait on userspace,
 //! and treat missing data as "do nothing". The one exception to "do nothing"
 //! is fail-closed, which the operator asked for explicitly.
@@ -32,9 +35,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use tollgate_common::{
-    ConnInfo, Counter, MAX_OPT_OUT_DEPTH, OrigDstKey, ProviderKey, ProviderValue, Settings,
-    capacity, is_v4_mapped, v4_mapped,
+    ConnInfo, Counter, DnsNameValue, LearnedValue, MAX_OPT_OUT_DEPTH, OrigDstKey, ProviderKey,
+    ProviderValue, Settings, capacity, dns::DnsName, is_v4_mapped, v4_mapped,
 };
+
+mod dns;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -63,6 +68,14 @@ static OPT_OUT: HashMap<u64, u8> = HashMap::with_max_entries(capacity::OPT_OUT, 
 
 #[map(name = "SETTINGS")]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "DNS_NAMES")]
+static DNS_NAMES: HashMap<DnsName, DnsNameValue> =
+    HashMap::with_max_entries(capacity::DNS_NAMES, 0);
+
+#[map(name = "LEARNED")]
+static LEARNED: LruHashMap<ProviderKey, LearnedValue> =
+    LruHashMap::with_max_entries(capacity::LEARNED, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -139,6 +152,14 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
     on_connect(&ctx, dest, AF_INET6)
 }
 
+/// A provider address learned from a workload's DNS answer, if still valid.
+#[inline(always)]
+fn learned(key: &ProviderKey) -> Option<u32> {
+    let v = unsafe { LEARNED.get(key) }?;
+    let now = unsafe { bpf_ktime_get_ns() };
+    (now < v.expires_ns).then_some(v.provider_id)
+}
+
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
     let key = ProviderKey {
@@ -146,10 +167,14 @@ fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
         port: dest.port,
         _pad: [0; 2],
     };
-    let Some(provider) = (unsafe { PROVIDERS.get(&key) }) else {
-        return ALLOW; // not a provider: the common case, one hash lookup.
+    let provider_id = match unsafe { PROVIDERS.get(&key) } {
+        Some(p) => p.provider_id,
+        None => match learned(&key) {
+            Some(id) => id,
+            // Not a provider: the common case, two hash lookups.
+            None => return ALLOW,
+        },
     };
-    let provider_id = provider.provider_id;
 
     let Some(settings) = SETTINGS.get(0) else {
         return ALLOW;
