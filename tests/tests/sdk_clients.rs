@@ -275,3 +275,57 @@ fn node_openai_sdk() {
         "sk-test-node-openai",
     );
 }
+
+/// Observe mode without TLS trust: an SDK that trusts only the provider's
+/// own CA rejects the node CA's leaf once; Tollgate then relays that
+/// workload's connections untouched, so the SDK's default retry and every
+/// later call work, and each connection is still recorded with the pod and
+/// the server name.
+#[test]
+fn python_openai_sdk_without_the_node_ca_still_works_and_is_audited() {
+    let Some(python) = sdk(
+        "python_openai_sdk_without_the_node_ca_still_works_and_is_audited",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pod = &node.pods[0];
+    let mut cmd = pod.app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[clients_dir()
+            .join("openai_untrusting_client.py")
+            .to_str()
+            .unwrap()],
+    );
+    cmd.env("SSL_CERT_FILE", node.dir.join("upstream-ca.crt"));
+    let got = run_app(&node, cmd);
+    assert_eq!(
+        got["contents"],
+        serde_json::json!([STREAM_WORDS.concat(), STREAM_WORDS.concat()])
+    );
+    let conns = wait_until(Duration::from_secs(5), || {
+        let c: Vec<_> = node
+            .connections()
+            .into_iter()
+            .filter(|r| r["reason"] == "ca_rejected")
+            .collect();
+        (!c.is_empty()).then_some(c)
+    })
+    .unwrap_or_else(|| panic!("no relayed connection: {:?}", node.connections()));
+    for r in &conns {
+        assert_eq!(r["decision"], "observe", "{r}");
+        assert_eq!(r["workload"]["pod_uid"], pod.uid.as_str(), "{r}");
+        assert_eq!(r["tls"]["sni"], tollgate_tests::node::PROVIDER_HOST, "{r}");
+        assert!(r["bytes_sent"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["bytes_received"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(
+        node.agent_log().matches("rejected the node CA").count(),
+        1,
+        "logged once, with the hint: {}",
+        node.agent_log()
+    );
+}
