@@ -12,6 +12,7 @@
 //! touched (veths are created directly inside the namespaces). Everything is
 //! owned by guards whose `Drop` removes it, also when a test panics.
 pub mod cgroups;
+pub mod chart;
 pub mod kube_api;
 pub mod mock_llm;
 pub mod netns;

@@ -32,6 +32,9 @@ enum Cmd {
     },
     /// Run the demo: a miniature node whose pod calls a mock provider through the agent.
     Demo,
+    /// Render the Helm chart (deploy/helm/tollgate) with its default values
+    /// into deploy/manifests/tollgate.yaml, the plain manifests.
+    Manifests,
     /// Run the benchmarks and print each number beside its baseline.
     Bench {
         /// Fewer iterations (for a quick look; numbers are noisier).
@@ -49,6 +52,7 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::Manifests => manifests(),
         Cmd::Bench { quick, which } => bench(quick, &which),
     }
 }
@@ -92,6 +96,35 @@ fn build_bins(release: bool) -> Result<()> {
         c.arg("--release");
     }
     run(&mut c)
+}
+
+fn manifests() -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = cargo()
+        .args([
+            "run",
+            "-q",
+            "-p",
+            "tollgate-tests",
+            "--bin",
+            "tollgate-render-chart",
+        ])
+        .output()
+        .context("running tollgate-render-chart")?;
+    if !out.status.success() {
+        bail!(
+            "rendering the chart failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let path = root.join("deploy/manifests/tollgate.yaml");
+    let header = "# Tollgate: deploy/helm/tollgate rendered with its default values as release\n\
+                  # `tollgate` in namespace `tollgate-system` (`cargo xtask manifests`). Edit the\n\
+                  # ConfigMap's config.yaml, then `kubectl apply -f` this file.\n";
+    std::fs::write(&path, [header.as_bytes(), &out.stdout].concat())
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 fn test(args: &[String]) -> Result<()> {

@@ -21,7 +21,13 @@ const APT_PACKAGES: &[&str] = &[
 
 /// The official SDKs the end-to-end tests drive, pinned. Installed into
 /// target/e2e (a virtualenv and an npm prefix), never system-wide.
-const PY_CLIENTS: &[&str] = &["openai==3.57.0", "anthropic==2.13.0"];
+// kubernetes-validate: the deploy test checks the manifests against the
+// Kubernetes JSON schemas it bundles (offline).
+const PY_CLIENTS: &[&str] = &[
+    "openai==3.57.0",
+    "anthropic==2.13.0",
+    "kubernetes-validate==1.37.0",
+];
 const NPM_CLIENTS: &[&str] = &["openai@7.57.0"];
 
 /// bpf-linker pinned to the version verified with LLVM 22 and aya 0.14.
