@@ -111,9 +111,16 @@ pub fn parse(cgroup: &str) -> Workload {
             }
             continue;
         }
-        if w.pod_uid.is_some() && is_container_id(seg) {
-            w.container_id = Some(seg.to_string());
-            continue;
+        // cgroupfs driver: <id> (containerd), crio-<id> (CRI-O), docker-<id>
+        if w.pod_uid.is_some() {
+            let id = ["crio-", "docker-"]
+                .iter()
+                .find_map(|p| seg.strip_prefix(p))
+                .unwrap_or(seg);
+            if is_container_id(id) {
+                w.container_id = Some(id.to_string());
+                continue;
+            }
         }
         if seg.ends_with(".service") {
             w.unit = Some(seg.to_string());
@@ -238,6 +245,36 @@ mod tests {
         ));
         assert_eq!(w.pod_uid.as_deref(), Some(UID));
         assert_eq!(w.container_id.as_deref(), Some(CID));
+    }
+
+    #[test]
+    fn every_driver_runtime_and_qos_layout() {
+        let u = UID.replace('-', "_");
+        let layouts = [
+            // systemd driver: QoS slices (guaranteed pods sit directly under kubepods.slice)
+            format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{CID}.scope"),
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/crio-{CID}.scope"
+            ),
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/docker-{CID}.scope"
+            ),
+            // cgroupfs driver
+            format!("/kubepods/pod{UID}/{CID}"),
+            format!("/kubepods/burstable/pod{UID}/crio-{CID}"),
+            format!("/kubepods/besteffort/pod{UID}/{CID}"),
+            // nested under a node-level parent (kind, k3s in a container)
+            format!("/system.slice/k3s.service/kubepods/burstable/pod{UID}/{CID}"),
+        ];
+        for p in layouts {
+            let w = parse(&p);
+            assert_eq!(w.pod_uid.as_deref(), Some(UID), "{p}");
+            assert_eq!(w.container_id.as_deref(), Some(CID), "{p}");
+        }
+        // The pod's own cgroup (no container yet): the pod, no container.
+        let w = parse(&format!("/kubepods/burstable/pod{UID}"));
+        assert_eq!(w.pod_uid.as_deref(), Some(UID));
+        assert_eq!(w.container_id, None);
     }
 
     #[test]
