@@ -125,12 +125,13 @@ impl CompiledSelector {
         let Some(k) = s.workload.kubernetes.as_deref() else {
             return false;
         };
-        let owner = k.workload.to_string();
         let workload_ok = match &self.workloads {
             (None, None) => true,
             (kinded, bare) => {
-                kinded.as_ref().is_some_and(|g| g.is_match(&owner))
-                    || bare.as_ref().is_some_and(|g| g.is_match(&k.workload.name))
+                bare.as_ref().is_some_and(|g| g.is_match(&k.workload.name))
+                    || kinded
+                        .as_ref()
+                        .is_some_and(|g| g.is_match(k.workload.to_string()))
             }
         };
         self.namespaces

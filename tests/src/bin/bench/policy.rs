@@ -5,6 +5,7 @@ use std::{collections::HashMap, hint::black_box, time::Instant};
 
 use tollgate_agent::{
     identity::Workload,
+    pods::{Owner, PodMeta},
     policy::{Policy, PolicyConfig, Subject},
 };
 
@@ -15,12 +16,18 @@ fn uid(i: usize) -> String {
 pub fn run(quick: bool) {
     let (rules, workloads) = (1_000, 10_000);
     let calls = if quick { 50_000 } else { 500_000 };
-    // A realistic mix: most rules name pods, some name cgroup globs and
-    // processes, every fourth limits models; the catch-all comes last.
+    // A realistic mix: half the rules name pods, some namespaces, owner
+    // workloads with labels, cgroup globs and processes; every fourth
+    // limits models.
     let mut yaml = String::from("default: allow\nrules:\n");
     for i in 0..rules {
         let sel = match i % 10 {
-            0..=6 => format!("{{pod_uids: [\"{}\"]}}", uid(i * 7 % workloads)),
+            0..=4 => format!("{{pod_uids: [\"{}\"]}}", uid(i * 7 % workloads)),
+            5 => format!("{{namespaces: [\"team-{}\"]}}", i % 60),
+            6 => format!(
+                "{{workloads: [\"Deployment/app{}*\"], labels: {{tier: \"gold\"}}}}",
+                i % 500
+            ),
             7 | 8 => format!("{{cgroups: [\"**/*team{}*/**\"]}}", i % 50),
             _ => format!("{{processes: [\"worker-{i}*\"]}}"),
         };
@@ -42,6 +49,23 @@ pub fn run(quick: bool) {
                 uid(i).replace('-', "_")
             ),
             pod_uid: Some(uid(i)),
+            kubernetes: Some(std::sync::Arc::new(PodMeta {
+                namespace: format!("team-{}", i % 60),
+                name: format!("app{}-{i}", i % 500),
+                uid: uid(i),
+                workload: Owner {
+                    kind: "Deployment".into(),
+                    name: format!("app{}", i % 500),
+                },
+                service_account: "default".into(),
+                node: "bench".into(),
+                labels: [(
+                    "tier".to_string(),
+                    if i % 2 == 0 { "gold" } else { "silver" }.to_string(),
+                )]
+                .into(),
+                serial: i as u64 + 1,
+            })),
             ..Default::default()
         })
         .collect();
