@@ -151,6 +151,7 @@ pub(super) fn limited_response(
 ) -> Response<ProxyBody> {
     let wait = limited.retry_after;
     let secs = wait.as_secs_f64();
+    record.retry_after_ms = Some((wait.as_millis() as u64).max(1));
     let mut headers = vec![
         (
             "retry-after".to_string(),

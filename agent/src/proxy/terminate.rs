@@ -245,6 +245,7 @@ async fn forward(
         reason: String::new(),
         routed_model: None,
         capped_output_tokens: None,
+        retry_after_ms: None,
         credential_injected: false,
         attempts: Vec::new(),
         served_by: None,

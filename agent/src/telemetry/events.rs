@@ -75,6 +75,9 @@ pub struct RequestRecord {
     /// The output-token cap a policy applied to this request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capped_output_tokens: Option<u64>,
+    /// Over a limit: how long the workload was told to wait (`retry-after-ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
     /// The policy replaced the workload's credentials with its own key.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub credential_injected: bool,
