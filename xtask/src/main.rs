@@ -32,6 +32,17 @@ enum Cmd {
     },
     /// Run the demo: a miniature node whose pod calls a mock provider through the agent.
     Demo,
+    /// Fuzz the parsers of untrusted input (libFuzzer through cargo fuzz, on
+    /// nightly): ClientHello, SSE, provider requests and responses, DNS
+    /// answers, config/policy. A crash fails the run and leaves its input in
+    /// fuzz/artifacts/<target>/ (turn it into a regression test).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets (default: all).
+        targets: Vec<String>,
+    },
     /// Render the Helm chart (deploy/helm/tollgate) with its default values
     /// into deploy/manifests/tollgate.yaml, the plain manifests.
     Manifests,
@@ -53,6 +64,10 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Manifests => manifests(),
+        Cmd::Fuzz { seconds, targets } => {
+            setup::run()?;
+            fuzz(seconds, &targets)
+        }
         Cmd::Bench { quick, which } => bench(quick, &which),
     }
 }
@@ -96,6 +111,58 @@ fn build_bins(release: bool) -> Result<()> {
         c.arg("--release");
     }
     run(&mut c)
+}
+
+/// Seconds per fuzz target within `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 10;
+
+const FUZZ_TARGETS: [&str; 6] = [
+    "client_hello",
+    "sse",
+    "provider_response",
+    "provider_request",
+    "dns_answer",
+    "config",
+];
+
+/// Run each fuzz target for `seconds`, from the committed seeds
+/// (fuzz/seeds/<target>) plus the corpus earlier runs grew.
+fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fuzz_dir = root.join("fuzz");
+    let chosen: Vec<&str> = if targets.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    for t in &chosen {
+        if !FUZZ_TARGETS.contains(t) {
+            bail!("no fuzz target `{t}`; targets: {}", FUZZ_TARGETS.join(", "));
+        }
+        let corpus = fuzz_dir.join("corpus").join(t);
+        std::fs::create_dir_all(&corpus)?;
+        run(Command::new("rustup")
+            .args(["run", "nightly", "cargo", "fuzz", "run", t])
+            .arg(&corpus)
+            .arg(fuzz_dir.join("seeds").join(t))
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=2048",
+            ])
+            .current_dir(&fuzz_dir)
+            .env("PATH", setup::path_with_tools())
+            // The agent's eBPF object is not needed to fuzz its parsers.
+            .env("AYA_BUILD_SKIP", "1"))
+        .with_context(|| {
+            format!("fuzz target {t} failed: the crashing input is in fuzz/artifacts/{t}/")
+        })?;
+    }
+    eprintln!(
+        "fuzzed {} targets for {seconds} s each: no crash",
+        chosen.len()
+    );
+    Ok(())
 }
 
 fn manifests() -> Result<()> {
@@ -147,6 +214,8 @@ fn test(args: &[String]) -> Result<()> {
     if totals.failed > 0 {
         bail!("{} tests failed", totals.failed);
     }
+    // A short fuzz run of every parser of untrusted input (longer: `cargo xtask fuzz`).
+    fuzz(FUZZ_SECONDS_IN_TEST, &[])?;
     if totals.passed == 0 {
         bail!("no test ran");
     }

@@ -55,6 +55,7 @@ pub fn run() -> Result<()> {
     apt()?;
     nightly()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     sdk_clients()?;
     eprintln!("setup: all prerequisites present");
     Ok(())
@@ -154,6 +155,30 @@ fn bpf_linker() -> Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
     )
+}
+
+/// cargo-fuzz, pinned: the fuzz targets' driver (libFuzzer, nightly).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+fn cargo_fuzz() -> Result<()> {
+    let ok = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .env("PATH", path_with_tools())
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION)
+        });
+    if ok {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    exec(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--locked",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
 }
 
 /// Where the SDK clients live: <workspace>/target/e2e.

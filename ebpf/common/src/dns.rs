@@ -267,6 +267,26 @@ mod tests {
         }
     }
 
+    /// Found by `cargo xtask fuzz` (dns_answer): label octets may be zero;
+    /// the name key must still end where its labels say, zero-padded after.
+    #[test]
+    fn zero_octets_inside_labels() {
+        let p: &[u8] = &[
+            0x12, 0x34, 0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0, 3, b'a', b'p', b'i', 6, b'o', b'p',
+            b'e', b'n', b'a', b'i', 0x12, 0x2c, 0x81, 0x80, 0, 1, 0, 2, 0, 0, 0, 0, 3, b'a', b'p',
+            b'i', 6, b'o', 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'p', b'e', b'n', b'a', b'i',
+            3, b'A', b'c', b'o', b'm', 0x12, 0, 3, b'c', b'o', b'm', 0x12, 0,
+        ];
+        let mut name = DnsName::default();
+        let _ = question(p, 0, &mut name);
+        let mut at = 0;
+        while name.wire[at] != 0 {
+            at += 1 + name.wire[at] as usize;
+        }
+        assert!(name.wire[at..].iter().all(|b| *b == 0));
+        assert_ne!(name, DnsName::encode("api.openai.com").unwrap());
+    }
+
     #[test]
     fn encoding_bounds() {
         assert!(DnsName::encode("a..b").is_none());
