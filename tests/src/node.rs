@@ -318,15 +318,28 @@ impl TestNode {
     }
 
     pub fn start_agent(&mut self, extra_config: &str) {
+        self.start_agent_wrapped(extra_config, &[]);
+    }
+
+    /// Start the agent as `wrapper… tollgate run …` (e.g. `setpriv` with a
+    /// reduced capability set); an empty wrapper runs it directly.
+    pub fn start_agent_wrapped(&mut self, extra_config: &str, wrapper: &[&str]) {
         let cfg = self.write_agent_config(extra_config);
         let agent_cg = self.governed.join("tollgate-agent.scope");
         fs::create_dir_all(&agent_cg).unwrap();
         let log = fs::File::create(self.agent_log_path()).unwrap();
+        let agent = agent_bin();
+        let mut cmd = match wrapper.split_first() {
+            None => self.node.command_in_cgroup(&agent, Some(&agent_cg)),
+            Some((program, args)) => {
+                let mut c = self.node.command_in_cgroup(program, Some(&agent_cg));
+                c.args(args).arg(&agent);
+                c
+            }
+        };
         let proc = Proc::spawn(
             "tollgate",
-            self.node
-                .command_in_cgroup(&agent_bin(), Some(&agent_cg))
-                .args(["run", "--config"])
+            cmd.args(["run", "--config"])
                 .arg(&cfg)
                 // Tests read the debug lines; the benchmarks set `info`, as production runs.
                 .env(

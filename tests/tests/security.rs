@@ -1,0 +1,173 @@
+//! The proxy's trust boundary: the agent works with only the capabilities
+//! deploy/README.md documents, listens only where configured, and never
+//! lets a credential or the CA key into its logs, metrics, audit records or
+//! error bodies.
+use std::time::Duration;
+
+use tollgate_tests::{
+    TestNode, node::PROVIDER_HOST, node::output_in, process::wait_until, require_privileged,
+};
+
+/// CAP_* bit numbers of the documented set.
+const DOCUMENTED: [(&str, u32); 6] = [
+    ("bpf", 39),
+    ("perfmon", 38),
+    ("net_admin", 12),
+    ("sys_admin", 21),
+    ("sys_resource", 24),
+    ("sys_ptrace", 19),
+];
+
+fn caps(status_file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(status_file)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("{field} in {status_file}"))
+}
+
+fn terminated_call(node: &TestNode, pod: usize, auth: &str) -> String {
+    let out = node.pods[pod]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .args(["-i", "-H", &format!("authorization: Bearer {auth}")])
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn agent_governs_with_only_the_documented_capabilities() {
+    if !require_privileged("agent_governs_with_only_the_documented_capabilities") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let add: Vec<String> = DOCUMENTED.iter().map(|(n, _)| format!("+{n}")).collect();
+    let bounding = format!("--bounding-set=-all,{}", add.join(","));
+    node.start_agent_wrapped("", &["setpriv", &bounding, "--inh-caps=-all", "--"]);
+    let pid = node.agent.as_ref().unwrap().pid();
+    let eff = caps(&format!("/proc/{pid}/status"), "CapEff:");
+    // This machine's own bounding set may lack some (containers often drop
+    // SYS_RESOURCE): the agent then runs with the documented ones it has.
+    let ours = caps("/proc/self/status", "CapBnd:");
+    let want: u64 = DOCUMENTED.iter().map(|(_, b)| 1u64 << b).sum::<u64>() & ours;
+    assert_eq!(
+        eff, want,
+        "the agent holds exactly the documented set (as far as this machine has it)"
+    );
+    // And with them it redirects, terminates and forwards.
+    let out = terminated_call(&node, 0, "sk-test-secret");
+    assert!(out.contains(" 200"), "{out}\n{}", node.agent_log());
+    assert_eq!(node.wait_connections(1)[0]["kind"], "request");
+}
+
+#[test]
+fn agent_listens_only_on_loopback() {
+    if !require_privileged("agent_listens_only_on_loopback") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pid = node.agent.as_ref().unwrap().pid().to_string();
+    for ns in [&node.node, &node.pods[0].netns] {
+        let ss = output_in(ns, "ss", &["-Hltnp"]);
+        let ours: Vec<&str> = ss
+            .lines()
+            .filter(|l| l.contains(&format!("pid={pid},")))
+            .collect();
+        assert!(!ours.is_empty() || ns.name != node.node.name, "{ss}");
+        for l in &ours {
+            let local = l.split_whitespace().nth(3).unwrap_or("");
+            assert!(
+                local.starts_with("127.0.0.1:") || local.starts_with("[::1]:"),
+                "the agent listens beyond loopback in {}: {l}",
+                ns.name
+            );
+        }
+    }
+    // The pod's listener is the proxy's port, on loopback only.
+    let pod_ss = output_in(&node.pods[0].netns, "ss", &["-Hltn"]);
+    assert!(
+        pod_ss.contains(&format!("127.0.0.1:{}", tollgate_tests::node::PROXY_PORT)),
+        "{pod_ss}"
+    );
+}
+
+#[test]
+fn credentials_and_the_ca_key_never_leak() {
+    if !require_privileged("credentials_and_the_ca_key_never_leak") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let key_file = node.dir.join("injected-key");
+    let injected = "sk-real-NEVER-LOG-7f3a";
+    let workload_key = "sk-workload-NEVER-LOG-19c2";
+    std::fs::write(&key_file, format!("{injected}\n")).unwrap();
+    let cfg = format!(
+        "audit:\n  capture: {{headers: true, bodies: true}}\n\
+         policy:\n  rules:\n    - {{name: deny-4o, models: [gpt-4o], action: deny, message: no}}\n\
+         \x20   - {{name: limited, models: [gpt-4o-mini-limited], action: allow, limits: {{requests_per_minute: 1}}}}\n\
+         \x20   - {{name: inject, providers: [openai], action: allow, credential_file: {}}}\n",
+        key_file.display()
+    );
+    node.start_agent(&cfg);
+    let mut bodies = Vec::new();
+    // Allowed with injection, denied, rate-limited: each answer the workload gets.
+    bodies.push(terminated_call(&node, 0, workload_key));
+    for model in ["gpt-4o", "gpt-4o-mini-limited", "gpt-4o-mini-limited"] {
+        let out = node.pods[0]
+            .https_post_command(
+                &node.node_ca_cert(),
+                PROVIDER_HOST,
+                "/v1/chat/completions",
+                &format!(r#"{{"model":"{model}","messages":[]}}"#),
+            )
+            .args(["-H", &format!("authorization: Bearer {workload_key}")])
+            .output()
+            .unwrap();
+        bodies.push(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    assert!(
+        bodies[0].contains(&format!("x-mock-credential: Bearer {injected}")),
+        "the provider got the injected key: {}",
+        bodies[0]
+    );
+    assert!(bodies[3].contains("rate limit"), "{}", bodies[3]);
+    wait_until(Duration::from_secs(5), || {
+        (node.connections().len() >= 4).then_some(())
+    })
+    .expect("four records");
+
+    let ca_key = std::fs::read_to_string(node.node_ca().join("ca.key")).unwrap();
+    // A line from the middle of the key's base64: any fragment would do.
+    let key_fragment = ca_key
+        .lines()
+        .find(|l| l.len() > 20 && !l.starts_with("-----"))
+        .expect("PEM body")
+        .to_string();
+    let audit = std::fs::read_to_string(node.connection_log()).unwrap();
+    let log = node.agent_log();
+    let metrics = node.metrics();
+    for (what, text) in [
+        ("audit log", audit.as_str()),
+        ("agent log", log.as_str()),
+        ("metrics", metrics.as_str()),
+    ] {
+        for secret in [injected, workload_key, key_fragment.as_str()] {
+            assert!(!text.contains(secret), "{secret} leaked into the {what}");
+        }
+    }
+    // Error bodies the proxy wrote (deny, 429) carry no credential either.
+    for b in &bodies[1..] {
+        for secret in [injected, workload_key, key_fragment.as_str()] {
+            assert!(!b.contains(secret), "{secret} in an error body: {b}");
+        }
+    }
+    // The captured headers are there, redacted.
+    assert!(audit.contains("request_headers"), "{audit}");
+}
