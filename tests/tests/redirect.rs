@@ -233,6 +233,7 @@ fn killed_agent_fails_open() {
         peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
         NODE_UPSTREAM_V4
     );
+    assert_eq!(attached_programs(&node), 6, "one set of programs");
     node.kill_agent();
     let a = node.pods[0]
         .curl(&provider_url())
@@ -242,6 +243,33 @@ fn killed_agent_fails_open() {
         node.pods[0].ip4,
         "with the agent gone the connection goes direct"
     );
+    // SIGKILL left nothing attached (fail-open links die with the agent)…
+    assert_eq!(attached_programs(&node), 0);
+    // …and a restart attaches one set again, and governs.
+    node.start_agent("");
+    assert_eq!(attached_programs(&node), 6, "no duplicate programs");
+    assert_eq!(
+        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
+        NODE_UPSTREAM_V4
+    );
+}
+
+/// Tollgate programs attached to the governed cgroup, as the kernel lists them.
+fn attached_programs(node: &TestNode) -> usize {
+    let out = std::process::Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&node.governed)
+        .output()
+        .expect("bpftool (installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("tollgate_"))
+        .count()
 }
 
 #[test]
@@ -278,6 +306,7 @@ fn killed_agent_fails_closed_when_configured_and_restart_recovers() {
     );
     let runs = std::fs::read_dir(&node.bpffs_dir).unwrap().count();
     assert_eq!(runs, 1, "exactly one pinned program set after restart");
+    assert_eq!(attached_programs(&node), 6, "and one set attached");
     assert!(
         node.agent_log()
             .contains("detached programs pinned by an earlier run")

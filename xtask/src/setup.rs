@@ -17,6 +17,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3",         // test clients (getpeername check, SDK clients)
     "python3-venv",    // the SDK clients' virtualenv
     "nodejs",          // the npm SDK client
+    "bpftool",         // the tests count the programs attached to a cgroup
 ];
 
 /// The official SDKs the end-to-end tests drive, pinned. Installed into
