@@ -185,10 +185,18 @@ pub struct TlsConfig {
     pub extra_roots: Vec<PathBuf>,
     /// Trust the system's root certificates for upstream connections.
     pub system_roots: bool,
-    /// How long a client may take to send its TLS ClientHello.
+    /// How long a client may take to send its TLS ClientHello; without one
+    /// by then, the connection is relayed unparsed (as a non-TLS protocol
+    /// would be) and the provider's own idle timeouts apply.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub client_hello_timeout: Duration,
+    /// A terminated client must send each request's headers within this,
+    /// counted from their first byte (slowloris). An idle keep-alive
+    /// connection costs ~12 KiB and is left to the client to close.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub request_header_timeout: Duration,
     /// End a response stream when the provider sends nothing for this long.
     /// Reasoning models can think silently for minutes, hence 5 min.
     #[serde(with = "humantime_serde")]
@@ -218,6 +226,7 @@ impl Default for TlsConfig {
             extra_roots: Vec::new(),
             system_roots: true,
             client_hello_timeout: Duration::from_secs(5),
+            request_header_timeout: Duration::from_secs(30),
             stream_idle_timeout: Duration::from_secs(300),
             on_ca_rejected: OnCaRejected::Observe,
             ca_rejected_retry: Duration::from_secs(3600),

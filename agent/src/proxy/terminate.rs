@@ -184,15 +184,28 @@ pub async fn serve(
         metrics,
         meta,
     });
+    let header_timeout = call.tls.settings.request_header_timeout;
     let svc = hyper::service::service_fn(move |req| forward(call.clone(), req));
-    if let Err(e) = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(stream), svc)
-        .await
-    {
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    // Bounds a client can hit: a request head within the header timeout
+    // (HTTP/1, slowloris), at most MAX_STREAMS concurrent h2 streams.
+    server
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    server
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS);
+    if let Err(e) = server.serve_connection(TokioIo::new(stream), svc).await {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
     "terminated"
 }
+
+/// Concurrent HTTP/2 streams per workload connection (an SDK opens a
+/// handful; a flood of stream openings beyond is refused by the protocol).
+const MAX_STREAMS: u32 = 128;
 
 /// One terminated connection, shared by its requests.
 pub(super) struct Call {

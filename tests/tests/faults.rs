@@ -1,0 +1,266 @@
+//! Faults from the client side and the disk: a stalled request head is
+//! closed at the configured timeout, a client that leaves mid-stream is
+//! recorded with the usage seen so far, hundreds of idle TLS connections
+//! cost bounded memory and leave no descriptors behind, and a full audit
+//! disk loses (counted) records, never calls.
+use std::{process::Command, time::Duration};
+
+use tollgate_tests::{
+    TestNode,
+    node::{PROVIDER_HOST, TLS_PORT, UPSTREAM_V4},
+    process::wait_until,
+    require_privileged,
+};
+
+fn python_in_pod(node: &TestNode, script: &str) -> std::process::Output {
+    let pod = &node.pods[0];
+    pod.netns
+        .command_in_cgroup("python3", Some(&pod.cgroup))
+        .args(["-c", script])
+        .output()
+        .expect("run python3")
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn stalled_and_vanishing_clients_are_bounded() {
+    if !require_privileged("stalled_and_vanishing_clients_are_bounded") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("tls: {request_header_timeout: 1s}");
+
+    // Slowloris on a terminated connection: TLS done, then half a request
+    // head and silence: closed by the proxy after tls.request_header_timeout
+    // (the client would wait 10 s).
+    let out = python_in_pod(
+        &node,
+        &format!(
+            r#"
+import socket, ssl, time, json
+ctx = ssl.create_default_context(cafile="{ca}")
+ctx.set_alpn_protocols(["http/1.1"])
+res = []
+for first in [b"POST /v1/chat/completions HTTP/1.1\r\nHost: {PROVIDER_HOST}\r\n"]:
+    s = ctx.wrap_socket(socket.create_connection(("{UPSTREAM_V4}", {TLS_PORT}), timeout=10), server_hostname="{PROVIDER_HOST}")
+    s.sendall(first)
+    t = time.monotonic()
+    try:
+        closed = s.recv(1) == b""
+    except (ConnectionResetError, ssl.SSLError):
+        closed = True
+    except socket.timeout:
+        closed = False
+    res.append({{"closed": closed, "after": round(time.monotonic() - t, 2)}})
+print(json.dumps(res))
+"#,
+            ca = node.node_ca_cert().display()
+        ),
+    );
+    let res: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    for r in res.as_array().unwrap() {
+        assert_eq!(r["closed"], true, "a stalled client is closed: {res}");
+    }
+
+    // A client that leaves mid-stream: the call is recorded, with the
+    // usage estimated from what had streamed.
+    let status = node.pods[0]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"mock-slow","stream":true,"messages":[{"role":"user","content":"hello there"}]}"#,
+        )
+        .args(["-m", "1"])
+        .output()
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(28), "curl gave up mid-stream");
+    let rec = wait_until(Duration::from_secs(5), || {
+        node.connections()
+            .into_iter()
+            .find(|r| r["kind"] == "request" && r["stream"] == true)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no record of the abandoned stream: {:?}",
+            node.connections()
+        )
+    });
+    assert_eq!(rec["result"], "client_disconnected", "{rec}");
+    assert_eq!(rec["usage"]["estimated"], true, "{rec}");
+    assert!(rec["usage"]["output_tokens"].as_u64().unwrap() > 0, "{rec}");
+}
+
+#[test]
+fn idle_connections_cost_bounded_memory_and_leave_nothing_behind() {
+    if !require_privileged("idle_connections_cost_bounded_memory_and_leave_nothing_behind") {
+        return;
+    }
+    const CONNS: usize = 300;
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pid = node.agent.as_ref().unwrap().pid();
+    // One call first, so pools and caches exist before the baseline.
+    let out = node.pods[0].https_post(
+        &node.node_ca_cert(),
+        PROVIDER_HOST,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o-mini","messages":[]}"#,
+    );
+    assert!(out.status.success());
+    let (rss_before, fds_before) = (proc_status(pid, "VmRSS:"), fd_count(pid));
+
+    // Hold CONNS idle TLS connections (handshake done, no request) while
+    // the test measures, then close them all.
+    let script = format!(
+        r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile="{ca}")
+conns = []
+for _ in range({CONNS}):
+    s = socket.create_connection(("{UPSTREAM_V4}", {TLS_PORT}), timeout=10)
+    conns.append(ctx.wrap_socket(s, server_hostname="{PROVIDER_HOST}"))
+print("open", flush=True)
+sys.stdin.readline()
+for c in conns:
+    c.close()
+"#,
+        ca = node.node_ca_cert().display()
+    );
+    let pod = &node.pods[0];
+    let mut holder = pod
+        .netns
+        .command_in_cgroup("python3", Some(&pod.cgroup))
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(
+        line.trim(),
+        "open",
+        "the holder could not open its connections"
+    );
+    let rss_during = proc_status(pid, "VmRSS:");
+    let fds_during = fd_count(pid);
+    assert!(
+        fds_during >= fds_before + CONNS,
+        "{fds_before} → {fds_during}"
+    );
+    let growth_kib = rss_during.saturating_sub(rss_before);
+    // Measured ~30 KiB per idle TLS connection (README "Performance"); the
+    // bound is generous: a leak or an unbounded buffer would blow past it.
+    assert!(
+        growth_kib < (CONNS as u64) * 200,
+        "{CONNS} idle connections grew the agent by {growth_kib} KiB"
+    );
+    drop(holder.stdin.take());
+    assert!(holder.wait().unwrap().success());
+    let settled = wait_until(Duration::from_secs(10), || {
+        (fd_count(pid) <= fds_before + 4).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "descriptors left behind: {fds_before} before, {} after",
+        fd_count(pid)
+    );
+    eprintln!(
+        "{CONNS} idle TLS connections: +{growth_kib} KiB RSS ({} KiB each)",
+        growth_kib / CONNS as u64
+    );
+}
+
+/// A tmpfs mounted for the test and unmounted on drop.
+struct TinyDisk(std::path::PathBuf);
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_audit_disk_drops_counted_records_and_calls_keep_working() {
+    if !require_privileged("full_audit_disk_drops_counted_records_and_calls_keep_working") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let dir = node.dir.join("audit-disk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tollgate-test-audit"])
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount tmpfs");
+    let _disk = TinyDisk(dir.clone());
+    let audit = dir.join("audit.jsonl");
+    node.start_agent(&format!("audit: {{path: {}}}", audit.display()));
+    let call = || {
+        node.pods[0].https_post(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+    };
+    assert!(call().status.success());
+    wait_until(Duration::from_secs(5), || {
+        std::fs::metadata(&audit).ok().filter(|m| m.len() > 0)
+    })
+    .expect("first record written");
+
+    // Fill the disk.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "status=none"])
+        .arg(format!("of={}", dir.join("fill").display()))
+        .status();
+    for _ in 0..3 {
+        let out = call();
+        assert!(out.status.success(), "calls keep working with a full disk");
+    }
+    let dropped = wait_until(Duration::from_secs(5), || {
+        node.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("tollgate_audit_records_dropped_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| *n > 0)
+    });
+    assert!(dropped.is_some(), "drops are counted: {}", node.metrics());
+    assert!(
+        node.agent_log().contains("writing the audit log failed"),
+        "{}",
+        node.agent_log()
+    );
+
+    // Space again: records are written again.
+    std::fs::remove_file(dir.join("fill")).unwrap();
+    let before = std::fs::read_to_string(&audit).unwrap_or_default().len();
+    assert!(call().status.success());
+    let grew = wait_until(Duration::from_secs(5), || {
+        (std::fs::read_to_string(&audit).unwrap_or_default().len() > before).then_some(())
+    });
+    assert!(grew.is_some(), "the log resumes once there is space");
+}
