@@ -43,6 +43,14 @@ enum Cmd {
         /// Targets (default: all).
         targets: Vec<String>,
     },
+    /// A long soak: steady mixed load through the agent, then checks that no
+    /// record or token was lost and descriptors/memory came back (the same
+    /// test `cargo xtask test` runs for 30 s).
+    Soak {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
     /// Render the Helm chart (deploy/helm/tollgate) with its default values
     /// into deploy/manifests/tollgate.yaml, the plain manifests.
     Manifests,
@@ -64,6 +72,22 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Manifests => manifests(),
+        Cmd::Soak { seconds } => {
+            setup::run()?;
+            build_bins(false)?;
+            run(cargo()
+                .args([
+                    "test",
+                    "-p",
+                    "tollgate-tests",
+                    "--test",
+                    "soak",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("TOLLGATE_SOAK_SECS", seconds.to_string())
+                .env("TOLLGATE_REQUIRE_PRIVILEGED", "1"))
+        }
         Cmd::Fuzz { seconds, targets } => {
             setup::run()?;
             fuzz(seconds, &targets)

@@ -1,0 +1,118 @@
+//! A bounded soak: steady mixed load (streamed and not) from a pod for
+//! `TOLLGATE_SOAK_SECS` seconds (30 in `cargo xtask test`, 600 in `cargo
+//! xtask soak`), then: every call the client saw succeed has exactly one
+//! audit record, the tokens in the audit log sum to what the mock served,
+//! no error the mock did not inject, and the agent's descriptors and memory
+//! came back within a bound.
+use std::{path::PathBuf, time::Duration};
+
+use tollgate_tests::{
+    TestNode,
+    mock_llm::OPENAI_USAGE,
+    node::{PROVIDER_HOST, TLS_PORT},
+    process::wait_until,
+    require_privileged,
+};
+
+fn proc_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn soak_loses_no_record_and_no_token() {
+    if !require_privileged("soak_loses_no_record_and_no_token") {
+        return;
+    }
+    let secs: u64 = std::env::var("TOLLGATE_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let rate = 40; // calls per second
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pid = node.agent.as_ref().unwrap().pid();
+    let (fds_before, rss_before) = (fds(pid), proc_field(pid, "VmRSS:"));
+
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/soak_client.py");
+    let out = node.pods[0]
+        .app(
+            &node.pod_hosts_file(),
+            "python3",
+            &[
+                script.to_str().unwrap(),
+                node.node_ca_cert().to_str().unwrap(),
+                PROVIDER_HOST,
+                &TLS_PORT.to_string(),
+                &rate.to_string(),
+                &secs.to_string(),
+            ],
+        )
+        .output()
+        .expect("run the soak client");
+    let stats: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("soak {secs} s at {rate}/s: {stats}");
+    assert_eq!(
+        stats["errors"], 0,
+        "no error the mock did not inject: {stats}"
+    );
+    let ok = stats["ok"].as_u64().unwrap();
+    assert!(
+        ok as f64 >= 0.9 * (rate * secs) as f64,
+        "the rate was held: {stats}"
+    );
+
+    // Every call has its record, with the tokens the mock served.
+    let recs = wait_until(Duration::from_secs(10), || {
+        let r: Vec<_> = node
+            .connections()
+            .into_iter()
+            .filter(|r| r["kind"] == "request")
+            .collect();
+        (r.len() as u64 >= ok).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("records missing: {ok} calls"));
+    assert_eq!(recs.len() as u64, ok, "exactly one record per call");
+    let sum = |k: &str| -> u64 { recs.iter().map(|r| r["usage"][k].as_u64().unwrap()).sum() };
+    assert_eq!(sum("input_tokens"), ok * OPENAI_USAGE.input);
+    assert_eq!(sum("output_tokens"), ok * OPENAI_USAGE.output);
+    assert!(recs.iter().all(|r| r["result"] == "ok"));
+    assert_eq!(
+        recs.iter().filter(|r| r["stream"] == true).count() as u64,
+        stats["streamed"].as_u64().unwrap()
+    );
+    assert!(
+        node.metrics()
+            .contains("tollgate_audit_records_dropped_total 0"),
+        "no record dropped"
+    );
+
+    // Descriptors come back once the client's connections are gone; memory
+    // stays within a generous bound (allocator caches make it noisy).
+    let settled = wait_until(Duration::from_secs(10), || {
+        (fds(pid) <= fds_before + 8).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "descriptors: {fds_before} before, {} after",
+        fds(pid)
+    );
+    let rss_after = proc_field(pid, "VmRSS:");
+    eprintln!("agent RSS {rss_before} KiB → {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "memory grew by {} KiB",
+        rss_after.saturating_sub(rss_before)
+    );
+}
