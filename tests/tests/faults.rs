@@ -264,3 +264,51 @@ fn full_audit_disk_drops_counted_records_and_calls_keep_working() {
     });
     assert!(grew.is_some(), "the log resumes once there is space");
 }
+
+#[test]
+fn calls_in_flight_fail_fast_when_the_agent_dies_and_untrusted_upstreams_are_refused() {
+    if !require_privileged(
+        "calls_in_flight_fail_fast_when_the_agent_dies_and_untrusted_upstreams_are_refused",
+    ) {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    // A stream in flight (mock-slow: ~2 s) when the agent is SIGKILLed:
+    // the client sees its connection end at once, not a hang.
+    let mut stream = node.pods[0]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"mock-slow","stream":true,"messages":[]}"#,
+        )
+        .args(["-m", "20"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    node.kill_agent();
+    let ended = wait_until(Duration::from_secs(5), || stream.try_wait().ok().flatten());
+    let status = ended.expect("the in-flight call ended within 5 s of the agent's death");
+    assert!(!status.success(), "cut mid-stream: {status:?}");
+
+    // An upstream whose certificate the agent does not trust (the test
+    // provider's CA not trusted, only the system roots): a provider-shaped 502, no
+    // plaintext fallback, no hang.
+    node.start_agent("tls: {extra_roots: [], system_roots: true}");
+    let out = node.pods[0]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+        .arg("-i")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 502"), "{text}\n{}", node.agent_log());
+    assert!(text.contains("\"error\""), "provider-shaped: {text}");
+}

@@ -1,6 +1,7 @@
 //! A bounded soak: steady mixed load (streamed and not) from a pod for
 //! `TOLLGATE_SOAK_SECS` seconds (30 in `cargo xtask test`, 600 in `cargo
-//! xtask soak`), then: every call the client saw succeed has exactly one
+//! xtask soak`) while the policy and the injected key are rewritten (an
+//! invalid policy among them), then: every call the client saw succeed has exactly one
 //! audit record, the tokens in the audit log sum to what the mock served,
 //! no error the mock did not inject, and the agent's descriptors and memory
 //! came back within a bound.
@@ -40,10 +41,49 @@ fn soak_loses_no_record_and_no_token() {
         .unwrap_or(30);
     let rate = 40; // calls per second
     let mut node = TestNode::new(1);
-    node.start_agent("");
+    // The injected key and the policy are rewritten under load (as a
+    // Secret and a ConfigMap update would: write, then rename), including
+    // an invalid policy that must be rejected while calls go on.
+    let key = node.dir.join("soak-key");
+    std::fs::write(&key, "sk-soak-0\n").unwrap();
+    let policy = |variant: u32| {
+        format!(
+            "policy:\n  rules:\n    - {{name: v{variant}, providers: [openai], action: allow, credential_file: {}}}\n",
+            key.display()
+        )
+    };
+    node.start_agent(&policy(0));
     let pid = node.agent.as_ref().unwrap().pid();
     let (fds_before, rss_before) = (fds(pid), proc_field(pid, "VmRSS:"));
 
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (stop, key) = (stop.clone(), key.clone());
+        let configs: Vec<String> = (0..3)
+            .map(|v| {
+                if v == 2 {
+                    node.agent_config("policy: {rules: [{name: broken, action: maybe}]}")
+                } else {
+                    node.agent_config(&policy(v))
+                }
+            })
+            .collect();
+        let cfg_path = node.dir.join("agent.yaml");
+        std::thread::spawn(move || {
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let tmp = key.with_extension("tmp");
+                std::fs::write(&tmp, format!("sk-soak-{i}\n")).unwrap();
+                std::fs::rename(&tmp, &key).unwrap();
+                let tmp = cfg_path.with_extension("tmp");
+                std::fs::write(&tmp, &configs[(i % 3) as usize]).unwrap();
+                std::fs::rename(&tmp, &cfg_path).unwrap();
+                std::thread::sleep(Duration::from_millis(700));
+            }
+            i
+        })
+    };
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/soak_client.py");
     let out = node.pods[0]
         .app(
@@ -62,7 +102,9 @@ fn soak_loses_no_record_and_no_token() {
         .expect("run the soak client");
     let stats: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())
         .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    eprintln!("soak {secs} s at {rate}/s: {stats}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rewrites = churn.join().unwrap();
+    eprintln!("soak {secs} s at {rate}/s, {rewrites} key and config rewrites: {stats}");
     assert_eq!(
         stats["errors"], 0,
         "no error the mock did not inject: {stats}"
@@ -88,6 +130,15 @@ fn soak_loses_no_record_and_no_token() {
     assert_eq!(sum("input_tokens"), ok * OPENAI_USAGE.input);
     assert_eq!(sum("output_tokens"), ok * OPENAI_USAGE.output);
     assert!(recs.iter().all(|r| r["result"] == "ok"));
+    assert!(
+        recs.iter().all(|r| r["credential_injected"] == true),
+        "every call carried an injected key, across key rewrites"
+    );
+    let m = node.metrics();
+    assert!(
+        m.contains("tollgate_config_reloads_total{result=\"rejected\"}"),
+        "the invalid policy was seen and rejected: {m}"
+    );
     assert_eq!(
         recs.iter().filter(|r| r["stream"] == true).count() as u64,
         stats["streamed"].as_u64().unwrap()
