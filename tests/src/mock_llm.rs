@@ -45,6 +45,8 @@ pub enum Fault {
     Cut,
     /// `mock-stall`: two stream events, then silence (bounded at 30 s).
     Stall,
+    /// `mock-late`: the response headers come only after 30 s.
+    LateHeaders,
 }
 
 /// Replaced in each `mock-timed` piece by the time it is sent (`monotonic_ns`).
@@ -114,6 +116,7 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
     let fault = match model {
         "mock-cut" => Fault::Cut,
         "mock-stall" => Fault::Stall,
+        "mock-late" => Fault::LateHeaders,
         _ => Fault::None,
     };
     if fault != Fault::None {

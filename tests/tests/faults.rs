@@ -42,7 +42,7 @@ fn stalled_and_vanishing_clients_are_bounded() {
         return;
     }
     let mut node = TestNode::new(1);
-    node.start_agent("tls: {request_header_timeout: 1s}");
+    node.start_agent("tls: {request_header_timeout: 1s, upstream_response_timeout: 1s}");
 
     // Slowloris on a terminated connection: TLS done, then half a request
     // head and silence: closed by the proxy after tls.request_header_timeout
@@ -76,6 +76,79 @@ print(json.dumps(res))
     for r in res.as_array().unwrap() {
         assert_eq!(r["closed"], true, "a stalled client is closed: {res}");
     }
+
+    // A client that leaves in the middle of its request body: recorded as
+    // the client's error, nothing sent upstream.
+    let out = python_in_pod(
+        &node,
+        &format!(
+            r#"
+import socket, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+ctx.set_alpn_protocols(["http/1.1"])
+s = ctx.wrap_socket(socket.create_connection(("{UPSTREAM_V4}", {TLS_PORT}), timeout=10), server_hostname="{PROVIDER_HOST}")
+s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: {PROVIDER_HOST}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"model\": \"gpt")
+s.close()
+"#,
+            ca = node.node_ca_cert().display()
+        ),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec = wait_until(Duration::from_secs(5), || {
+        node.connections()
+            .into_iter()
+            .find(|r| r["kind"] == "request" && r["result"] == "client_error")
+    });
+    assert!(rec.is_some(), "{:?}", node.connections());
+
+    // An upstream that never sends its response headers: a provider-shaped
+    // 504 once tls.upstream_response_timeout has passed, not a hang.
+    let out = node.pods[0]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"mock-late","messages":[]}"#,
+        )
+        .arg("-i")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 504"), "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+
+    // Huge request headers (600 KB): refused by the proxy (431 or closed),
+    // and the next call works.
+    let big = node.dir.join("big-header");
+    std::fs::write(&big, format!("x-big: {}\n", "a".repeat(600_000))).unwrap();
+    let out = node.pods[0]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        )
+        .args(["-i", "--http1.1", "-H"])
+        .arg(format!("@{}", big.display()))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(" 431") || !out.status.success(),
+        "a 600 KB header was accepted: {}",
+        &text[..text.len().min(300)]
+    );
+    let ok = node.pods[0].https_post(
+        &node.node_ca_cert(),
+        PROVIDER_HOST,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o-mini","messages":[]}"#,
+    );
+    assert!(ok.status.success());
 
     // A client that leaves mid-stream: the call is recorded, with the
     // usage estimated from what had streamed.
