@@ -385,3 +385,48 @@ fn calls_in_flight_fail_fast_when_the_agent_dies_and_untrusted_upstreams_are_ref
     assert!(text.contains(" 502"), "{text}\n{}", node.agent_log());
     assert!(text.contains("\"error\""), "provider-shaped: {text}");
 }
+
+#[test]
+fn http2_rapid_reset_flood_leaves_the_proxy_serving() {
+    if !require_privileged("http2_rapid_reset_flood_leaves_the_proxy_serving") {
+        return;
+    }
+    const STREAMS: usize = 5000;
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let pid = node.agent.as_ref().unwrap().pid();
+    let rss_before = proc_status(pid, "VmRSS:");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/h2_flood.mjs");
+    let pod = &node.pods[0];
+    let out = pod
+        .netns
+        .command_in_cgroup("node", Some(&pod.cgroup))
+        .arg(&script)
+        .args([
+            node.node_ca_cert().to_str().unwrap(),
+            UPSTREAM_V4,
+            &TLS_PORT.to_string(),
+            PROVIDER_HOST,
+            &STREAMS.to_string(),
+        ])
+        .output()
+        .expect("run node");
+    let res: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    eprintln!("h2 flood of {STREAMS} reset streams: {res}");
+    assert_eq!(res["status"], 200, "the proxy still serves: {res}");
+    let growth = proc_status(pid, "VmRSS:").saturating_sub(rss_before);
+    assert!(
+        growth < 64 * 1024,
+        "the flood grew the agent by {growth} KiB"
+    );
+    // Nothing reached the provider for the reset streams: only the normal
+    // call has a request record.
+    std::thread::sleep(Duration::from_millis(500));
+    let calls = node
+        .connections()
+        .into_iter()
+        .filter(|r| r["kind"] == "request" && r["result"] == "ok")
+        .count();
+    assert_eq!(calls, 1, "{:?}", node.connections());
+}

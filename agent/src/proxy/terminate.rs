@@ -335,6 +335,30 @@ async fn forward(
     }
     // Parsed once: the adapter, the input size and the output limit read it.
     let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    // A body declared JSON that is not (empty, cut short) is never sent on:
+    // the provider would reject it, and HTTP/2 reports a stream the client
+    // reset (CANCEL) as a body that simply ended — forwarding it would make
+    // a flood of reset streams into billed provider calls.
+    let declares_json = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if declares_json && json.is_none() {
+        record.result = "client_error";
+        let msg = if body.is_empty() {
+            "the request declares a JSON body but sent none (or reset its stream); not forwarded"
+        } else {
+            "the request body is not valid JSON (cut short?); not forwarded"
+        };
+        return Ok(error_response(
+            &call,
+            StatusCode::BAD_REQUEST,
+            msg,
+            record,
+            started,
+        ));
+    }
     let request = providers::parse_request_json(meta.api, &target, json.as_ref());
     let input_chars = json.as_ref().map_or(0, providers::input_chars);
     let asked_output = json.as_ref().and_then(providers::output_limit);
