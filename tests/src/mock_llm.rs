@@ -41,7 +41,8 @@ pub const STREAM_WORDS: [&str; 4] = ["Hello", " from", " the", " mock"];
 pub enum Fault {
     None,
     /// `mock-cut`: two stream events, then the connection closes abruptly
-    /// (no TLS close_notify, no end of stream).
+    /// (no TLS close_notify, no end of stream); `mock-cut-early`: the same
+    /// right after the response headers.
     Cut,
     /// `mock-stall`: two stream events, then silence (bounded at 30 s).
     Stall,
@@ -114,14 +115,16 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
         return Some(r);
     }
     let fault = match model {
-        "mock-cut" => Fault::Cut,
+        "mock-cut" | "mock-cut-early" => Fault::Cut,
         "mock-stall" => Fault::Stall,
         "mock-late" => Fault::LateHeaders,
         _ => Fault::None,
     };
     if fault != Fault::None {
         let mut r = openai_stream(false);
-        r.chunks.truncate(3); // role chunk + two words
+        // role chunk + two words; `mock-cut-early`: nothing after the headers
+        r.chunks
+            .truncate(if model == "mock-cut-early" { 0 } else { 3 });
         r.fault = fault;
         return Some(r);
     }

@@ -121,6 +121,29 @@ s.close()
     assert!(text.contains(" 504"), "{text}");
     assert!(text.contains("\"error\""), "{text}");
 
+    // The provider resets the connection right after its headers: the
+    // client's call ends with an error at once, and the record says so.
+    let out = node.pods[0]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            r#"{"model":"mock-cut-early","stream":true,"messages":[]}"#,
+        )
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the cut reaches the client as an error"
+    );
+    let rec = wait_until(Duration::from_secs(5), || {
+        node.connections()
+            .into_iter()
+            .find(|r| r["kind"] == "request" && r["model"] == "mock-cut-early")
+    })
+    .expect("record of the cut call");
+    assert_eq!(rec["result"], "upstream_error", "{rec}");
+
     // Huge request headers (600 KB): refused by the proxy (431 or closed),
     // and the next call works.
     let big = node.dir.join("big-header");
@@ -167,7 +190,7 @@ s.close()
     let rec = wait_until(Duration::from_secs(5), || {
         node.connections()
             .into_iter()
-            .find(|r| r["kind"] == "request" && r["stream"] == true)
+            .find(|r| r["kind"] == "request" && r["model"] == "mock-slow")
     })
     .unwrap_or_else(|| {
         panic!(
