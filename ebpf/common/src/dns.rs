@@ -71,6 +71,22 @@ impl DnsName {
     }
 }
 
+/// Whether an answered address may be learned as a provider's: never
+/// loopback, link-local (cloud metadata lives there), unspecified,
+/// multicast or broadcast. A forged answer could otherwise make the agent,
+/// which dials from the node, reach the node's own services for a pod.
+#[inline(always)]
+pub fn learnable(ip: &[u8; 16]) -> bool {
+    if crate::is_v4_mapped(ip) {
+        let a = [ip[12], ip[13], ip[14], ip[15]];
+        return !(a[0] == 0 || a[0] == 127 || (a[0] == 169 && a[1] == 254) || a[0] >= 224);
+    }
+    let unspecified_or_loopback = ip[..15].iter().all(|b| *b == 0) && ip[15] <= 1;
+    let link_local = ip[0] == 0xfe && ip[1] & 0xc0 == 0x80;
+    let multicast = ip[0] == 0xff;
+    !(unspecified_or_loopback || link_local || multicast)
+}
+
 /// One address answer: IPv4-mapped for A records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -285,6 +301,36 @@ mod tests {
         }
         assert!(name.wire[at..].iter().all(|b| *b == 0));
         assert_ne!(name, DnsName::encode("api.openai.com").unwrap());
+    }
+
+    #[test]
+    fn node_local_addresses_are_never_learned() {
+        for bad in [
+            [127, 0, 0, 1],
+            [169, 254, 169, 254],
+            [0, 0, 0, 0],
+            [224, 0, 0, 1],
+            [255; 4],
+        ] {
+            assert!(!learnable(&v4_mapped(bad)), "{bad:?}");
+        }
+        let mut v6 = [0u8; 16];
+        v6[15] = 1;
+        assert!(!learnable(&v6), "::1");
+        assert!(!learnable(&[
+            0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]));
+        assert!(!learnable(&[
+            0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]));
+        assert!(
+            learnable(&v4_mapped([10, 77, 0, 3])),
+            "private ranges: private endpoints"
+        );
+        assert!(learnable(&v4_mapped([162, 159, 140, 245])));
+        assert!(learnable(&[
+            0x26, 0x06, 0x47, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1
+        ]));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::cgroup_skb, programs::SkBuffContext};
 use tollgate_common::{
     Counter, LearnedValue, MAX_LEARNED_PORTS, ProviderKey,
-    dns::{DnsName, Packet, answers, question},
+    dns::{DnsName, Packet, answers, learnable, question},
 };
 
 use crate::{DNS_NAMES, LEARNED, SETTINGS, count};
@@ -72,6 +72,9 @@ fn learn(ctx: &SkBuffContext) -> Option<()> {
     let settings = *SETTINGS.get(0)?;
     let now = unsafe { bpf_ktime_get_ns() };
     answers(&pkt, at, count_answers, |a| {
+        if !learnable(&a.ip) {
+            return;
+        }
         let ttl = if a.ttl < settings.dns_min_ttl_s {
             settings.dns_min_ttl_s
         } else {
