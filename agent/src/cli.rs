@@ -17,10 +17,11 @@ inside each workload's network namespace and attributed to the workload. With a 
 (`tollgate ca init`, `tls.ca_dir`) the proxy terminates TLS for provider hosts, parses each API \
 call (model, stream, token usage, cost) and writes one audit line per call; without one, or for \
 workloads that do not trust it, connections are relayed and audited by server name and bytes. \
-Prometheus metrics on `metrics.listen`.\n\n\
+In a cluster (a DaemonSet: deploy/helm/tollgate) pods are named by namespace, owner workload and \
+labels from the API server. Prometheus metrics on `metrics.listen`.\n\n\
 Needs: Linux ≥ 5.15 with BTF, cgroup v2 mounted (hybrid hosts are fine), root or \
 CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN+CAP_SYS_ADMIN.",
-    after_help = "Examples:\n  tollgate ca init --dir /var/lib/tollgate/ca   # once per node (or mount a Secret)\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate status   # budget spend of the running agent\n  tollgate detach   # remove programs a fail-closed agent left pinned\n\nDocumentation: README.md (configuration reference, audit record, metrics, limits)."
+    after_help = "Examples:\n  tollgate ca init --dir /var/lib/tollgate/ca   # once per node (or mount a Secret)\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate status   # budget spend of the running agent\n  tollgate detach   # remove programs a fail-closed agent left pinned\n\nKubernetes: helm install tollgate deploy/helm/tollgate (or kubectl apply -f deploy/manifests/tollgate.yaml)\n\nDocumentation: README.md (deploying, configuration reference, audit record, metrics, reliability, limits)."
 )]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `tollgate_agent=debug`.
