@@ -170,6 +170,12 @@ impl IdentityCache {
         self
     }
 
+    /// The pod metadata known now for `w` (no waiting), if it is a pod.
+    pub fn pod_meta(&self, w: &Workload) -> Option<Arc<crate::pods::PodMeta>> {
+        let (dir, _) = self.pods.as_ref()?;
+        dir.get(w.pod_uid.as_deref()?)
+    }
+
     /// [`Self::lookup`] plus the pod's metadata, waiting up to
     /// `kubernetes.metadata_wait` for a pod the watch has not delivered.
     pub async fn resolve(&self, id: u64) -> Workload {

@@ -255,8 +255,34 @@ fn unreachable_api_server_is_retried_and_records_stay_truthful() {
     // The agent starts and governs without the API server.
     let cfg = config(&node, &api, "300ms");
     node.start_agent(&cfg);
-    let out = call(&node, 0);
-    assert!(out.contains(" 200"), "{out}");
+    // One keep-alive connection for two calls: one before the API server
+    // is back, one after.
+    let script = format!(
+        r#"
+import http.client, json, ssl, sys
+ctx = ssl.create_default_context(cafile="{ca}")
+c = http.client.HTTPSConnection("{PROVIDER_HOST}", {port}, context=ctx, timeout=10)
+for i in range(2):
+    if i == 1:
+        sys.stdin.readline()
+    c.request("POST", "/v1/chat/completions", json.dumps({{"model": "gpt-4o-mini", "messages": []}}),
+              {{"content-type": "application/json"}})
+    r = c.getresponse(); r.read()
+    print(json.dumps({{"status": r.status, "local": list(c.sock.getsockname())}}), flush=True)
+"#,
+        ca = node.node_ca_cert().display(),
+        port = tollgate_tests::node::TLS_PORT,
+    );
+    let mut session = node.pods[0]
+        .app(&node.pod_hosts_file(), "python3", &["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(session.stdout.take().unwrap()));
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["status"], 200, "{first}");
     let recs = request_records(&node, 1);
     // Attributed by what the kernel knows (pod UID), never guessed.
     assert_eq!(recs[0]["workload"]["pod_uid"], node.pods[0].uid.as_str());
@@ -285,7 +311,7 @@ fn unreachable_api_server_is_retried_and_records_stay_truthful() {
         node.agent_log()
     );
 
-    // The API server comes back: the backoff (0.8 s doubling, 30 s at most)
+    // finds it, and the next call, on the same connection, is attributed.
     // finds it, and the next call is attributed.
     api.set_failing(false);
     let synced = wait_until(Duration::from_secs(20), || {
@@ -294,8 +320,12 @@ fn unreachable_api_server_is_retried_and_records_stay_truthful() {
             .then_some(())
     });
     assert!(synced.is_some(), "{}", node.agent_log());
-    let out = call(&node, 0);
-    assert!(out.contains(" 200"), "{out}");
+    // The next call on the same connection is named.
+    std::io::Write::write_all(session.stdin.as_mut().unwrap(), b"go\n").unwrap();
+    let second: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(second["status"], 200, "{second}");
+    assert_eq!(first["local"], second["local"], "same connection");
+    assert!(session.wait().unwrap().success());
     let recs = request_records(&node, 2);
     assert_eq!(recs[1]["workload"]["kubernetes"]["namespace"], "team-a");
     assert_eq!(

@@ -138,6 +138,7 @@ async fn handle(ctx: Arc<RelayContext>, client: TcpStream, peer: SocketAddr, net
             let meta = CallMeta {
                 api,
                 workload: workload.clone(),
+                identity: ctx.identity.clone(),
                 pid: orig.tgid,
                 comm: orig.comm.clone(),
                 provider: provider.clone(),

@@ -101,25 +101,34 @@ impl TlsContext {
     }
 }
 
+/// The key a limit or budget with `per` counts `workload` under.
+pub fn limit_key(workload: &Workload, per: LimitKey) -> String {
+    match per {
+        LimitKey::Workload => match &workload.kubernetes {
+            Some(k) => format!("{}/{}", k.namespace, k.workload),
+            None => workload.label().to_string(),
+        },
+        LimitKey::Namespace => match &workload.kubernetes {
+            Some(k) => format!("namespace:{}", k.namespace),
+            None => workload.label().to_string(),
+        },
+        LimitKey::Pod => workload
+            .pod_uid
+            .clone()
+            .unwrap_or_else(|| workload.label().to_string()),
+        LimitKey::Global => String::new(),
+    }
+}
+
 impl CallMeta {
-    /// The key a limit or budget with `per` counts this workload under.
-    pub fn key(&self, per: LimitKey) -> String {
-        match per {
-            LimitKey::Workload => match &self.workload.kubernetes {
-                Some(k) => format!("{}/{}", k.namespace, k.workload),
-                None => self.workload.label().to_string(),
-            },
-            LimitKey::Namespace => match &self.workload.kubernetes {
-                Some(k) => format!("namespace:{}", k.namespace),
-                None => self.workload.label().to_string(),
-            },
-            LimitKey::Pod => self
-                .workload
-                .pod_uid
-                .clone()
-                .unwrap_or_else(|| self.workload.label().to_string()),
-            LimitKey::Global => String::new(),
+    /// The workload as of this request: a pod whose metadata arrived after
+    /// its connection began is named from then on.
+    pub fn workload_now(&self) -> Workload {
+        let mut w = self.workload.clone();
+        if w.kubernetes.is_none() {
+            w.kubernetes = self.identity.pod_meta(&w);
         }
+        w
     }
 
     /// OpenAI itself or Azure OpenAI (they name output limits their own way).
@@ -135,6 +144,8 @@ const DEFAULT_OUTPUT_ESTIMATE: u64 = 1024;
 /// Who and where, for every request on one connection.
 pub struct CallMeta {
     pub workload: Workload,
+    /// For pod metadata that arrives during the connection.
+    pub identity: Arc<crate::identity::IdentityCache>,
     pub pid: u32,
     pub comm: String,
     pub provider: String,
@@ -249,6 +260,7 @@ async fn forward(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
     let meta = &call.meta;
+    let workload = meta.workload_now();
     let capture = &call.tls.capture;
     let mut record = RequestRecord {
         time: now_rfc3339(),
@@ -263,7 +275,7 @@ async fn forward(
         attempts: Vec::new(),
         served_by: None,
         budget: None,
-        workload: meta.workload.clone(),
+        workload: workload.clone(),
         pid: meta.pid,
         comm: meta.comm.clone(),
         provider: meta.provider.clone(),
@@ -368,7 +380,7 @@ async fn forward(
     record.stream = request.stream;
 
     let subject = Subject {
-        workload: &meta.workload,
+        workload: &workload,
         comm: &meta.comm,
     };
     let decision =
@@ -456,7 +468,7 @@ async fn forward(
             if let Some(config) = caps.budget {
                 let b = BudgetKey {
                     rule: record.reason.clone(),
-                    key: meta.key(config.per),
+                    key: limit_key(&workload, config.per),
                     config,
                 };
                 if let Err(e) = call
@@ -470,7 +482,7 @@ async fn forward(
                 record.budget = Some(b);
             }
             if let Some(limits) = caps.limits {
-                let key = meta.key(limits.per);
+                let key = limit_key(&workload, limits.per);
                 // Reserve what the call may use: its input from the text
                 // size, its output up to the limit it asks for.
                 // A cap the policy applied replaces what the request asked.
