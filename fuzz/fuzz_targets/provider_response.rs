@@ -2,17 +2,13 @@
 //! arbitrary bytes: never panics or overflows, whatever the token counts.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use tollgate_agent::providers::{Api, ResponseParser};
+use tollgate_agent::providers::ResponseParser;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {
         return;
     };
-    let api = match sel % 3 {
-        0 => Api::Openai,
-        1 => Api::Anthropic,
-        _ => Api::Gemini,
-    };
+    let api = tollgate_fuzz::api(sel);
     let content_type = if sel & 0x80 != 0 {
         "text/event-stream"
     } else {

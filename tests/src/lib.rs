@@ -21,6 +21,7 @@ pub mod pod;
 pub mod privileged;
 pub mod process;
 pub mod redis;
+pub mod yaml;
 
 pub use node::TestNode;
 pub use pod::Pod;

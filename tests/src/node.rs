@@ -7,6 +7,7 @@ use std::{
     time::Duration,
 };
 
+pub use crate::yaml::merge_yaml;
 use crate::{
     cgroups::{CgroupTree, cgroup2_mount, remove_tree},
     netns::{Netns, run_ok},
@@ -81,7 +82,7 @@ impl TestNode {
     pub fn with_layout(pods: u32, layout: Layout) -> Self {
         let id = format!(
             "{}x{}",
-            std::process::id() % 100_000,
+            std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let dir = std::env::temp_dir().join(format!("tgt-{id}"));
@@ -430,6 +431,25 @@ impl TestNode {
     }
 
     /// Fetch the agent's /metrics (it listens on the node namespace's loopback).
+    /// The audit log's request records, once there are at least `n`.
+    pub fn wait_requests(&self, n: usize) -> Vec<serde_json::Value> {
+        wait_until(Duration::from_secs(5), || {
+            let r: Vec<_> = self
+                .connections()
+                .into_iter()
+                .filter(|r| r["kind"] == "request")
+                .collect();
+            (r.len() >= n).then_some(r)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "expected {n} request records: {:?}\n{}",
+                self.connections(),
+                self.agent_log()
+            )
+        })
+    }
+
     pub fn metrics(&self) -> String {
         let out = self
             .node
@@ -463,33 +483,6 @@ impl Drop for TestNode {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-/// `extra` YAML deep-merged over `base` YAML (mappings merge, other values replace).
-pub fn merge_yaml(base: &str, extra: &str) -> String {
-    fn merge(a: &mut serde_yaml::Value, b: serde_yaml::Value) {
-        match (a, b) {
-            (serde_yaml::Value::Mapping(a), serde_yaml::Value::Mapping(b)) => {
-                for (k, v) in b {
-                    match a.get_mut(&k) {
-                        Some(slot) => merge(slot, v),
-                        None => {
-                            a.insert(k, v);
-                        }
-                    }
-                }
-            }
-            (a, b) => *a = b,
-        }
-    }
-    let mut v: serde_yaml::Value = serde_yaml::from_str(base).expect("base config is YAML");
-    if !extra.trim().is_empty() {
-        merge(
-            &mut v,
-            serde_yaml::from_str(extra).expect("extra config is YAML"),
-        );
-    }
-    serde_yaml::to_string(&v).expect("YAML serialises")
 }
 
 /// A veth between `host` (interface `host_if`, addresses `host_addrs`: v4 and

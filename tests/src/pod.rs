@@ -50,6 +50,19 @@ impl Pod {
             .expect("run curl")
     }
 
+    /// POST a chat call (`json`) to the OpenAI provider host from inside the
+    /// pod, trusting `ca`, with curl's `-i` and `extra` arguments; returns
+    /// what curl printed (status line, headers, body).
+    pub fn chat(&self, ca: &std::path::Path, json: &str, extra: &[&str]) -> String {
+        let out = self
+            .https_post_command(ca, crate::node::PROVIDER_HOST, "/v1/chat/completions", json)
+            .arg("-i")
+            .args(extra)
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The curl command of `https_post`, to run with other stdio.
     pub fn https_post_command(
         &self,

@@ -8,7 +8,7 @@ use std::{process::Command, time::Duration};
 use tollgate_tests::{
     TestNode,
     node::{PROVIDER_HOST, TLS_PORT, UPSTREAM_V4},
-    process::wait_until,
+    process::{fd_count, status_field, wait_until},
     require_privileged,
 };
 
@@ -19,21 +19,6 @@ fn python_in_pod(node: &TestNode, script: &str) -> std::process::Output {
         .args(["-c", script])
         .output()
         .expect("run python3")
-}
-
-fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
 }
 
 #[test]
@@ -107,17 +92,11 @@ s.close()
 
     // An upstream that never sends its response headers: a provider-shaped
     // 504 once tls.upstream_response_timeout has passed, not a hang.
-    let out = node.pods[0]
-        .https_post_command(
-            &node.node_ca_cert(),
-            PROVIDER_HOST,
-            "/v1/chat/completions",
-            r#"{"model":"mock-late","messages":[]}"#,
-        )
-        .arg("-i")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = node.pods[0].chat(
+        &node.node_ca_cert(),
+        r#"{"model":"mock-late","messages":[]}"#,
+        &[],
+    );
     assert!(text.contains(" 504"), "{text}");
     assert!(text.contains("\"error\""), "{text}");
 
@@ -220,7 +199,7 @@ fn idle_connections_cost_bounded_memory_and_leave_nothing_behind() {
         r#"{"model":"gpt-4o-mini","messages":[]}"#,
     );
     assert!(out.status.success());
-    let (rss_before, fds_before) = (proc_status(pid, "VmRSS:"), fd_count(pid));
+    let (rss_before, fds_before) = (status_field(pid, "VmRSS:"), fd_count(pid));
 
     // Hold CONNS idle TLS connections (handshake done, no request) while
     // the test measures, then close them all.
@@ -259,7 +238,7 @@ for c in conns:
         "open",
         "the holder could not open its connections"
     );
-    let rss_during = proc_status(pid, "VmRSS:");
+    let rss_during = status_field(pid, "VmRSS:");
     let fds_during = fd_count(pid);
     assert!(
         fds_during >= fds_before + CONNS,
@@ -394,17 +373,11 @@ fn calls_in_flight_fail_fast_when_the_agent_dies_and_untrusted_upstreams_are_ref
     // provider's CA not trusted, only the system roots): a provider-shaped 502, no
     // plaintext fallback, no hang.
     node.start_agent("tls: {extra_roots: [], system_roots: true}");
-    let out = node.pods[0]
-        .https_post_command(
-            &node.node_ca_cert(),
-            PROVIDER_HOST,
-            "/v1/chat/completions",
-            r#"{"model":"gpt-4o-mini","messages":[]}"#,
-        )
-        .arg("-i")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = node.pods[0].chat(
+        &node.node_ca_cert(),
+        r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &[],
+    );
     assert!(text.contains(" 502"), "{text}\n{}", node.agent_log());
     assert!(text.contains("\"error\""), "provider-shaped: {text}");
 }
@@ -418,7 +391,7 @@ fn http2_rapid_reset_flood_leaves_the_proxy_serving() {
     let mut node = TestNode::new(1);
     node.start_agent("");
     let pid = node.agent.as_ref().unwrap().pid();
-    let rss_before = proc_status(pid, "VmRSS:");
+    let rss_before = status_field(pid, "VmRSS:");
     let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/h2_flood.mjs");
     let pod = &node.pods[0];
     let out = pod
@@ -438,7 +411,7 @@ fn http2_rapid_reset_flood_leaves_the_proxy_serving() {
         .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     eprintln!("h2 flood of {STREAMS} reset streams: {res}");
     assert_eq!(res["status"], 200, "the proxy still serves: {res}");
-    let growth = proc_status(pid, "VmRSS:").saturating_sub(rss_before);
+    let growth = status_field(pid, "VmRSS:").saturating_sub(rss_before);
     assert!(
         growth < 64 * 1024,
         "the flood grew the agent by {growth} KiB"

@@ -33,36 +33,12 @@ fn pod_object(
     p
 }
 
-fn request_records(node: &TestNode, n: usize) -> Vec<Value> {
-    wait_until(Duration::from_secs(5), || {
-        let r: Vec<_> = node
-            .connections()
-            .into_iter()
-            .filter(|r| r["kind"] == "request")
-            .collect();
-        (r.len() >= n).then_some(r)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "expected {n} request records: {:?}\n{}",
-            node.connections(),
-            node.agent_log()
-        )
-    })
-}
-
 fn call(node: &TestNode, pod: usize) -> String {
-    let out = node.pods[pod]
-        .https_post_command(
-            &node.node_ca_cert(),
-            PROVIDER_HOST,
-            "/v1/chat/completions",
-            r#"{"model":"gpt-4o-mini","messages":[]}"#,
-        )
-        .arg("-i")
-        .output()
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    node.pods[pod].chat(
+        &node.node_ca_cert(),
+        r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &[],
+    )
 }
 
 fn config(node: &TestNode, api: &FixtureApi, wait: &str) -> String {
@@ -145,7 +121,7 @@ fn pod_metadata_from_the_api_server_reaches_records_metrics_and_policy() {
     assert!(out.contains(" 200"), "{out}");
     assert!(out.contains("x-mock-max-completion-tokens: 64"), "{out}");
 
-    let recs = request_records(&node, 2);
+    let recs = node.wait_requests(2);
     let by_uid = |uid: &str| {
         recs.iter()
             .find(|r| r["workload"]["pod_uid"] == uid)
@@ -198,7 +174,7 @@ fn pod_metadata_from_the_api_server_reaches_records_metrics_and_policy() {
         "the late pod's call: {status:?}\n{}",
         node.agent_log()
     );
-    let recs = request_records(&node, 3);
+    let recs = node.wait_requests(3);
     let solo = recs
         .iter()
         .find(|r| r["workload"]["pod_uid"] == node.pods[2].uid.as_str())
@@ -283,7 +259,7 @@ for i in range(2):
         std::io::BufRead::lines(std::io::BufReader::new(session.stdout.take().unwrap()));
     let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["status"], 200, "{first}");
-    let recs = request_records(&node, 1);
+    let recs = node.wait_requests(1);
     // Attributed by what the kernel knows (pod UID), never guessed.
     assert_eq!(recs[0]["workload"]["pod_uid"], node.pods[0].uid.as_str());
     assert!(
@@ -326,7 +302,7 @@ for i in range(2):
     assert_eq!(second["status"], 200, "{second}");
     assert_eq!(first["local"], second["local"], "same connection");
     assert!(session.wait().unwrap().success());
-    let recs = request_records(&node, 2);
+    let recs = node.wait_requests(2);
     assert_eq!(recs[1]["workload"]["kubernetes"]["namespace"], "team-a");
     assert_eq!(
         recs[1]["workload"]["kubernetes"]["workload"],

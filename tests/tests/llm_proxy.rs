@@ -10,28 +10,8 @@ use tollgate_tests::{
         OPENAI_MODEL, OPENAI_USAGE, SLOW_CHUNK_DELAY, STREAM_WORDS,
     },
     node::{ANTHROPIC_HOST, GEMINI_HOST, PROVIDER_HOST, governed_node},
-    process::wait_until,
     require_privileged,
 };
-
-/// The request records so far, waiting for at least `n`.
-fn requests(node: &TestNode, n: usize) -> Vec<serde_json::Value> {
-    wait_until(Duration::from_secs(5), || {
-        let r: Vec<_> = node
-            .connections()
-            .into_iter()
-            .filter(|r| r["kind"] == "request")
-            .collect();
-        (r.len() >= n).then_some(r)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "expected {n} request records: {:?}\n{}",
-            node.connections(),
-            node.agent_log()
-        )
-    })
-}
 
 /// The value of the metric line starting with `series` (name and labels), if any.
 fn metric(m: &str, series: &str) -> Option<f64> {
@@ -91,7 +71,7 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
     );
     assert!(sse.ends_with("data: [DONE]\n\n"));
 
-    let recs = requests(&node, 2);
+    let recs = node.wait_requests(2);
     for (r, stream) in recs.iter().zip([false, true]) {
         assert_eq!(r["provider"], "openai", "{r}");
         assert_eq!(r["operation"], "chat");
@@ -179,7 +159,7 @@ fn stream_without_usage_is_estimated_from_the_text() {
         "/v1/chat/completions",
         r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#,
     ));
-    let r = &requests(&node, 1)[0];
+    let r = &node.wait_requests(1)[0];
     assert_eq!(r["usage"]["estimated"], true, "{r}");
     let chars = STREAM_WORDS.concat().len() as u64;
     assert_eq!(r["usage"]["output_tokens"], chars.div_ceil(4), "{r}");
@@ -206,7 +186,7 @@ fn anthropic_on_a_shared_address_is_attributed_by_server_name() {
     assert!(sse.contains("event: message_stop"), "{sse}");
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hi"}]}"#;
     ok_stdout(&pod.https_post(&node.node_ca_cert(), ANTHROPIC_HOST, "/v1/messages", body));
-    for r in requests(&node, 2) {
+    for r in node.wait_requests(2) {
         assert_eq!(
             r["provider"], "anthropic",
             "attributed by server name, not by the shared address: {r}"
@@ -275,7 +255,7 @@ fn upstream_faults_reach_the_client_and_partial_usage_is_recorded() {
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(body.contains("max_request_body"), "{body}");
 
-    let recs = requests(&node, 4);
+    let recs = node.wait_requests(4);
     let too_big = recs
         .iter()
         .find(|r| r["result"] == "request_too_large")
@@ -355,7 +335,7 @@ fn gemini_usage_is_recorded_and_query_keys_and_bodies_redacted() {
     ));
     assert_eq!(sse.matches("data: ").count(), STREAM_WORDS.len(), "{sse}");
 
-    let recs = requests(&node, 2);
+    let recs = node.wait_requests(2);
     let u = &GEMINI_USAGE;
     for (r, stream) in recs.iter().zip([false, true]) {
         assert_eq!(r["provider"], "gemini", "{r}");
@@ -444,7 +424,7 @@ fn slow_streams_are_relayed_event_by_event() {
         Some(1.0),
         "an active stream while it flows"
     );
-    let r = &requests(&node, 1)[0];
+    let r = &node.wait_requests(1)[0];
     assert_eq!(r["usage"]["output_tokens"], OPENAI_USAGE.output, "{r}");
     assert_eq!(
         metric(&node.metrics(), "tollgate_active_streams"),

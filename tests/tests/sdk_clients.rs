@@ -67,18 +67,6 @@ fn run_python(node: &TestNode, python: &std::path::Path, script: &str) -> serde_
     run_app(node, cmd)
 }
 
-fn requests(node: &TestNode, n: usize) -> Vec<serde_json::Value> {
-    wait_until(Duration::from_secs(5), || {
-        let r: Vec<_> = node
-            .connections()
-            .into_iter()
-            .filter(|r| r["kind"] == "request")
-            .collect();
-        (r.len() >= n).then_some(r)
-    })
-    .unwrap_or_else(|| panic!("expected {n} request records: {:?}", node.connections()))
-}
-
 fn assert_recorded(
     recs: &[serde_json::Value],
     provider: &str,
@@ -120,7 +108,7 @@ fn python_openai_sdk() {
     assert_eq!(got["prompt_tokens"], OPENAI_USAGE.input);
     assert_eq!(got["stream_prompt_tokens"], OPENAI_USAGE.input);
     assert_recorded(
-        &requests(&node, 2),
+        &node.wait_requests(2),
         "openai",
         &pod.uid,
         OPENAI_USAGE.input,
@@ -207,7 +195,7 @@ fn python_anthropic_sdk() {
     assert_eq!(got["stream_output_tokens"], ANTHROPIC_USAGE.output);
     let input = ANTHROPIC_USAGE.input + ANTHROPIC_USAGE.cached;
     assert_recorded(
-        &requests(&node, 2),
+        &node.wait_requests(2),
         "anthropic",
         &pod.uid,
         input,
@@ -273,7 +261,7 @@ fn node_openai_sdk() {
     assert_eq!(got["stream_text"], STREAM_WORDS.concat());
     assert_eq!(got["stream_prompt_tokens"], OPENAI_USAGE.input);
     assert_recorded(
-        &requests(&node, 2),
+        &node.wait_requests(2),
         "openai",
         &pod.uid,
         OPENAI_USAGE.input,

@@ -28,17 +28,11 @@ fn caps(status_file: &str, field: &str) -> u64 {
 }
 
 fn terminated_call(node: &TestNode, pod: usize, auth: &str) -> String {
-    let out = node.pods[pod]
-        .https_post_command(
-            &node.node_ca_cert(),
-            PROVIDER_HOST,
-            "/v1/chat/completions",
-            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
-        )
-        .args(["-i", "-H", &format!("authorization: Bearer {auth}")])
-        .output()
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    node.pods[pod].chat(
+        &node.node_ca_cert(),
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+        &["-H", &format!("authorization: Bearer {auth}")],
+    )
 }
 
 #[test]

@@ -11,24 +11,9 @@ use tollgate_tests::{
     TestNode,
     mock_llm::OPENAI_USAGE,
     node::{PROVIDER_HOST, TLS_PORT},
-    process::wait_until,
+    process::{fd_count, status_field, wait_until},
     require_privileged,
 };
-
-fn proc_field(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
 
 #[test]
 fn soak_loses_no_record_and_no_token() {
@@ -54,7 +39,7 @@ fn soak_loses_no_record_and_no_token() {
     };
     node.start_agent(&policy(0));
     let pid = node.agent.as_ref().unwrap().pid();
-    let (fds_before, rss_before) = (fds(pid), proc_field(pid, "VmRSS:"));
+    let (fds_before, rss_before) = (fd_count(pid), status_field(pid, "VmRSS:"));
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = {
@@ -152,14 +137,14 @@ fn soak_loses_no_record_and_no_token() {
     // Descriptors come back once the client's connections are gone; memory
     // stays within a generous bound (allocator caches make it noisy).
     let settled = wait_until(Duration::from_secs(10), || {
-        (fds(pid) <= fds_before + 8).then_some(())
+        (fd_count(pid) <= fds_before + 8).then_some(())
     });
     assert!(
         settled.is_some(),
         "descriptors: {fds_before} before, {} after",
-        fds(pid)
+        fd_count(pid)
     );
-    let rss_after = proc_field(pid, "VmRSS:");
+    let rss_after = status_field(pid, "VmRSS:");
     eprintln!("agent RSS {rss_before} KiB → {rss_after} KiB");
     assert!(
         rss_after < rss_before + 64 * 1024,

@@ -250,20 +250,30 @@ pub fn sweep_leftovers() {
     if !is_root() {
         return;
     }
+    // Names carry the creating test process's pid (`tgt-<pid>x<n>…`,
+    // `tollgate-test-<pid>x<n>`): a run still going (another terminal, a
+    // soak) is left alone.
+    let leftover = |name: &str, prefix: &str| {
+        let Some(rest) = name.strip_prefix(prefix) else {
+            return false;
+        };
+        let pid = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap_or("");
+        pid.is_empty() || !Path::new("/proc").join(pid).exists()
+    };
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
-            if name.starts_with("tgt-") {
+            if leftover(name, "tgt-") {
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
         }
     }
     if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
         for e in rd.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("tollgate-test-")
-            {
+            if leftover(&e.file_name().to_string_lossy(), "tollgate-test-") {
                 let _ = Command::new("rm").arg("-rf").arg(e.path()).status();
             }
         }
@@ -278,10 +288,7 @@ pub fn sweep_leftovers() {
         if let Some(mount) = mount {
             if let Ok(rd) = std::fs::read_dir(&mount) {
                 for e in rd.flatten() {
-                    if e.file_name()
-                        .to_string_lossy()
-                        .starts_with("tollgate-test-")
-                    {
+                    if leftover(&e.file_name().to_string_lossy(), "tollgate-test-") {
                         let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
                         let _ = Command::new("sh")
                             .arg("-c")

@@ -1,0 +1,11 @@
+//! Helpers shared by the fuzz targets.
+use tollgate_agent::providers::Api;
+
+/// The provider API a fuzz input's selector byte picks.
+pub fn api(selector: u8) -> Api {
+    match selector % 3 {
+        0 => Api::Openai,
+        1 => Api::Anthropic,
+        _ => Api::Gemini,
+    }
+}
