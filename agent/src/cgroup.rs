@@ -38,25 +38,48 @@ pub enum CgroupError {
 
 /// Find the cgroup2 mount point. Hybrid hosts mount v1 controllers at
 /// /sys/fs/cgroup and v2 at /sys/fs/cgroup/unified, so never assume a path.
-pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+/// `near`: an absolute `cgroup_root`; the cgroup2 mount that holds it wins
+/// (in a DaemonSet the host's hierarchy is a hostPath at /host/cgroup,
+/// beside the container's own at /sys/fs/cgroup).
+pub fn cgroup2_mount(near: Option<&Path>) -> Result<PathBuf, CgroupError> {
     let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
         path: "/proc/self/mountinfo".into(),
         source,
     })?;
-    find_cgroup2_in_mountinfo(&text).ok_or(CgroupError::NoCgroup2)
+    pick_cgroup2_mount(&text, near).ok_or(CgroupError::NoCgroup2)
+}
+
+/// The cgroup2 mount holding `near` (the longest such), else the first.
+fn pick_cgroup2_mount(text: &str, near: Option<&Path>) -> Option<PathBuf> {
+    let mounts = cgroup2_mounts(text);
+    near.and_then(|n| {
+        mounts
+            .iter()
+            .filter(|m| n.starts_with(m))
+            .max_by_key(|m| m.as_os_str().len())
+            .cloned()
+    })
+    .or_else(|| mounts.into_iter().next())
 }
 
 /// mountinfo lines: `id parent maj:min root mountpoint opts [optional…] - fstype source superopts`.
+fn cgroup2_mounts(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            if fstype != "cgroup2" {
+                return None;
+            }
+            let mount = left.split_whitespace().nth(4)?;
+            Some(PathBuf::from(unescape_mountinfo(mount)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
 fn find_cgroup2_in_mountinfo(text: &str) -> Option<PathBuf> {
-    text.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        if fstype != "cgroup2" {
-            return None;
-        }
-        let mount = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mount)))
-    })
+    pick_cgroup2_mount(text, None)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal `\NNN`.
@@ -242,6 +265,28 @@ mod tests {
         assert_eq!(
             find_cgroup2_in_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
             None
+        );
+    }
+
+    #[test]
+    fn the_mount_holding_an_absolute_root_wins() {
+        // A DaemonSet pod: its own cgroup namespace at /sys/fs/cgroup, the
+        // host's hierarchy as a hostPath at /host/cgroup.
+        let mi = "\
+29 23 0:26 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw
+41 23 0:26 / /host/cgroup ro - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            pick_cgroup2_mount(mi, Some(Path::new("/host/cgroup/kubepods.slice"))),
+            Some(PathBuf::from("/host/cgroup"))
+        );
+        assert_eq!(
+            pick_cgroup2_mount(mi, Some(Path::new("/elsewhere"))),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            pick_cgroup2_mount(mi, None),
+            Some(PathBuf::from("/sys/fs/cgroup"))
         );
     }
 

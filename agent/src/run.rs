@@ -46,7 +46,8 @@ const BUDGET_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     preflight::check_privileges()?;
     preflight::raise_nofile_limit();
-    let mount = cgroup::cgroup2_mount()?;
+    let root_hint = std::path::Path::new(&config.cgroup_root);
+    let mount = cgroup::cgroup2_mount(root_hint.is_absolute().then_some(root_hint))?;
     let root = CgroupRoot::resolve(&config.cgroup_root, &mount)?;
     tracing::info!(cgroup = %root.path.display(), host_mode = root.host_mode, "governing cgroup subtree");
 
