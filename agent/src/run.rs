@@ -83,7 +83,8 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     let events = EventLog::open(&config.audit, &config.node_name())?;
     let pods = Arc::new(crate::pods::PodDirectory::new());
     let mut identity = IdentityCache::new(&root.path, &mount);
-    let kube_client = if config.kubernetes.enabled() {
+    let kube_on = config.kubernetes.enabled();
+    let kube_client = if kube_on {
         identity = identity.with_pods(pods.clone(), config.kubernetes.metadata_wait);
         Some(crate::pods::watch::client(&config.kubernetes).await?)
     } else {
@@ -197,7 +198,6 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         let ev = ctx.events.clone();
         let (b1, b2, live2) = (budgets.clone(), budgets.clone(), live.clone());
         let (pods1, pods2) = (pods.clone(), pods.clone());
-        let kube_on = config.kubernetes.enabled();
         let hooks = Arc::new(crate::telemetry::metrics::Hooks {
             before_scrape: Box::new(move || {
                 mt.audit_dropped.set(ev.dropped() as i64);

@@ -98,13 +98,12 @@ impl PodDirectory {
 
     /// Add or update a pod.
     pub fn upsert(&self, mut meta: PodMeta) {
-        meta.serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
-        let uid = meta.uid.clone();
         let mut pods = self.pods.write().unwrap();
-        if pods.get(&uid).is_some_and(|old| same(old, &meta)) {
+        if pods.get(&meta.uid).is_some_and(|old| same(old, &meta)) {
             return;
         }
-        pods.insert(uid, Arc::new(meta));
+        meta.serial = self.serial.fetch_add(1, Ordering::Relaxed) + 1;
+        pods.insert(meta.uid.clone(), Arc::new(meta));
         drop(pods);
         self.changed.notify_waiters();
     }
@@ -124,22 +123,24 @@ impl PodDirectory {
         }
     }
 
-    /// A complete listing (after a (re)connect): pods not in it were deleted
-    /// while the watch was away.
-    pub fn replace_all(&self, listed: Vec<PodMeta>) {
-        let keep: std::collections::HashSet<String> =
-            listed.iter().map(|p| p.uid.clone()).collect();
+    /// A complete listing (after a (re)connect) has been upserted; `listed`
+    /// are its UIDs. Pods not in it were deleted while the watch was away.
+    pub fn listing_complete(&self, listed: &std::collections::HashSet<String>) {
+        let tombstoned: std::collections::HashSet<String> = self
+            .removed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, u)| u.clone())
+            .collect();
         let gone: Vec<String> = self
             .pods
             .read()
             .unwrap()
             .keys()
-            .filter(|u| !keep.contains(*u))
+            .filter(|u| !listed.contains(*u) && !tombstoned.contains(*u))
             .cloned()
             .collect();
-        for p in listed {
-            self.upsert(p);
-        }
         for uid in gone {
             self.remove(&uid);
         }
@@ -213,10 +214,14 @@ mod tests {
         dir.upsert(meta("u1", "a", "p1"));
         dir.upsert(meta("u2", "a", "p2"));
         assert!(!dir.synced());
-        dir.replace_all(vec![meta("u2", "a", "p2")]);
+        dir.upsert(meta("u2", "a", "p2"));
+        dir.listing_complete(&["u2".to_string()].into());
         assert!(dir.synced());
         // Still attributable during the grace period.
         assert!(dir.get("u1").is_some());
+        // Another relist does not mark it deleted twice.
+        dir.listing_complete(&["u2".to_string()].into());
+        assert_eq!(dir.removed.lock().unwrap().len(), 1);
         // An unchanged pod keeps its serial (the policy memo stays valid).
         let s = dir.get("u2").unwrap().serial;
         dir.upsert(meta("u2", "a", "p2"));

@@ -79,7 +79,7 @@ pub async fn run(
     let wc = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let stream = watcher::watcher(api, wc).default_backoff();
     futures::pin_mut!(stream);
-    let mut listing = Vec::new();
+    let mut listing = std::collections::HashSet::new();
     let mut failing = false;
     while let Some(event) = stream.next().await {
         let event = match event {
@@ -104,13 +104,13 @@ pub async fn run(
                 if let Some(m) = meta_of(&pod, &owners).await {
                     // Known at once (a connection may be waiting for it);
                     // deletions are settled when the listing is complete.
-                    dir.upsert(m.clone());
-                    listing.push(m);
+                    listing.insert(m.uid.clone());
+                    dir.upsert(m);
                 }
             }
             Event::InitDone => {
                 let n = listing.len();
-                dir.replace_all(std::mem::take(&mut listing));
+                dir.listing_complete(&std::mem::take(&mut listing));
                 tracing::info!(node = %node, pods = n, "pod metadata synced");
             }
             Event::Apply(pod) => {
