@@ -39,6 +39,19 @@ impl Netns {
         run_ok(&mut c);
     }
 
+    /// Wait up to `timeout` until a UDP socket listens on `addr` (`ip:port`)
+    /// here, e.g. a DNS server that has started.
+    pub fn wait_udp_listener(&self, addr: &str, timeout: std::time::Duration) -> bool {
+        crate::process::wait_until(timeout, || {
+            let out = self.command("ss").args(["-Hlun"]).output().ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.split_whitespace().nth(3) == Some(addr))
+                .then_some(())
+        })
+        .is_some()
+    }
+
     /// A TCP listener bound inside this namespace by the calling process
     /// (a socket stays in the namespace it was created in, whichever thread
     /// later serves it): for test servers the namespace's processes reach.

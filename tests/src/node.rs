@@ -245,17 +245,11 @@ impl TestNode {
                 .stderr(Stdio::null()),
         );
         self.dns = Some(dns);
-        // Wait until it answers.
-        let ready = wait_until(Duration::from_secs(5), || {
-            let out = self
-                .node
-                .command("ss")
-                .args(["-Hlun", "sport = :53"])
-                .output()
-                .ok()?;
-            (!out.stdout.is_empty()).then_some(())
-        });
-        assert!(ready.is_some(), "dnsmasq did not start");
+        assert!(
+            self.node
+                .wait_udp_listener("127.0.0.1:53", Duration::from_secs(5)),
+            "dnsmasq did not start"
+        );
     }
 
     /// Agent config for this node; `extra` is YAML merged over it (nested

@@ -7,7 +7,7 @@ use std::{fs, process::Stdio, time::Duration};
 use tollgate_tests::{
     TestNode,
     node::{NODE_UPSTREAM_V4, PROVIDER_HOST, PROVIDER_PORT, UPSTREAM_V4_ALT, peer_ip},
-    process::{Proc, wait_until},
+    process::Proc,
     require_privileged,
 };
 
@@ -83,18 +83,11 @@ fn first_connection_to_an_address_only_the_pod_resolved_is_redirected() {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let up = wait_until(Duration::from_secs(5), || {
-        let out = node
-            .node
-            .command("ss")
-            .args(["-Hlun", "sport = :53"])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .contains(&gateway)
-            .then_some(())
-    });
-    assert!(up.is_some(), "pod DNS server did not start");
+    assert!(
+        node.node
+            .wait_udp_listener(&format!("{gateway}:53"), Duration::from_secs(5)),
+        "pod DNS server did not start"
+    );
 
     // First connection after the pod resolved the name: redirected.
     let answer = curl_with_dns(
