@@ -52,8 +52,33 @@ pub enum Fault {
 
 /// Replaced in each `mock-timed` piece by the time it is sent (`monotonic_ns`).
 pub const SENT_NS: &str = "{SENT_NS}";
-/// Pieces of a `mock-timed` stream.
+/// Pieces of a `mock-timed` stream (`mock-timed-<pieces>x<ms>` chooses).
 pub const TIMED_CHUNKS: usize = 20;
+
+/// `mock-timed` (TIMED_CHUNKS pieces 1 ms apart) or `mock-timed-<N>x<ms>`:
+/// pieces and the pause between them.
+fn timed(model: &str) -> Option<(usize, std::time::Duration)> {
+    let rest = model.strip_prefix("mock-timed")?;
+    if rest.is_empty() {
+        return Some((TIMED_CHUNKS, std::time::Duration::from_millis(1)));
+    }
+    let (n, ms) = rest.strip_prefix('-')?.split_once('x')?;
+    Some((
+        n.parse::<usize>().ok()?.min(10_000),
+        std::time::Duration::from_millis(ms.parse::<u64>().ok()?.min(10_000)),
+    ))
+}
+
+/// The benchmarks' chat completion: a realistic size (~1 KiB); `mock-2k` answers ~2 KiB.
+pub const BENCH_CHAT: &str = concat!(
+    r#"{"model":"mock-2k","temperature":0.2,"max_tokens":400,"messages":["#,
+    r#"{"role":"system","content":"You are a support assistant for an online shop. Answer in two or three short paragraphs, cite the order number when the customer gives one, never invent tracking numbers, and hand over to a human when the customer asks for a refund above the automatic limit or mentions a legal complaint. Keep a friendly, plain tone."},"#,
+    r#"{"role":"user","content":"Hello, I ordered a pair of running shoes last Tuesday (order 4471-2290) and the tracking page still says label created. The confirmation mail promised delivery within three working days. Could you tell me whether the parcel has left the warehouse, and if it has not, whether I can still change the size from 42 to 43 before it ships? I also noticed that the invoice lists the grey model while I picked the blue one, so please check which colour is actually packed. If the size change is no longer possible, what is the easiest way to exchange them after delivery? Thanks a lot."}"#,
+    r#"]}"#
+);
+
+/// Prose repeated into the `mock-2k` answer.
+const BENCH_ANSWER: &str = "The mock provider answers this benchmark call with ordinary prose. ";
 
 /// CLOCK_MONOTONIC in ns: one clock for every process and namespace here.
 pub fn monotonic_ns() -> u64 {
@@ -95,17 +120,27 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
             chunk_delay: CHUNK_DELAY,
         });
     }
-    if model == "mock-timed" {
-        // TIMED_CHUNKS content events stamped with their send time, then usage.
+    if let Some((chunks, delay)) = timed(model) {
+        // Content events stamped with their send time, then stop and usage.
+        // The stamp is in the content too (`t<ns>`), so it survives gateways
+        // that re-serialise chunks and drop unknown fields.
         let mut r = openai_stream(true);
-        let stamped = |w: usize| {
+        let stamped = |_| {
             format!(
-                "data: {{\"id\":\"chatcmpl-timed\",\"object\":\"chat.completion.chunk\",\"model\":\"{OPENAI_MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"w{w} \"}},\"finish_reason\":null}}],\"sent_ns\":{SENT_NS}}}\n\n"
+                "data: {{\"id\":\"chatcmpl-timed\",\"object\":\"chat.completion.chunk\",\"created\":1741570283,\"model\":\"{OPENAI_MODEL}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"t{SENT_NS} \"}},\"finish_reason\":null}}],\"sent_ns\":{SENT_NS}}}\n\n"
             )
         };
         let tail = r.chunks.split_off(r.chunks.len() - 3); // stop, usage, [DONE]
-        r.chunks = (0..TIMED_CHUNKS).map(stamped).chain(tail).collect();
-        r.chunk_delay = std::time::Duration::from_millis(1);
+        r.chunks = (0..chunks).map(stamped).chain(tail).collect();
+        r.chunk_delay = delay;
+        return Some(r);
+    }
+    if model == "mock-2k" && !stream {
+        // A realistic answer size (~2 KiB of JSON) for the benchmarks.
+        let mut r = openai_json();
+        let mut body: serde_json::Value = serde_json::from_str(&r.chunks[0]).unwrap();
+        body["choices"][0]["message"]["content"] = BENCH_ANSWER.repeat(22).into();
+        r.chunks = vec![body.to_string()];
         return Some(r);
     }
     if model == "mock-slow" {
@@ -314,5 +349,37 @@ fn anthropic_stream() -> MockResponse {
         content_type: "text/event-stream; charset=utf-8",
         chunks,
         chunk_delay: CHUNK_DELAY,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timed_streams_are_shaped_by_their_model_name() {
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(timed("mock-timed"), Some((TIMED_CHUNKS, ms(1))));
+        assert_eq!(timed("mock-timed-200x10"), Some((200, ms(10))));
+        assert_eq!(timed("mock-timed-x10"), None);
+        assert_eq!(timed("gpt-4o"), None);
+        let body = br#"{"model":"mock-timed-3x0","stream":true}"#;
+        let r = respond("/v1/chat/completions", body).unwrap();
+        // 3 stamped pieces, then stop, usage, [DONE]
+        assert_eq!(r.chunks.len(), 6);
+        assert!(r.chunks[0].contains(&format!("\"content\":\"t{SENT_NS} \"")));
+    }
+
+    #[test]
+    fn the_benchmark_answer_is_about_two_kib() {
+        let r = respond("/v1/chat/completions", br#"{"model":"mock-2k"}"#).unwrap();
+        let len = r.chunks[0].len();
+        assert!((1800..2600).contains(&len), "{len} bytes");
+        assert!(
+            (900..1300).contains(&BENCH_CHAT.len()),
+            "{} bytes",
+            BENCH_CHAT.len()
+        );
+        let _: serde_json::Value = serde_json::from_str(BENCH_CHAT).unwrap();
     }
 }
