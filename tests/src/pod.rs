@@ -91,7 +91,19 @@ impl Pod {
     /// /etc/hosts maps the provider names to the provider address (what the
     /// pod's DNS would answer), so SDKs resolve their default base URLs.
     pub fn app(&self, hosts_file: &std::path::Path, program: &str, args: &[&str]) -> Command {
-        let mut c = self.netns.command_in_cgroup("unshare", Some(&self.cgroup));
+        self.app_in(&self.cgroup, hosts_file, program, args)
+    }
+
+    /// The same, in another cgroup of the pod's namespace (e.g. one outside
+    /// the governed subtree).
+    pub fn app_in(
+        &self,
+        cgroup: &std::path::Path,
+        hosts_file: &std::path::Path,
+        program: &str,
+        args: &[&str],
+    ) -> Command {
+        let mut c = self.netns.command_in_cgroup("unshare", Some(cgroup));
         c.args(["--mount", "--propagation", "private", "sh", "-c"])
             .arg(format!(
                 "mount --bind {} /etc/hosts && exec \"$@\"",

@@ -9,9 +9,10 @@
 //!       the earlier ones are doing, so a stall is not hidden; latency from
 //!       its send, since the timer wakes it up to 1 ms late), over pooled HTTP/1.1 keep-alive
 //!       connections or one new TCP+TLS connection per request.
-//!   stream COUNT                       COUNT sequential `mock-timed` streams:
-//!       each event carries the mock's send time, so its arrival shows the
-//!       relay delay of every chunk.
+//!   stream COUNT CONCURRENT MODEL      COUNT `mock-timed-…` streams (MODEL
+//!       names pieces and pace), CONCURRENT at a time: each event carries the
+//!       mock's send time in its content, so its arrival shows the relay
+//!       delay of every chunk, whatever a gateway re-serialises.
 //!   hold CONNS                         open CONNS keep-alive connections (one
 //!       request each), print `held N`, keep them until stdin closes.
 //! Prints one JSON object (latencies in ns). HTTP/1.1 towards the target,
@@ -38,15 +39,14 @@ use hyper_util::{
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
-use tollgate_tests::mock_llm::monotonic_ns;
+use tollgate_tests::mock_llm::{BENCH_CHAT, monotonic_ns};
 
-const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}"#;
-const TIMED: &str = r#"{"model":"mock-timed","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"Say hello"}]}"#;
+const CHAT: &str = BENCH_CHAT;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: tollgate-bench-http ADDR:PORT HOST CA_PEM (rate RPS SECONDS keepalive|fresh | stream COUNT | hold CONNS)";
+    let usage = "usage: tollgate-bench-http ADDR:PORT HOST CA_PEM (rate RPS SECONDS keepalive|fresh | stream COUNT CONCURRENT MODEL | hold CONNS)";
     assert!(args.len() >= 5, "{usage}");
     raise_nofile();
     let target = Target {
@@ -65,7 +65,13 @@ async fn main() {
             )
             .await
         }
-        "stream" => stream(&target, n(4)).await,
+        "stream" => {
+            let model = args.get(6).expect(usage);
+            let body = format!(
+                r#"{{"model":"{model}","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"Count slowly."}}]}}"#
+            );
+            stream(&target, n(4), n(5), body).await
+        }
         "hold" => hold(&target, n(4)).await,
         _ => panic!("{usage}"),
     };
@@ -92,11 +98,7 @@ impl Target {
     }
 
     fn post(&self, body: &'static str) -> Request<Full<Bytes>> {
-        Request::post(format!("https://{}/v1/chat/completions", self.host))
-            .header("content-type", "application/json")
-            .header("authorization", "Bearer sk-bench")
-            .body(Full::new(Bytes::from_static(body.as_bytes())))
-            .unwrap()
+        chat_request(&self.host, Bytes::from_static(body.as_bytes()))
     }
 }
 
@@ -121,10 +123,16 @@ async fn rate(t: &Target, rps: u64, seconds: u64, fresh: bool) -> serde_json::Va
         let (client, req, tx) = (client.clone(), t.post(CHAT), tx.clone());
         tokio::spawn(async move {
             let sent = Instant::now();
-            let ok = match client.request(req).await {
-                Ok(r) if r.status().is_success() => r.into_body().collect().await.is_ok(),
-                _ => false,
+            // An overloaded target fails the call rather than the run.
+            let call = async {
+                match client.request(req).await {
+                    Ok(r) if r.status().is_success() => r.into_body().collect().await.is_ok(),
+                    _ => false,
+                }
             };
+            let ok = tokio::time::timeout(REQUEST_TIMEOUT, call)
+                .await
+                .unwrap_or(false);
             let _ = tx.send(ok.then(|| sent.elapsed().as_nanos() as u64));
             drop(permit);
         });
@@ -132,6 +140,7 @@ async fn rate(t: &Target, rps: u64, seconds: u64, fresh: bool) -> serde_json::Va
     drop(tx);
     let mut lat = Vec::new();
     let mut errors = overload;
+    let began = Instant::now();
     // Bounded: every task ends (the client has timeouts below the OS's).
     while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
         match r {
@@ -139,46 +148,99 @@ async fn rate(t: &Target, rps: u64, seconds: u64, fresh: bool) -> serde_json::Va
             None => errors += 1,
         }
     }
-    summary(lat, errors)
+    // Answers per second over the whole run (schedule plus the last answers).
+    let elapsed = (began.elapsed() + Duration::from_millis(50)).max(Duration::from_secs(seconds));
+    let mut out = summary(lat, errors);
+    out["rps"] = (out["count"].as_f64().unwrap_or(0.0) / elapsed.as_secs_f64()).into();
+    out
 }
 
-/// Sequential timed streams: per-event relay delay and time to first byte.
-async fn stream(t: &Target, count: u64) -> serde_json::Value {
+/// Beyond this a call counts as an error (an overloaded peer queues for long).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Timed streams, `concurrent` at a time: per-event relay delay (send by
+/// the mock → arrival here) and time to first token.
+async fn stream(t: &Target, count: u64, concurrent: u64, body: String) -> serde_json::Value {
     let client = t.client(true);
-    let (mut chunk_lat, mut ttfb, mut errors) = (Vec::new(), Vec::new(), 0u64);
     let deadline = Instant::now() + Duration::from_secs(120);
-    for _ in 0..count {
-        if Instant::now() > deadline {
-            break;
-        }
-        let started = Instant::now();
-        let Ok(resp) = client.request(t.post(TIMED)).await else {
-            errors += 1;
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrent.max(1) {
+        let (client, next, body) = (client.clone(), next.clone(), Bytes::from(body.clone()));
+        let host = t.host.clone();
+        tasks.spawn(async move {
+            let (mut chunks, mut ttft, mut errors) = (Vec::new(), Vec::new(), 0u64);
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count
+                && Instant::now() < deadline
+            {
+                let req = chat_request(&host, body.clone());
+                match tokio::time::timeout(Duration::from_secs(60), one_stream(&client, req)).await
+                {
+                    Ok(Some((c, first))) => {
+                        ttft.push(first);
+                        chunks.extend(c);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (chunks, ttft, errors)
+        });
+    }
+    let (mut chunk_lat, mut ttft, mut errors) = (Vec::new(), Vec::new(), 0u64);
+    while let Some(r) = tasks.join_next().await {
+        let (c, f, e) = r.expect("stream task");
+        chunk_lat.extend(c);
+        ttft.extend(f);
+        errors += e;
+    }
+    let mut out = summary(chunk_lat, errors);
+    out["ttft"] = summary(ttft, 0);
+    out
+}
+
+type Http = Client<Connector, Full<Bytes>>;
+
+/// A POST of `body` to the chat completions path of `host`.
+fn chat_request(host: &str, body: Bytes) -> Request<Full<Bytes>> {
+    Request::post(format!("https://{host}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-bench")
+        .body(Full::new(body))
+        .unwrap()
+}
+
+/// One stream: each stamped event's relay delay, and the time to the first.
+async fn one_stream(client: &Http, req: Request<Full<Bytes>>) -> Option<(Vec<u64>, u64)> {
+    let started = Instant::now();
+    let resp = client.request(req).await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let mut body = resp.into_body();
+    let (mut carry, mut lat, mut first) = (String::new(), Vec::new(), None);
+    while let Some(frame) = body.frame().await {
+        let now = monotonic_ns();
+        let Some(d) = frame.ok()?.into_data().ok() else {
             continue;
         };
-        ttfb.push(started.elapsed().as_nanos() as u64);
-        let mut body = resp.into_body();
-        let mut carry = String::new();
-        while let Some(Ok(frame)) = body.frame().await {
-            let now = monotonic_ns();
-            let Some(d) = frame.data_ref() else { continue };
-            carry.push_str(&String::from_utf8_lossy(d));
-            // Complete events only; a frame may hold several or half of one.
-            while let Some(end) = carry.find("\n\n") {
-                let event: String = carry.drain(..end + 2).collect();
-                if let Some(sent) = event
-                    .split("\"sent_ns\":")
-                    .nth(1)
-                    .and_then(|r| r.trim_end_matches(['}', '\n']).parse::<u64>().ok())
-                {
-                    chunk_lat.push(now.saturating_sub(sent));
-                }
+        carry.push_str(&String::from_utf8_lossy(&d));
+        // Complete events only; a frame may hold several or half of one.
+        while let Some(end) = carry.find("\n\n") {
+            let event: String = carry.drain(..end + 2).collect();
+            if let Some(sent) = stamp(&event) {
+                first.get_or_insert(started.elapsed().as_nanos() as u64);
+                lat.push(now.saturating_sub(sent));
             }
         }
     }
-    let mut out = summary(chunk_lat, errors);
-    out["ttfb"] = summary(ttfb, 0);
-    out
+    Some((lat, first?))
+}
+
+/// The mock's send time in an event's content: `"content":"t<ns> "`.
+fn stamp(event: &str) -> Option<u64> {
+    let rest = event.split("\"content\":\"t").nth(1)?;
+    let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..digits].parse().ok()
 }
 
 /// Hold `conns` idle keep-alive connections until stdin closes.
@@ -222,6 +284,7 @@ fn summary(mut v: Vec<u64>, errors: u64) -> serde_json::Value {
     serde_json::json!({
         "count": v.len(), "errors": errors,
         "p50_ns": pct(0.50), "p90_ns": pct(0.90), "p99_ns": pct(0.99),
+        "max_ns": v.last().copied().unwrap_or(0),
         "mean_ns": if v.is_empty() { 0 } else { v.iter().sum::<u64>() / v.len() as u64 },
     })
 }
@@ -318,5 +381,22 @@ impl hyper::rt::Write for Conn {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_send_stamp_is_read_from_the_content() {
+        let raw = r#"data: {"choices":[{"delta":{"content":"t18330059075518 "}}],"sent_ns":1}"#;
+        assert_eq!(super::stamp(raw), Some(18330059075518));
+        // As LiteLLM re-serialises it: other fields first, no sent_ns.
+        let gw = r#"data: {"id":"x","choices":[{"index":0,"delta":{"role":"assistant","content":"t42 "}}]}"#;
+        assert_eq!(super::stamp(gw), Some(42));
+        assert_eq!(
+            super::stamp(r#"data: {"choices":[{"delta":{"content":"hello"}}]}"#),
+            None
+        );
+        assert_eq!(super::stamp("data: [DONE]"), None);
     }
 }
