@@ -59,9 +59,11 @@ enum Cmd {
         /// Fewer iterations (for a quick look; numbers are noisier).
         #[arg(long)]
         quick: bool,
-        /// Which benchmarks: `connect` (kernel programs), `proxy` (latency
-        /// and memory of the terminating proxy), `policy` (decision cost).
-        /// Default: all.
+        /// Which benchmarks: `connect` (kernel programs), `compare` (an LLM
+        /// call direct, through Tollgate, nginx, LiteLLM and mitmproxy:
+        /// latency, throughput, CPU, memory; installs the peers on first
+        /// use), `policy` (decision cost). Default: all. Results also go to
+        /// target/bench/results.json.
         which: Vec<String>,
     },
 }
@@ -318,6 +320,9 @@ fn bench(quick: bool, which: &[String]) -> Result<()> {
     setup::run()?;
     build_bins(true)?;
     require_root("the benchmarks")?;
+    if which.is_empty() || which.iter().any(|w| w == "compare") {
+        setup::bench_peers(std::path::Path::new("target/bench"));
+    }
     setup::sweep_leftovers();
     let mut c = Command::new("target/release/tollgate-bench");
     c.env("PATH", setup::path_with_tools());

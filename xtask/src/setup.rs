@@ -63,7 +63,12 @@ pub fn run() -> Result<()> {
 }
 
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    apt_install(APT_PACKAGES)
+}
+
+/// Install the Debian packages of `packages` that are missing.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -182,6 +187,65 @@ fn cargo_fuzz() -> Result<()> {
     ]))
 }
 
+/// A virtualenv at `venv` holding exactly `packages` (pinned `name==version`,
+/// extras allowed); (re)installed when one is missing or differs.
+fn venv(venv: &Path, packages: &[&str], what: &str) -> Result<()> {
+    let check = format!(
+        "import importlib.metadata as m, sys; sys.exit(0 if all(m.version(p.split('==')[0].split('[')[0]) == p.split('==')[1] for p in {packages:?}) else 1)"
+    );
+    let ok = Command::new(venv.join("bin/python"))
+        .args(["-c", &check])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing {what} {packages:?} into {}",
+        venv.display()
+    );
+    exec(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv),
+    )?;
+    exec(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .args(packages),
+    )
+}
+
+/// What `cargo xtask bench` compares Tollgate with, pinned: Debian's nginx
+/// and wrk; LiteLLM proxy and mitmproxy from PyPI, each in its own
+/// virtualenv under target/bench (their dependencies conflict: together,
+/// pip settles on a 2015 mitmproxy). mitmproxy 11.0 is the last release for
+/// this machine's Python 3.11.
+const BENCH_APT: &[&str] = &["nginx", "wrk"];
+const LITELLM: &[&str] = &["litellm[proxy]==1.108.7"];
+const MITMPROXY: &[&str] = &["mitmproxy==11.0.2"];
+
+/// Install the benchmark peers; each failure is reported and skipped (the
+/// benchmark then says which peer it could not measure, and why).
+pub fn bench_peers(dir: &Path) {
+    let steps: [(&str, Box<dyn Fn() -> Result<()>>); 3] = [
+        ("nginx and wrk", Box::new(|| apt_install(BENCH_APT))),
+        (
+            "LiteLLM",
+            Box::new(|| venv(&dir.join("litellm"), LITELLM, "LiteLLM proxy")),
+        ),
+        (
+            "mitmproxy",
+            Box::new(|| venv(&dir.join("mitmproxy"), MITMPROXY, "mitmproxy")),
+        ),
+    ];
+    for (what, step) in steps {
+        if let Err(e) = step() {
+            eprintln!("setup: could not install {what} for the benchmarks: {e:#}");
+        }
+    }
+}
+
 /// Where the SDK clients live: <workspace>/target/e2e.
 pub fn e2e_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e")
@@ -189,29 +253,7 @@ pub fn e2e_dir() -> std::path::PathBuf {
 
 fn sdk_clients() -> Result<()> {
     let dir = e2e_dir();
-    let check = format!(
-        "import importlib.metadata as m, sys; sys.exit(0 if all(m.version(p.split('==')[0]) == p.split('==')[1] for p in {PY_CLIENTS:?}) else 1)"
-    );
-    let py_ok = Command::new(dir.join("venv/bin/python"))
-        .args(["-c", &check])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !py_ok {
-        eprintln!(
-            "setup: installing Python SDK clients {PY_CLIENTS:?} into {}",
-            dir.join("venv").display()
-        );
-        exec(
-            Command::new("/usr/bin/python3")
-                .args(["-m", "venv"])
-                .arg(dir.join("venv")),
-        )?;
-        exec(
-            Command::new(dir.join("venv/bin/pip"))
-                .args(["install", "-q", "--disable-pip-version-check"])
-                .args(PY_CLIENTS),
-        )?;
-    }
+    venv(&dir.join("venv"), PY_CLIENTS, "Python SDK clients")?;
     let node_dir = dir.join("node");
     let npm_ok = NPM_CLIENTS.iter().all(|spec| {
         let (name, version) = spec.rsplit_once('@').expect("name@version");

@@ -19,7 +19,7 @@ use crate::{median, sibling, us};
 
 /// Print the connect() table. `ungoverned`: a cgroup of the pod's namespace
 /// outside the governed subtree.
-pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) {
+pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
     let (n_local, n_provider) = if quick { (2_000, 300) } else { (20_000, 2_000) };
     let bench = |node: &TestNode, cgroup: &Path, target: &str, n: usize| -> Value {
         let pod = &node.pods[0];
@@ -104,4 +104,8 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) {
     println!(
         "because after the rewrite that is what it is; the network path to the real provider is saved, not added."
     );
+    serde_json::json!({
+        "baseline": base, "noise_floor": again,
+        "attached_non_provider": attached, "provider_redirected": provider,
+    })
 }

@@ -2,14 +2,17 @@
 //! measured in the same run on the same machine, in one test node:
 //!
 //! * `connect` — the connect() cost of the kernel programs;
-//! * `proxy` — what the terminating proxy adds to an LLM call (latency at a
-//!   fixed rate, per streamed chunk) and what it holds in memory;
+//! * `compare` — an LLM call direct, through Tollgate, nginx, LiteLLM and
+//!   mitmproxy: latency at fixed rates, saturation throughput, new TLS
+//!   connections, streamed chunks, idle connections; CPU and memory;
 //! * `policy` — the cost of a policy decision with many rules and workloads.
 //!
-//! Usage: tollgate-bench [--quick] [connect|proxy|policy]…  (default: all)
+//!
+//! Usage: tollgate-bench [--quick] [connect|compare|policy]…  (default: all)
+//! Writes target/bench/results.json beside the printed tables.
+mod compare;
 mod connect;
 mod policy;
-mod proxy;
 
 use serde_json::Value;
 use tollgate_tests::{TestNode, require_privileged};
@@ -24,8 +27,8 @@ fn main() {
         .collect();
     for p in &picked {
         assert!(
-            ["connect", "proxy", "policy"].contains(p),
-            "unknown benchmark `{p}`: choose connect, proxy, policy (default: all)"
+            ["connect", "compare", "policy"].contains(p),
+            "unknown benchmark `{p}`: choose connect, compare, policy (default: all)"
         );
     }
     if std::env::var_os("TOLLGATE_LOG").is_none() {
@@ -34,12 +37,30 @@ fn main() {
         unsafe { std::env::set_var("TOLLGATE_LOG", "info") };
     }
     let wants = |name: &str| picked.is_empty() || picked.contains(&name);
+    let mut results = serde_json::json!({
+        "mode": if quick { "quick" } else { "full" },
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    });
     if wants("policy") {
         policy::run(quick);
     }
-    if !wants("connect") && !wants("proxy") {
-        return;
+    if wants("connect") || wants("compare") {
+        node_benchmarks(quick, &wants, &mut results);
     }
+    let path = compare::peers_dir().join("results.json");
+    let _ = std::fs::create_dir_all(compare::peers_dir());
+    std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap())
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    println!(
+        "
+results: {}",
+        path.display()
+    );
+}
+
+/// The benchmarks that need a test node (root).
+fn node_benchmarks(quick: bool, wants: &dyn Fn(&str) -> bool, results: &mut Value) {
     if !require_privileged("bench") {
         std::process::exit(1);
     }
@@ -49,17 +70,20 @@ fn main() {
     let ungoverned = node.cgroups.mkdir("ungoverned.scope");
     // TOLLGATE_BENCH_AGENT_CONFIG: YAML merged into the agent's config, to
     // compare settings (e.g. `proxy: {worker_threads: 1}`).
-    node.start_agent(&std::env::var("TOLLGATE_BENCH_AGENT_CONFIG").unwrap_or_default());
+    node.start_agent(&tollgate_tests::yaml::merge_yaml(
+        compare::BENCH_POLICY,
+        &std::env::var("TOLLGATE_BENCH_AGENT_CONFIG").unwrap_or_default(),
+    ));
     println!(
         "Tollgate benchmarks, {} mode ({} CPUs). Baselines run in the same node, interleaved with what they are compared to.",
         if quick { "quick" } else { "full" },
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if wants("connect") {
-        connect::run(&node, &ungoverned, quick);
+        results["connect"] = connect::run(&node, &ungoverned, quick);
     }
-    if wants("proxy") {
-        proxy::run(&node, &ungoverned, quick);
+    if wants("compare") {
+        results["compare"] = compare::run(&node, &ungoverned, quick);
     }
 }
 
