@@ -55,6 +55,13 @@ enum Cmd {
     /// into deploy/manifests/tollgate.yaml, the plain manifests.
     Manifests,
     /// Run the benchmarks and print each number beside its baseline.
+    #[command(after_help = "Environment:\n  \
+        TOLLGATE_BENCH_SYSTEMS=tollgate,nginx     compare only these (direct is always measured)\n  \
+        TOLLGATE_BENCH_SCENARIOS=rate_200,…       only these: rate_200 rate_1000 saturation fresh_tls streaming idle\n  \
+        TOLLGATE_BENCH_CHUNK_MS=10                pause between streamed chunks\n  \
+        TOLLGATE_BENCH_AGENT_CONFIG='proxy: {worker_threads: 1}'   YAML merged into the agent's config\n  \
+        TOLLGATE_BENCH_PROFILE=1                  perf profile of the agent per scenario (target/bench/profile-*.txt)\n\n\
+        Needs root. Load stays on loopback and the test node's own addresses.")]
     Bench {
         /// Fewer iterations (for a quick look; numbers are noisier).
         #[arg(long)]

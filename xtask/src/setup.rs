@@ -221,7 +221,7 @@ fn venv(venv: &Path, packages: &[&str], what: &str) -> Result<()> {
 /// virtualenv under target/bench (their dependencies conflict: together,
 /// pip settles on a 2015 mitmproxy). mitmproxy 11.0 is the last release for
 /// this machine's Python 3.11.
-const BENCH_APT: &[&str] = &["nginx", "wrk"];
+const BENCH_APT: &[&str] = &["nginx", "wrk", "linux-perf"]; // linux-perf: TOLLGATE_BENCH_PROFILE
 const LITELLM: &[&str] = &["litellm[proxy]==1.108.7"];
 const MITMPROXY: &[&str] = &["mitmproxy==11.0.2"];
 
@@ -229,7 +229,7 @@ const MITMPROXY: &[&str] = &["mitmproxy==11.0.2"];
 /// benchmark then says which peer it could not measure, and why).
 pub fn bench_peers(dir: &Path) {
     let steps: [(&str, Box<dyn Fn() -> Result<()>>); 3] = [
-        ("nginx and wrk", Box::new(|| apt_install(BENCH_APT))),
+        ("nginx, wrk and perf", Box::new(|| apt_install(BENCH_APT))),
         (
             "LiteLLM",
             Box::new(|| venv(&dir.join("litellm"), LITELLM, "LiteLLM proxy")),
