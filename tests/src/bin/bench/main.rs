@@ -92,25 +92,69 @@ pub fn sibling(name: &str) -> std::path::PathBuf {
     std::env::current_exe().unwrap().with_file_name(name)
 }
 
-/// Per-field median over rounds (count and errors summed).
+/// Rounds of one measurement combined: every numeric field's median, but
+/// counts and errors summed and peaks the largest; nested objects (e.g. a
+/// stream's time to first token) likewise; other fields from the first round.
 pub fn median(rounds: &[Value]) -> Value {
-    let field = |k: &str| {
-        let mut v: Vec<u64> = rounds.iter().map(|r| r[k].as_u64().unwrap_or(0)).collect();
-        v.sort_unstable();
-        v[v.len() / 2]
+    let Some(first) = rounds.first() else {
+        return Value::Null;
     };
-    let sum = |k: &str| {
-        rounds
-            .iter()
-            .map(|r| r[k].as_u64().unwrap_or(0))
-            .sum::<u64>()
+    let Some(obj) = first.as_object() else {
+        return first.clone();
     };
-    serde_json::json!({
-        "count": sum("count"), "errors": sum("errors"),
-        "p50_ns": field("p50_ns"), "p99_ns": field("p99_ns"), "mean_ns": field("mean_ns"),
-    })
+    let mut out = serde_json::Map::new();
+    for (k, v) in obj {
+        let all: Vec<&Value> = rounds.iter().map(|r| &r[k]).collect();
+        let combined = if v.is_object() {
+            median(&all.into_iter().cloned().collect::<Vec<_>>())
+        } else if v.is_number() {
+            let mut n: Vec<f64> = all.iter().filter_map(|x| x.as_f64()).collect();
+            n.sort_by(f64::total_cmp);
+            let pick = match k.as_str() {
+                "count" | "errors" => n.iter().sum(),
+                k if k.starts_with("peak") => n.last().copied().unwrap_or(0.0),
+                _ => n[n.len() / 2],
+            };
+            // Integers stay integers (latencies in ns, counts).
+            if v.is_u64() {
+                json_u64(pick)
+            } else {
+                pick.into()
+            }
+        } else {
+            v.clone()
+        };
+        out.insert(k.clone(), combined);
+    }
+    Value::Object(out)
+}
+
+fn json_u64(v: f64) -> Value {
+    (v.max(0.0).round() as u64).into()
 }
 
 pub fn us(v: &Value) -> f64 {
     v.as_u64().unwrap_or(0) as f64 / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn rounds_combine_by_median_sum_and_peak() {
+        let rounds = [
+            json!({"system": "tollgate", "count": 10, "errors": 1, "p50_ns": 300, "rps": 9.5, "peak_rss_mib": 20.0, "ttft": {"p50_ns": 5}}),
+            json!({"system": "tollgate", "count": 10, "errors": 0, "p50_ns": 100, "rps": 10.0, "peak_rss_mib": 25.0, "ttft": {"p50_ns": 7}}),
+            json!({"system": "tollgate", "count": 10, "errors": 2, "p50_ns": 200, "rps": 8.0, "peak_rss_mib": 22.0, "ttft": {"p50_ns": 6}}),
+        ];
+        let m = super::median(&rounds);
+        assert_eq!(m["system"], "tollgate");
+        assert_eq!(m["count"], 30);
+        assert_eq!(m["errors"], 3);
+        assert_eq!(m["p50_ns"], 200);
+        assert_eq!(m["rps"], 9.5);
+        assert_eq!(m["peak_rss_mib"], 25.0);
+        assert_eq!(m["ttft"]["p50_ns"], 6);
+    }
 }

@@ -153,16 +153,32 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|k| k.trim() == key))
     };
+    // Latency rows: several rounds, systems interleaved within each, so a
+    // slow spell of this shared machine hits every system alike; the
+    // per-field median is kept.
+    let rounds = if quick { 1 } else { 3 };
     for sc in scenarios(quick).into_iter().filter(|sc| wanted(sc.key)) {
-        let (mut rows, mut profiled) = (Vec::new(), None);
-        for s in &systems {
-            let profile = (s.name == "tollgate").then(|| measure::Profile::start(s.pid, sc.key));
-            rows.push(one(node, s, &sc.load));
-            if let Some(p) = profile.flatten() {
-                profiled = Some(p.finish());
+        let n = match sc.load {
+            Load::Rate { .. } | Load::Stream { .. } => rounds,
+            Load::Saturate { .. } | Load::Idle { .. } => 1,
+        };
+        let mut per_system = vec![Vec::new(); systems.len()];
+        let mut profiled = None;
+        for _ in 0..n {
+            for (i, s) in systems.iter().enumerate() {
+                let profile = (s.name == "tollgate" && profiled.is_none())
+                    .then(|| measure::Profile::start(s.pid, sc.key));
+                per_system[i].push(one(node, s, &sc.load));
+                if let Some(p) = profile.flatten() {
+                    profiled = Some(p.finish());
+                }
+                // Let a backlog (an overloaded peer) drain before the next system.
+                std::thread::sleep(Duration::from_millis(500));
             }
-            // Let a backlog (an overloaded peer) drain before the next system.
-            std::thread::sleep(Duration::from_millis(500));
+        }
+        let mut rows: Vec<Value> = per_system.iter().map(|r| crate::median(r)).collect();
+        for r in &mut rows {
+            r["rounds"] = n.into();
         }
         added_vs_direct(&mut rows);
         print_table(&sc, &rows);
@@ -245,7 +261,12 @@ fn ms(v: &Value) -> String {
 }
 
 fn print_table(sc: &Scenario, rows: &[Value]) {
-    println!("\n{}\n", sc.title);
+    let rounds = rows.first().and_then(|r| r["rounds"].as_u64()).unwrap_or(1);
+    if rounds > 1 {
+        println!("\n{} (median of {rounds} interleaved rounds)\n", sc.title);
+    } else {
+        println!("\n{}\n", sc.title);
+    }
     if let Load::Idle { .. } = sc.load {
         println!(
             "{:<10} {:>7} {:>12} {:>12} {:>10}",
