@@ -64,13 +64,18 @@ pub fn cpu_us(root: u32) -> u64 {
 
 /// Resident memory of the tree, KiB.
 pub fn rss_kib(root: u32) -> u64 {
-    tree(root)
-        .into_iter()
-        .map(|p| tollgate_tests::process::status_field(p, "VmRSS:"))
+    rss_of(&tree(root))
+}
+
+fn rss_of(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|&p| tollgate_tests::process::status_field(p, "VmRSS:"))
         .sum()
 }
 
-/// Samples the tree's RSS every 25 ms until stopped; keeps the peak.
+/// Samples the tree's RSS every 25 ms until stopped; keeps the peak. The
+/// tree is listed once (a scan of /proc every 25 ms would itself load the
+/// CPUs being measured); the systems measured fork no workers mid-run.
 pub struct Sampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
@@ -86,9 +91,10 @@ impl Sampler {
             Arc::new(AtomicU64::new(0)),
         );
         let (s, p) = (stop.clone(), peak.clone());
+        let pids = tree(root);
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_kib(root), Ordering::Relaxed);
+                p.fetch_max(rss_of(&pids), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(25));
             }
         });

@@ -159,8 +159,8 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
     let rounds = if quick { 1 } else { 3 };
     for sc in scenarios(quick).into_iter().filter(|sc| wanted(sc.key)) {
         let n = match sc.load {
-            Load::Rate { .. } | Load::Stream { .. } => rounds,
-            Load::Saturate { .. } | Load::Idle { .. } => 1,
+            Load::Rate { .. } | Load::Stream { .. } | Load::Saturate { .. } => rounds,
+            Load::Idle { .. } => 1,
         };
         let mut per_system = vec![Vec::new(); systems.len()];
         let mut profiled = None;
