@@ -48,8 +48,9 @@ fn main() {
     if wants("connect") || wants("compare") {
         node_benchmarks(quick, &wants, &mut results);
     }
-    let path = compare::peers_dir().join("results.json");
-    let _ = std::fs::create_dir_all(compare::peers_dir());
+    let dir = compare::peers_dir();
+    let _ = std::fs::create_dir_all(&dir);
+    let path = std::fs::canonicalize(&dir).unwrap_or(dir).join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap())
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     println!(
