@@ -50,7 +50,9 @@ fn main() {
     }
     let dir = compare::peers_dir();
     let _ = std::fs::create_dir_all(&dir);
-    let path = std::fs::canonicalize(&dir).unwrap_or(dir).join("results.json");
+    let path = std::fs::canonicalize(&dir)
+        .unwrap_or(dir)
+        .join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results).unwrap())
         .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     println!(
