@@ -36,6 +36,28 @@ pub struct System {
     _peer: Option<Peer>,
 }
 
+impl System {
+    /// A peer listening on 127.0.0.1:`port` of the pod's namespace.
+    fn peer(
+        name: &'static str,
+        port: u16,
+        ca: impl Into<PathBuf>,
+        cgroup: &Path,
+        peer: Peer,
+        about: String,
+    ) -> Self {
+        Self {
+            name,
+            addr: format!("127.0.0.1:{port}"),
+            ca: ca.into(),
+            cgroup: cgroup.to_path_buf(),
+            pid: peer.0.id(),
+            about,
+            _peer: Some(peer),
+        }
+    }
+}
+
 /// A peer's process group, killed on drop.
 struct Peer(Child);
 
@@ -265,17 +287,16 @@ http {{
         NGINX_PORT,
         Duration::from_secs(10),
     )?;
-    Ok(System {
-        name: "nginx",
-        addr: format!("127.0.0.1:{NGINX_PORT}"),
-        ca: upstream_ca.to_path_buf(),
-        cgroup: cgroup.to_path_buf(),
-        pid: peer.0.id(),
-        about: format!(
+    Ok(System::peer(
+        "nginx",
+        NGINX_PORT,
+        upstream_ca.to_path_buf(),
+        cgroup,
+        peer,
+        format!(
             "{about}: TLS terminate + re-encrypt, keepalive 128 upstream, proxy_buffering off, worker_processes auto, access_log off"
         ),
-        _peer: Some(peer),
-    })
+    ))
 }
 
 /// LiteLLM proxy (PyPI): no database, one wildcard route to the mock
@@ -333,18 +354,17 @@ fn litellm(node: &TestNode, cgroup: &Path, upstream_ca: &Path) -> Result<System,
         LITELLM_PORT,
         Duration::from_secs(90),
     )?;
-    Ok(System {
-        name: "litellm",
-        addr: format!("127.0.0.1:{LITELLM_PORT}"),
-        ca: upstream_ca.to_path_buf(),
-        cgroup: cgroup.to_path_buf(),
-        pid: peer.0.id(),
-        about: format!(
+    Ok(System::peer(
+        "litellm",
+        LITELLM_PORT,
+        upstream_ca.to_path_buf(),
+        cgroup,
+        peer,
+        format!(
             "LiteLLM {}: proxy, no database, wildcard route, master key, TLS listener, {workers} workers",
             py_version(&peers_dir().join("litellm"), "litellm")
         ),
-        _peer: Some(peer),
-    })
+    ))
 }
 
 /// mitmproxy (PyPI) in reverse mode: it mints a leaf for the SNI from its
@@ -396,18 +416,17 @@ fn mitmproxy(node: &TestNode, cgroup: &Path, upstream_ca: &Path) -> Result<Syste
             ca.display()
         ));
     }
-    Ok(System {
-        name: "mitmproxy",
-        addr: format!("127.0.0.1:{MITM_PORT}"),
+    Ok(System::peer(
+        "mitmproxy",
+        MITM_PORT,
         ca,
-        cgroup: cgroup.to_path_buf(),
-        pid: peer.0.id(),
-        about: format!(
+        cgroup,
+        peer,
+        format!(
             "mitmproxy {}: reverse mode, leaf per SNI from its CA, re-encrypt, streamed bodies, no flow output",
             py_version(&venv, "mitmproxy")
         ),
-        _peer: Some(peer),
-    })
+    ))
 }
 
 /// A package's version in a virtualenv.
