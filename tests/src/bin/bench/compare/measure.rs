@@ -118,16 +118,20 @@ impl Sampler {
     }
 }
 
-/// The project's HTTPS client (`tollgate-bench-http`) against `sys`.
-pub fn client(node: &TestNode, sys: &System, mode: &[&str]) -> Value {
+/// The project's HTTPS client (`tollgate-bench-http`) in `mode`, aimed at
+/// `sys` from the system's client cgroup of the pod.
+fn http_client(node: &TestNode, sys: &System, mode: &[&str]) -> std::process::Command {
     let bin = sibling("tollgate-bench-http");
-    let out = node.pods[0]
+    let mut c = node.pods[0]
         .netns
-        .command_in_cgroup(bin.to_str().unwrap(), Some(&sys.cgroup))
-        .arg(&sys.addr)
-        .arg(PROVIDER_HOST)
-        .arg(&sys.ca)
-        .args(mode)
+        .command_in_cgroup(bin.to_str().unwrap(), Some(&sys.cgroup));
+    c.arg(&sys.addr).arg(PROVIDER_HOST).arg(&sys.ca).args(mode);
+    c
+}
+
+/// Run the client against `sys`; its JSON (or why it failed).
+pub fn client(node: &TestNode, sys: &System, mode: &[&str]) -> Value {
+    let out = http_client(node, sys, mode)
         .output()
         .expect("run tollgate-bench-http");
     if !out.status.success() {
@@ -204,14 +208,7 @@ pub fn wrk(node: &TestNode, sys: &System, conns: u32, secs: u32) -> Value {
 /// per connection to the system's tree).
 pub fn idle(node: &TestNode, sys: &System, conns: usize) -> Value {
     let before = rss_kib(sys.pid);
-    let bin = sibling("tollgate-bench-http");
-    let mut child = node.pods[0]
-        .netns
-        .command_in_cgroup(bin.to_str().unwrap(), Some(&sys.cgroup))
-        .arg(&sys.addr)
-        .arg(PROVIDER_HOST)
-        .arg(&sys.ca)
-        .args(["hold", &conns.to_string()])
+    let mut child = http_client(node, sys, &["hold", &conns.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

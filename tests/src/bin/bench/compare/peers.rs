@@ -302,13 +302,7 @@ http {{
 /// LiteLLM proxy (PyPI): no database, one wildcard route to the mock
 /// provider, a master key, TLS on its listener, one worker per CPU.
 fn litellm(node: &TestNode, cgroup: &Path, upstream_ca: &Path) -> Result<System, String> {
-    let bin = peers_dir().join("litellm/bin/litellm");
-    if !bin.exists() {
-        return Err(format!(
-            "{} is missing (`cargo xtask bench` installs litellm[proxy] from PyPI)",
-            bin.display()
-        ));
-    }
+    let bin = venv_bin("litellm", "litellm", "litellm[proxy]")?;
     let dir = node.dir.join("litellm");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let cfg = dir.join("config.yaml");
@@ -374,13 +368,7 @@ fn litellm(node: &TestNode, cgroup: &Path, upstream_ca: &Path) -> Result<System,
 /// a whole SSE answer back until its end.
 fn mitmproxy(node: &TestNode, cgroup: &Path, upstream_ca: &Path) -> Result<System, String> {
     let venv = peers_dir().join("mitmproxy");
-    let bin = venv.join("bin/mitmdump");
-    if !bin.exists() {
-        return Err(format!(
-            "{} is missing (`cargo xtask bench` installs mitmproxy from PyPI)",
-            bin.display()
-        ));
-    }
+    let bin = venv_bin("mitmproxy", "mitmdump", "mitmproxy")?;
     let dir = node.dir.join("mitmproxy");
     fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let args: Vec<String> = [
@@ -427,6 +415,19 @@ fn mitmproxy(node: &TestNode, cgroup: &Path, upstream_ca: &Path) -> Result<Syste
             py_version(&venv, "mitmproxy")
         ),
     ))
+}
+
+/// `program` of the peers' virtualenv `venv`, or why it is not there.
+fn venv_bin(venv: &str, program: &str, package: &str) -> Result<PathBuf, String> {
+    let bin = peers_dir().join(venv).join("bin").join(program);
+    if bin.exists() {
+        Ok(bin)
+    } else {
+        Err(format!(
+            "{} is missing (`cargo xtask bench` installs {package} from PyPI)",
+            bin.display()
+        ))
+    }
 }
 
 /// A package's version in a virtualenv.
