@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod live;
+pub mod namespaces;
 pub mod netns;
 pub mod pods;
 pub mod policy;

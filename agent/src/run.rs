@@ -7,13 +7,13 @@
 //! * accept loops — one per listener, relaying redirected connections;
 //! * metrics — `/metrics`, `/healthz`, `/readyz`.
 use std::{
-    collections::{HashMap, HashSet},
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 use tollgate_common::{Counter, Settings};
 
 use crate::{
@@ -21,13 +21,13 @@ use crate::{
     cgroup::{self, CgroupRoot},
     config::{Config, FailureMode},
     identity::IdentityCache,
-    netns::{self, NetnsId},
-    policy::budgets::Budgets,
+    namespaces::{self, Scanner},
+    policy::{admission::Enforcer, budgets::Budgets},
     preflight,
     proxy::{
-        relay::KnownProvider,
-        relay::{RelayContext, accept_loop},
-        terminate::TlsContext,
+        context::{self, KnownProvider, ProxyContext, Termination, Upstreams},
+        send::{ProviderAddresses, ProviderEndpoint},
+        trust::Distrust,
         upstream::{self, UpstreamPool},
     },
     resolver::Refresher,
@@ -92,39 +92,12 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     };
     let identity = Arc::new(identity);
     let live = crate::live::Rules::live(&config);
-    let addresses: crate::proxy::send::ProviderAddresses = Arc::default();
+    let addresses: ProviderAddresses = Arc::default();
     let budget_file = (!config.budget_state_file.is_empty())
         .then(|| std::path::PathBuf::from(&config.budget_state_file));
-    let local = match &budget_file {
-        Some(p) => Budgets::load(p).map_err(|e| {
-            anyhow::anyhow!(
-                "budget_state_file: {e}\nhint: fix or remove the file (spend then starts at 0)"
-            )
-        })?,
-        None => Budgets::default(),
-    };
-    let shared = match config.state.backend {
-        crate::policy::shared::Backend::Local => None,
-        crate::policy::shared::Backend::Redis => {
-            tracing::info!(url = %config.state.redis_url, "budgets are shared through Redis");
-            Some(crate::policy::shared::SharedBudgets::new(&config.state)?)
-        }
-    };
-    let budgets = Arc::new(crate::policy::spend::BudgetStore::new(
-        local,
-        shared,
-        metrics.state_errors.clone(),
-    ));
-    let limiter = Arc::new(crate::policy::gate::LimitStore::new(
-        match config.state.backend {
-            crate::policy::shared::Backend::Local => None,
-            crate::policy::shared::Backend::Redis => {
-                Some(crate::policy::shared::SharedLimits::new(&config.state)?)
-            }
-        },
-        metrics.state_errors.clone(),
-    ));
-    let ctx = Arc::new(RelayContext {
+    let enforcer = enforcer(&config, budget_file.as_deref(), &metrics)?;
+    let budgets = enforcer.budgets.clone();
+    let ctx = Arc::new(ProxyContext {
         live: live.clone(),
         maps: maps.clone(),
         identity: identity.clone(),
@@ -142,13 +115,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         hello_timeout: config.tls.client_hello_timeout,
         skip_mark: config.proxy.skip_mark,
         connect_timeout: config.proxy.upstream_connect_timeout,
-        tls: tls_context(
-            &config,
-            live.clone(),
-            budgets.clone(),
-            limiter.clone(),
-            addresses.clone(),
-        )?,
+        tls: termination(&config, live.clone(), enforcer, addresses.clone())?,
     });
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -188,7 +155,14 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         addresses.clone(),
     )));
 
-    let scanner = Scanner::new(&config, root.clone(), ctx.clone(), identity.clone())?;
+    let connections = TaskTracker::new();
+    let scanner = Scanner::new(
+        &config,
+        root.clone(),
+        ctx.clone(),
+        identity.clone(),
+        connections.clone(),
+    )?;
     tasks.push(tokio::spawn(scanner.run(config.discovery.scan_interval)));
 
     if !config.metrics.listen.is_empty() {
@@ -278,9 +252,9 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     for t in tasks {
         let _ = t.await;
     }
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while metrics.active_connections.get() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let left = namespaces::drain(&connections, DRAIN_TIMEOUT).await;
+    if left > 0 {
+        tracing::warn!(connections = left, after = ?DRAIN_TIMEOUT, "connections still open at shutdown; detaching anyway");
     }
     if let Some(path) = &budget_file {
         if let Err(e) = budgets.local.save(path) {
@@ -300,15 +274,47 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     Ok(())
 }
 
+/// What admission keeps: budget spend (from `budget_state_file` when set),
+/// limit buckets, and both in Redis with `state.backend: redis`.
+fn enforcer(
+    config: &Config,
+    budget_file: Option<&std::path::Path>,
+    metrics: &Metrics,
+) -> anyhow::Result<Enforcer> {
+    use crate::policy::{gate::LimitStore, shared, spend::BudgetStore};
+    let local = match budget_file {
+        Some(p) => Budgets::load(p).map_err(|e| {
+            anyhow::anyhow!(
+                "budget_state_file: {e}\nhint: fix or remove the file (spend then starts at 0)"
+            )
+        })?,
+        None => Budgets::default(),
+    };
+    let redis = config.state.backend == shared::Backend::Redis;
+    if redis {
+        tracing::info!(url = %config.state.redis_url, "budgets and limits are shared through Redis");
+    }
+    let shared_budgets = redis
+        .then(|| shared::SharedBudgets::new(&config.state))
+        .transpose()?;
+    let shared_limits = redis
+        .then(|| shared::SharedLimits::new(&config.state))
+        .transpose()?;
+    let errors = metrics.state_errors.clone();
+    Ok(Enforcer::new(
+        Arc::new(LimitStore::new(shared_limits, errors.clone())),
+        Arc::new(BudgetStore::new(local, shared_budgets, errors)),
+    ))
+}
+
 /// TLS termination, when `tls.ca_dir` is set: the CA must load (a broken CA
 /// is a startup error, not a silent fall-back to relaying).
-fn tls_context(
+fn termination(
     config: &Config,
     live: crate::live::LiveRules,
-    budgets: Arc<crate::policy::spend::BudgetStore>,
-    limiter: Arc<crate::policy::gate::LimitStore>,
-    addresses: crate::proxy::send::ProviderAddresses,
-) -> anyhow::Result<Option<Arc<TlsContext>>> {
+    enforcer: Enforcer,
+    addresses: ProviderAddresses,
+) -> anyhow::Result<Option<Arc<Termination>>> {
     if config.tls.ca_dir.is_empty() {
         tracing::info!("tls.ca_dir is not set: provider connections are relayed, not terminated");
         return Ok(None);
@@ -324,26 +330,29 @@ fn tls_context(
         config.proxy.skip_mark,
         config.proxy.upstream_connect_timeout,
     );
+    let endpoints = config
+        .providers
+        .iter()
+        .map(|p| ProviderEndpoint {
+            name: p.name.clone(),
+            host: p.hosts.first().cloned().unwrap_or_default(),
+            ports: p.ports.clone(),
+        })
+        .collect();
     tracing::info!(ca = %config.tls.ca_dir, "TLS termination enabled for provider hosts");
-    Ok(Some(Arc::new(TlsContext::new(
-        leaves,
-        pool,
-        config.tls.clone(),
-        config.audit.capture.clone(),
+    Ok(Some(Arc::new(Termination {
+        acceptor: context::acceptor(leaves).context("building the TLS server configuration")?,
+        settings: config.tls.clone(),
+        capture: config.audit.capture.clone(),
+        distrust: Distrust::new(config.tls.ca_rejected_retry),
         live,
-        budgets,
-        limiter,
-        config
-            .providers
-            .iter()
-            .map(|p| crate::proxy::send::ProviderEndpoint {
-                name: p.name.clone(),
-                host: p.hosts.first().cloned().unwrap_or_default(),
-                ports: p.ports.clone(),
-            })
-            .collect(),
-        addresses,
-    ))))
+        enforcer,
+        upstreams: Upstreams {
+            pool,
+            endpoints,
+            addresses,
+        },
+    })))
 }
 
 async fn shutdown_signal() {
@@ -371,7 +380,7 @@ async fn refresh_providers(
     refresher: &mut Refresher,
     maps: &Maps,
     metrics: &Metrics,
-    addresses: &crate::proxy::send::ProviderAddresses,
+    addresses: &ProviderAddresses,
 ) {
     refresher.refresh_due().await;
     refresher.book.expire(Instant::now());
@@ -401,7 +410,7 @@ async fn dns_loop(
     mut refresher: Refresher,
     maps: Arc<Maps>,
     metrics: Arc<Metrics>,
-    addresses: crate::proxy::send::ProviderAddresses,
+    addresses: ProviderAddresses,
 ) {
     loop {
         // Wake for the next due lookup, and at least every second so expired
@@ -412,125 +421,5 @@ async fn dns_loop(
             .min(Duration::from_secs(1));
         tokio::time::sleep(wait).await;
         refresh_providers(&mut refresher, &maps, &metrics, &addresses).await;
-    }
-}
-
-/// Keeps listeners, opt-outs and identities in step with the cgroup tree.
-struct Scanner {
-    root: CgroupRoot,
-    port: u16,
-    opt_out: globset::GlobSet,
-    ctx: Arc<RelayContext>,
-    identity: Arc<IdentityCache>,
-    namespaces: HashMap<NetnsId, Vec<JoinHandle<()>>>,
-    /// Namespaces where binding failed, and when to try again.
-    failed: HashMap<NetnsId, Instant>,
-}
-
-/// Retry binding in a namespace where it failed (port taken) this often;
-/// not every scan, to keep a broken pod from flooding the log.
-const BIND_RETRY: Duration = Duration::from_secs(30);
-
-impl Scanner {
-    fn new(
-        config: &Config,
-        root: CgroupRoot,
-        ctx: Arc<RelayContext>,
-        identity: Arc<IdentityCache>,
-    ) -> anyhow::Result<Self> {
-        let mut b = globset::GlobSetBuilder::new();
-        for g in &config.opt_out.cgroups {
-            b.add(globset::Glob::new(g)?);
-        }
-        Ok(Self {
-            root,
-            port: config.proxy.port,
-            opt_out: b.build()?,
-            ctx,
-            identity,
-            namespaces: HashMap::new(),
-            failed: HashMap::new(),
-        })
-    }
-
-    async fn run(mut self, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            self.scan_once().await;
-        }
-    }
-
-    async fn scan_once(&mut self) {
-        let root = self.root.path.clone();
-        let entries = tokio::task::spawn_blocking(move || cgroup::walk(&root))
-            .await
-            .unwrap_or_default();
-        self.identity.refresh(&entries);
-
-        let opted: HashSet<u64> = entries
-            .iter()
-            .filter(|e| self.opt_out.is_match(self.root.relative(&e.path)))
-            .map(|e| e.id)
-            .collect();
-        if let Err(e) = self.ctx.maps.sync_opt_out(&opted) {
-            tracing::error!(error = %e, "updating opted-out cgroups failed");
-        }
-
-        let found = netns::scan(&entries);
-        self.namespaces.retain(|id, handles| {
-            let keep = found.namespaces.contains_key(id);
-            if !keep {
-                handles.iter().for_each(JoinHandle::abort);
-                tracing::info!(netns = id.ino, "workload namespace gone; listener closed");
-            }
-            keep
-        });
-        let now = Instant::now();
-        self.failed
-            .retain(|id, until| found.namespaces.contains_key(id) && *until > now);
-        for (id, (pid, cgroups)) in found.namespaces {
-            if self.namespaces.contains_key(&id) || self.failed.contains_key(&id) {
-                continue;
-            }
-            let port = self.port;
-            let bound =
-                tokio::task::spawn_blocking(move || netns::bind_in_netns_of(pid, port)).await;
-            match bound {
-                Ok(Ok(l)) => {
-                    let mut handles = Vec::new();
-                    for std_l in std::iter::once(l.v4).chain(l.v6) {
-                        match TcpListener::from_std(std_l) {
-                            Ok(tl) => handles.push(tokio::spawn(accept_loop(
-                                self.ctx.clone(),
-                                tl,
-                                l.cookie,
-                            ))),
-                            Err(e) => tracing::error!(error = %e, "registering listener failed"),
-                        }
-                    }
-                    tracing::info!(netns = id.ino, pid, cgroup = %cgroups[0].display(), port, "listening in workload namespace");
-                    self.namespaces.insert(id, handles);
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(netns = id.ino, pid, error = %e, "cannot open proxy listener; connections there follow the failure mode");
-                    self.failed.insert(id, now + BIND_RETRY);
-                }
-                Err(e) => tracing::error!(error = %e, "bind task failed"),
-            }
-        }
-        self.ctx
-            .metrics
-            .namespaces
-            .set(self.namespaces.len() as i64);
-    }
-}
-
-impl Drop for Scanner {
-    fn drop(&mut self) {
-        for handles in self.namespaces.values() {
-            handles.iter().for_each(JoinHandle::abort);
-        }
     }
 }

@@ -17,7 +17,7 @@ use std::{
 use http::{HeaderMap, HeaderValue};
 use zeroize::Zeroizing;
 
-use crate::providers::Api;
+use crate::providers::{Adapter, Upstream};
 
 /// A provider key.
 pub struct Secret(Zeroizing<String>);
@@ -81,34 +81,31 @@ impl Credentials {
 const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
 
 /// Replace the workload's credentials in `headers` and `path` (Gemini's
-/// `?key=`) by `key`, in the header the provider expects: OpenAI-compatible
-/// `Authorization: Bearer`, Azure OpenAI `api-key`, Anthropic `x-api-key`,
-/// Gemini `x-goog-api-key`. Returns the new path.
-pub fn inject(api: Api, host: &str, headers: &mut HeaderMap, path: &str, key: &Secret) -> String {
+/// `?key=`) by `key`, in the header the provider expects (the adapter's
+/// `credential`: `Authorization: Bearer`, Azure OpenAI `api-key`, Anthropic
+/// `x-api-key`, Gemini `x-goog-api-key`). Returns the new path.
+pub fn inject(
+    adapter: &dyn Adapter,
+    to: Upstream<'_>,
+    headers: &mut HeaderMap,
+    path: &str,
+    key: &Secret,
+) -> String {
+    strip(headers);
+    let (name, value) = adapter.credential(to, key.0.as_str());
+    // Valid: `get` refused keys that are not header values.
+    if let Ok(mut value) = HeaderValue::from_str(&value) {
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    strip_key_param(path)
+}
+
+/// Remove every credential the workload sent in its headers.
+pub fn strip(headers: &mut HeaderMap) {
     for h in CREDENTIAL_HEADERS {
         headers.remove(h);
     }
-    let value = |v: String| {
-        let mut v = HeaderValue::from_str(&v).expect("validated when read");
-        v.set_sensitive(true);
-        v
-    };
-    let k = key.0.as_str();
-    match api {
-        Api::Openai if host.ends_with(".openai.azure.com") => {
-            headers.insert("api-key", value(k.to_string()));
-        }
-        Api::Openai => {
-            headers.insert("authorization", value(format!("Bearer {k}")));
-        }
-        Api::Anthropic => {
-            headers.insert("x-api-key", value(k.to_string()));
-        }
-        Api::Gemini => {
-            headers.insert("x-goog-api-key", value(k.to_string()));
-        }
-    }
-    strip_key_param(path)
 }
 
 fn strip_key_param(path: &str) -> String {
@@ -135,6 +132,16 @@ fn strip_key_param(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::{Api, adapter};
+
+    /// `inject` as the tests call it: by API family and host.
+    fn inject(api: Api, host: &str, h: &mut HeaderMap, path: &str, key: &Secret) -> String {
+        let to = Upstream {
+            provider: "p",
+            host,
+        };
+        super::inject(adapter(api), to, h, path, key)
+    }
 
     #[test]
     fn keys_are_read_cached_reloaded_and_never_printed() {

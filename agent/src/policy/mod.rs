@@ -8,6 +8,7 @@
 //!   relay without terminating (observe), or terminate to decide per request;
 //! * per request (the model known): allow — possibly with a capped output
 //!   length and a rewritten model — or deny.
+pub mod admission;
 pub mod budgets;
 pub mod credentials;
 pub mod failover;

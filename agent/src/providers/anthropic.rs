@@ -1,9 +1,89 @@
 //! Anthropic messages API.
-use serde_json::Value;
+use std::time::Duration;
 
-use super::{ParseState, RequestInfo, Usage, num, sse::SseEvent, string};
+use serde_json::{Map, Value, json};
 
-pub fn request(path: &str, body: Option<&Value>) -> RequestInfo {
+use super::{
+    Api, ParseState, RequestInfo, Usage,
+    adapter::{Adapter, RateLimitHint, Upstream, cap_fields, set_body_model},
+    num,
+    sse::SseEvent,
+    string,
+};
+
+#[derive(Debug)]
+pub struct Anthropic;
+
+impl Adapter for Anthropic {
+    fn api(&self) -> Api {
+        Api::Anthropic
+    }
+
+    fn request(&self, path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
+        request(path, body)
+    }
+
+    fn on_json(&self, state: &mut ParseState, v: &Value) {
+        on_json(state, v)
+    }
+
+    fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
+        on_event(state, e)
+    }
+
+    fn set_model(&self, _path: &mut String, body: &mut Map<String, Value>, model: &str) -> bool {
+        set_body_model(body, model)
+    }
+
+    fn cap_output(
+        &self,
+        _: Upstream<'_>,
+        _: &str,
+        body: &mut Map<String, Value>,
+        cap: u64,
+    ) -> bool {
+        cap_fields(body, &["max_tokens"], Some("max_tokens"), cap)
+    }
+
+    fn credential(&self, _: Upstream<'_>, key: &str) -> (&'static str, String) {
+        ("x-api-key", key.to_string())
+    }
+
+    // https://docs.anthropic.com/en/api/errors
+    fn error_body(&self, status: u16, message: &str, _code: &str, _: Option<Duration>) -> String {
+        let kind = match status {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            529 => "overloaded_error",
+            _ => "api_error",
+        };
+        json!({"type": "error", "error": {"type": kind, "message": message}}).to_string()
+    }
+
+    fn rate_limit_headers(&self, hint: &RateLimitHint<'_>) -> Vec<(String, String)> {
+        let kind = hint.which.replace('_', "-");
+        let reset = (time::OffsetDateTime::now_utc() + hint.retry_after)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        vec![
+            (
+                format!("anthropic-ratelimit-{kind}-limit"),
+                hint.limit.to_string(),
+            ),
+            (
+                format!("anthropic-ratelimit-{kind}-remaining"),
+                hint.remaining.to_string(),
+            ),
+            (format!("anthropic-ratelimit-{kind}-reset"), reset),
+        ]
+    }
+}
+
+fn request(path: &str, body: Option<&Value>) -> RequestInfo {
     RequestInfo {
         operation: if path.ends_with("/v1/messages") {
             "messages"
@@ -35,7 +115,7 @@ fn usage(u: &Value) -> Usage {
     }
 }
 
-pub fn on_json(state: &mut ParseState, v: &Value) {
+fn on_json(state: &mut ParseState, v: &Value) {
     if let Some(m) = string(v, "model") {
         state.response_model = Some(m);
     }
@@ -44,7 +124,7 @@ pub fn on_json(state: &mut ParseState, v: &Value) {
     }
 }
 
-pub fn on_event(state: &mut ParseState, e: &SseEvent) {
+fn on_event(state: &mut ParseState, e: &SseEvent) {
     let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
         return;
     };

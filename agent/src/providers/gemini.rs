@@ -1,7 +1,102 @@
 //! Gemini API: generateContent and streamGenerateContent.
-use serde_json::Value;
+use std::time::Duration;
 
-use super::{ParseState, RequestInfo, Usage, num, sse::SseEvent, string};
+use serde_json::{Map, Value, json};
+
+use super::{
+    Api, ParseState, RequestInfo, Usage,
+    adapter::{Adapter, RateLimitHint, Upstream, lower},
+    num,
+    sse::SseEvent,
+    string,
+};
+
+#[derive(Debug)]
+pub struct Gemini;
+
+impl Adapter for Gemini {
+    fn api(&self) -> Api {
+        Api::Gemini
+    }
+
+    fn request(&self, path: &str, query: &str, body: Option<&Value>) -> RequestInfo {
+        request(path, query, body)
+    }
+
+    fn on_json(&self, state: &mut ParseState, v: &Value) {
+        on_json(state, v)
+    }
+
+    fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
+        on_event(state, e)
+    }
+
+    /// The model is in the path: `…/models/{model}:{method}`.
+    fn set_model(&self, path: &mut String, _: &mut Map<String, Value>, model: &str) -> bool {
+        let Some(start) = path.find("/models/").map(|i| i + "/models/".len()) else {
+            return false;
+        };
+        let Some(end) = path[start..].find(':').map(|i| start + i) else {
+            return false;
+        };
+        *path = format!("{}{}{}", &path[..start], model, &path[end..]);
+        true
+    }
+
+    fn cap_output(
+        &self,
+        _: Upstream<'_>,
+        path: &str,
+        body: &mut Map<String, Value>,
+        cap: u64,
+    ) -> bool {
+        if !(path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent")) {
+            return false;
+        }
+        let gc = body
+            .entry("generationConfig")
+            .or_insert_with(|| Value::Object(Default::default()));
+        gc.as_object_mut()
+            .is_some_and(|gc| lower(gc, "maxOutputTokens", cap, true))
+    }
+
+    fn credential(&self, _: Upstream<'_>, key: &str) -> (&'static str, String) {
+        ("x-goog-api-key", key.to_string())
+    }
+
+    /// google.rpc.Status, as the Gemini API returns it; a retry hint as RetryInfo.
+    fn error_body(
+        &self,
+        status: u16,
+        message: &str,
+        _code: &str,
+        retry: Option<Duration>,
+    ) -> String {
+        let s = match status {
+            400 | 413 => "INVALID_ARGUMENT",
+            401 => "UNAUTHENTICATED",
+            403 => "PERMISSION_DENIED",
+            404 => "NOT_FOUND",
+            429 => "RESOURCE_EXHAUSTED",
+            504 => "DEADLINE_EXCEEDED",
+            503 | 502 => "UNAVAILABLE",
+            _ => "INTERNAL",
+        };
+        let mut e = json!({"error": {"code": status, "message": message, "status": s}});
+        if let Some(r) = retry {
+            e["error"]["details"] = json!([{
+                "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                "retryDelay": format!("{}s", r.as_secs_f64().ceil() as u64)
+            }]);
+        }
+        e.to_string()
+    }
+
+    /// Gemini says when to retry in the body (RetryInfo), not in headers.
+    fn rate_limit_headers(&self, _: &RateLimitHint<'_>) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
 
 /// `/v1beta/models/{model}:{method}` → (model, method).
 fn model_and_method(path: &str) -> Option<(&str, &str)> {
@@ -9,7 +104,7 @@ fn model_and_method(path: &str) -> Option<(&str, &str)> {
     rest.split_once(':')
 }
 
-pub fn request(path: &str, _query: &str, _body: Option<&Value>) -> RequestInfo {
+fn request(path: &str, _query: &str, _body: Option<&Value>) -> RequestInfo {
     let (model, method) = model_and_method(path).unzip();
     let operation = match method {
         Some("generateContent") | Some("streamGenerateContent") => "generate_content",
@@ -68,7 +163,7 @@ fn on_chunk(state: &mut ParseState, v: &Value) {
     }
 }
 
-pub fn on_json(state: &mut ParseState, v: &Value) {
+fn on_json(state: &mut ParseState, v: &Value) {
     match v {
         // streamGenerateContent without alt=sse answers a JSON array of chunks.
         Value::Array(chunks) => chunks.iter().for_each(|c| on_chunk(state, c)),
@@ -76,7 +171,7 @@ pub fn on_json(state: &mut ParseState, v: &Value) {
     }
 }
 
-pub fn on_event(state: &mut ParseState, e: &SseEvent) {
+fn on_event(state: &mut ParseState, e: &SseEvent) {
     if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
         on_chunk(state, &v);
     }

@@ -9,8 +9,8 @@
 //!
 //! Responses are parsed as they are relayed (`ResponseParser::feed` per
 //! chunk): SSE incrementally, JSON bodies once complete (bounded).
+pub mod adapter;
 pub mod anthropic;
-pub mod errors;
 pub mod gemini;
 pub mod openai;
 pub mod rewrite;
@@ -18,6 +18,8 @@ pub mod sse;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+pub use adapter::{Adapter, RateLimitHint, Upstream, adapter};
 
 /// API family of a provider.
 #[derive(
@@ -90,17 +92,13 @@ pub fn parse_request(api: Api, path: &str, body: &[u8]) -> RequestInfo {
 /// `parse_request` for a body already parsed (None: not JSON).
 pub fn parse_request_json(api: Api, path: &str, json: Option<&Value>) -> RequestInfo {
     let (p, query) = path.split_once('?').unwrap_or((path, ""));
-    match api {
-        Api::Openai => openai::request(p, query, json),
-        Api::Anthropic => anthropic::request(p, json),
-        Api::Gemini => gemini::request(p, query, json),
-    }
+    adapter(api).request(p, query, json)
 }
 
 /// Accumulates what a response says as its bytes go by.
 #[derive(Debug)]
 pub struct ResponseParser {
-    api: Api,
+    adapter: &'static dyn Adapter,
     sse: Option<sse::SseParser>,
     json: Vec<u8>,
     json_overflow: bool,
@@ -140,7 +138,7 @@ impl ResponseParser {
             .starts_with("text/event-stream")
             .then(sse::SseParser::default);
         Self {
-            api,
+            adapter: adapter(api),
             sse,
             json: Vec::new(),
             json_overflow: false,
@@ -152,13 +150,9 @@ impl ResponseParser {
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
-        let (api, state) = (self.api, &mut self.state);
+        let (adapter, state) = (self.adapter, &mut self.state);
         match &mut self.sse {
-            Some(sse) => sse.feed(chunk, |e| match api {
-                Api::Openai => openai::on_event(state, &e),
-                Api::Anthropic => anthropic::on_event(state, &e),
-                Api::Gemini => gemini::on_event(state, &e),
-            }),
+            Some(sse) => sse.feed(chunk, |e| adapter.on_event(state, &e)),
             None => {
                 if self.json.len() + chunk.len() > MAX_JSON_BODY {
                     self.json_overflow = true;
@@ -176,11 +170,7 @@ impl ResponseParser {
         if self.sse.is_none() && !self.json_overflow {
             if let Ok(v) = serde_json::from_slice::<Value>(&self.json) {
                 self.state.complete = true;
-                match self.api {
-                    Api::Openai => openai::on_json(&mut self.state, &v),
-                    Api::Anthropic => anthropic::on_json(&mut self.state, &v),
-                    Api::Gemini => gemini::on_json(&mut self.state, &v),
-                }
+                self.adapter.on_json(&mut self.state, &v);
             }
         }
         let usage = self.state.usage.unwrap_or(Usage {

@@ -1,10 +1,115 @@
 //! OpenAI and OpenAI-compatible APIs (Azure OpenAI, Mistral, Groq, DeepSeek,
 //! OpenRouter, …): chat completions, responses, completions, embeddings.
-use serde_json::Value;
+use std::time::Duration;
 
-use super::{ParseState, RequestInfo, Usage, num, sse::SseEvent, string};
+use serde_json::{Map, Value, json};
 
-pub fn request(path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
+use super::{
+    Api, ParseState, RequestInfo, Usage,
+    adapter::{Adapter, RateLimitHint, Upstream, cap_fields, set_body_model},
+    num,
+    sse::SseEvent,
+    string,
+};
+
+/// The OpenAI-compatible family.
+#[derive(Debug)]
+pub struct OpenAi;
+
+/// Azure OpenAI: an OpenAI-compatible API with its own key header and
+/// deployment paths.
+pub fn is_azure(host: &str) -> bool {
+    host.ends_with(".openai.azure.com")
+}
+
+/// OpenAI itself or Azure OpenAI, whose chat API wants
+/// `max_completion_tokens` (reasoning models reject `max_tokens`); other
+/// OpenAI-compatible servers get `max_tokens`.
+fn native(to: Upstream<'_>) -> bool {
+    to.provider == "openai" || is_azure(to.host)
+}
+
+impl Adapter for OpenAi {
+    fn api(&self) -> Api {
+        Api::Openai
+    }
+
+    fn request(&self, path: &str, query: &str, body: Option<&Value>) -> RequestInfo {
+        request(path, query, body)
+    }
+
+    fn on_json(&self, state: &mut ParseState, v: &Value) {
+        on_json(state, v)
+    }
+
+    fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
+        on_event(state, e)
+    }
+
+    fn set_model(&self, _path: &mut String, body: &mut Map<String, Value>, model: &str) -> bool {
+        set_body_model(body, model)
+    }
+
+    fn cap_output(
+        &self,
+        to: Upstream<'_>,
+        path: &str,
+        body: &mut Map<String, Value>,
+        cap: u64,
+    ) -> bool {
+        let (fields, default): (&[&str], Option<&str>) = if path.ends_with("/chat/completions") {
+            let default = if native(to) {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            (&["max_completion_tokens", "max_tokens"], Some(default))
+        } else if path.ends_with("/responses") {
+            (&["max_output_tokens"], Some("max_output_tokens"))
+        } else if path.ends_with("/completions") {
+            (&["max_tokens"], Some("max_tokens"))
+        } else {
+            return false; // embeddings and the rest have no output to cap
+        };
+        cap_fields(body, fields, default, cap)
+    }
+
+    fn credential(&self, to: Upstream<'_>, key: &str) -> (&'static str, String) {
+        if is_azure(to.host) {
+            ("api-key", key.to_string())
+        } else {
+            ("authorization", format!("Bearer {key}"))
+        }
+    }
+
+    fn error_body(&self, status: u16, message: &str, code: &str, _: Option<Duration>) -> String {
+        let kind = match status {
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+            .to_string()
+    }
+
+    fn rate_limit_headers(&self, hint: &RateLimitHint<'_>) -> Vec<(String, String)> {
+        let kind = if hint.which == "requests" {
+            "requests"
+        } else {
+            "tokens"
+        };
+        let secs = hint.retry_after.as_secs_f64();
+        vec![
+            (format!("x-ratelimit-limit-{kind}"), hint.limit.to_string()),
+            (
+                format!("x-ratelimit-remaining-{kind}"),
+                hint.remaining.to_string(),
+            ),
+            (format!("x-ratelimit-reset-{kind}"), format!("{secs:.3}s")),
+        ]
+    }
+}
+
+fn request(path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
     let operation = if path.ends_with("/chat/completions") {
         "chat"
     } else if path.ends_with("/responses") {
@@ -55,7 +160,7 @@ fn usage(u: &Value) -> Usage {
     }
 }
 
-pub fn on_json(state: &mut ParseState, v: &Value) {
+fn on_json(state: &mut ParseState, v: &Value) {
     if let Some(m) = string(v, "model") {
         state.response_model = Some(m);
     }
@@ -64,7 +169,7 @@ pub fn on_json(state: &mut ParseState, v: &Value) {
     }
 }
 
-pub fn on_event(state: &mut ParseState, e: &SseEvent) {
+fn on_event(state: &mut ParseState, e: &SseEvent) {
     if e.data == "[DONE]" {
         state.complete = true;
         return;

@@ -2,7 +2,7 @@
 //! output length and send another model.
 use serde_json::Value;
 
-use super::Api;
+use super::{Adapter, Upstream};
 
 /// What a rewrite changed, for the audit record.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -13,18 +13,16 @@ pub struct Rewritten {
     pub capped_output_tokens: Option<u64>,
 }
 
-/// Apply `model` and `max_output_tokens` to a request of `api` at `path`
-/// (path and query). `openai_native`: the provider is OpenAI or Azure
-/// OpenAI, whose chat API wants `max_completion_tokens` (reasoning models
-/// reject `max_tokens`); other OpenAI-compatible servers get `max_tokens`.
-/// Returns the new path, the new body (None when unchanged) and what changed.
+/// Apply `model` and `max_output_tokens` to a request at `path` (path and
+/// query) going `to` a provider of `adapter`'s family. Returns the new path,
+/// the new body (None when unchanged) and what changed.
 pub fn apply(
-    api: Api,
+    adapter: &dyn Adapter,
+    to: Upstream<'_>,
     path: &str,
     body: &[u8],
     model: Option<&str>,
     max_output_tokens: Option<u64>,
-    openai_native: bool,
 ) -> (String, Option<Vec<u8>>, Rewritten) {
     let mut out = Rewritten::default();
     let mut path = path.to_string();
@@ -37,73 +35,15 @@ pub fn apply(
     let Some(obj) = v.as_object_mut() else {
         return (path, None, out);
     };
-    let p = path
-        .split_once('?')
-        .map_or(path.as_str(), |(p, _)| p)
-        .to_string();
     if let Some(m) = model {
-        match api {
-            Api::Gemini => {
-                // The model is in the path: …/models/{model}:{method}
-                if let Some(new) = gemini_path_with_model(&path, m) {
-                    path = new;
-                    out.model = Some(m.to_string());
-                }
-            }
-            Api::Openai | Api::Anthropic => {
-                if obj.contains_key("model") {
-                    obj.insert("model".into(), Value::String(m.to_string()));
-                    out.model = Some(m.to_string());
-                }
-            }
+        if adapter.set_model(&mut path, obj, m) {
+            out.model = Some(m.to_string());
         }
     }
     if let Some(cap) = max_output_tokens {
-        let (fields, default): (&[&str], Option<&str>) = match api {
-            Api::Openai if p.ends_with("/chat/completions") => (
-                &["max_completion_tokens", "max_tokens"],
-                Some(if openai_native {
-                    "max_completion_tokens"
-                } else {
-                    "max_tokens"
-                }),
-            ),
-            Api::Openai if p.ends_with("/responses") => {
-                (&["max_output_tokens"], Some("max_output_tokens"))
-            }
-            Api::Openai if p.ends_with("/completions") => (&["max_tokens"], Some("max_tokens")),
-            Api::Openai => (&[], None),
-            Api::Anthropic => (&["max_tokens"], Some("max_tokens")),
-            Api::Gemini => (&[], None),
-        };
-        if api == Api::Gemini {
-            if p.ends_with(":generateContent") || p.ends_with(":streamGenerateContent") {
-                let gc = obj
-                    .entry("generationConfig")
-                    .or_insert_with(|| Value::Object(Default::default()));
-                if let Some(gc) = gc.as_object_mut() {
-                    if lower(gc, "maxOutputTokens", cap, true) {
-                        out.capped_output_tokens = Some(cap);
-                    }
-                }
-            }
-        } else {
-            let present: Vec<&str> = fields
-                .iter()
-                .copied()
-                .filter(|f| obj.get(*f).is_some_and(|v| !v.is_null()))
-                .collect();
-            if present.is_empty() {
-                if let Some(d) = default {
-                    lower(obj, d, cap, true);
-                    out.capped_output_tokens = Some(cap);
-                }
-            }
-            for f in present {
-                if lower(obj, f, cap, false) {
-                    out.capped_output_tokens = Some(cap);
-                }
-            }
+        let p = path.split_once('?').map_or(path.as_str(), |(p, _)| p);
+        if adapter.cap_output(to, p, obj, cap) {
+            out.capped_output_tokens = Some(cap);
         }
     }
     if out == Rewritten::default() {
@@ -116,28 +56,35 @@ pub fn apply(
     )
 }
 
-/// Set `key` to min(current, cap) (or to cap when absent and `set`).
-/// True when the value changed.
-fn lower(obj: &mut serde_json::Map<String, Value>, key: &str, cap: u64, set: bool) -> bool {
-    match obj.get(key).and_then(Value::as_u64) {
-        Some(n) if n <= cap => false,
-        None if !set && obj.contains_key(key) => false,
-        _ => {
-            obj.insert(key.into(), cap.into());
-            true
-        }
-    }
-}
-
-fn gemini_path_with_model(path: &str, model: &str) -> Option<String> {
-    let start = path.find("/models/")? + "/models/".len();
-    let end = start + path[start..].find(':')?;
-    Some(format!("{}{}{}", &path[..start], model, &path[end..]))
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::{Api, adapter};
     use super::*;
+
+    /// Where a request goes: OpenAI itself (`native`) or another
+    /// OpenAI-compatible server.
+    fn to(native: bool) -> Upstream<'static> {
+        Upstream {
+            provider: if native { "openai" } else { "other" },
+            host: if native {
+                "api.openai.com"
+            } else {
+                "llm.example"
+            },
+        }
+    }
+
+    /// `apply` as the tests call it: by API family and nativeness.
+    fn apply(
+        api: Api,
+        path: &str,
+        body: &[u8],
+        model: Option<&str>,
+        max: Option<u64>,
+        native: bool,
+    ) -> (String, Option<Vec<u8>>, Rewritten) {
+        super::apply(adapter(api), to(native), path, body, model, max)
+    }
 
     /// Apply only an output cap.
     fn cap(api: Api, path: &str, body: &[u8], max: u64, native: bool) -> Option<Vec<u8>> {

@@ -7,18 +7,7 @@
 //! (`server::Acceptor`), not a hand-written parser.
 use std::io::Cursor;
 
-use serde::Serialize;
-
-/// TLS details of a connection, as its ClientHello announced them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct TlsInfo {
-    /// Server Name Indication: the host the client wants (absent for IP-literal URLs).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sni: Option<String>,
-    /// Application protocols offered (e.g. `h2`, `http/1.1`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub alpn: Vec<String>,
-}
+pub use crate::telemetry::records::TlsInfo;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Hello {

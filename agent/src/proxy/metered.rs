@@ -13,13 +13,16 @@ use hyper::body::{Body, Bytes, Frame};
 
 use super::{
     account,
-    terminate::Call,
+    context::Call,
     upstream::{BoxError, ProxyBody},
 };
 use crate::{
-    policy::gate::Hold,
+    policy::{budgets::BudgetKey, gate::Hold},
     providers::ResponseParser,
-    telemetry::{events::RequestRecord, redact},
+    telemetry::{
+        records::{Outcome, RequestRecord},
+        redact,
+    },
 };
 
 /// How long a failed stream's already-received events get to reach the
@@ -27,12 +30,15 @@ use crate::{
 /// Long against a local flush, short against a human noticing.
 const FLUSH_GRACE: Duration = Duration::from_millis(100);
 
-/// What to do when a response body ends.
+/// What to do when a response body ends: the record, and beside it the
+/// call's state that is not part of the record.
 pub(super) struct Finish {
     pub call: Arc<Call>,
     pub record: RequestRecord,
     /// The request's hold on its rule's limits, settled with the usage.
-    pub admission: Option<Hold>,
+    pub hold: Option<Hold>,
+    /// What the call's cost is charged to.
+    pub budget: Option<BudgetKey>,
 }
 
 /// The response body on its way to the workload: relayed frame by frame (no
@@ -97,11 +103,12 @@ impl Metered {
         Poll::Pending
     }
 
-    fn finish(&mut self, mut result: &'static str, error: Option<String>) {
+    fn finish(&mut self, mut result: Outcome, error: Option<String>) {
         let Some(Finish {
             call,
             mut record,
-            admission,
+            hold,
+            budget,
         }) = self.finish.take()
         else {
             return;
@@ -112,8 +119,8 @@ impl Metered {
             record.response_model = info.response_model;
             // SDKs stop reading at the stream's end marker (`[DONE]`) and may
             // close before the transport's end of body: that call completed.
-            if result == "client_disconnected" && info.complete {
-                result = "ok";
+            if result == Outcome::ClientDisconnected && info.complete {
+                result = Outcome::Ok;
             }
         }
         record.response_bytes = self.bytes;
@@ -123,14 +130,20 @@ impl Metered {
         if record.stream {
             call.metrics.active_streams.dec();
         }
-        if let Some(a) = admission {
+        if let Some(a) = hold {
             a.settle(record.usage.input_tokens, record.usage.output_tokens);
         }
         record.ttft_ms = self.first_byte.map_or(0, |d| d.as_millis() as u64);
         record.duration_ms = self.started.elapsed().as_millis() as u64;
         record.result = result;
         record.error = error;
-        account::account(&call, record, self.started, self.first_byte);
+        account::account(
+            &call,
+            record,
+            budget.as_ref(),
+            self.started,
+            self.first_byte,
+        );
     }
 }
 
@@ -171,16 +184,16 @@ impl Body for Metered {
                 // content-length body whose last byte just came), so "ended"
                 // must be noticed here, not only at a final None.
                 if self.inner.is_end_stream() {
-                    self.finish("ok", None);
+                    self.finish(Outcome::Ok, None);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.finish("upstream_error", Some(e.to_string()));
+                self.finish(Outcome::UpstreamError, Some(e.to_string()));
                 self.fail_after_flush(e, cx)
             }
             Poll::Ready(None) => {
-                self.finish("ok", None);
+                self.finish(Outcome::Ok, None);
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -188,7 +201,7 @@ impl Body for Metered {
                     // A provider that stops mid-stream would hold the workload
                     // forever: end the stream with an error, keep the usage seen.
                     let msg = format!("provider sent nothing for {:?}", self.idle_timeout);
-                    self.finish("upstream_idle_timeout", Some(msg.clone()));
+                    self.finish(Outcome::UpstreamIdleTimeout, Some(msg.clone()));
                     return self.fail_after_flush(msg.into(), cx);
                 }
                 Poll::Pending
@@ -208,6 +221,6 @@ impl Body for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         // Dropped before the end: the client stopped reading.
-        self.finish("client_disconnected", None);
+        self.finish(Outcome::ClientDisconnected, None);
     }
 }

@@ -1,10 +1,21 @@
-//! The data path for redirected connections: each accepted connection is
-//! either terminated (TLS for a governed provider host, `terminate`) or
-//! relayed as bytes (`relay`); `upstream` pools provider connections.
+//! The data path for redirected connections, in the order a connection
+//! meets it: `accept` (who, where, first bytes) → `plan` (terminate, relay
+//! or refuse: a pure decision) → `relay` (bytes, counted) or `terminate`
+//! (TLS, HTTP) → `forward` (one request: read, admit, send) → `send`
+//! (attempts, failover) over `upstream` (pooled provider connections) →
+//! `metered` (the response on its way back) → `account` (price, metrics,
+//! audit). `rescue` answers what the proxy refuses itself; `context` holds
+//! what they share.
+pub mod accept;
 mod account;
 pub mod client_hello;
+pub mod context;
+pub mod dial;
+mod forward;
 mod metered;
+pub mod plan;
 pub mod relay;
+mod rescue;
 pub mod send;
 pub mod terminate;
 pub mod trust;

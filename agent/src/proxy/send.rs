@@ -11,12 +11,12 @@ use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
-use serde::Serialize;
 
-use super::terminate::Call;
+use super::context::Call;
 use crate::{
-    policy::{credentials, failover::FailoverChain},
-    providers::rewrite,
+    policy::failover::FailoverChain,
+    providers::{Upstream, rewrite},
+    telemetry::records::{Attempt, AttemptResult, Outcome},
 };
 
 /// Known addresses of each provider (by id, config order), refreshed with DNS.
@@ -41,21 +41,6 @@ pub(super) struct Endpoint {
     pub credential_file: Option<std::path::PathBuf>,
 }
 
-/// One attempt, for the audit record.
-#[derive(Debug, Clone, Serialize)]
-pub struct Attempt {
-    pub provider: String,
-    pub host: String,
-    pub upstream: SocketAddr,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    /// HTTP status, 0 when none came.
-    pub status: u16,
-    /// `ok`, `retried` (a 429/5xx answer), `upstream_error`, `upstream_timeout`.
-    pub result: &'static str,
-    pub ms: u64,
-}
-
 /// How a send ended.
 pub(super) enum Sent {
     /// The response to relay (possibly a provider error when no retry was left).
@@ -63,7 +48,7 @@ pub(super) enum Sent {
     /// No response: status and result for the workload's error.
     Failed {
         status: StatusCode,
-        result: &'static str,
+        result: Outcome,
         message: String,
     },
 }
@@ -90,7 +75,8 @@ pub(super) fn plan(
     if targets.is_empty() {
         return (vec![dialled], None);
     }
-    let addresses = call.tls.addresses.load();
+    let upstreams = &call.tls.upstreams;
+    let addresses = upstreams.addresses.load();
     let endpoints = targets
         .iter()
         .enumerate()
@@ -102,12 +88,11 @@ pub(super) fn plan(
                     ..dialled.clone()
                 });
             }
-            let id = call
-                .tls
+            let id = upstreams
                 .endpoints
                 .iter()
                 .position(|p| p.name == t.provider)?;
-            let p = &call.tls.endpoints[id];
+            let p = &upstreams.endpoints[id];
             let ips = addresses.get(id)?;
             // Same address family as the workload used, if the provider has one.
             let ip = ips
@@ -147,7 +132,7 @@ pub(super) async fn send(
     let deadline = chain.map_or(response_timeout, |c| c.deadline);
     let mut last = Sent::Failed {
         status: StatusCode::BAD_GATEWAY,
-        result: "upstream_error",
+        result: Outcome::UpstreamError,
         message: "no provider address for any failover target".into(),
     };
     for (n, ep) in endpoints.iter().enumerate() {
@@ -164,7 +149,7 @@ pub(super) async fn send(
             Err(message) => {
                 return Sent::Failed {
                     status: StatusCode::BAD_REQUEST,
-                    result: "client_error",
+                    result: Outcome::ClientError,
                     message,
                 };
             }
@@ -173,7 +158,7 @@ pub(super) async fn send(
         let left = deadline
             .saturating_sub(started.elapsed())
             .min(response_timeout);
-        let client = call.tls.upstream.client(&ep.host, ep.addr);
+        let client = call.tls.upstreams.pool.client(&ep.host, ep.addr);
         let outcome = tokio::time::timeout(left, client.request(req)).await;
         let mut attempt = Attempt {
             provider: ep.provider.clone(),
@@ -181,7 +166,7 @@ pub(super) async fn send(
             upstream: ep.addr,
             model: ep.model.clone(),
             status: 0,
-            result: "ok",
+            result: AttemptResult::Ok,
             ms: t0.elapsed().as_millis() as u64,
         };
         match outcome {
@@ -191,7 +176,7 @@ pub(super) async fn send(
                 let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
                 if retryable && more && chain.is_some() {
                     // Its body is dropped unread: the workload never sees it.
-                    attempt.result = "retried";
+                    attempt.result = AttemptResult::Retried;
                     attempts.push(attempt);
                     continue;
                 }
@@ -199,18 +184,18 @@ pub(super) async fn send(
                 return Sent::Response(resp, ep.clone());
             }
             Ok(Err(e)) => {
-                attempt.result = "upstream_error";
+                attempt.result = AttemptResult::UpstreamError;
                 last = Sent::Failed {
                     status: StatusCode::BAD_GATEWAY,
-                    result: "upstream_error",
+                    result: Outcome::UpstreamError,
                     message: format!("provider {} at {} failed: {e}", ep.host, ep.addr),
                 };
             }
             Err(_) => {
-                attempt.result = "upstream_timeout";
+                attempt.result = AttemptResult::UpstreamTimeout;
                 last = Sent::Failed {
                     status: StatusCode::GATEWAY_TIMEOUT,
-                    result: "upstream_timeout",
+                    result: Outcome::UpstreamTimeout,
                     message: format!(
                         "provider {} sent no response within {left:?} (tls.upstream_response_timeout or the failover deadline)",
                         ep.host
@@ -242,23 +227,24 @@ fn build(
     let mut headers = parts.headers.clone();
     let mut path = path.to_string();
     let mut body = body.clone();
+    let adapter = call.meta.adapter;
+    let to = Upstream {
+        provider: &ep.provider,
+        host: &ep.host,
+    };
     if let Some(model) = &ep.model {
-        let (p, b, _) = rewrite::apply(
-            call.meta.api,
-            &path,
-            &body,
-            Some(model),
-            None,
-            ep.provider == "openai" || ep.host.ends_with(".openai.azure.com"),
-        );
+        let (p, b, _) = rewrite::apply(adapter, to, &path, &body, Some(model), None);
         path = p;
         if let Some(b) = b {
             body = Bytes::from(b);
         }
     }
     if let Some(file) = &ep.credential_file {
-        let key = call.tls.credentials.get(file).map_err(|e| e.to_string())?;
-        path = credentials::inject(call.meta.api, &ep.host, &mut headers, &path, &key);
+        path = call
+            .tls
+            .enforcer
+            .inject(adapter, to, file, &mut headers, &path)
+            .map_err(|e| e.to_string())?;
     }
     let uri = Uri::builder()
         .scheme("https")

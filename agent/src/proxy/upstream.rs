@@ -30,7 +30,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::relay::dial;
+use super::dial::dial;
 
 /// Body errors: hyper's own, or the proxy's (an idle provider stream).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,11 +1,10 @@
-//! One JSON line per relayed connection, to a file or stdout.
+//! The audit log writer: one JSON line per record (`records`), to a file or stdout.
 //!
 //! Writes happen on a dedicated task fed by a bounded channel: the data path
 //! never waits on the disk. When the writer falls behind, records are dropped
 //! and counted (`dropped()`), never queued without bound.
 use std::{
     io::Write,
-    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc,
@@ -16,131 +15,12 @@ use std::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::{config::AuditConfig, identity::Workload};
-
-/// What the agent saw of one connection.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConnectionRecord {
-    /// RFC 3339 UTC time the connection was accepted.
-    pub time: String,
-    pub workload: Workload,
-    pub pid: u32,
-    pub comm: String,
-    pub provider: String,
-    /// Original destination the workload connected to.
-    pub destination: SocketAddr,
-    /// Workload side of the connection as the proxy saw it.
-    pub client: SocketAddr,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub duration_ms: u64,
-    /// `ok`, `upstream_connect_failed`, `upstream_timeout`, `client_error`, `upstream_error`.
-    pub result: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// What the client's first bytes were: `tls`, `plaintext`, `malformed_tls`, or `none`.
-    pub client_protocol: &'static str,
-    /// `allow`, `observe` (relayed by policy) or `deny` (closed).
-    pub decision: &'static str,
-    /// `rule:<name>` or `default`.
-    pub reason: String,
-    /// Server name and ALPN from the TLS ClientHello, when there was one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls: Option<crate::proxy::client_hello::TlsInfo>,
-}
+use crate::config::AuditConfig;
 
 /// Queue depth: a burst of ~4k connection closes between two writer wake-ups
 /// is absorbed; beyond that the disk is the bottleneck and dropping beats
 /// stalling relays.
 const QUEUE: usize = 4096;
-
-/// One JSON line per HTTP request the proxy terminated and forwarded.
-#[derive(Debug, Clone, Serialize)]
-pub struct RequestRecord {
-    /// RFC 3339 UTC time the request arrived.
-    pub time: String,
-    /// Always `request` (connection records have no `kind`).
-    pub kind: &'static str,
-    /// Tollgate's id of this call (UUIDv7), also sent to the workload as
-    /// the `x-tollgate-request-id` response header.
-    pub id: String,
-    /// `allow` or `deny`.
-    pub decision: &'static str,
-    /// Why: `rule:<name>` or `default` (the policy), or the proxy's own
-    /// reason (`request_too_large`).
-    pub reason: String,
-    /// The model sent upstream when a policy alias rewrote it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub routed_model: Option<String>,
-    /// The output-token cap a policy applied to this request.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub capped_output_tokens: Option<u64>,
-    /// Over a limit: how long the workload was told to wait (`retry-after-ms`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub retry_after_ms: Option<u64>,
-    /// The policy replaced the workload's credentials with its own key.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub credential_injected: bool,
-    /// With a failover chain: every attempt, in order.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub attempts: Vec<crate::proxy::send::Attempt>,
-    /// The provider that answered, when failover moved the call elsewhere.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub served_by: Option<String>,
-    /// The budget this call's cost is charged to (not logged).
-    #[serde(skip)]
-    pub budget: Option<crate::policy::budgets::BudgetKey>,
-    pub workload: Workload,
-    pub pid: u32,
-    pub comm: String,
-    pub provider: String,
-    pub host: String,
-    pub method: String,
-    pub path: String,
-    /// `chat`, `responses`, `embeddings`, `messages`, `generate_content`, …
-    pub operation: &'static str,
-    /// Model the request asked for.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    /// Model the provider says answered.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response_model: Option<String>,
-    pub stream: bool,
-    pub usage: crate::providers::Usage,
-    /// HTTP version the workload spoke (`HTTP/1.1`, `HTTP/2.0`).
-    pub client_http: String,
-    /// Provider address the request went to.
-    pub upstream: SocketAddr,
-    /// 0 when no response came.
-    pub status: u16,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    /// Until response headers arrived.
-    pub ttfb_ms: u64,
-    /// Until the first response body byte (for streams: the first token).
-    pub ttft_ms: u64,
-    /// Until the response body ended (or the client went away).
-    pub duration_ms: u64,
-    /// `ok`, `upstream_error`, `upstream_timeout`, `upstream_idle_timeout`,
-    /// `client_disconnected`, `request_too_large`, `client_error`.
-    pub result: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// USD, from the price table; absent when no price matches the model.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cost_usd: Option<f64>,
-    /// The provider's id of the call (`x-request-id`, `request-id`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub provider_request_id: Option<String>,
-    /// With `audit.capture.headers`: the request headers, credentials redacted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_headers: Option<std::collections::BTreeMap<String, String>>,
-    /// With `audit.capture.bodies`: bodies, secrets redacted, truncated.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_body: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub response_body: Option<String>,
-}
 
 #[derive(Clone)]
 pub struct EventLog {
@@ -309,6 +189,12 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        identity::Workload,
+        telemetry::records::{
+            ClientProtocol, ConnectionRecord, ConnectionResult, Decision, TlsInfo,
+        },
+    };
 
     #[test]
     fn rotates_by_size_keeping_max_files() {
@@ -374,12 +260,12 @@ mod tests {
             bytes_sent: 10,
             bytes_received: 20,
             duration_ms: 3,
-            result: "ok",
+            result: ConnectionResult::Ok,
             error: None,
-            client_protocol: "tls",
-            decision: "allow",
+            client_protocol: ClientProtocol::Tls,
+            decision: Decision::Allow,
             reason: "default".into(),
-            tls: Some(crate::proxy::client_hello::TlsInfo {
+            tls: Some(TlsInfo {
                 sni: Some("api.openai.com".into()),
                 alpn: vec![],
             }),

@@ -1,4 +1,6 @@
-//! What the agent tells the outside: metrics and the per-connection log.
+//! What the agent tells the outside: metrics, and the audit log (`records`
+//! its schema, `events` its writer).
 pub mod events;
 pub mod metrics;
+pub mod records;
 pub mod redact;

@@ -1,0 +1,305 @@
+//! One admission point per request: parse → rule → rewrites → credential →
+//! budget → limits, in that order, in one place. The proxy hands a request
+//! in and gets `Admitted` (what to send, and the call's hold on its limits
+//! and budget) or a `Refusal` (why not), which it turns into the
+//! provider-shaped answer in one place of its own (`proxy::rescue`).
+//!
+//! The order is the policy's, not the proxy's: a denied model is refused
+//! before anything is reserved, a budget is checked before limit tokens are
+//! taken (a refused call must not hold tokens), and the credential is read
+//! before either (a rule whose key is missing refuses without charging).
+use std::sync::Arc;
+
+use http::HeaderMap;
+use hyper::body::Bytes;
+
+use super::{
+    Policy, RequestDecision, Subject,
+    budgets::{BudgetKey, Exhausted},
+    credentials::{self, Credentials},
+    failover::FailoverChain,
+    gate::{Hold, LimitStore},
+    limits::{Estimate, LimitKey, Limited},
+    spend::BudgetStore,
+};
+use crate::{
+    identity::Workload,
+    providers::{self, Adapter, RequestInfo, Upstream, rewrite},
+};
+
+/// Output tokens reserved against a token limit for a request that names no
+/// output limit: a typical chat answer; settled with the real count after.
+const DEFAULT_OUTPUT_ESTIMATE: u64 = 1024;
+/// Characters per token when reserving input tokens before the provider has
+/// counted them (the common rule of thumb for English text).
+const CHARS_PER_TOKEN: u64 = 4;
+
+/// The state admission keeps across calls: limit buckets, budget spend and
+/// provider keys (each kept across policy reloads).
+pub struct Enforcer {
+    pub limits: Arc<LimitStore>,
+    pub budgets: Arc<BudgetStore>,
+    pub credentials: Credentials,
+}
+
+/// One request as admission sees it.
+pub struct Request<'a> {
+    pub subject: Subject<'a>,
+    /// Where it goes (provider name and TLS server name).
+    pub to: Upstream<'a>,
+    pub adapter: &'static dyn Adapter,
+    /// Path and query, unredacted.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// What the request turned out to be, known whether it is admitted or not
+/// (the audit record has it either way).
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub info: RequestInfo,
+    /// Characters of input text, for estimates.
+    pub input_chars: u64,
+    /// The deciding rule (`rule:<name>`, `default`); empty when the request
+    /// was refused before a rule was consulted.
+    pub reason: String,
+}
+
+/// A request to send: rewritten, with its credential, and holding its
+/// reservations (settled with the usage when the response ends).
+pub struct Admitted {
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The model now sent, when an alias rewrote it.
+    pub routed_model: Option<String>,
+    /// The cap, when it lowered or set the request's output limit.
+    pub capped_output_tokens: Option<u64>,
+    pub credential_injected: bool,
+    pub failover: Option<Arc<FailoverChain>>,
+    /// The budget the call's cost is charged to.
+    pub budget: Option<BudgetKey>,
+    /// The call's hold on its rule's limits.
+    pub hold: Option<Hold>,
+}
+
+/// Why a request is not sent. Each has one answer (`proxy::rescue`).
+#[derive(Debug)]
+pub enum Refusal {
+    /// Larger than `tls.max_request_body` (found while reading it).
+    BodyTooLarge {
+        limit: usize,
+    },
+    /// Reading the body failed (the client went away, a broken stream).
+    BodyUnreadable {
+        error: String,
+    },
+    /// Declares a JSON body but sent none, or no valid JSON: the provider
+    /// would reject it, and HTTP/2 reports a stream the client reset
+    /// (CANCEL) as a body that simply ended — forwarding it would make a
+    /// flood of reset streams into billed provider calls.
+    NotJson {
+        empty: bool,
+    },
+    /// A rule denies it.
+    Denied {
+        rule: String,
+        message: String,
+    },
+    /// Larger than the rule's `max_request_bytes`.
+    OverRuleSize {
+        rule: String,
+        size: usize,
+        max: usize,
+    },
+    /// The rule's provider key cannot be read.
+    CredentialUnavailable {
+        rule: String,
+    },
+    BudgetSpent {
+        rule: String,
+        spent: Exhausted,
+    },
+    RateLimited {
+        rule: String,
+        limited: Limited,
+    },
+}
+
+impl Enforcer {
+    pub fn new(limits: Arc<LimitStore>, budgets: Arc<BudgetStore>) -> Self {
+        Self {
+            limits,
+            budgets,
+            credentials: Credentials::default(),
+        }
+    }
+
+    /// The key a limit or budget with `per` counts `workload` under.
+    pub fn key_for(workload: &Workload, per: LimitKey) -> String {
+        match per {
+            LimitKey::Workload => match &workload.kubernetes {
+                Some(k) => format!("{}/{}", k.namespace, k.workload),
+                None => workload.label().to_string(),
+            },
+            LimitKey::Namespace => match &workload.kubernetes {
+                Some(k) => format!("namespace:{}", k.namespace),
+                None => workload.label().to_string(),
+            },
+            LimitKey::Pod => workload
+                .pod_uid
+                .clone()
+                .unwrap_or_else(|| workload.label().to_string()),
+            LimitKey::Global => String::new(),
+        }
+    }
+
+    /// The provider key in `file` for a request `to`: the workload's own
+    /// credentials go, the key takes their place. Returns the new target.
+    pub fn inject(
+        &self,
+        adapter: &dyn Adapter,
+        to: Upstream<'_>,
+        file: &std::path::Path,
+        headers: &mut HeaderMap,
+        target: &str,
+    ) -> Result<String, credentials::CredentialError> {
+        let key = self.credentials.get(file)?;
+        Ok(credentials::inject(adapter, to, headers, target, &key))
+    }
+
+    /// Admit `req` under `policy`. `seen` is filled as far as admission got.
+    pub async fn admit(&self, policy: &Policy, req: Request<'_>, seen: &mut Seen) -> Verdict {
+        let Request {
+            subject,
+            to,
+            adapter,
+            mut target,
+            mut headers,
+            mut body,
+        } = req;
+        // Parsed once: the adapter, the input size and the output limit read it.
+        let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+        let declares_json = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("application/json"));
+        if declares_json && json.is_none() {
+            return Err(Refusal::NotJson {
+                empty: body.is_empty(),
+            });
+        }
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        seen.info = adapter.request(path, query, json.as_ref());
+        seen.input_chars = json.as_ref().map_or(0, providers::input_chars);
+        let asked_output = json.as_ref().and_then(providers::output_limit);
+        drop(json);
+
+        let caps = match policy.request(subject, to.provider, seen.info.model.as_deref()) {
+            RequestDecision::Deny { reason, message } => {
+                seen.reason = reason.clone();
+                return Err(Refusal::Denied {
+                    rule: reason,
+                    message,
+                });
+            }
+            RequestDecision::Allow { reason, caps } => {
+                seen.reason = reason;
+                caps
+            }
+        };
+        let rule = &seen.reason;
+        let (path, rewritten, changed) = rewrite::apply(
+            adapter,
+            to,
+            &target,
+            &body,
+            caps.model.as_deref(),
+            caps.max_output_tokens,
+        );
+        target = path;
+        if let Some(b) = rewritten {
+            body = Bytes::from(b);
+        }
+        if let Some(max) = caps.max_request_bytes.filter(|m| body.len() > *m) {
+            return Err(Refusal::OverRuleSize {
+                rule: rule.clone(),
+                size: body.len(),
+                max,
+            });
+        }
+        if let Some(h) = &caps.headers {
+            h.apply(&mut headers);
+        }
+        let credential_injected = match &caps.credential_file {
+            None => false,
+            Some(file) => match self.inject(adapter, to, file, &mut headers, &target) {
+                Ok(t) => {
+                    target = t;
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(rule = %rule, error = %e, "credential injection failed; the call is refused");
+                    return Err(Refusal::CredentialUnavailable { rule: rule.clone() });
+                }
+            },
+        };
+        let budget = match caps.budget {
+            None => None,
+            Some(config) => {
+                let b = BudgetKey {
+                    rule: rule.clone(),
+                    key: Self::key_for(subject.workload, config.per),
+                    config,
+                };
+                let now = time::OffsetDateTime::now_utc();
+                if let Err(spent) = self.budgets.check(&b, now).await {
+                    return Err(Refusal::BudgetSpent {
+                        rule: rule.clone(),
+                        spent,
+                    });
+                }
+                Some(b)
+            }
+        };
+        let hold = match caps.limits {
+            None => None,
+            Some(limits) => {
+                let key = Self::key_for(subject.workload, limits.per);
+                // Reserve what the call may use: its input from the text
+                // size, its output up to the limit it asks for (a cap the
+                // policy applied replaces what the request asked).
+                let est = Estimate {
+                    input_tokens: seen.input_chars.div_ceil(CHARS_PER_TOKEN),
+                    output_tokens: changed
+                        .capped_output_tokens
+                        .or(asked_output)
+                        .unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
+                };
+                match self.limits.admit(rule, &key, &limits, est).await {
+                    Ok(hold) => Some(hold),
+                    Err(limited) => {
+                        return Err(Refusal::RateLimited {
+                            rule: rule.clone(),
+                            limited,
+                        });
+                    }
+                }
+            }
+        };
+        Ok(Admitted {
+            target,
+            headers,
+            body,
+            routed_model: changed.model,
+            capped_output_tokens: changed.capped_output_tokens,
+            credential_injected,
+            failover: caps.failover,
+            budget,
+            hold,
+        })
+    }
+}
+
+pub type Verdict = Result<Admitted, Refusal>;

@@ -1,0 +1,283 @@
+//! One terminated request, as a handful of steps: read the body, admit it
+//! (`policy::admission`), send it (`send`), and relay the response metered
+//! (`metered`); whatever is refused or fails is answered by `rescue`.
+use std::{convert::Infallible, sync::Arc, time::Instant};
+
+use http::{HeaderMap, HeaderValue, Request, Response, Version, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Bytes, Incoming};
+
+use super::{
+    context::Call,
+    metered::{Finish, Metered},
+    rescue,
+    send::{self, Sent},
+    upstream::{BoxError, ProxyBody},
+};
+use crate::{
+    identity::Workload,
+    policy::{
+        Subject,
+        admission::{self, Admitted, Refusal, Seen},
+    },
+    providers::ResponseParser,
+    telemetry::{
+        events::now_rfc3339,
+        records::{Decision, Outcome, RequestRecord},
+        redact,
+    },
+};
+
+pub(super) async fn forward(
+    call: Arc<Call>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    let workload = call.meta.workload_now();
+    let mut record = new_record(&call, &workload, &req);
+    // The unredacted target goes upstream; the record keeps the redacted one.
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let (mut parts, body) = req.into_parts();
+
+    // 1. The whole body: the adapter needs it (model, stream flag), and LLM
+    //    requests are bounded JSON documents.
+    let body = match read_body(body, call.tls.settings.max_request_body).await {
+        Ok(b) => b,
+        Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
+    };
+    record.request_bytes = body.len() as u64;
+    let capture = &call.tls.capture;
+    if capture.bodies {
+        record.request_body = Some(redact::body(&body, capture.max_body_bytes));
+    }
+
+    // 2. Admission: parse, rule, rewrites, credential, budget, limits.
+    let rules = call.tls.live.load_full();
+    let mut seen = Seen::default();
+    let request = admission::Request {
+        subject: Subject {
+            workload: &workload,
+            comm: &call.meta.comm,
+        },
+        to: call.meta.to(),
+        adapter: call.meta.adapter,
+        target,
+        headers: std::mem::take(&mut parts.headers),
+        body,
+    };
+    let verdict = call
+        .tls
+        .enforcer
+        .admit(&rules.policy, request, &mut seen)
+        .await;
+    drop(rules);
+    record.operation = seen.info.operation;
+    record.model = seen.info.model;
+    record.stream = seen.info.stream;
+    record.reason = seen.reason;
+    let admitted = match verdict {
+        Ok(a) => a,
+        Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
+    };
+    record.routed_model = admitted.routed_model.clone();
+    record.capped_output_tokens = admitted.capped_output_tokens;
+    record.credential_injected = admitted.credential_injected;
+
+    // 3. Send: to the dialled provider, or along the rule's failover chain.
+    let Admitted {
+        target,
+        headers,
+        body,
+        failover,
+        budget,
+        hold,
+        ..
+    } = admitted;
+    parts.headers = headers;
+    // The pool speaks h2 to the provider when ALPN chose it, whatever the workload spoke.
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::CONTENT_LENGTH); // recomputed from the buffered body
+    let model = record.routed_model.clone().or_else(|| record.model.clone());
+    let (endpoints, chain) = send::plan(&call, failover, model.as_deref());
+    let mut attempts = Vec::new();
+    let sent = send::send(
+        &call,
+        &parts,
+        &target,
+        body,
+        &endpoints,
+        chain.as_deref(),
+        &mut attempts,
+    )
+    .await;
+    if chain.is_some() {
+        record.attempts = attempts;
+    }
+
+    // 4. The response, relayed frame by frame and accounted when it ends.
+    let (resp, ep) = match sent {
+        Sent::Response(resp, ep) => (resp, ep),
+        Sent::Failed {
+            status,
+            result,
+            message,
+        } => {
+            return Ok(rescue::failed(
+                &call, status, result, message, record, started,
+            ));
+        }
+    };
+    if ep.provider != call.meta.provider {
+        record.served_by = Some(ep.provider.clone());
+    }
+    record.upstream = ep.addr;
+    record.ttfb_ms = started.elapsed().as_millis() as u64;
+    record.status = resp.status().as_u16();
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    record.provider_request_id = ["x-request-id", "request-id", "apim-request-id"]
+        .iter()
+        .find_map(|h| parts.headers.get(*h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Ok(id) = HeaderValue::from_str(&record.id) {
+        parts.headers.insert("x-tollgate-request-id", id);
+    }
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let parser = ResponseParser::new(call.meta.adapter.api(), content_type, seen.input_chars);
+    let body = Metered::new(
+        body.map_err(BoxError::from).boxed(),
+        started,
+        parser,
+        Finish {
+            call: call.clone(),
+            record,
+            hold,
+            budget,
+        },
+    );
+    Ok(Response::from_parts(parts, body.boxed()))
+}
+
+/// The record of a request as it arrives; the steps fill in the rest.
+fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> RequestRecord {
+    let meta = &call.meta;
+    RequestRecord {
+        time: now_rfc3339(),
+        kind: "request",
+        id: uuid::Uuid::now_v7().to_string(),
+        decision: Decision::Allow,
+        reason: String::new(),
+        routed_model: None,
+        capped_output_tokens: None,
+        retry_after_ms: None,
+        credential_injected: false,
+        attempts: Vec::new(),
+        served_by: None,
+        workload: workload.clone(),
+        pid: meta.pid,
+        comm: meta.comm.clone(),
+        provider: meta.provider.clone(),
+        host: meta.host.clone(),
+        method: req.method().to_string(),
+        // Redacted: Gemini accepts the API key as `?key=`.
+        path: redact::path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
+        operation: "other",
+        model: None,
+        response_model: None,
+        stream: false,
+        usage: Default::default(),
+        client_http: format!("{:?}", req.version()),
+        upstream: meta.upstream,
+        status: 0,
+        request_bytes: 0,
+        response_bytes: 0,
+        ttfb_ms: 0,
+        ttft_ms: 0,
+        duration_ms: 0,
+        result: Outcome::Ok,
+        error: None,
+        cost_usd: None,
+        provider_request_id: None,
+        request_headers: call
+            .tls
+            .capture
+            .headers
+            .then(|| redact::headers(req.headers())),
+        request_body: None,
+        response_body: None,
+    }
+}
+
+/// Read the whole request body, at most `max` bytes.
+async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Refusal> {
+    match Limited::new(body, max).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Refusal::BodyTooLarge { limit: max })
+        }
+        Err(e) => Err(Refusal::BodyUnreadable {
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named by Connection are hop-by-hop too.
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .collect();
+    for n in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        h.remove(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_including_connection_named_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-custom"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("authorization", HeaderValue::from_static("Bearer sk-test"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("authorization"));
+    }
+}

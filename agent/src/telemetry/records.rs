@@ -1,0 +1,284 @@
+//! The audit log's schema: one record per relayed (or refused) connection and
+//! one per terminated request, with typed decisions and outcomes.
+//!
+//! This module is data only. It imports nothing from the proxy or the policy
+//! (the record describes what happened; the state a call carries while it
+//! runs — its budget, its hold on limits — travels beside the record, not in
+//! it), so every layer can write records without an import circle.
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use crate::{identity::Workload, providers::Usage};
+
+/// What policy made of a call or connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Forwarded (terminated and governed, or relayed as allowed).
+    Allow,
+    /// Relayed without terminating: server name and bytes only.
+    Observe,
+    /// Refused.
+    Deny,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Observe => "observe",
+            Decision::Deny => "deny",
+        }
+    }
+}
+
+/// How a terminated request ended (`result` in the record and the
+/// `tollgate_requests_total` metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    /// The provider leg failed (connect, TLS, reset).
+    UpstreamError,
+    /// No response headers within the timeout.
+    UpstreamTimeout,
+    /// The provider stopped sending mid-body.
+    UpstreamIdleTimeout,
+    /// The workload went away before the response ended.
+    ClientDisconnected,
+    /// The request could not be read or is not what it declares.
+    ClientError,
+    RequestTooLarge,
+    /// A policy rule denied it.
+    Denied,
+    RateLimited,
+    BudgetExhausted,
+    /// The rule's provider key could not be read.
+    CredentialUnavailable,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::UpstreamIdleTimeout => "upstream_idle_timeout",
+            Outcome::ClientDisconnected => "client_disconnected",
+            Outcome::ClientError => "client_error",
+            Outcome::RequestTooLarge => "request_too_large",
+            Outcome::Denied => "denied",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::BudgetExhausted => "budget_exhausted",
+            Outcome::CredentialUnavailable => "credential_unavailable",
+        }
+    }
+
+    /// The provider leg failed in transport (as opposed to answering).
+    pub fn is_upstream_failure(self) -> bool {
+        matches!(
+            self,
+            Outcome::UpstreamError | Outcome::UpstreamTimeout | Outcome::UpstreamIdleTimeout
+        )
+    }
+}
+
+/// How a redirected connection ended (`result` in connection records and
+/// the `tollgate_connections_total` metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionResult {
+    /// Relayed to the end.
+    Ok,
+    /// Terminated: its requests have records of their own.
+    Terminated,
+    /// The workload rejected the node CA's certificate.
+    ClientRejectedCa,
+    /// The workload's TLS handshake failed (or timed out).
+    ClientTlsFailed,
+    /// Refused by policy.
+    Denied,
+    UpstreamConnectFailed,
+    UpstreamTimeout,
+    RelayError,
+    /// Nobody redirected it: dialled the listener directly.
+    NoRecord,
+}
+
+impl ConnectionResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionResult::Ok => "ok",
+            ConnectionResult::Terminated => "terminated",
+            ConnectionResult::ClientRejectedCa => "client_rejected_ca",
+            ConnectionResult::ClientTlsFailed => "client_tls_failed",
+            ConnectionResult::Denied => "denied",
+            ConnectionResult::UpstreamConnectFailed => "upstream_connect_failed",
+            ConnectionResult::UpstreamTimeout => "upstream_timeout",
+            ConnectionResult::RelayError => "relay_error",
+            ConnectionResult::NoRecord => "no_record",
+        }
+    }
+}
+
+/// What a client's first bytes were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientProtocol {
+    Tls,
+    Plaintext,
+    MalformedTls,
+    /// Nothing (or not enough) arrived.
+    None,
+}
+
+/// TLS details of a connection, as its ClientHello announced them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TlsInfo {
+    /// Server Name Indication: the host the client wants (absent for IP-literal URLs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// Application protocols offered (e.g. `h2`, `http/1.1`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+}
+
+/// One attempt of a failover chain, for the audit record.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    pub provider: String,
+    pub host: String,
+    pub upstream: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// HTTP status, 0 when none came.
+    pub status: u16,
+    pub result: AttemptResult,
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptResult {
+    Ok,
+    /// A 429/5xx answer, dropped for the next target.
+    Retried,
+    UpstreamError,
+    UpstreamTimeout,
+}
+
+/// What the agent saw of one connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionRecord {
+    /// RFC 3339 UTC time the connection was accepted.
+    pub time: String,
+    pub workload: Workload,
+    pub pid: u32,
+    pub comm: String,
+    pub provider: String,
+    /// Original destination the workload connected to.
+    pub destination: SocketAddr,
+    /// Workload side of the connection as the proxy saw it.
+    pub client: SocketAddr,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub duration_ms: u64,
+    pub result: ConnectionResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the client's first bytes were.
+    pub client_protocol: ClientProtocol,
+    /// `allow`, `observe` (relayed by policy) or `deny` (closed).
+    pub decision: Decision,
+    /// `rule:<name>` or `default`.
+    pub reason: String,
+    /// Server name and ALPN from the TLS ClientHello, when there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsInfo>,
+}
+
+/// One JSON line per HTTP request the proxy terminated and forwarded.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRecord {
+    /// RFC 3339 UTC time the request arrived.
+    pub time: String,
+    /// Always `request` (connection records have no `kind`).
+    pub kind: &'static str,
+    /// Tollgate's id of this call (UUIDv7), also sent to the workload as
+    /// the `x-tollgate-request-id` response header.
+    pub id: String,
+    /// `allow` or `deny`.
+    pub decision: Decision,
+    /// Why: `rule:<name>` or `default` (the policy), or the proxy's own
+    /// reason (`request_too_large`).
+    pub reason: String,
+    /// The model sent upstream when a policy alias rewrote it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routed_model: Option<String>,
+    /// The output-token cap a policy applied to this request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capped_output_tokens: Option<u64>,
+    /// Over a limit: how long the workload was told to wait (`retry-after-ms`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// The policy replaced the workload's credentials with its own key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub credential_injected: bool,
+    /// With a failover chain: every attempt, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+    /// The provider that answered, when failover moved the call elsewhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub served_by: Option<String>,
+    pub workload: Workload,
+    pub pid: u32,
+    pub comm: String,
+    pub provider: String,
+    pub host: String,
+    pub method: String,
+    pub path: String,
+    /// `chat`, `responses`, `embeddings`, `messages`, `generate_content`, …
+    pub operation: &'static str,
+    /// Model the request asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Model the provider says answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_model: Option<String>,
+    pub stream: bool,
+    pub usage: Usage,
+    /// HTTP version the workload spoke (`HTTP/1.1`, `HTTP/2.0`).
+    pub client_http: String,
+    /// Provider address the request went to.
+    pub upstream: SocketAddr,
+    /// 0 when no response came.
+    pub status: u16,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// Until response headers arrived.
+    pub ttfb_ms: u64,
+    /// Until the first response body byte (for streams: the first token).
+    pub ttft_ms: u64,
+    /// Until the response body ended (or the client went away).
+    pub duration_ms: u64,
+    /// `ok`, `upstream_error`, `upstream_timeout`, `upstream_idle_timeout`,
+    /// `client_disconnected`, `request_too_large`, `client_error`.
+    pub result: Outcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// USD, from the price table; absent when no price matches the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// The provider's id of the call (`x-request-id`, `request-id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_request_id: Option<String>,
+    /// With `audit.capture.headers`: the request headers, credentials redacted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<std::collections::BTreeMap<String, String>>,
+    /// With `audit.capture.bodies`: bodies, secrets redacted, truncated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_body: Option<String>,
+}
