@@ -88,12 +88,13 @@ fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v as char);
+            i += 4;
+            continue;
         }
         out.push(b[i] as char);
         i += 1;
@@ -203,12 +204,12 @@ pub fn walk(root: &Path) -> Vec<CgroupEntry> {
     while let Some((dir, depth)) = stack.pop() {
         let Ok(id) = cgroup_id(&dir) else { continue };
         let pids = read_pids(&dir);
-        if depth < MAX_DEPTH {
-            if let Ok(rd) = fs::read_dir(&dir) {
-                for e in rd.flatten() {
-                    if e.file_type().is_ok_and(|t| t.is_dir()) {
-                        stack.push((e.path(), depth + 1));
-                    }
+        if depth < MAX_DEPTH
+            && let Ok(rd) = fs::read_dir(&dir)
+        {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((e.path(), depth + 1));
                 }
             }
         }

@@ -94,19 +94,19 @@ pub fn parse(cgroup: &str) -> Workload {
             continue;
         }
         // cgroupfs driver: kubepods/burstable/pod<uid>/<container id>
-        if let Some(uid) = seg.strip_prefix("pod") {
-            if looks_like_uid(uid) {
-                w.pod_uid = Some(uid.to_string());
-                continue;
-            }
+        if let Some(uid) = seg.strip_prefix("pod")
+            && looks_like_uid(uid)
+        {
+            w.pod_uid = Some(uid.to_string());
+            continue;
         }
         // systemd scopes: cri-containerd-<id>.scope, crio-<id>.scope, docker-<id>.scope
         if let Some(rest) = seg.strip_suffix(".scope") {
             for prefix in ["cri-containerd-", "crio-", "docker-", "containerd-"] {
-                if let Some(id) = rest.strip_prefix(prefix) {
-                    if is_container_id(id) {
-                        w.container_id = Some(id.to_string());
-                    }
+                if let Some(id) = rest.strip_prefix(prefix)
+                    && is_container_id(id)
+                {
+                    w.container_id = Some(id.to_string());
                 }
             }
             continue;

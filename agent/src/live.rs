@@ -154,8 +154,10 @@ mod tests {
     #[test]
     fn only_startup_sections_are_reported() {
         let old = Config::default();
-        let mut new = Config::default();
-        new.policy = serde_yaml::from_str("default: deny").unwrap();
+        let mut new = Config {
+            policy: serde_yaml::from_str("default: deny").unwrap(),
+            ..Config::default()
+        };
         new.pricing.defaults = false;
         assert!(restart_only_changes(&old, &new).is_empty());
         new.proxy.port = 1;

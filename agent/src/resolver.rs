@@ -49,10 +49,10 @@ impl AddressBook {
     ) {
         let until = now + ttl + grace;
         let slot = self.entries.entry((provider, ip)).or_insert(Some(until));
-        if let Some(t) = slot {
-            if *t < until {
-                *t = until;
-            }
+        if let Some(t) = slot
+            && *t < until
+        {
+            *t = until;
         }
     }
 
@@ -223,7 +223,7 @@ impl Refresher {
                     host.failures += 1;
                     // Known addresses stay until they expire; retry sooner than a TTL.
                     host.next = now + self.dns.retry;
-                    if host.failures == 1 || host.failures % 10 == 0 {
+                    if host.failures == 1 || host.failures.is_multiple_of(10) {
                         tracing::warn!(host = %host.name, failures = host.failures, error = %e,
                             "resolving provider host failed; keeping known addresses until they expire");
                     }
@@ -354,11 +354,13 @@ mod learned_tests {
 
     #[test]
     fn every_host_with_its_providers_ports() {
-        let mut c = Config::default();
-        c.providers = serde_yaml::from_str(
-            "[{name: a, hosts: [api.a.test, API.b.test], ports: [443, 8443]}, {name: c, hosts: [c.test]}]",
-        )
-        .unwrap();
+        let mut c = Config {
+            providers: serde_yaml::from_str(
+                "[{name: a, hosts: [api.a.test, API.b.test], ports: [443, 8443]}, {name: c, hosts: [c.test]}]",
+            )
+            .unwrap(),
+            ..Config::default()
+        };
         let names = learned_names(&c);
         assert_eq!(names.len(), 3);
         assert_eq!(

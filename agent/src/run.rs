@@ -256,10 +256,10 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     if left > 0 {
         tracing::warn!(connections = left, after = ?DRAIN_TIMEOUT, "connections still open at shutdown; detaching anyway");
     }
-    if let Some(path) = &budget_file {
-        if let Err(e) = budgets.local.save(path) {
-            tracing::error!(path = %path.display(), error = %e, "saving budget spend failed");
-        }
+    if let Some(path) = &budget_file
+        && let Err(e) = budgets.local.save(path)
+    {
+        tracing::error!(path = %path.display(), error = %e, "saving budget spend failed");
     }
     if attached.is_pinned() {
         tracing::info!(

@@ -231,6 +231,9 @@ fn test(args: &[String]) -> Result<()> {
     setup::run()?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("code is not formatted: run `cargo fmt --all`")?;
+    // Every crate but the eBPF one (the default members), tests included.
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+        .context("clippy found problems: run `cargo clippy --all-targets` and fix them")?;
     build_bins(false)?;
     setup::sweep_leftovers();
     let mut c = cargo();

@@ -228,7 +228,8 @@ const MITMPROXY: &[&str] = &["mitmproxy==11.0.2"];
 /// Install the benchmark peers; each failure is reported and skipped (the
 /// benchmark then says which peer it could not measure, and why).
 pub fn bench_peers(dir: &Path) {
-    let steps: [(&str, Box<dyn Fn() -> Result<()>>); 3] = [
+    type Step<'a> = (&'a str, Box<dyn Fn() -> Result<()> + 'a>);
+    let steps: [Step; 3] = [
         ("nginx, wrk and perf", Box::new(|| apt_install(BENCH_APT))),
         (
             "LiteLLM",
@@ -327,16 +328,19 @@ pub fn sweep_leftovers() {
             (right.split_whitespace().next()? == "cgroup2")
                 .then(|| left.split_whitespace().nth(4).map(String::from))?
         });
-        if let Some(mount) = mount {
-            if let Ok(rd) = std::fs::read_dir(&mount) {
-                for e in rd.flatten() {
-                    if leftover(&e.file_name().to_string_lossy(), "tollgate-test-") {
-                        let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
-                        let _ = Command::new("sh")
-                            .arg("-c")
-                            .arg(format!("sleep 0.2; find '{}' -depth -type d -exec rmdir {{}} \\; 2>/dev/null", e.path().display()))
-                            .status();
-                    }
+        if let Some(mount) = mount
+            && let Ok(rd) = std::fs::read_dir(&mount)
+        {
+            for e in rd.flatten() {
+                if leftover(&e.file_name().to_string_lossy(), "tollgate-test-") {
+                    let _ = std::fs::write(e.path().join("cgroup.kill"), "1");
+                    let _ = Command::new("sh")
+                        .arg("-c")
+                        .arg(format!(
+                            "sleep 0.2; find '{}' -depth -type d -exec rmdir {{}} \\; 2>/dev/null",
+                            e.path().display()
+                        ))
+                        .status();
                 }
             }
         }

@@ -318,9 +318,8 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// Make sure `dir` is on a bpffs, mounting one at /sys/fs/bpf if none is.
 fn ensure_bpffs(dir: &Path) -> Result<(), BpfError> {
     let mount_point = Path::new("/sys/fs/bpf");
-    let on_bpffs = |p: &Path| {
-        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
-    };
+    let on_bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if !on_bpffs(mount_point) && dir.starts_with(mount_point) {
         fs::create_dir_all(mount_point).map_err(|e| BpfError::Bpffs {
             path: mount_point.into(),

@@ -212,9 +212,11 @@ mod tests {
 
     #[test]
     fn conn_info_converts() {
-        let mut c = ConnInfo::default();
-        c.orig_ip_be = v4_mapped([1, 2, 3, 4]);
-        c.orig_port = 443;
+        let mut c = ConnInfo {
+            orig_ip_be: v4_mapped([1, 2, 3, 4]),
+            orig_port: 443,
+            ..ConnInfo::default()
+        };
         c.comm[..4].copy_from_slice(b"curl");
         let o = OrigDst::from(c);
         assert_eq!(o.dest, "1.2.3.4:443".parse().unwrap());

@@ -222,10 +222,10 @@ impl Config {
         if let Err((i, e)) = crate::pricing::PriceTable::new(&self.pricing) {
             return err(&format!("pricing.models[{i}]"), e.to_string());
         }
-        if self.state.backend == crate::policy::shared::Backend::Redis {
-            if let Err(e) = crate::policy::shared::SharedBudgets::new(&self.state) {
-                return err("state.redis_url", e.to_string());
-            }
+        if self.state.backend == crate::policy::shared::Backend::Redis
+            && let Err(e) = crate::policy::shared::SharedBudgets::new(&self.state)
+        {
+            return err("state.redis_url", e.to_string());
         }
         let names: Vec<String> = self.providers.iter().map(|p| p.name.clone()).collect();
         if let Err(e) = crate::policy::Policy::new(&self.policy, &names) {

@@ -115,13 +115,13 @@ fn infer(meta: &ObjectMeta, r: &OwnerReference) -> Owner {
         .labels
         .as_ref()
         .and_then(|l| l.get("pod-template-hash"));
-    if r.kind == "ReplicaSet" {
-        if let Some(dep) = hash.and_then(|h| r.name.strip_suffix(&format!("-{h}"))) {
-            return Owner {
-                kind: "Deployment".into(),
-                name: dep.into(),
-            };
-        }
+    if r.kind == "ReplicaSet"
+        && let Some(dep) = hash.and_then(|h| r.name.strip_suffix(&format!("-{h}")))
+    {
+        return Owner {
+            kind: "Deployment".into(),
+            name: dep.into(),
+        };
     }
     Owner {
         kind: r.kind.clone(),

@@ -56,10 +56,10 @@ impl Credentials {
         let meta = std::fs::metadata(path).map_err(read)?;
         let stamp = (meta.modified().map_err(read)?, meta.len());
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, key)) = cache.get(path) {
-            if *s == stamp {
-                return Ok(key.clone());
-            }
+        if let Some((s, key)) = cache.get(path)
+            && *s == stamp
+        {
+            return Ok(key.clone());
         }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(read)?);
         let key = text.trim();

@@ -163,15 +163,15 @@ impl Limiter {
                 used: now,
             });
         s.used = now;
-        if let Some(max) = limits.concurrent_requests {
-            if s.in_flight >= max {
-                return Err(Limited {
-                    which: "concurrency",
-                    limit: max.into(),
-                    remaining: 0,
-                    retry_after: Duration::from_secs(1),
-                });
-            }
+        if let Some(max) = limits.concurrent_requests
+            && s.in_flight >= max
+        {
+            return Err(Limited {
+                which: "concurrency",
+                limit: max.into(),
+                remaining: 0,
+                retry_after: Duration::from_secs(1),
+            });
         }
         // A reservation larger than a whole minute's allowance could never
         // pass: it is clamped, and waits for a full bucket instead.

@@ -46,8 +46,12 @@ pub struct Policy {
     /// selector matches: a workload's selector matches are computed once per
     /// policy and pod metadata version, so a decision is a lookup plus
     /// provider and model checks on those rules.
-    by_subject: Mutex<HashMap<(String, String, u64), Arc<[u32]>>>,
+    by_subject: Mutex<HashMap<SubjectKey, Arc<[u32]>>>,
 }
+
+/// (cgroup, process, pod metadata serial): what a workload's selector
+/// matches depend on.
+type SubjectKey = (String, String, u64);
 
 /// Workloads remembered per policy; beyond, the memo starts over.
 const SUBJECT_MEMO: usize = 16_384;

@@ -198,6 +198,9 @@ impl ConnectionDecision {
     }
 }
 
+// One per request, moved once and never stored: boxing the caps would only
+// add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestDecision {
     Allow { reason: String, caps: Caps },

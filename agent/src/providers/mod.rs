@@ -167,11 +167,12 @@ impl ResponseParser {
     /// Everything learned; estimates usage when the provider sent none
     /// (e.g. the client went away before the final event).
     pub fn finish(mut self) -> ResponseInfo {
-        if self.sse.is_none() && !self.json_overflow {
-            if let Ok(v) = serde_json::from_slice::<Value>(&self.json) {
-                self.state.complete = true;
-                self.adapter.on_json(&mut self.state, &v);
-            }
+        if self.sse.is_none()
+            && !self.json_overflow
+            && let Ok(v) = serde_json::from_slice::<Value>(&self.json)
+        {
+            self.state.complete = true;
+            self.adapter.on_json(&mut self.state, &v);
         }
         let usage = self.state.usage.unwrap_or(Usage {
             input_tokens: self.state.input_chars.div_ceil(CHARS_PER_TOKEN),

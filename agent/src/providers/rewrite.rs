@@ -35,10 +35,10 @@ pub fn apply(
     let Some(obj) = v.as_object_mut() else {
         return (path, None, out);
     };
-    if let Some(m) = model {
-        if adapter.set_model(&mut path, obj, m) {
-            out.model = Some(m.to_string());
-        }
+    if let Some(m) = model
+        && adapter.set_model(&mut path, obj, m)
+    {
+        out.model = Some(m.to_string());
     }
     if let Some(cap) = max_output_tokens {
         let p = path.split_once('?').map_or(path.as_str(), |(p, _)| p);

@@ -55,20 +55,19 @@ pub fn plan(facts: &Facts<'_>, policy: &Policy) -> Plan {
     let mut provider = facts.dialled.to_string();
     let mut governed = None;
     let mut distrusted = false;
-    if let Hello::Tls(info) = facts.hello {
-        if let Some((known, sni)) = info
+    if let Hello::Tls(info) = facts.hello
+        && let Some((known, sni)) = info
             .sni
             .as_deref()
             .and_then(|s| by_host(facts.providers, s).map(|k| (k, s)))
-        {
-            provider = known.name.clone();
-            if let Some(trust) = facts.trust {
-                if trust.is_distrusted(&facts.subject.workload.cgroup, sni) {
-                    // It rejected the node CA: relayed, not terminated (`trust`).
-                    distrusted = true;
-                } else {
-                    governed = Some((known, sni));
-                }
+    {
+        provider = known.name.clone();
+        if let Some(trust) = facts.trust {
+            if trust.is_distrusted(&facts.subject.workload.cgroup, sni) {
+                // It rejected the node CA: relayed, not terminated (`trust`).
+                distrusted = true;
+            } else {
+                governed = Some((known, sni));
             }
         }
     }
@@ -188,7 +187,16 @@ mod tests {
             "default: observe\nrules:\n  - {name: minis, models: [\"*-mini\"], action: allow}",
         );
         let upper = tls("API.OpenAI.com");
-        let cases: Vec<(&str, Hello, Option<&Distrust>, &Policy, &str, Plan)> = vec![
+        // (what, first bytes, trust state, policy, workload cgroup, plan)
+        type Case<'a> = (
+            &'a str,
+            Hello,
+            Option<&'a Distrust>,
+            &'a Policy,
+            &'a str,
+            Plan,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "known SNI with a CA: terminated",
                 tls("api.openai.com"),

@@ -42,6 +42,9 @@ pub(super) struct Endpoint {
 }
 
 /// How a send ended.
+// One per request, moved once and never stored: boxing the response would
+// only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Sent {
     /// The response to relay (possibly a provider error when no retry was left).
     Response(Response<Incoming>, Endpoint),

@@ -82,17 +82,18 @@ impl Sink {
     }
 
     fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
-        if let Some((path, max, keep)) = &self.file {
-            if self.size > 0 && self.size + line.len() as u64 > *max {
-                self.out.flush()?;
-                // path.N-1 → path.N, …, path → path.1; the oldest falls off.
-                for i in (1..*keep).rev() {
-                    let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));
-                }
-                std::fs::rename(path, rotated(path, 1))?;
-                self.out = Box::new(std::io::BufWriter::new(Self::append(path)?));
-                self.size = 0;
+        if let Some((path, max, keep)) = &self.file
+            && self.size > 0
+            && self.size + line.len() as u64 > *max
+        {
+            self.out.flush()?;
+            // path.N-1 → path.N, …, path → path.1; the oldest falls off.
+            for i in (1..*keep).rev() {
+                let _ = std::fs::rename(rotated(path, i), rotated(path, i + 1));
             }
+            std::fs::rename(path, rotated(path, 1))?;
+            self.out = Box::new(std::io::BufWriter::new(Self::append(path)?));
+            self.size = 0;
         }
         self.out.write_all(line)?;
         self.size += line.len() as u64;

@@ -66,10 +66,10 @@ impl LeafCache {
         if !self.allowed.contains(&host) {
             return Ok(None);
         }
-        if let Some((key, renew_at)) = self.cache.lock().unwrap().get(&host) {
-            if Instant::now() < *renew_at {
-                return Ok(Some(key.clone()));
-            }
+        if let Some((key, renew_at)) = self.cache.lock().unwrap().get(&host)
+            && Instant::now() < *renew_at
+        {
+            return Ok(Some(key.clone()));
         }
         // Minting (key generation + signature, ~0.1 ms) happens outside the
         // lock; two first handshakes for one host may both mint, harmlessly.

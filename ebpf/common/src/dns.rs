@@ -197,10 +197,11 @@ pub fn answers<P: Packet + ?Sized, F: FnMut(&Answer)>(
                         ttl,
                     });
                 }
-            } else if rtype == TYPE_AAAA && rdlen == 16 {
-                if let Some(ip) = p.load::<16>(offset) {
-                    f(&Answer { ip, ttl });
-                }
+            } else if rtype == TYPE_AAAA
+                && rdlen == 16
+                && let Some(ip) = p.load::<16>(offset)
+            {
+                f(&Answer { ip, ttl });
             }
         }
         offset += rdlen;

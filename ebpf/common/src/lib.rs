@@ -113,7 +113,7 @@ pub struct LearnedValue {
 
 /// One redirected connection as recorded at connect() time.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnInfo {
     /// Original destination (IPv4-mapped for IPv4), network byte order.
     pub orig_ip_be: [u8; 16],
@@ -131,22 +131,6 @@ pub struct ConnInfo {
     pub _pad: u32,
     /// Task command name, NUL-padded.
     pub comm: [u8; 16],
-}
-
-impl Default for ConnInfo {
-    fn default() -> Self {
-        Self {
-            orig_ip_be: [0; 16],
-            orig_port: 0,
-            family: 0,
-            provider_id: 0,
-            cgroup_id: 0,
-            netns_cookie: 0,
-            tgid: 0,
-            _pad: 0,
-            comm: [0; 16],
-        }
-    }
 }
 
 /// Where the proxy finds a connection's record: the client's side of the

@@ -40,22 +40,22 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
     let governed = node.pods[0].cgroup.clone();
     let provider_target = format!("{UPSTREAM_V4}:{PROVIDER_PORT}");
     // Warm-up, then interleaved rounds so drift (frequency, caches) hits all three alike.
-    bench(&node, ungoverned, "local", 500);
+    bench(node, ungoverned, "local", 500);
     let rounds = 5;
     let (mut base, mut again, mut attached, mut provider) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        base.push(bench(&node, ungoverned, "local", n_local / rounds));
-        attached.push(bench(&node, &governed, "local", n_local / rounds));
+        base.push(bench(node, ungoverned, "local", n_local / rounds));
+        attached.push(bench(node, &governed, "local", n_local / rounds));
         provider.push(bench(
-            &node,
+            node,
             &governed,
             &provider_target,
             n_provider / rounds,
         ));
         // The baseline once more: how far two identical runs differ here is
         // the noise floor against which the other ratios must be read.
-        again.push(bench(&node, ungoverned, "local", n_local / rounds));
+        again.push(bench(node, ungoverned, "local", n_local / rounds));
     }
     let (base, again, attached, provider) = (
         median(&base),

@@ -302,9 +302,8 @@ fn print_table(sc: &Scenario, rows: &[Value]) {
     );
     for r in rows {
         let added = |k: &str| {
-            r[k].as_f64().map_or("—".into(), |us| {
-                ms(&json!(us * 1000.0)).replace("µs", "µs")
-            })
+            r[k].as_f64()
+                .map_or("—".into(), |us| ms(&json!(us * 1000.0)))
         };
         println!(
             "{:<10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9.3} {:>6.0}MiB {:>6}{}",

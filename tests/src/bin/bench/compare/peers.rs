@@ -170,7 +170,7 @@ fn start(
         .current_dir(&node.dir)
         .stdin(Stdio::null())
         .stdout(fs::File::create(&log).map_err(|e| e.to_string())?)
-        .stderr(fs::File::create(&log.with_extension("err")).map_err(|e| e.to_string())?)
+        .stderr(fs::File::create(log.with_extension("err")).map_err(|e| e.to_string())?)
         .process_group(0);
     let mut peer = Peer(
         c.spawn()
