@@ -22,11 +22,13 @@ use crate::{
     config::{Config, FailureMode},
     identity::IdentityCache,
     namespaces::{self, Scanner},
-    policy::{admission::Enforcer, budgets::Budgets},
+    policy::{Enforcer, budgets::Budgets},
     preflight,
     proxy::{
-        context::{self, KnownProvider, ProxyContext, Termination, Upstreams},
-        send::{ProviderAddresses, ProviderEndpoint},
+        context::{
+            self, KnownProvider, ProviderAddresses, ProviderEndpoint, ProxyContext, Termination,
+            Upstreams,
+        },
         trust::Distrust,
         upstream::{self, UpstreamPool},
     },

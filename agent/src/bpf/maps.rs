@@ -14,7 +14,7 @@ use tollgate_common::{
     Settings, dns::DnsName, is_v4_mapped, map_names, v4_mapped,
 };
 
-use super::loader::BpfError;
+use super::error::BpfError;
 
 pub struct Maps {
     providers: Mutex<HashMap<MapData, ProviderKey, ProviderValue>>,

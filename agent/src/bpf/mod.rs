@@ -3,10 +3,13 @@
 //! * `loader` — load the embedded object, attach to the governed cgroup,
 //!   pin (fail-closed) and detach.
 //! * `maps` — typed access to the maps shared with the programs.
+//! * `error` — what can go wrong, with hints.
+pub mod error;
 pub mod loader;
 pub mod maps;
 
-pub use loader::{Attached, BpfError, LoadOptions, detach_pinned};
+pub use error::BpfError;
+pub use loader::{Attached, LoadOptions, detach_pinned};
 pub use maps::{Maps, OrigDst};
 
 /// The eBPF object built by `agent/build.rs` from `ebpf/programs`.

@@ -42,8 +42,8 @@ pub struct Enforcer {
     pub credentials: Credentials,
 }
 
-/// One request as admission sees it.
-pub struct Request<'a> {
+/// One request up for admission.
+pub struct Candidate<'a> {
     pub subject: Subject<'a>,
     /// Where it goes (provider name and TLS server name).
     pub to: Upstream<'a>,
@@ -170,8 +170,8 @@ impl Enforcer {
     }
 
     /// Admit `req` under `policy`. `seen` is filled as far as admission got.
-    pub async fn admit(&self, policy: &Policy, req: Request<'_>, seen: &mut Seen) -> Verdict {
-        let Request {
+    pub async fn admit(&self, policy: &Policy, req: Candidate<'_>, seen: &mut Seen) -> Verdict {
+        let Candidate {
             subject,
             to,
             adapter,

@@ -13,14 +13,23 @@ pub mod budgets;
 pub mod credentials;
 pub mod failover;
 pub mod gate;
+mod globs;
 pub mod limits;
 mod rules;
 mod selector;
 pub mod shared;
 pub mod spend;
 
+// What the proxy uses of the policy: the façade (admission and its
+// results), nothing of the parts behind it.
+pub use admission::{Admitted, Candidate, Enforcer, Refusal, Seen, Verdict};
+pub use budgets::{BudgetKey, Exhausted};
+pub use failover::FailoverChain;
+pub use gate::Hold;
+pub use globs::PolicyError;
+pub use limits::Limited;
 pub use rules::{
-    Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, PolicyError, RequestDecision, Rule,
+    Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, RequestDecision, Rule,
 };
 pub use selector::Selector;
 

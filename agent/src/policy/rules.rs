@@ -1,13 +1,14 @@
 //! The policy's YAML model, its validation, and rule matching.
 use std::collections::BTreeMap;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use serde::{Deserialize, Serialize};
 
 use super::{
     Subject,
     budgets::BudgetConfig,
     failover::FailoverChain,
+    globs::{PolicyError, globs},
     limits::LimitsConfig,
     selector::{CompiledSelector, Selector},
 };
@@ -146,14 +147,6 @@ impl HeaderRules {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-#[error("{field}: {message}")]
-pub struct PolicyError {
-    /// Path below `policy`, e.g. `rules[2].models[0]`.
-    pub field: String,
-    pub message: String,
 }
 
 /// Limits a rule puts on a request it allows.
@@ -390,21 +383,4 @@ pub(super) fn compile(
             })
         })
         .collect()
-}
-
-pub(super) fn globs(patterns: &[String], field: &str) -> Result<Option<GlobSet>, PolicyError> {
-    if patterns.is_empty() {
-        return Ok(None);
-    }
-    let mut b = GlobSetBuilder::new();
-    for (i, p) in patterns.iter().enumerate() {
-        b.add(Glob::new(p).map_err(|e| PolicyError {
-            field: format!("{field}[{i}]"),
-            message: format!("`{p}` is not a valid glob: {}", e.kind()),
-        })?);
-    }
-    b.build().map(Some).map_err(|e| PolicyError {
-        field: field.into(),
-        message: e.to_string(),
-    })
 }

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use globset::{GlobMatcher, GlobSet};
 use serde::{Deserialize, Serialize};
 
-use super::{PolicyError, Subject, rules::globs};
+use super::{
+    Subject,
+    globs::{PolicyError, globs},
+};
 
 /// Every non-empty field must match (and); any entry of a field may (or).
 /// A Kubernetes field never matches a workload whose pod metadata is not

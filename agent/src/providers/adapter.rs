@@ -5,13 +5,13 @@
 //! own file: how its requests name the model and the stream flag, how its
 //! responses report usage, how its model and output limit are rewritten,
 //! which header carries its key, and how its errors and rate-limit headers
-//! look. Adding an API family is one new file and one line in `adapter`
-//! (the model is Envoy AI Gateway's translator per API).
+//! look. Adding an API family is one new file and one line in the registry,
+//! `providers::adapter` (the model is Envoy AI Gateway's translator per API).
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{Api, ParseState, RequestInfo, anthropic, gemini, openai, sse::SseEvent};
+use super::{Api, ParseState, RequestInfo, sse::SseEvent};
 
 /// Where a request goes, as far as an adapter cares: OpenAI and Azure
 /// OpenAI name some things their own way within the OpenAI family.
@@ -78,15 +78,6 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn rate_limit_headers(&self, hint: &RateLimitHint<'_>) -> Vec<(String, String)>;
 }
 
-/// The adapter for an API family.
-pub fn adapter(api: Api) -> &'static dyn Adapter {
-    match api {
-        Api::Openai => &openai::OpenAi,
-        Api::Anthropic => &anthropic::Anthropic,
-        Api::Gemini => &gemini::Gemini,
-    }
-}
-
 /// Set `key` to min(current, cap) (or to cap when absent and `set`).
 /// True when the value changed.
 pub(super) fn lower(obj: &mut Map<String, Value>, key: &str, cap: u64, set: bool) -> bool {
@@ -137,6 +128,7 @@ pub(super) fn set_body_model(body: &mut Map<String, Value>, model: &str) -> bool
 
 #[cfg(test)]
 mod tests {
+    use super::super::adapter;
     use super::*;
 
     fn error(api: Api, status: u16, code: &str, retry: Option<Duration>) -> Value {

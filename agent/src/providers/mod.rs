@@ -19,7 +19,7 @@ pub mod sse;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use adapter::{Adapter, RateLimitHint, Upstream, adapter};
+pub use adapter::{Adapter, RateLimitHint, Upstream};
 
 /// API family of a provider.
 #[derive(
@@ -41,6 +41,15 @@ impl Api {
             "gemini" => Api::Gemini,
             _ => Api::Openai,
         }
+    }
+}
+
+/// The registry: the adapter for an API family.
+pub fn adapter(api: Api) -> &'static dyn Adapter {
+    match api {
+        Api::Openai => &openai::OpenAi,
+        Api::Anthropic => &anthropic::Anthropic,
+        Api::Gemini => &gemini::Gemini,
     }
 }
 

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::context::Call;
 use crate::{
-    policy::budgets::BudgetKey,
+    policy::BudgetKey,
     telemetry::records::{Decision, RequestRecord},
 };
 

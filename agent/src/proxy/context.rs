@@ -2,21 +2,23 @@
 //! connection sees (`ProxyContext`), the termination side built when a CA is
 //! configured (`Termination`), and one terminated connection's identity
 //! (`Call`, `CallMeta`), shared by its requests.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use tokio_rustls::TlsAcceptor;
 
-use super::{
-    send::{ProviderAddresses, ProviderEndpoint},
-    trust::Distrust,
-    upstream::UpstreamPool,
-};
+use arc_swap::ArcSwap;
+
+use super::{trust::Distrust, upstream::UpstreamPool};
 use crate::{
     bpf::Maps,
     config::{CaptureConfig, TlsConfig},
     identity::{IdentityCache, Workload},
     live::LiveRules,
-    policy::admission::Enforcer,
+    policy::Enforcer,
     providers::{Adapter, Api, Upstream, adapter},
     telemetry::{events::EventLog, metrics::Metrics},
     tls::LeafCache,
@@ -92,6 +94,17 @@ pub struct Upstreams {
     /// Providers by id, and their known addresses: failover targets.
     pub endpoints: Vec<ProviderEndpoint>,
     pub addresses: ProviderAddresses,
+}
+
+/// Known addresses of each provider (by id, config order), refreshed with DNS.
+pub type ProviderAddresses = Arc<ArcSwap<Vec<Vec<IpAddr>>>>;
+
+/// A configured provider as a failover target needs it.
+#[derive(Debug, Clone)]
+pub struct ProviderEndpoint {
+    pub name: String,
+    pub host: String,
+    pub ports: Vec<u16>,
 }
 
 /// The TLS server side of termination: leaves from the node CA, ALPN h2 and

@@ -16,10 +16,7 @@ use super::{
 };
 use crate::{
     identity::Workload,
-    policy::{
-        Subject,
-        admission::{self, Admitted, Refusal, Seen},
-    },
+    policy::{Admitted, Candidate, Refusal, Seen, Subject},
     providers::ResponseParser,
     telemetry::{
         events::now_rfc3339,
@@ -57,7 +54,7 @@ pub(super) async fn forward(
     // 2. Admission: parse, rule, rewrites, credential, budget, limits.
     let rules = call.tls.live.load_full();
     let mut seen = Seen::default();
-    let request = admission::Request {
+    let request = Candidate {
         subject: Subject {
             workload: &workload,
             comm: &call.meta.comm,

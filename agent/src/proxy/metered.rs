@@ -17,7 +17,7 @@ use super::{
     upstream::{BoxError, ProxyBody},
 };
 use crate::{
-    policy::{budgets::BudgetKey, gate::Hold},
+    policy::{BudgetKey, Hold},
     providers::ResponseParser,
     telemetry::{
         records::{Outcome, RequestRecord},

@@ -10,7 +10,7 @@ use hyper::body::Bytes;
 
 use super::{account::account, context::Call, upstream::ProxyBody};
 use crate::{
-    policy::admission::Refusal,
+    policy::Refusal,
     providers::{Adapter, RateLimitHint},
     telemetry::records::{Decision, Outcome, RequestRecord},
 };
@@ -249,7 +249,7 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{budgets::Exhausted, limits::Limited};
+    use crate::policy::{Exhausted, Limited};
     use crate::providers::{Api, adapter};
 
     fn ans(r: Refusal, rule: &str, api: Api) -> Answer {

@@ -2,33 +2,21 @@
 //! workload dialled, or along the rule's failover chain when that attempt
 //! fails before its response starts (`policy::failover`).
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 
 use super::context::Call;
 use crate::{
-    policy::failover::FailoverChain,
+    policy::FailoverChain,
     providers::{Upstream, rewrite},
     telemetry::records::{Attempt, AttemptResult, Outcome},
 };
-
-/// Known addresses of each provider (by id, config order), refreshed with DNS.
-pub type ProviderAddresses = Arc<ArcSwap<Vec<Vec<IpAddr>>>>;
-
-/// A configured provider as a failover target needs it.
-#[derive(Debug, Clone)]
-pub struct ProviderEndpoint {
-    pub name: String,
-    pub host: String,
-    pub ports: Vec<u16>,
-}
 
 /// Where one attempt goes.
 #[derive(Debug, Clone)]
