@@ -303,3 +303,7 @@ impl Enforcer {
 }
 
 pub type Verdict = Result<Admitted, Refusal>;
+
+#[cfg(test)]
+#[path = "admission_tests.rs"]
+mod tests;
