@@ -294,7 +294,7 @@ fn enforcer(
     };
     let redis = config.state.backend == shared::Backend::Redis;
     if redis {
-        tracing::info!(url = %config.state.redis_url, "budgets and limits are shared through Redis");
+        tracing::info!(url = %config.state.redis_url, "budgets are shared through Redis");
     }
     let shared_budgets = redis
         .then(|| shared::SharedBudgets::new(&config.state))
