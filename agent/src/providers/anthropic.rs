@@ -6,9 +6,9 @@ use serde_json::{Map, Value, json};
 use super::{
     Api, ParseState, RequestInfo, Usage,
     adapter::{Adapter, RateLimitHint, Upstream, cap_fields, set_body_model},
-    num,
+    model_and_usage, num,
     sse::SseEvent,
-    string,
+    stream_flag, string,
 };
 
 #[derive(Debug)]
@@ -20,15 +20,57 @@ impl Adapter for Anthropic {
     }
 
     fn request(&self, path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
-        request(path, body)
+        RequestInfo {
+            operation: if path.ends_with("/v1/messages") {
+                "messages"
+            } else {
+                "other"
+            },
+            model: body.and_then(|b| string(b, "model")),
+            stream: stream_flag(body),
+        }
     }
 
     fn on_json(&self, state: &mut ParseState, v: &Value) {
-        on_json(state, v)
+        model_and_usage(state, v, usage)
     }
 
     fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
-        on_event(state, e)
+        let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
+            return;
+        };
+        match v.get("type").and_then(Value::as_str) {
+            Some("message_start") => {
+                if let Some(m) = v.get("message") {
+                    self.on_json(state, m);
+                }
+            }
+            Some("message_delta") => {
+                // output_tokens here is cumulative for the message.
+                if let Some(u) = v.get("usage") {
+                    let usage = state.usage.get_or_insert_with(Usage::default);
+                    usage.output_tokens = num(u, &["output_tokens"]);
+                    if u.get("input_tokens").is_some() {
+                        let fresh = super::anthropic::usage(u);
+                        usage.input_tokens = fresh.input_tokens.max(usage.input_tokens);
+                        usage.cached_input_tokens =
+                            fresh.cached_input_tokens.max(usage.cached_input_tokens);
+                        usage.cache_write_input_tokens = fresh
+                            .cache_write_input_tokens
+                            .max(usage.cache_write_input_tokens);
+                    }
+                }
+            }
+            Some("message_stop") => state.complete = true,
+            Some("content_block_delta") => {
+                let d = v.get("delta");
+                let text = d
+                    .and_then(|d| d.get("text").or_else(|| d.get("thinking")))
+                    .and_then(Value::as_str);
+                state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
+            }
+            _ => {}
+        }
     }
 
     fn set_model(&self, _path: &mut String, body: &mut Map<String, Value>, model: &str) -> bool {
@@ -83,21 +125,6 @@ impl Adapter for Anthropic {
     }
 }
 
-fn request(path: &str, body: Option<&Value>) -> RequestInfo {
-    RequestInfo {
-        operation: if path.ends_with("/v1/messages") {
-            "messages"
-        } else {
-            "other"
-        },
-        model: body.and_then(|b| string(b, "model")),
-        stream: body
-            .and_then(|b| b.get("stream"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-    }
-}
-
 /// Anthropic reports cache reads and writes apart from `input_tokens`;
 /// normalised here so `input_tokens` counts every input token.
 fn usage(u: &Value) -> Usage {
@@ -112,53 +139,6 @@ fn usage(u: &Value) -> Usage {
         cache_write_input_tokens: cache_write,
         reasoning_tokens: 0, // not reported separately; thinking is part of output_tokens
         estimated: false,
-    }
-}
-
-fn on_json(state: &mut ParseState, v: &Value) {
-    if let Some(m) = string(v, "model") {
-        state.response_model = Some(m);
-    }
-    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-        state.usage = Some(usage(u));
-    }
-}
-
-fn on_event(state: &mut ParseState, e: &SseEvent) {
-    let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
-        return;
-    };
-    match v.get("type").and_then(Value::as_str) {
-        Some("message_start") => {
-            if let Some(m) = v.get("message") {
-                on_json(state, m);
-            }
-        }
-        Some("message_delta") => {
-            // output_tokens here is cumulative for the message.
-            if let Some(u) = v.get("usage") {
-                let usage = state.usage.get_or_insert_with(Usage::default);
-                usage.output_tokens = num(u, &["output_tokens"]);
-                if u.get("input_tokens").is_some() {
-                    let fresh = super::anthropic::usage(u);
-                    usage.input_tokens = fresh.input_tokens.max(usage.input_tokens);
-                    usage.cached_input_tokens =
-                        fresh.cached_input_tokens.max(usage.cached_input_tokens);
-                    usage.cache_write_input_tokens = fresh
-                        .cache_write_input_tokens
-                        .max(usage.cache_write_input_tokens);
-                }
-            }
-        }
-        Some("message_stop") => state.complete = true,
-        Some("content_block_delta") => {
-            let d = v.get("delta");
-            let text = d
-                .and_then(|d| d.get("text").or_else(|| d.get("thinking")))
-                .and_then(Value::as_str);
-            state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
-        }
-        _ => {}
     }
 }
 

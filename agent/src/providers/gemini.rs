@@ -19,16 +19,32 @@ impl Adapter for Gemini {
         Api::Gemini
     }
 
-    fn request(&self, path: &str, query: &str, body: Option<&Value>) -> RequestInfo {
-        request(path, query, body)
+    fn request(&self, path: &str, _query: &str, _body: Option<&Value>) -> RequestInfo {
+        let (model, method) = model_and_method(path).unzip();
+        let operation = match method {
+            Some("generateContent") | Some("streamGenerateContent") => "generate_content",
+            Some("embedContent") | Some("batchEmbedContents") => "embeddings",
+            _ => "other",
+        };
+        RequestInfo {
+            operation,
+            model: model.map(str::to_owned),
+            stream: method == Some("streamGenerateContent"),
+        }
     }
 
     fn on_json(&self, state: &mut ParseState, v: &Value) {
-        on_json(state, v)
+        match v {
+            // streamGenerateContent without alt=sse answers a JSON array of chunks.
+            Value::Array(chunks) => chunks.iter().for_each(|c| on_chunk(state, c)),
+            other => on_chunk(state, other),
+        }
     }
 
     fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
-        on_event(state, e)
+        if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
+            on_chunk(state, &v);
+        }
     }
 
     /// The model is in the path: `…/models/{model}:{method}`.
@@ -104,20 +120,6 @@ fn model_and_method(path: &str) -> Option<(&str, &str)> {
     rest.split_once(':')
 }
 
-fn request(path: &str, _query: &str, _body: Option<&Value>) -> RequestInfo {
-    let (model, method) = model_and_method(path).unzip();
-    let operation = match method {
-        Some("generateContent") | Some("streamGenerateContent") => "generate_content",
-        Some("embedContent") | Some("batchEmbedContents") => "embeddings",
-        _ => "other",
-    };
-    RequestInfo {
-        operation,
-        model: model.map(str::to_owned),
-        stream: method == Some("streamGenerateContent"),
-    }
-}
-
 /// Gemini's candidatesTokenCount excludes thinking; normalised so output
 /// counts every generated token and reasoning is the thinking share.
 fn usage(u: &Value) -> Usage {
@@ -160,20 +162,6 @@ fn on_chunk(state: &mut ParseState, v: &Value) {
     // Each chunk's usageMetadata is cumulative: the last one wins.
     if let Some(u) = v.get("usageMetadata").filter(|u| u.is_object()) {
         state.usage = Some(usage(u));
-    }
-}
-
-fn on_json(state: &mut ParseState, v: &Value) {
-    match v {
-        // streamGenerateContent without alt=sse answers a JSON array of chunks.
-        Value::Array(chunks) => chunks.iter().for_each(|c| on_chunk(state, c)),
-        other => on_chunk(state, other),
-    }
-}
-
-fn on_event(state: &mut ParseState, e: &SseEvent) {
-    if let Ok(v) = serde_json::from_str::<Value>(&e.data) {
-        on_chunk(state, &v);
     }
 }
 

@@ -216,6 +216,24 @@ pub(crate) fn num(v: &Value, path: &[&str]) -> u64 {
         .unwrap_or(0)
 }
 
+/// The `stream` flag of an OpenAI-style or Anthropic request body.
+pub(crate) fn stream_flag(body: Option<&Value>) -> bool {
+    body.and_then(|b| b.get("stream"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// A response object's `model` and `usage` (read by `usage`), where the
+/// OpenAI-compatible and Anthropic APIs put them.
+pub(crate) fn model_and_usage(state: &mut ParseState, v: &Value, usage: fn(&Value) -> Usage) {
+    if let Some(m) = string(v, "model") {
+        state.response_model = Some(m);
+    }
+    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+        state.usage = Some(usage(u));
+    }
+}
+
 pub(crate) fn string(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_owned)
 }

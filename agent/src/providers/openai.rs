@@ -7,9 +7,9 @@ use serde_json::{Map, Value, json};
 use super::{
     Api, ParseState, RequestInfo, Usage,
     adapter::{Adapter, RateLimitHint, Upstream, cap_fields, set_body_model},
-    num,
+    model_and_usage, num,
     sse::SseEvent,
-    string,
+    stream_flag, string,
 };
 
 /// The OpenAI-compatible family.
@@ -34,16 +34,82 @@ impl Adapter for OpenAi {
         Api::Openai
     }
 
-    fn request(&self, path: &str, query: &str, body: Option<&Value>) -> RequestInfo {
-        request(path, query, body)
+    fn request(&self, path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
+        let operation = if path.ends_with("/chat/completions") {
+            "chat"
+        } else if path.ends_with("/responses") {
+            "responses"
+        } else if path.ends_with("/completions") {
+            "completions"
+        } else if path.ends_with("/embeddings") {
+            "embeddings"
+        } else {
+            "other"
+        };
+        // Azure OpenAI names the deployment in the path and omits `model`:
+        // /openai/deployments/{deployment}/chat/completions?api-version=…
+        let azure_deployment = path
+            .split_once("/openai/deployments/")
+            .and_then(|(_, rest)| rest.split('/').next())
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned);
+        RequestInfo {
+            operation,
+            model: body.and_then(|b| string(b, "model")).or(azure_deployment),
+            stream: stream_flag(body),
+        }
     }
 
     fn on_json(&self, state: &mut ParseState, v: &Value) {
-        on_json(state, v)
+        model_and_usage(state, v, usage)
     }
 
     fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
-        on_event(state, e)
+        if e.data == "[DONE]" {
+            state.complete = true;
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
+            return;
+        };
+        match v.get("type").and_then(Value::as_str) {
+            // Responses API stream.
+            Some("response.output_text.delta") | Some("response.reasoning_summary_text.delta") => {
+                state.text_chars += v
+                    .get("delta")
+                    .and_then(Value::as_str)
+                    .map_or(0, |d| d.chars().count() as u64);
+            }
+            Some("response.completed") | Some("response.incomplete") | Some("response.failed") => {
+                state.complete = true;
+                if let Some(r) = v.get("response") {
+                    self.on_json(state, r);
+                }
+            }
+            Some(_) => {}
+            // Chat / completions chunks.
+            None => {
+                if let Some(m) = string(&v, "model") {
+                    state.response_model = Some(m);
+                }
+                for c in v
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let text = c
+                        .pointer("/delta/content")
+                        .or_else(|| c.get("text"))
+                        .and_then(Value::as_str);
+                    state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
+                }
+                // include_usage: the last chunk carries usage (null before).
+                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
+                    state.usage = Some(usage(u));
+                }
+            }
+        }
     }
 
     fn set_model(&self, _path: &mut String, body: &mut Map<String, Value>, model: &str) -> bool {
@@ -109,35 +175,6 @@ impl Adapter for OpenAi {
     }
 }
 
-fn request(path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
-    let operation = if path.ends_with("/chat/completions") {
-        "chat"
-    } else if path.ends_with("/responses") {
-        "responses"
-    } else if path.ends_with("/completions") {
-        "completions"
-    } else if path.ends_with("/embeddings") {
-        "embeddings"
-    } else {
-        "other"
-    };
-    // Azure OpenAI names the deployment in the path and omits `model`:
-    // /openai/deployments/{deployment}/chat/completions?api-version=…
-    let azure_deployment = path
-        .split_once("/openai/deployments/")
-        .and_then(|(_, rest)| rest.split('/').next())
-        .filter(|d| !d.is_empty())
-        .map(str::to_owned);
-    RequestInfo {
-        operation,
-        model: body.and_then(|b| string(b, "model")).or(azure_deployment),
-        stream: body
-            .and_then(|b| b.get("stream"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-    }
-}
-
 /// `usage` of chat/completions/embeddings (prompt_/completion_) or of the
 /// responses API (input_/output_).
 fn usage(u: &Value) -> Usage {
@@ -156,63 +193,6 @@ fn usage(u: &Value) -> Usage {
             cached_input_tokens: num(u, &["prompt_tokens_details", "cached_tokens"]),
             reasoning_tokens: num(u, &["completion_tokens_details", "reasoning_tokens"]),
             ..Default::default()
-        }
-    }
-}
-
-fn on_json(state: &mut ParseState, v: &Value) {
-    if let Some(m) = string(v, "model") {
-        state.response_model = Some(m);
-    }
-    if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-        state.usage = Some(usage(u));
-    }
-}
-
-fn on_event(state: &mut ParseState, e: &SseEvent) {
-    if e.data == "[DONE]" {
-        state.complete = true;
-        return;
-    }
-    let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
-        return;
-    };
-    match v.get("type").and_then(Value::as_str) {
-        // Responses API stream.
-        Some("response.output_text.delta") | Some("response.reasoning_summary_text.delta") => {
-            state.text_chars += v
-                .get("delta")
-                .and_then(Value::as_str)
-                .map_or(0, |d| d.chars().count() as u64);
-        }
-        Some("response.completed") | Some("response.incomplete") | Some("response.failed") => {
-            state.complete = true;
-            if let Some(r) = v.get("response") {
-                on_json(state, r);
-            }
-        }
-        Some(_) => {}
-        // Chat / completions chunks.
-        None => {
-            if let Some(m) = string(&v, "model") {
-                state.response_model = Some(m);
-            }
-            for c in v
-                .get("choices")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let text = c
-                    .pointer("/delta/content")
-                    .or_else(|| c.get("text"))
-                    .and_then(Value::as_str);
-                state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
-            }
-            // include_usage: the last chunk carries usage (null before).
-            if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                state.usage = Some(usage(u));
-            }
         }
     }
 }
