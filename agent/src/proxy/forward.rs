@@ -79,20 +79,21 @@ pub(super) async fn forward(
         Ok(a) => a,
         Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
     };
-    record.routed_model = admitted.routed_model.clone();
-    record.capped_output_tokens = admitted.capped_output_tokens;
-    record.credential_injected = admitted.credential_injected;
-
     // 3. Send: to the dialled provider, or along the rule's failover chain.
     let Admitted {
         target,
         headers,
         body,
+        routed_model,
+        capped_output_tokens,
+        credential_injected,
         failover,
         budget,
         hold,
-        ..
     } = admitted;
+    record.routed_model = routed_model;
+    record.capped_output_tokens = capped_output_tokens;
+    record.credential_injected = credential_injected;
     parts.headers = headers;
     // The pool speaks h2 to the provider when ALPN chose it, whatever the workload spoke.
     parts.version = Version::HTTP_11;
