@@ -194,7 +194,10 @@ impl IdentityCache {
             .iter()
             .map(|e| (e.id, parse(&self.rel(&e.path))))
             .collect();
-        *self.by_id.write().unwrap() = fresh;
+        *self
+            .by_id
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
     }
 
     fn rel(&self, p: &Path) -> String {
@@ -202,13 +205,21 @@ impl IdentityCache {
     }
 
     pub fn lookup(&self, id: u64) -> Workload {
-        if let Some(w) = self.by_id.read().unwrap().get(&id) {
+        if let Some(w) = self
+            .by_id
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+        {
             return w.clone();
         }
         match crate::cgroup::find_by_id(&self.root, id) {
             Some(p) => {
                 let w = parse(&self.rel(&p));
-                self.by_id.write().unwrap().insert(id, w.clone());
+                self.by_id
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(id, w.clone());
                 w
             }
             // Gone already (short-lived process): keep the id so the record

@@ -88,11 +88,17 @@ impl Maps {
     }
 
     pub fn write_settings(&self, s: Settings) -> Result<(), MapError> {
-        self.settings.lock().unwrap().set(0, s, 0)
+        self.settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .set(0, s, 0)
     }
 
     pub fn read_settings(&self) -> Result<Settings, MapError> {
-        self.settings.lock().unwrap().get(&0, 0)
+        self.settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&0, 0)
     }
 
     /// Find (and consume) the record of an accepted connection.
@@ -103,7 +109,10 @@ impl Maps {
             port: peer.port(),
             _pad: [0; 6],
         };
-        let mut map = self.orig_dst.lock().unwrap();
+        let mut map = self
+            .orig_dst
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let info = map.get(&key, 0).ok()?;
         // The record has served its purpose; free the slot rather than wait for LRU.
         let _ = map.remove(&key);
@@ -116,7 +125,10 @@ impl Maps {
         &self,
         want: &std::collections::HashMap<ProviderKey, u32>,
     ) -> Result<(usize, usize), MapError> {
-        let mut map = self.providers.lock().unwrap();
+        let mut map = self
+            .providers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let have: HashSet<ProviderKey> = map.keys().filter_map(Result::ok).collect();
         let mut removed = 0;
         for k in have.iter().filter(|k| !want.contains_key(k)) {
@@ -138,13 +150,20 @@ impl Maps {
     }
 
     pub fn provider_count(&self) -> usize {
-        self.providers.lock().unwrap().keys().count()
+        self.providers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .count()
     }
 
     /// Make the learned-name set equal `want` (written once at start; the
     /// provider list does not change without a restart).
     pub fn set_dns_names(&self, want: &[(DnsName, DnsNameValue)]) -> Result<(), MapError> {
-        let mut map = self.dns_names.lock().unwrap();
+        let mut map = self
+            .dns_names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let have: Vec<DnsName> = map.keys().filter_map(Result::ok).collect();
         for k in &have {
             map.remove(k)?;
@@ -158,7 +177,10 @@ impl Maps {
     /// Provider (address, port) pairs learned from DNS answers and still
     /// valid at `now_ns` (CLOCK_MONOTONIC).
     pub fn learned(&self, now_ns: u64) -> Vec<(SocketAddr, u32)> {
-        let map = self.learned.lock().unwrap();
+        let map = self
+            .learned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.iter()
             .filter_map(Result::ok)
             .filter(|(_, v)| v.expires_ns > now_ns)
@@ -168,7 +190,10 @@ impl Maps {
 
     /// Make the opt-out set equal `want` (cgroup ids).
     pub fn sync_opt_out(&self, want: &HashSet<u64>) -> Result<(), MapError> {
-        let mut map = self.opt_out.lock().unwrap();
+        let mut map = self
+            .opt_out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let have: HashSet<u64> = map.keys().filter_map(Result::ok).collect();
         for k in have.difference(want) {
             map.remove(k)?;

@@ -78,7 +78,11 @@ impl PodDirectory {
     }
 
     pub fn get(&self, uid: &str) -> Option<Arc<PodMeta>> {
-        self.pods.read().unwrap().get(uid).cloned()
+        self.pods
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(uid)
+            .cloned()
     }
 
     /// The pod's metadata, waiting up to `wait` for it to arrive (a pod the
@@ -98,7 +102,10 @@ impl PodDirectory {
 
     /// Add or update a pod.
     pub fn upsert(&self, mut meta: PodMeta) {
-        let mut pods = self.pods.write().unwrap();
+        let mut pods = self
+            .pods
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if pods.get(&meta.uid).is_some_and(|old| same(old, &meta)) {
             return;
         }
@@ -111,9 +118,15 @@ impl PodDirectory {
     /// A pod was deleted: forget it after [`TOMBSTONE`].
     pub fn remove(&self, uid: &str) {
         let now = Instant::now();
-        let mut removed = self.removed.lock().unwrap();
+        let mut removed = self
+            .removed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         removed.push_back((now, uid.to_string()));
-        let mut pods = self.pods.write().unwrap();
+        let mut pods = self
+            .pods
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some((at, _)) = removed.front() {
             if now.duration_since(*at) < TOMBSTONE {
                 break;
@@ -154,7 +167,10 @@ impl PodDirectory {
     }
 
     pub fn len(&self) -> usize {
-        self.pods.read().unwrap().len()
+        self.pods
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -221,7 +237,13 @@ mod tests {
         assert!(dir.get("u1").is_some());
         // Another relist does not mark it deleted twice.
         dir.listing_complete(&["u2".to_string()].into());
-        assert_eq!(dir.removed.lock().unwrap().len(), 1);
+        assert_eq!(
+            dir.removed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .len(),
+            1
+        );
         // An unchanged pod keeps its serial (the policy memo stays valid).
         let s = dir.get("u2").unwrap().serial;
         dir.upsert(meta("u2", "a", "p2"));

@@ -47,12 +47,20 @@ impl Owners {
             };
         }
         let key = (ns.clone(), r.kind.clone(), r.name.clone());
-        if let Some(o) = self.cache.lock().unwrap().get(&key) {
+        if let Some(o) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+        {
             return o.clone();
         }
         match self.parent(&ns, r).await {
             Ok(o) => {
-                let mut cache = self.cache.lock().unwrap();
+                let mut cache = self
+                    .cache
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if cache.len() >= CACHE {
                     cache.clear();
                 }

@@ -149,8 +149,6 @@ pub(super) async fn send(
         let left = deadline
             .saturating_sub(started.elapsed())
             .min(response_timeout);
-        let client = call.tls.upstreams.pool.client(&ep.host, ep.addr);
-        let outcome = tokio::time::timeout(left, client.request(req)).await;
         let mut attempt = Attempt {
             provider: ep.provider.clone(),
             host: ep.host.clone(),
@@ -158,8 +156,27 @@ pub(super) async fn send(
             model: ep.model.clone(),
             status: 0,
             result: AttemptResult::Ok,
-            ms: t0.elapsed().as_millis() as u64,
+            ms: 0,
         };
+        let client = match call.tls.upstreams.pool.client(&ep.host, ep.addr) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(provider = %ep.provider, error = %e, "a provider target cannot be dialled");
+                attempt.result = AttemptResult::UpstreamError;
+                attempts.push(attempt);
+                last = Sent::Failed {
+                    status: StatusCode::BAD_GATEWAY,
+                    result: Outcome::UpstreamError,
+                    message: format!("provider {} cannot be dialled: {e}", ep.provider),
+                };
+                if chain.is_none() {
+                    break;
+                }
+                continue;
+            }
+        };
+        let outcome = tokio::time::timeout(left, client.request(req)).await;
+        attempt.ms = t0.elapsed().as_millis() as u64;
         match outcome {
             Ok(Ok(resp)) => {
                 let status = resp.status();

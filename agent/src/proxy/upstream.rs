@@ -100,6 +100,15 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// A provider target whose host is no name TLS can verify.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "provider host `{host}` is not a DNS name the provider's certificate can be verified against\nhint: give the provider `hosts` (a failover target needs one)"
+)]
+pub struct InvalidHost {
+    pub host: String,
+}
+
 pub struct UpstreamPool {
     tls: TlsConnector,
     mark: u32,
@@ -117,27 +126,39 @@ impl UpstreamPool {
         }
     }
 
-    /// The pooled client for `host` at `addr`.
-    pub fn client(&self, host: &str, addr: SocketAddr) -> Client<FixedConnector, ProxyBody> {
-        let mut clients = self.clients.lock().unwrap();
-        clients
-            .entry((host.to_string(), addr))
-            .or_insert_with(|| {
-                let connector = FixedConnector {
-                    addr,
-                    host: ServerName::try_from(host.to_string())
-                        .expect("provider hosts are validated DNS names"),
-                    tls: self.tls.clone(),
-                    mark: self.mark,
-                    timeout: self.connect_timeout,
-                };
-                Client::builder(TokioExecutor::new())
-                    // Providers close idle connections after ~60-90 s; dropping
-                    // ours first avoids sending a request into a closing socket.
-                    .pool_idle_timeout(Duration::from_secs(50))
-                    .build(connector)
-            })
-            .clone()
+    /// The pooled client for `host` at `addr`. Fails, without touching the
+    /// pool, when `host` is not a name TLS can verify (a provider listed by
+    /// `addresses` only, with no `hosts`): that call is refused, the next
+    /// ones are not affected.
+    pub fn client(
+        &self,
+        host: &str,
+        addr: SocketAddr,
+    ) -> Result<Client<FixedConnector, ProxyBody>, InvalidHost> {
+        let key = (host.to_string(), addr);
+        // Built before the lock: nothing fallible runs while it is held.
+        let name = ServerName::try_from(host.to_string()).map_err(|_| InvalidHost {
+            host: host.to_string(),
+        })?;
+        let mut clients = self
+            .clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let client = clients.entry(key).or_insert_with(|| {
+            let connector = FixedConnector {
+                addr,
+                host: name,
+                tls: self.tls.clone(),
+                mark: self.mark,
+                timeout: self.connect_timeout,
+            };
+            Client::builder(TokioExecutor::new())
+                // Providers close idle connections after ~60-90 s; dropping
+                // ours first avoids sending a request into a closing socket.
+                .pool_idle_timeout(Duration::from_secs(50))
+                .build(connector)
+        });
+        Ok(client.clone())
     }
 }
 
@@ -222,5 +243,39 @@ impl hyper::rt::Write for UpstreamConn {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool() -> UpstreamPool {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        UpstreamPool::new(Arc::new(cfg), 0, Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn a_target_without_a_host_name_is_refused_and_the_pool_keeps_working() {
+        let p = pool();
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        let err = p.client("", addr).expect_err("an empty host is refused");
+        assert!(err.to_string().contains("hosts"), "{err}");
+        assert!(p.client("not a name!", addr).is_err());
+        assert!(
+            p.client("api.openai.com", addr).is_ok(),
+            "the next call is served"
+        );
+        assert_eq!(
+            p.clients.lock().unwrap().len(),
+            1,
+            "nothing pooled for bad names"
+        );
     }
 }

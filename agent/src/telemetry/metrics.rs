@@ -334,7 +334,10 @@ impl Metrics {
         let Some(model) = model else {
             return "unknown".into();
         };
-        let mut models = self.models.lock().unwrap();
+        let mut models = self
+            .models
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let seen = models.entry(provider.to_string()).or_default();
         if seen.contains(model) || seen.len() < MAX_MODELS_PER_PROVIDER {
             seen.insert(model.to_string());

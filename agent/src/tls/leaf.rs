@@ -66,7 +66,11 @@ impl LeafCache {
         if !self.allowed.contains(&host) {
             return Ok(None);
         }
-        if let Some((key, renew_at)) = self.cache.lock().unwrap().get(&host)
+        if let Some((key, renew_at)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&host)
             && Instant::now() < *renew_at
         {
             return Ok(Some(key.clone()));
