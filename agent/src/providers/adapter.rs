@@ -78,12 +78,14 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     fn rate_limit_headers(&self, hint: &RateLimitHint<'_>) -> Vec<(String, String)>;
 }
 
-/// Set `key` to min(current, cap) (or to cap when absent and `set`).
-/// True when the value changed.
+/// Set `key` to min(current, cap), or to cap when absent and `set`. A
+/// present value that is not a number within the cap — `4096.0`, `1e6`, a
+/// string — is replaced too: a cap must hold for every form a provider
+/// might accept. True when the value changed.
 pub(super) fn lower(obj: &mut Map<String, Value>, key: &str, cap: u64, set: bool) -> bool {
-    match obj.get(key).and_then(Value::as_u64) {
-        Some(n) if n <= cap => false,
-        None if !set && obj.contains_key(key) => false,
+    match obj.get(key) {
+        Some(v) if v.as_f64().is_some_and(|n| n <= cap as f64) => false,
+        None if !set => false,
         _ => {
             obj.insert(key.into(), cap.into());
             true

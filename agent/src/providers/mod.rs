@@ -242,11 +242,13 @@ pub(crate) fn string(v: &Value, key: &str) -> Option<String> {
 /// string value under the keys providers use for text.
 /// The output limit a request asks for (`max_completion_tokens`,
 /// `max_tokens`, `max_output_tokens`, Gemini's `maxOutputTokens`), if any.
+/// Any numeric form counts (`4096.0` asks for as much as `4096`).
 pub fn output_limit(body: &Value) -> Option<u64> {
+    let tokens = |v: &Value| v.as_f64().filter(|n| *n >= 0.0).map(|n| n.ceil() as u64);
     ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64))
-        .or_else(|| body.pointer("/generationConfig/maxOutputTokens")?.as_u64())
+        .find_map(|k| body.get(*k).and_then(tokens))
+        .or_else(|| tokens(body.pointer("/generationConfig/maxOutputTokens")?))
 }
 
 pub fn input_chars(body: &Value) -> u64 {

@@ -189,6 +189,29 @@ mod tests {
     }
 
     #[test]
+    fn caps_hold_for_every_numeric_form() {
+        for asked in ["4096.0", "1e6", "\"100000\"", "4096"] {
+            let body = format!(r#"{{"model":"m","max_tokens":{asked}}}"#);
+            let b = cap(
+                Api::Openai,
+                "/v1/chat/completions",
+                body.as_bytes(),
+                256,
+                true,
+            );
+            assert_eq!(json(&b)["max_tokens"], 256, "{asked}");
+            let b = cap(Api::Anthropic, "/v1/messages", body.as_bytes(), 256, false);
+            assert_eq!(json(&b)["max_tokens"], 256, "{asked}");
+        }
+        let within = br#"{"model":"m","max_tokens":100.0}"#;
+        assert!(cap(Api::Openai, "/v1/chat/completions", within, 256, true).is_none());
+        assert_eq!(
+            super::super::output_limit(&serde_json::json!({"max_tokens": 4096.0})),
+            Some(4096)
+        );
+    }
+
+    #[test]
     fn non_json_bodies_pass_unchanged() {
         let (p, b, r) = apply(
             Api::Openai,
