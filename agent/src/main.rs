@@ -36,6 +36,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::CheckConfig { file } => {
             let config = load_config(Some(&file))?;
             println!("{}: valid", file.display());
+            for (field, message) in config.policy.warnings() {
+                eprintln!("warning: policy.{field}: {message}");
+            }
             print!("{}", serde_yaml::to_string(&config)?);
             Ok(())
         }

@@ -94,6 +94,9 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     };
     let identity = Arc::new(identity);
     let live = crate::live::Rules::live(&config);
+    for (field, message) in config.policy.warnings() {
+        tracing::warn!(field = %format!("policy.{field}"), "{message}");
+    }
     let addresses: ProviderAddresses = Arc::default();
     let budget_file = (!config.budget_state_file.is_empty())
         .then(|| std::path::PathBuf::from(&config.budget_state_file));

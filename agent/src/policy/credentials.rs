@@ -108,6 +108,13 @@ pub fn strip(headers: &mut HeaderMap) {
     }
 }
 
+/// Remove every credential from a request: the headers that carry keys and
+/// Gemini's `?key=`. Returns the new path.
+pub fn remove(headers: &mut HeaderMap, path: &str) -> String {
+    strip(headers);
+    strip_key_param(path)
+}
+
 fn strip_key_param(path: &str) -> String {
     let Some((p, q)) = path.split_once('?') else {
         return path.to_string();

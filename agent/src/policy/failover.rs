@@ -15,7 +15,9 @@ pub struct Target {
     pub provider: String,
     /// The model to ask this provider for.
     pub model: String,
-    /// Key file for this provider (else the call's credentials go as they are).
+    /// Key file for this provider. Without one, a call moved here from
+    /// another target carries no credential at all: the workload's and the
+    /// rule's keys are for the target the call was made to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_file: Option<std::path::PathBuf>,
 }
@@ -49,6 +51,25 @@ fn default_deadline() -> Duration {
 }
 
 impl FailoverChain {
+    /// What a valid chain may still get wrong: targets without their own
+    /// key, to which moved calls go without a credential.
+    pub fn warnings(&self) -> Vec<(String, String)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.credential_file.is_none())
+            .map(|(j, t)| {
+                (
+                    format!("targets[{j}].credential_file"),
+                    format!(
+                        "not set: calls moved to `{}` from another target carry no credential (the workload's and the rule's keys stay with the target they were for)",
+                        t.provider
+                    ),
+                )
+            })
+            .collect()
+    }
+
     /// The targets to try for a call to `provider` asking `model`: the
     /// matching target first, then the others in order; empty when the call
     /// is not one of the chain's targets (then it is not failed over).
@@ -120,6 +141,22 @@ impl FailoverChain {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn targets_without_a_key_are_warned_about() {
+        let c: FailoverChain = serde_yaml::from_str(
+            "{name: c, targets: [{provider: a, model: m, credential_file: /k}, {provider: b, model: m}]}",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].0, "targets[1].credential_file");
+        assert!(
+            w[0].1.contains("`b`") && w[0].1.contains("no credential"),
+            "{}",
+            w[0].1
+        );
+    }
+
     use super::*;
 
     fn chain(y: &str) -> FailoverChain {

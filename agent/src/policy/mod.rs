@@ -24,6 +24,7 @@ pub mod spend;
 // results), nothing of the parts behind it.
 pub use admission::{Admitted, Candidate, Enforcer, Refusal, Seen, Verdict};
 pub use budgets::{BudgetKey, Exhausted};
+pub use credentials::remove as remove_credentials;
 pub use failover::FailoverChain;
 pub use gate::Hold;
 pub use globs::PolicyError;

@@ -105,6 +105,22 @@ pub struct HeaderRules {
     pub set: BTreeMap<String, String>,
 }
 
+impl PolicyConfig {
+    /// Warnings for a valid policy (`tollgate check-config` prints them, the
+    /// agent logs them at start): field path below `policy`, and message.
+    pub fn warnings(&self) -> Vec<(String, String)> {
+        self.failover
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| {
+                c.warnings()
+                    .into_iter()
+                    .map(move |(f, m)| (format!("failover[{i}].{f}"), m))
+            })
+            .collect()
+    }
+}
+
 impl HeaderRules {
     pub fn apply(&self, h: &mut http::HeaderMap) {
         for name in &self.remove {

@@ -13,7 +13,7 @@ use hyper::body::{Bytes, Incoming};
 
 use super::context::Call;
 use crate::{
-    policy::FailoverChain,
+    policy::{FailoverChain, remove_credentials},
     providers::{Upstream, rewrite},
     telemetry::records::{Attempt, AttemptResult, Outcome},
 };
@@ -27,6 +27,9 @@ pub(super) struct Endpoint {
     /// Model to ask for instead of the request's (a failover target's).
     pub model: Option<String>,
     pub credential_file: Option<std::path::PathBuf>,
+    /// Not the target the call was made to: without its own key it gets
+    /// no credential (never the workload's or the rule's).
+    pub moved: bool,
 }
 
 /// How a send ended.
@@ -58,6 +61,7 @@ pub(super) fn plan(
         addr: meta.upstream,
         model: None,
         credential_file: None,
+        moved: false,
     };
     let Some(chain) = chain else {
         return (vec![dialled], None);
@@ -101,6 +105,7 @@ pub(super) fn plan(
                 addr: SocketAddr::new(*ip, port),
                 model: Some(t.model.clone()),
                 credential_file: t.credential_file.clone(),
+                moved: true,
             })
         })
         .collect();
@@ -253,6 +258,8 @@ fn build(
             .enforcer
             .inject(adapter, to, file, &mut headers, &path)
             .map_err(|e| e.to_string())?;
+    } else if ep.moved {
+        path = remove_credentials(&mut headers, &path);
     }
     let uri = Uri::builder()
         .scheme("https")
