@@ -126,6 +126,8 @@ impl TestNode {
                 cert,
                 "--key".to_string(),
                 key,
+                "--log".to_string(),
+                dir.join("mock-requests.jsonl").display().to_string(),
                 format!("tls:{UPSTREAM_V4}:{TLS_PORT}"),
                 format!("tls:[{UPSTREAM_V6}]:{TLS_PORT}"),
                 format!("tls:{UPSTREAM_V4_BACKUP}:{TLS_PORT}"),
@@ -426,6 +428,16 @@ impl TestNode {
 
     /// Fetch the agent's /metrics (it listens on the node namespace's loopback).
     /// The audit log's request records, once there are at least `n`.
+    /// Every request the mock provider received, as it recorded them
+    /// (`request`, `peer`, `local`, `host`, `sni`, `credential`, `model`).
+    pub fn mock_requests(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.dir.join("mock-requests.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     pub fn wait_requests(&self, n: usize) -> Vec<serde_json::Value> {
         wait_until(Duration::from_secs(5), || {
             let r: Vec<_> = self

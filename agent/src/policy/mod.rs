@@ -31,6 +31,7 @@ pub use globs::PolicyError;
 pub use limits::Limited;
 pub use rules::{
     Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, RequestDecision, Rule,
+    Unterminated, WithoutModel,
 };
 pub use selector::Selector;
 
@@ -93,13 +94,22 @@ impl Policy {
             if !r.matches_provider(provider) {
                 continue;
             }
+            let unterminated = r.rule.unterminated();
             if r.has_models() {
                 // The model decides: terminate to see it.
-                return ConnectionDecision::Terminate { reason: r.reason() };
+                return ConnectionDecision::Terminate {
+                    reason: r.reason(),
+                    unterminated,
+                };
             }
-            return ConnectionDecision::for_action(r.rule.action, r.reason(), r.message());
+            return ConnectionDecision::for_action(
+                r.rule.action,
+                r.reason(),
+                r.message(),
+                unterminated,
+            );
         }
-        ConnectionDecision::for_action(self.default, "default".into(), None)
+        ConnectionDecision::for_action(self.default, "default".into(), None, Unterminated::Relay)
     }
 
     /// The decision for one request asking `model` of `provider`.
@@ -111,8 +121,13 @@ impl Policy {
     ) -> RequestDecision {
         for &i in self.candidates(subject).iter() {
             let r = &self.rules[i as usize];
-            if r.matches_provider(provider) && r.matches_model(model) {
-                return r.decide(model);
+            if !r.matches_provider(provider) {
+                continue;
+            }
+            match r.model_match(model) {
+                rules::ModelMatch::Decides => return r.decide(model),
+                rules::ModelMatch::No => {}
+                rules::ModelMatch::Unreadable => return r.refuse_unreadable(),
             }
         }
         RequestDecision::for_default(self.default)

@@ -90,6 +90,71 @@ pub struct Rule {
     /// Largest request body this rule lets through (below `tls.max_request_body`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_bytes: Option<usize>,
+    /// For a rule with `models`: what happens to a request whose model
+    /// cannot be read (batch and files endpoints, model listings, bodies
+    /// that are not JSON). `refuse` (default: a model rule is never
+    /// bypassed by hiding the model), `apply` (the rule's action applies as
+    /// if a listed model were asked for), `skip` (the rule does not apply;
+    /// later rules decide).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub without_model: WithoutModel,
+    /// What happens to a provider connection of this rule that cannot be
+    /// terminated (no ClientHello in time, no complete one in 64 KiB, a
+    /// server name no provider lists, no node CA, a workload that rejects
+    /// the CA): `refuse` (the default for a rule with any per-request
+    /// control — models, caps, aliases, limits, budget, credential,
+    /// failover, headers, size — which a relayed connection would skip) or
+    /// `relay` (the default for a plain allow rule: relayed and audited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unterminated: Option<Unterminated>,
+}
+
+/// A rule's answer to a provider connection it cannot terminate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Unterminated {
+    Refuse,
+    Relay,
+}
+
+impl Rule {
+    /// Does the rule act per request (so relaying would skip it)?
+    pub fn has_request_controls(&self) -> bool {
+        !self.models.is_empty()
+            || self.max_output_tokens.is_some()
+            || !self.model_aliases.is_empty()
+            || self.limits.is_some()
+            || self.budget.is_some()
+            || self.credential_file.is_some()
+            || self.failover.is_some()
+            || self.headers.is_some()
+            || self.max_request_bytes.is_some()
+    }
+
+    /// `unterminated`, or its default for this rule.
+    pub fn unterminated(&self) -> Unterminated {
+        self.unterminated.unwrap_or(if self.has_request_controls() {
+            Unterminated::Refuse
+        } else {
+            Unterminated::Relay
+        })
+    }
+}
+
+/// A model rule's answer to a request whose model cannot be read.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum WithoutModel {
+    #[default]
+    Refuse,
+    Apply,
+    Skip,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// A rule's `headers`.
@@ -185,9 +250,12 @@ pub struct Caps {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionDecision {
-    /// Terminate TLS (when possible) and decide per request; relayed
-    /// connections record `reason`.
-    Terminate { reason: String },
+    /// Terminate TLS and decide per request; `unterminated` says what to
+    /// do when that is not possible (relayed connections record `reason`).
+    Terminate {
+        reason: String,
+        unterminated: Unterminated,
+    },
     /// Relay the bytes; `reason` for the record.
     Observe { reason: String },
     /// Refuse.
@@ -198,9 +266,17 @@ pub enum ConnectionDecision {
 }
 
 impl ConnectionDecision {
-    pub(super) fn for_action(action: Action, reason: String, message: Option<String>) -> Self {
+    pub(super) fn for_action(
+        action: Action,
+        reason: String,
+        message: Option<String>,
+        unterminated: Unterminated,
+    ) -> Self {
         match action {
-            Action::Allow => Self::Terminate { reason },
+            Action::Allow => Self::Terminate {
+                reason,
+                unterminated,
+            },
             Action::Observe => Self::Observe { reason },
             Action::Deny => Self::Deny { reason, message },
         }
@@ -233,6 +309,17 @@ impl RequestDecision {
     }
 }
 
+/// How a rule meets one request's model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ModelMatch {
+    /// The rule decides the request.
+    Decides,
+    /// Not this rule: the next one is asked.
+    No,
+    /// A model rule, and the request's model cannot be read: refused.
+    Unreadable,
+}
+
 pub(super) struct Compiled {
     pub rule: Rule,
     failover: Option<std::sync::Arc<FailoverChain>>,
@@ -255,12 +342,31 @@ impl Compiled {
         self.models.is_some()
     }
 
-    pub fn matches_model(&self, model: Option<&str>) -> bool {
+    /// Whether the rule decides a request asking `model` (None: the model
+    /// cannot be read), and how.
+    pub fn model_match(&self, model: Option<&str>) -> ModelMatch {
         match (&self.models, model) {
-            (None, _) => true,
-            (Some(g), Some(m)) => g.is_match(m),
-            // A model rule cannot apply to a call that names no model.
-            (Some(_), None) => false,
+            (None, _) => ModelMatch::Decides,
+            (Some(g), Some(m)) if g.is_match(m) => ModelMatch::Decides,
+            (Some(_), Some(_)) => ModelMatch::No,
+            (Some(_), None) => match self.rule.without_model {
+                WithoutModel::Apply => ModelMatch::Decides,
+                WithoutModel::Skip => ModelMatch::No,
+                WithoutModel::Refuse => ModelMatch::Unreadable,
+            },
+        }
+    }
+
+    /// The refusal of a request whose model this model rule cannot see.
+    pub fn refuse_unreadable(&self) -> RequestDecision {
+        RequestDecision::Deny {
+            reason: format!("{}:model_unreadable", self.reason()),
+            message: format!(
+                "policy rule `{}` decides by model, and this request's model cannot be read \
+                 (batch, files or listing endpoint, or a body that is not JSON); the rule's \
+                 `without_model` can allow or skip such calls",
+                self.rule.name
+            ),
         }
     }
 

@@ -132,7 +132,8 @@ fn default_deny_denies_what_no_rule_allows() {
     assert_eq!(
         p.connection(subject(&a), "openai"),
         ConnectionDecision::Terminate {
-            reason: "rule:ok".into()
+            reason: "rule:ok".into(),
+            unterminated: Unterminated::Relay,
         }
     );
     assert!(matches!(
@@ -165,19 +166,61 @@ fn selectors_and_fields_combine_and_within_or_across() {
         assert_eq!(
             p.connection(other, "openai"),
             ConnectionDecision::Terminate {
-                reason: "default".into()
+                reason: "default".into(),
+                unterminated: Unterminated::Relay,
             }
         );
     }
 }
 
 #[test]
-fn a_model_rule_does_not_apply_to_calls_without_a_model() {
-    let p = policy("rules:\n  - {name: r, models: [\"*\"], action: deny}\n");
+fn a_model_rule_does_not_apply_to_calls_without_a_model_when_it_skips_them() {
+    let p = policy("rules:\n  - {name: r, models: [\"*\"], action: deny, without_model: skip}\n");
     let w = pod("x");
     assert!(matches!(
         p.request(subject(&w), "openai", None),
         RequestDecision::Allow { .. }
+    ));
+}
+
+#[test]
+fn a_model_rule_refuses_what_it_cannot_read_unless_told_otherwise() {
+    let w = pod("x");
+    // Allow-listed models only: a request hiding its model (a batch, a
+    // body that is not JSON) is refused, not let through by the default.
+    let p = policy(
+        "default: allow\nrules:\n  - {name: minis, models: [\"*-mini\"], action: allow}\n  - {name: rest, action: deny}\n",
+    );
+    match p.request(subject(&w), "openai", None) {
+        RequestDecision::Deny { reason, message } => {
+            assert_eq!(reason, "rule:minis:model_unreadable");
+            assert!(message.contains("without_model"), "{message}");
+        }
+        d => panic!("{d:?}"),
+    }
+    // A deny rule refuses it too (the batch may ask for the denied model).
+    let p = policy("rules:\n  - {name: no-4o, models: [\"gpt-4o\"], action: deny}\n");
+    assert!(matches!(
+        p.request(subject(&w), "openai", None),
+        RequestDecision::Deny { reason, .. } if reason == "rule:no-4o:model_unreadable"
+    ));
+    // `apply`: the rule's own action, with its caps.
+    let p = policy(
+        "default: deny\nrules:\n  - {name: minis, models: [\"*-mini\"], action: allow, max_output_tokens: 9, without_model: apply}\n",
+    );
+    match p.request(subject(&w), "openai", None) {
+        RequestDecision::Allow { reason, caps } => {
+            assert_eq!(
+                (reason.as_str(), caps.max_output_tokens),
+                ("rule:minis", Some(9))
+            );
+        }
+        d => panic!("{d:?}"),
+    }
+    // A model that is read and not listed still falls through as before.
+    assert!(matches!(
+        p.request(subject(&w), "openai", Some("gpt-4o")),
+        RequestDecision::Deny { reason, .. } if reason == "default"
     ));
 }
 

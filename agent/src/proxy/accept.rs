@@ -125,7 +125,7 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, net
         reason,
     };
     if decision == Decision::Deny {
-        relay::refuse(&ctx, client, closing);
+        relay::refuse(&ctx, client, closing, hello);
     } else {
         relay::relay_to_provider(&ctx, client, closing).await;
     }

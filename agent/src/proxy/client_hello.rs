@@ -114,12 +114,14 @@ impl HelloSniffer {
 /// are, the client stops, or `timeout` passes. The bytes stay in the socket:
 /// the caller can still splice them or hand the stream to a TLS acceptor.
 ///
-/// Only the first TLS record (≤ 16 KiB) is peeked; a ClientHello spread over
-/// several records reports `Malformed` and is relayed, not terminated.
+/// A ClientHello spread over several TLS records is read whole (rustls'
+/// `Acceptor` joins them), up to `MAX_HELLO` bytes; beyond, `Malformed`.
 pub async fn peek_hello(stream: &tokio::net::TcpStream, timeout: std::time::Duration) -> Hello {
-    const FIRST_RECORD: usize = 5 + 16 * 1024;
+    // MAX_HELLO of handshake data plus one record header: what the sniffer
+    // reads at most before it gives up.
+    const PEEK: usize = MAX_HELLO + 5;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; FIRST_RECORD];
+    let mut buf = vec![0u8; PEEK];
     // peek() returns at once while bytes are queued, so waiting for the rest
     // of a split ClientHello needs a (short, growing) sleep between looks.
     let mut backoff = std::time::Duration::from_millis(1);
@@ -132,8 +134,10 @@ pub async fn peek_hello(stream: &tokio::net::TcpStream, timeout: std::time::Dura
         if state != Hello::Pending {
             return state;
         }
-        if n == FIRST_RECORD {
-            return Hello::Malformed("ClientHello spans more than one TLS record".into());
+        if n == PEEK {
+            return Hello::Malformed(format!(
+                "no complete ClientHello in the first {MAX_HELLO} bytes"
+            ));
         }
         if tokio::time::Instant::now() + backoff >= deadline {
             return Hello::Pending;

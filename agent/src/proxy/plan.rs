@@ -9,7 +9,7 @@ use super::{
     trust::Distrust,
 };
 use crate::{
-    policy::{ConnectionDecision, Policy, Subject},
+    policy::{ConnectionDecision, Policy, Subject, Unterminated},
     telemetry::records::Decision,
 };
 
@@ -89,13 +89,23 @@ pub fn plan(facts: &Facts<'_>, policy: &Policy) -> Plan {
             decision: Decision::Observe,
             reason,
         },
+        // The rule acts per request, and relaying would skip it: a
+        // connection that cannot be terminated (late, oversized or foreign
+        // ClientHello, no CA, a workload rejecting the CA) is refused.
+        ConnectionDecision::Terminate {
+            reason,
+            unterminated: Unterminated::Refuse,
+        } => Plan::Refuse {
+            provider,
+            reason: format!("{reason}:unterminated"),
+        },
         // Would be terminated, but the workload rejects the node CA.
         ConnectionDecision::Terminate { .. } if distrusted => Plan::Relay {
             provider,
             decision: Decision::Observe,
             reason: "ca_rejected".into(),
         },
-        ConnectionDecision::Terminate { reason } => Plan::Relay {
+        ConnectionDecision::Terminate { reason, .. } => Plan::Relay {
             provider,
             decision: Decision::Allow,
             reason,
@@ -111,6 +121,16 @@ mod tests {
     use crate::{
         identity::Workload, policy::PolicyConfig, providers::Api, telemetry::records::TlsInfo,
     };
+
+    /// (what, first bytes, trust state, policy, workload cgroup, plan)
+    type Case<'a> = (
+        &'a str,
+        Hello,
+        Option<&'a Distrust>,
+        &'a Policy,
+        &'a str,
+        Plan,
+    );
 
     fn providers() -> Vec<KnownProvider> {
         vec![
@@ -311,6 +331,99 @@ mod tests {
                 &allow,
                 "/distrusting",
                 terminate(1, "api.anthropic.com"),
+            ),
+        ];
+        for (what, hello, trust, policy, cgroup, want) in cases {
+            assert_eq!(plan_for(&hello, trust, policy, cgroup), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_rule_that_acts_per_request_is_never_relayed() {
+        let trust = Distrust::new(Duration::from_secs(3600));
+        trust.mark("/distrusting", "api.openai.com");
+        let limited =
+            policy("rules:\n  - {name: rpm, action: allow, limits: {requests_per_minute: 10}}");
+        let models = policy("rules:\n  - {name: minis, models: [\"*-mini\"], action: allow}");
+        let relaying = policy(
+            "rules:\n  - {name: rpm, action: allow, limits: {requests_per_minute: 10}, unterminated: relay}",
+        );
+        let refused = |reason: &str| Plan::Refuse {
+            provider: "openai".into(),
+            reason: reason.into(),
+        };
+        let cases: Vec<Case> = vec![
+            (
+                "terminated as usual",
+                tls("api.openai.com"),
+                Some(&trust),
+                &limited,
+                "/app",
+                terminate(0, "api.openai.com"),
+            ),
+            (
+                "no ClientHello in time",
+                Hello::Pending,
+                Some(&trust),
+                &limited,
+                "/app",
+                refused("rule:rpm:unterminated"),
+            ),
+            (
+                "a broken or oversized ClientHello",
+                Hello::Malformed("x".into()),
+                Some(&trust),
+                &limited,
+                "/app",
+                refused("rule:rpm:unterminated"),
+            ),
+            (
+                "a server name no provider lists",
+                tls("fronted.example"),
+                Some(&trust),
+                &limited,
+                "/app",
+                refused("rule:rpm:unterminated"),
+            ),
+            (
+                "plaintext",
+                Hello::NotTls,
+                Some(&trust),
+                &limited,
+                "/app",
+                refused("rule:rpm:unterminated"),
+            ),
+            (
+                "no node CA",
+                tls("api.openai.com"),
+                None,
+                &limited,
+                "/app",
+                refused("rule:rpm:unterminated"),
+            ),
+            (
+                "a workload that rejected the CA",
+                tls("api.openai.com"),
+                Some(&trust),
+                &limited,
+                "/distrusting",
+                refused("rule:rpm:unterminated"),
+            ),
+            (
+                "a model rule too",
+                Hello::Pending,
+                Some(&trust),
+                &models,
+                "/app",
+                refused("rule:minis:unterminated"),
+            ),
+            (
+                "unterminated: relay keeps the old fallback",
+                Hello::Pending,
+                Some(&trust),
+                &relaying,
+                "/app",
+                relay("openai", Decision::Allow, "rule:rpm"),
             ),
         ];
         for (what, hello, trust, policy, cgroup, want) in cases {

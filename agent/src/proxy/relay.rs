@@ -31,10 +31,15 @@ pub(super) async fn relay_to_provider(ctx: &ProxyContext, client: TcpStream, c: 
     finish(ctx, t, c);
 }
 
-/// Close `client` unserved (policy refused it) and record it.
-pub(super) fn refuse(ctx: &ProxyContext, client: TcpStream, c: Closing) {
+/// Close `client` unserved (policy refused it) and record it with what its
+/// first bytes said.
+pub(super) fn refuse(ctx: &ProxyContext, client: TcpStream, c: Closing, hello: Hello) {
     drop(client);
-    finish(ctx, Transfer::default(), c);
+    let t = Transfer {
+        hello,
+        ..Transfer::default()
+    };
+    finish(ctx, t, c);
 }
 
 /// A relayed (or refused) connection, as its record needs it.

@@ -8,7 +8,12 @@
 //!   TLS, the server name: what the redirect tests check (a relayed
 //!   connection arrives from the node's address, a direct one from the pod's).
 //!
-//! Usage: tollgate-mock-upstream [--cert PEM --key PEM] ADDR:PORT... [tls:ADDR:PORT...]
+//! Every request it receives is also written as one JSON line to the
+//! `--log` file (peer, listener, request line, host, server name, the
+//! credential and model that arrived): the provider's own record, for
+//! tests that must assert on what reached the provider.
+//!
+//! Usage: tollgate-mock-upstream [--cert PEM --key PEM] [--log FILE] ADDR:PORT... [tls:ADDR:PORT...]
 //! `tls:` listeners speak TLS with the given certificate; the others speak
 //! TLS to clients that start with a ClientHello (when a certificate is given;
 //! else they answer it with a TLS alert) and plain HTTP to the rest.
@@ -30,6 +35,18 @@ use tollgate_tests::mock_llm::{self, Fault, SENT_NS};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
+/// The `--log` file: one JSON line per request received.
+static REQUEST_LOG: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> =
+    std::sync::OnceLock::new();
+
+fn log_request(entry: &serde_json::Value) {
+    use std::io::Write;
+    if let Some(f) = REQUEST_LOG.get() {
+        let mut f = f.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = writeln!(f, "{entry}");
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -38,12 +55,21 @@ async fn main() {
         match a.as_str() {
             "--cert" => cert = args.next(),
             "--key" => key = args.next(),
+            "--log" => {
+                let path = args.next().expect("--log takes a file");
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("open {path}: {e}"));
+                let _ = REQUEST_LOG.set(std::sync::Mutex::new(f));
+            }
             _ => addrs.push(a),
         }
     }
     assert!(
         !addrs.is_empty(),
-        "usage: tollgate-mock-upstream [--cert PEM --key PEM] ADDR:PORT... [tls:ADDR:PORT...]"
+        "usage: tollgate-mock-upstream [--cert PEM --key PEM] [--log FILE] ADDR:PORT... [tls:ADDR:PORT...]"
     );
     let acceptor = cert.zip(key).map(|(c, k)| {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c)
@@ -165,6 +191,19 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
+    let model = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").cloned());
+    log_request(&serde_json::json!({
+        "request": line,
+        "peer": peer.to_string(),
+        "local": local.to_string(),
+        "host": host,
+        "sni": sni,
+        "credential": credential,
+        "model": model,
+        "body_bytes": body.len(),
+    }));
     if let Some(resp) = mock_llm::respond(&path, &body) {
         if resp.fault == mock_llm::Fault::LateHeaders {
             // `mock-late`: the response headers come only after a long think.
