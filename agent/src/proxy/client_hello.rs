@@ -117,11 +117,15 @@ impl HelloSniffer {
 /// A ClientHello spread over several TLS records is read whole (rustls'
 /// `Acceptor` joins them), up to `MAX_HELLO` bytes; beyond, `Malformed`.
 pub async fn peek_hello(stream: &tokio::net::TcpStream, timeout: std::time::Duration) -> Hello {
-    // MAX_HELLO of handshake data plus one record header: what the sniffer
-    // reads at most before it gives up.
+    // One full record first (nearly every ClientHello fits); the buffer
+    // grows to MAX_HELLO plus a record header — what the sniffer reads at
+    // most — only for a client whose ClientHello needs more. Every
+    // connection peeks at once under load, so the first size is what the
+    // proxy's memory pays.
+    const FIRST_RECORD: usize = 5 + 16 * 1024;
     const PEEK: usize = MAX_HELLO + 5;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; PEEK];
+    let mut buf = vec![0u8; FIRST_RECORD];
     // peek() returns at once while bytes are queued, so waiting for the rest
     // of a split ClientHello needs a (short, growing) sleep between looks.
     let mut backoff = std::time::Duration::from_millis(1);
@@ -134,10 +138,14 @@ pub async fn peek_hello(stream: &tokio::net::TcpStream, timeout: std::time::Dura
         if state != Hello::Pending {
             return state;
         }
-        if n == PEEK {
-            return Hello::Malformed(format!(
-                "no complete ClientHello in the first {MAX_HELLO} bytes"
-            ));
+        if n == buf.len() {
+            if buf.len() == PEEK {
+                return Hello::Malformed(format!(
+                    "no complete ClientHello in the first {MAX_HELLO} bytes"
+                ));
+            }
+            buf.resize(PEEK, 0);
+            continue; // more may be queued already: look again at once
         }
         if tokio::time::Instant::now() + backoff >= deadline {
             return Hello::Pending;
