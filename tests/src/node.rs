@@ -438,6 +438,16 @@ impl TestNode {
             .collect()
     }
 
+    /// What reached the mock provider's TLS listeners (where terminated
+    /// calls go), the node's readiness probes of its plain listener left out.
+    pub fn provider_requests(&self) -> Vec<serde_json::Value> {
+        let port = format!(":{TLS_PORT}");
+        self.mock_requests()
+            .into_iter()
+            .filter(|r| r["local"].as_str().is_some_and(|l| l.ends_with(&port)))
+            .collect()
+    }
+
     pub fn wait_requests(&self, n: usize) -> Vec<serde_json::Value> {
         wait_until(Duration::from_secs(5), || {
             let r: Vec<_> = self

@@ -21,16 +21,6 @@ fn post(node: &TestNode, pod: usize, body: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// What reached the mock provider's TLS listeners (the node's own
-/// readiness probes of its plain listener left out).
-fn provider_requests(node: &TestNode) -> Vec<serde_json::Value> {
-    let port = format!(":{}", tollgate_tests::node::TLS_PORT);
-    node.mock_requests()
-        .into_iter()
-        .filter(|r| r["local"].as_str().is_some_and(|l| l.ends_with(&port)))
-        .collect()
-}
-
 /// The credential header the answering provider echoed (empty: none came).
 fn credential_received(out: &str) -> String {
     out.lines()
@@ -157,7 +147,7 @@ fn a_model_rule_is_not_bypassed_by_hiding_the_model() {
     assert!(out.contains(" 200"), "{out}");
 
     let got = wait_until(Duration::from_secs(5), || {
-        let r = provider_requests(&node);
+        let r = node.provider_requests();
         (!r.is_empty()).then_some(r)
     })
     .expect("the control call reached the mock");
@@ -324,7 +314,7 @@ policy:
         "the fronted name is audited: {refused:?}"
     );
     // What reached the provider: only the terminated (split) call.
-    let got = provider_requests(&node);
+    let got = node.provider_requests();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["model"], "gpt-4o-mini", "{got:?}");
 }

@@ -417,12 +417,16 @@ fn http2_rapid_reset_flood_leaves_the_proxy_serving() {
         "the flood grew the agent by {growth} KiB"
     );
     // Nothing reached the provider for the reset streams: only the normal
-    // call has a request record.
-    std::thread::sleep(Duration::from_millis(500));
+    // call has a request record, and the provider's own log has exactly
+    // that one request.
+    node.wait_requests(1);
+    std::thread::sleep(Duration::from_millis(500)); // late stragglers would show
     let calls = node
         .connections()
         .into_iter()
         .filter(|r| r["kind"] == "request" && r["result"] == "ok")
         .count();
     assert_eq!(calls, 1, "{:?}", node.connections());
+    let reached = node.provider_requests();
+    assert_eq!(reached.len(), 1, "the provider received: {reached:?}");
 }
