@@ -110,7 +110,8 @@ pub struct ResponseParser {
     adapter: &'static dyn Adapter,
     sse: Option<sse::SseParser>,
     json: Vec<u8>,
-    json_overflow: bool,
+    /// The body is not kept for parsing: not JSON, or over MAX_JSON_BODY.
+    skip_json: bool,
     state: ParseState,
 }
 
@@ -146,11 +147,14 @@ impl ResponseParser {
         let sse = content_type
             .starts_with("text/event-stream")
             .then(sse::SseParser::default);
+        // Only a JSON body (or one that does not say) is kept for parsing:
+        // audio, images and file downloads pass without a copy.
+        let json = sse.is_none() && (content_type.is_empty() || content_type.contains("json"));
         Self {
             adapter: adapter(api),
             sse,
             json: Vec::new(),
-            json_overflow: false,
+            skip_json: !json,
             state: ParseState {
                 input_chars,
                 ..Default::default()
@@ -164,9 +168,9 @@ impl ResponseParser {
             Some(sse) => sse.feed(chunk, |e| adapter.on_event(state, &e)),
             None => {
                 if self.json.len() + chunk.len() > MAX_JSON_BODY {
-                    self.json_overflow = true;
+                    self.skip_json = true;
                     self.json = Vec::new();
-                } else if !self.json_overflow {
+                } else if !self.skip_json {
                     self.json.extend_from_slice(chunk);
                 }
             }
@@ -177,7 +181,7 @@ impl ResponseParser {
     /// (e.g. the client went away before the final event).
     pub fn finish(mut self) -> ResponseInfo {
         if self.sse.is_none()
-            && !self.json_overflow
+            && !self.skip_json
             && let Ok(v) = serde_json::from_slice::<Value>(&self.json)
         {
             self.state.complete = true;
@@ -305,6 +309,21 @@ mod tests {
         assert_eq!(r.usage.input_tokens, 10);
         assert_eq!(r.usage.output_tokens, 3);
         assert_eq!(r.response_model.as_deref(), Some("gpt-4o"));
+    }
+
+    #[test]
+    fn bodies_that_are_not_json_are_not_kept() {
+        let mut p = ResponseParser::new(Api::Openai, "audio/mpeg", 10);
+        p.feed(&[0u8; 4096]);
+        assert!(p.json.is_empty(), "no copy of an audio body");
+        assert!(p.finish().usage.estimated);
+        let mut p = ResponseParser::new(Api::Openai, "", 0);
+        p.feed(br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#);
+        assert_eq!(
+            p.finish().usage.output_tokens,
+            4,
+            "no content type: still parsed"
+        );
     }
 
     #[test]
