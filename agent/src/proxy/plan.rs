@@ -207,15 +207,6 @@ mod tests {
             "default: observe\nrules:\n  - {name: minis, models: [\"*-mini\"], action: allow}",
         );
         let upper = tls("API.OpenAI.com");
-        // (what, first bytes, trust state, policy, workload cgroup, plan)
-        type Case<'a> = (
-            &'a str,
-            Hello,
-            Option<&'a Distrust>,
-            &'a Policy,
-            &'a str,
-            Plan,
-        );
         let cases: Vec<Case> = vec![
             (
                 "known SNI with a CA: terminated",
