@@ -222,6 +222,14 @@ pub fn walk(root: &Path) -> Vec<CgroupEntry> {
     out
 }
 
+/// The cgroup under `root` that process `pid` is directly in, if any: the
+/// agent's own, when it runs inside the governed subtree (as a DaemonSet
+/// pod under `kubepods` does). `pid` as this process sees it: with the
+/// node's PID namespace (hostPID), the pid `cgroup.procs` lists.
+pub fn own_cgroup(root: &Path, pid: u32) -> Option<CgroupEntry> {
+    walk(root).into_iter().find(|e| e.pids.contains(&pid))
+}
+
 /// Processes directly in the cgroup (not its children).
 pub fn read_pids(dir: &Path) -> Vec<u32> {
     fs::read_to_string(dir.join("cgroup.procs"))

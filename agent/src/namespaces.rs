@@ -41,6 +41,10 @@ pub struct Scanner {
 /// not every scan, to keep a broken pod from flooding the log.
 const BIND_RETRY: Duration = Duration::from_secs(30);
 
+/// Provider clients unused this long are dropped: their connections closed
+/// after 50 s idle already (`upstream`), only the entry was left.
+const POOL_IDLE: Duration = Duration::from_secs(300);
+
 impl Scanner {
     /// `connections`: where connection tasks are tracked (see `drain`).
     pub fn new(
@@ -94,14 +98,25 @@ impl Scanner {
         }
 
         let found = netns::scan(&entries);
+        let pool = self.ctx.tls.as_ref().map(|t| &t.upstreams.pool);
         self.namespaces.retain(|id, handles| {
             let keep = found.namespaces.contains_key(id);
             if !keep {
                 handles.iter().for_each(JoinHandle::abort);
-                tracing::info!(netns = id.ino, "workload namespace gone; listener closed");
+                // Its provider connections go too, and with them the last
+                // handle that kept the namespace alive.
+                let pooled = pool.map_or(0, |p| p.forget(*id));
+                tracing::info!(
+                    netns = id.ino,
+                    pooled,
+                    "workload namespace gone; listener and provider connections closed"
+                );
             }
             keep
         });
+        if let Some(pool) = pool {
+            pool.prune(POOL_IDLE);
+        }
         let now = Instant::now();
         self.failed
             .retain(|id, until| found.namespaces.contains_key(id) && *until > now);
@@ -120,6 +135,7 @@ impl Scanner {
                             Ok(tl) => handles.push(tokio::spawn(accept_loop(
                                 self.ctx.clone(),
                                 tl,
+                                l.netns.clone(),
                                 l.cookie,
                                 self.connections.clone(),
                             ))),

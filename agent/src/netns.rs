@@ -41,6 +41,36 @@ impl NetnsId {
             ino: m.ino(),
         })
     }
+
+    pub fn of_file(f: &File) -> std::io::Result<Self> {
+        let m = f.metadata()?;
+        Ok(NetnsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// A workload's network namespace, held open: where its listeners live and
+/// where its provider connections are made (`egress`). Holding the file
+/// keeps the namespace alive, so the agent drops it when the namespace
+/// leaves the cgroup tree.
+#[derive(Debug)]
+pub struct WorkloadNetns {
+    pub id: NetnsId,
+    pub(crate) file: File,
+}
+
+impl WorkloadNetns {
+    /// The network namespace of `pid`.
+    pub fn open(pid: u32) -> Result<Self, NetnsError> {
+        let open = || {
+            let file = File::open(format!("/proc/{pid}/ns/net"))?;
+            let id = NetnsId::of_file(&file)?;
+            Ok(WorkloadNetns { id, file })
+        };
+        open().map_err(|source| NetnsError::Open { pid, source })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +81,8 @@ pub enum NetnsError {
         "cannot enter network namespace of pid {pid}: {source}\nhint: the agent needs CAP_SYS_ADMIN to open listeners inside workload namespaces"
     )]
     Enter { pid: u32, source: nix::Error },
+    #[error("the thread binding listeners in the network namespace of pid {pid} failed")]
+    Thread { pid: u32 },
     #[error(
         "cannot listen on {addr} in the network namespace of pid {pid}: {source}\nhint: another process in that namespace holds port {port}; set proxy.port to a free port"
     )]
@@ -64,6 +96,7 @@ pub enum NetnsError {
 
 /// Listeners bound inside one namespace.
 pub struct NsListeners {
+    pub netns: std::sync::Arc<WorkloadNetns>,
     pub cookie: u64,
     pub v4: TcpListener,
     /// None when the namespace has no IPv6 loopback (IPv6 disabled).
@@ -75,21 +108,29 @@ pub struct NsListeners {
 /// setns affects only the calling thread, so this runs on a fresh thread that
 /// exits afterwards: no runtime worker ever changes namespace.
 pub fn bind_in_netns_of(pid: u32, port: u16) -> Result<NsListeners, NetnsError> {
-    let ns = File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|source| NetnsError::Open { pid, source })?;
-    std::thread::scope(|s| {
+    let ns = WorkloadNetns::open(pid)?;
+    let (v4, v6, cookie) = std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            nix::sched::setns(&ns.file, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|source| NetnsError::Enter { pid, source })?;
             bind_here(pid, port)
         })
         .join()
-        .expect("bind thread does not panic")
+        .unwrap_or(Err(NetnsError::Thread { pid }))
+    })?;
+    Ok(NsListeners {
+        netns: std::sync::Arc::new(ns),
+        cookie,
+        v4,
+        v6,
     })
 }
 
+/// Listeners for IPv4 and (when the namespace has it) IPv6, and the namespace's cookie.
+type Bound = (TcpListener, Option<TcpListener>, u64);
+
 /// Bind in the calling thread's current namespace.
-pub fn bind_here(pid: u32, port: u16) -> Result<NsListeners, NetnsError> {
+fn bind_here(pid: u32, port: u16) -> Result<Bound, NetnsError> {
     let v4addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let v4 = listen(v4addr).map_err(|source| NetnsError::Bind {
         pid,
@@ -123,7 +164,7 @@ pub fn bind_here(pid: u32, port: u16) -> Result<NsListeners, NetnsError> {
         port,
         source,
     })?;
-    Ok(NsListeners { cookie, v4, v6 })
+    Ok((v4, v6, cookie))
 }
 
 /// Backlog of each listener: a burst of connects from one pod (an SDK opening
@@ -195,10 +236,10 @@ mod tests {
         // Port 0: any free port; this only exercises bind + cookie.
         let l = bind_here(std::process::id(), 0);
         match l {
-            Ok(l) => {
-                assert_ne!(l.cookie, 0);
-                let own = netns_cookie(&l.v4).unwrap();
-                assert_eq!(own, l.cookie);
+            Ok((v4, _, cookie)) => {
+                assert_ne!(cookie, 0);
+                let own = netns_cookie(&v4).unwrap();
+                assert_eq!(own, cookie);
             }
             // Kernels before 5.14 lack SO_NETNS_COOKIE; say so rather than pass silently.
             Err(e) => panic!("binding loopback listeners failed: {e}"),

@@ -20,6 +20,7 @@ use crate::{
     bpf::{Attached, LoadOptions, Maps, monotonic_ns},
     cgroup::{self, CgroupRoot},
     config::{Config, FailureMode},
+    egress::Egress,
     identity::IdentityCache,
     namespaces::{self, Scanner},
     policy::{Enforcer, budgets::Budgets},
@@ -29,6 +30,7 @@ use crate::{
             self, KnownProvider, ProviderAddresses, ProviderEndpoint, ProxyContext, Termination,
             Upstreams,
         },
+        dial::Dialer,
         trust::Distrust,
         upstream::{self, UpstreamPool},
     },
@@ -66,15 +68,25 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         tracing::info!(removed, "detached programs pinned by an earlier run");
     }
 
+    let agent_cgroup = cgroup::own_cgroup(&root.path, std::process::id());
+    match &agent_cgroup {
+        Some(own) => {
+            tracing::info!(cgroup = %own.path.display(), "the agent runs inside the governed subtree; its own connections are recognised by its cgroup")
+        }
+        None => tracing::debug!(
+            "the agent runs outside the governed subtree; its connections never meet the hooks"
+        ),
+    }
     let settings = Settings {
         heartbeat_ns: monotonic_ns(),
         heartbeat_timeout_ns: config.heartbeat.timeout.as_nanos() as u64,
+        agent_cgroup_id: agent_cgroup.map_or(0, |c| c.id),
         proxy_port: config.proxy.port,
         fail_closed: u8::from(config.failure_mode == FailureMode::Closed),
         _pad: 0,
-        skip_mark: config.proxy.skip_mark,
         dns_min_ttl_s: config.dns.min_ttl.as_secs_f64().ceil() as u32,
         dns_grace_s: config.dns.stale_grace.as_secs_f64().ceil() as u32,
+        dns_max_ttl_s: config.dns.max_ttl.as_secs_f64().ceil() as u32,
     };
     maps.write_settings(settings)
         .context("writing settings to the kernel")?;
@@ -102,6 +114,11 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         .then(|| std::path::PathBuf::from(&config.budget_state_file));
     let enforcer = enforcer(&config, budget_file.as_deref(), &metrics)?;
     let budgets = enforcer.budgets.clone();
+    let dialer = Arc::new(Dialer::new(
+        Egress::start().context("starting the egress thread")?,
+        config.proxy.socket_mark,
+        config.proxy.upstream_connect_timeout,
+    ));
     let ctx = Arc::new(ProxyContext {
         live: live.clone(),
         maps: maps.clone(),
@@ -118,9 +135,8 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
             })
             .collect(),
         hello_timeout: config.tls.client_hello_timeout,
-        skip_mark: config.proxy.skip_mark,
-        connect_timeout: config.proxy.upstream_connect_timeout,
-        tls: termination(&config, live.clone(), enforcer, addresses.clone())?,
+        dialer: dialer.clone(),
+        tls: termination(&config, live.clone(), enforcer, addresses.clone(), dialer)?,
     });
 
     let mut tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -319,6 +335,7 @@ fn termination(
     live: crate::live::LiveRules,
     enforcer: Enforcer,
     addresses: ProviderAddresses,
+    dialer: Arc<Dialer>,
 ) -> anyhow::Result<Option<Arc<Termination>>> {
     if config.tls.ca_dir.is_empty() {
         tracing::info!("tls.ca_dir is not set: provider connections are relayed, not terminated");
@@ -330,11 +347,7 @@ fn termination(
         config.providers.iter().flat_map(|p| p.hosts.clone()),
     ));
     let client = upstream::client_config(config.tls.system_roots, &config.tls.extra_roots)?;
-    let pool = UpstreamPool::new(
-        client,
-        config.proxy.skip_mark,
-        config.proxy.upstream_connect_timeout,
-    );
+    let pool = UpstreamPool::new(client, dialer);
     let endpoints = config
         .providers
         .iter()

@@ -72,6 +72,23 @@ impl Netns {
         .expect("bind thread")
     }
 
+    /// A UDP socket bound inside this namespace, like `bind_tcp`.
+    pub fn bind_udp(&self, addr: &str) -> std::net::UdpSocket {
+        let path = self.path();
+        let addr = addr.to_string();
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("netns file exists");
+            assert_eq!(
+                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns {path}"
+            );
+            std::net::UdpSocket::bind(&addr).expect("bind in netns")
+        })
+        .join()
+        .expect("bind thread")
+    }
+
     /// A command that will run inside this namespace. Entered with setns(2)
     /// only: unlike `ip netns exec` it keeps the mount namespace, so the
     /// cgroup2 and bpffs mounts stay visible.

@@ -597,6 +597,40 @@ pub fn peer_ip(answer: &serde_json::Value) -> String {
     answer["peer_ip"].as_str().unwrap_or_default().to_string()
 }
 
+/// How a `Pod::curl` call reached the mock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The mock's peer was curl's own socket.
+    Direct,
+    /// The mock's peer was another socket: the agent's, made in the pod's
+    /// namespace (so from the pod's address), while curl's was redirected
+    /// to the agent's loopback listener.
+    Agent,
+}
+
+/// Tell a redirected call from a direct one by the two ends: curl's own
+/// end of its connection (`client`, from curl) against the peer the mock
+/// saw. Both carry the pod's address when the agent dials from the pod's
+/// namespace, so the address alone cannot tell; curl's redirected socket
+/// ends on loopback, a direct one is the very peer the mock saw.
+pub fn route(answer: &serde_json::Value) -> Route {
+    let unmapped = |ip: &str| ip.trim_start_matches("::ffff:").to_string();
+    let (client_ip, client_port) = answer["client"]
+        .as_str()
+        .and_then(|c| c.rsplit_once(' '))
+        .unwrap_or_else(|| panic!("no curl end (`client`) in {answer}"));
+    let (peer_ip, peer_port) = answer["peer"]
+        .as_str()
+        .and_then(|p| p.rsplit_once(':'))
+        .unwrap_or_else(|| panic!("no mock peer in {answer}"));
+    let peer_ip = peer_ip.trim_start_matches('[').trim_end_matches(']');
+    if client_port == peer_port && unmapped(client_ip) == unmapped(peer_ip) {
+        Route::Direct
+    } else {
+        Route::Agent
+    }
+}
+
 pub fn agent_bin() -> String {
     sibling_bin("tollgate", "TOLLGATE_BIN")
 }

@@ -8,6 +8,23 @@ use crate::{
     process::Proc,
 };
 
+/// curl's `-w` format that prints curl's own end of the connection after
+/// the body; `curl_answer` reads it.
+pub const CURL_ENDS: &str = "\n%{local_ip} %{local_port}";
+
+/// The mock's JSON answer from the output of a curl run with `-w CURL_ENDS`,
+/// with curl's own end of the connection added as `client` (see `node::route`).
+pub fn curl_answer(stdout: &[u8]) -> Result<serde_json::Value, String> {
+    let text = String::from_utf8_lossy(stdout);
+    let (body, client) = text
+        .rsplit_once('\n')
+        .ok_or_else(|| format!("no connection line from curl: {text}"))?;
+    let mut answer: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("bad body: {e}: {body}"))?;
+    answer["client"] = client.trim().into();
+    Ok(answer)
+}
+
 pub struct Pod {
     /// Dropped first: the pod's long-lived process.
     pub(crate) _pause: Proc,
@@ -22,9 +39,14 @@ pub struct Pod {
 
 impl Pod {
     /// `curl` from inside this pod (its namespace and container cgroup).
-    /// Returns the mock's JSON answer, or curl's error.
+    /// Returns the mock's JSON answer, with curl's own end of the connection
+    /// added as `client` (see `node::route`), or curl's error.
     pub fn curl(&self, url: &str) -> Result<serde_json::Value, String> {
-        let out = self.curl_cmd(url).output().map_err(|e| e.to_string())?;
+        let out = self
+            .curl_cmd(url)
+            .args(["-w", CURL_ENDS])
+            .output()
+            .map_err(|e| e.to_string())?;
         if !out.status.success() {
             return Err(format!(
                 "curl {url}: exit {:?}: {}",
@@ -32,7 +54,7 @@ impl Pod {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad body from {url}: {e}"))
+        curl_answer(&out.stdout)
     }
 
     /// POST `json` to `https://<host>:TLS_PORT<path>` from inside the pod,

@@ -6,7 +6,8 @@ use std::{fs, process::Stdio, time::Duration};
 
 use tollgate_tests::{
     TestNode,
-    node::{NODE_UPSTREAM_V4, PROVIDER_HOST, PROVIDER_PORT, UPSTREAM_V4_ALT, peer_ip},
+    node::{PROVIDER_HOST, PROVIDER_PORT, Route, UPSTREAM_V4_ALT, route},
+    pod::{CURL_ENDS, curl_answer},
     process::Proc,
     require_privileged,
 };
@@ -29,7 +30,7 @@ fn curl_with_dns(node: &TestNode, dns: &str, url: &str) -> Result<serde_json::Va
         .command_in_cgroup("unshare", Some(&pod.cgroup))
         .args(["--mount", "--propagation", "private", "sh", "-c"])
         .arg(format!(
-            "mount --bind {} /etc/resolv.conf && mount --bind {} /etc/hosts && exec curl -sS -m 5 {url}",
+            "mount --bind {} /etc/resolv.conf && mount --bind {} /etc/hosts && exec curl -sS -m 5 -w '{CURL_ENDS}' {url}",
             resolv.display(),
             hosts.display()
         ))
@@ -38,7 +39,7 @@ fn curl_with_dns(node: &TestNode, dns: &str, url: &str) -> Result<serde_json::Va
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    curl_answer(&out.stdout)
 }
 
 #[test]
@@ -58,7 +59,7 @@ fn first_connection_to_an_address_only_the_pod_resolved_is_redirected() {
             "http://{UPSTREAM_V4_ALT}:{PROVIDER_PORT}/v1/models"
         ))
         .expect("direct call");
-    assert_eq!(peer_ip(&direct), pod.ip4, "{direct}");
+    assert_eq!(route(&direct), Route::Direct, "{direct}");
 
     // The pod's DNS server (on its gateway) answers the provider name with a
     // CNAME chain ending at that address, TTL 1 s.
@@ -97,8 +98,8 @@ fn first_connection_to_an_address_only_the_pod_resolved_is_redirected() {
     )
     .unwrap_or_else(|e| panic!("call by name: {e}\n{}", node.agent_log()));
     assert_eq!(
-        peer_ip(&answer),
-        NODE_UPSTREAM_V4,
+        route(&answer),
+        Route::Agent,
         "not redirected: {answer}\n{}",
         node.metrics()
     );
@@ -127,8 +128,8 @@ fn first_connection_to_an_address_only_the_pod_resolved_is_redirected() {
         ))
         .expect("direct call after expiry");
     assert_eq!(
-        peer_ip(&direct),
-        pod.ip4,
+        route(&direct),
+        Route::Direct,
         "learned address outlived its TTL"
     );
 }

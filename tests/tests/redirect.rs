@@ -1,10 +1,11 @@
 //! Real-kernel tests of the redirect path: real connections from inside pod
 //! namespaces and cgroups, the real agent, real eBPF programs.
 //!
-//! How a test tells a redirected connection from a direct one: the mock
-//! provider reports the TCP peer it saw. Relayed through the agent, that is
-//! the node's address on the upstream link (10.77.0.1 / fd77::1); direct, it
-//! is the pod's own address.
+//! How a test tells a redirected connection from a direct one (`node::route`):
+//! the mock provider reports the TCP peer it saw, curl its own end. Direct,
+//! they are the same socket; redirected, curl's ends on the agent's loopback
+//! listener and the mock's peer is the agent's socket — made in the pod's
+//! namespace, so from the pod's own address (asserted where it matters).
 use std::{
     sync::{
         Arc,
@@ -15,11 +16,9 @@ use std::{
 
 use tollgate_tests::{
     TestNode,
-    node::{
-        NODE_UPSTREAM_V4, NODE_UPSTREAM_V6, OTHER_PORT, PROVIDER_PORT, UPSTREAM_V4,
-        UPSTREAM_V4_ALT, UPSTREAM_V6,
-    },
-    node::{governed_node, peer_ip},
+    node::{OTHER_PORT, PROVIDER_PORT, UPSTREAM_V4, UPSTREAM_V4_ALT, UPSTREAM_V6},
+    node::{Route, governed_node, peer_ip, route},
+    pod::{CURL_ENDS, curl_answer},
     process::wait_until,
     require_privileged,
 };
@@ -43,9 +42,14 @@ fn provider_connection_is_redirected_and_attributed_to_its_pod() {
         .curl(&provider_url())
         .expect("provider call through the agent");
     assert_eq!(
-        peer_ip(&answer),
-        NODE_UPSTREAM_V4,
+        route(&answer),
+        Route::Agent,
         "connection was not relayed by the agent: {answer}"
+    );
+    assert_eq!(
+        peer_ip(&answer),
+        pod.ip4,
+        "the agent dials from the pod's namespace: the provider sees the pod"
     );
     assert_eq!(answer["request"], "GET /v1/models HTTP/1.1");
 
@@ -90,8 +94,8 @@ fn non_provider_connections_are_untouched() {
         .curl(&format!("http://{UPSTREAM_V4}:{OTHER_PORT}/"))
         .unwrap();
     assert_eq!(
-        peer_ip(&answer),
-        pod.ip4,
+        route(&answer),
+        Route::Direct,
         "non-provider connection went through the agent"
     );
     // A provider call afterwards is the only record.
@@ -111,13 +115,18 @@ fn ipv6_and_v4_mapped_connections_are_redirected() {
     let v6 = pod
         .curl(&format!("http://[{UPSTREAM_V6}]:{PROVIDER_PORT}/"))
         .expect("IPv6 provider call");
-    assert_eq!(peer_ip(&v6), NODE_UPSTREAM_V6, "{v6}");
+    assert_eq!(route(&v6), Route::Agent, "{v6}");
+    assert_eq!(
+        peer_ip(&v6),
+        pod.ip6,
+        "from the pod's own IPv6 address: {v6}"
+    );
 
     // An AF_INET6 socket connecting to a v4-mapped address takes the IPv4 path in the kernel.
     let mapped = pod
         .curl(&format!("http://[::ffff:{UPSTREAM_V4}]:{PROVIDER_PORT}/"))
         .expect("v4-mapped provider call");
-    assert_eq!(peer_ip(&mapped), NODE_UPSTREAM_V4, "{mapped}");
+    assert_eq!(route(&mapped), Route::Agent, "{mapped}");
 
     let recs = node.wait_connections(2);
     let dests: Vec<&str> = recs
@@ -140,7 +149,7 @@ fn ipv6_and_v4_mapped_connections_are_redirected() {
     let direct = pod
         .curl(&format!("http://[{UPSTREAM_V6}]:{OTHER_PORT}/"))
         .unwrap();
-    assert_eq!(peer_ip(&direct), pod.ip6);
+    assert_eq!(route(&direct), Route::Direct);
 }
 
 #[test]
@@ -216,7 +225,7 @@ fn agent_own_upstream_connections_are_not_redirected() {
     );
     for _ in 0..3 {
         let a = node.pods[0].curl(&provider_url()).unwrap();
-        assert_eq!(peer_ip(&a), NODE_UPSTREAM_V4);
+        assert_eq!(route(&a), Route::Agent);
     }
     std::thread::sleep(Duration::from_millis(300));
     let recs = node.wait_connections(3);
@@ -230,27 +239,27 @@ fn killed_agent_fails_open() {
         return;
     };
     assert_eq!(
-        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
-        NODE_UPSTREAM_V4
+        route(&node.pods[0].curl(&provider_url()).unwrap()),
+        Route::Agent
     );
-    assert_eq!(attached_programs(&node), 6, "one set of programs");
+    assert_eq!(attached_programs(&node), 8, "one set of programs");
     node.kill_agent();
     let a = node.pods[0]
         .curl(&provider_url())
         .expect("fail-open: the provider stays reachable");
     assert_eq!(
-        peer_ip(&a),
-        node.pods[0].ip4,
+        route(&a),
+        Route::Direct,
         "with the agent gone the connection goes direct"
     );
     // SIGKILL left nothing attached (fail-open links die with the agent)…
     assert_eq!(attached_programs(&node), 0);
     // …and a restart attaches one set again, and governs.
     node.start_agent("");
-    assert_eq!(attached_programs(&node), 6, "no duplicate programs");
+    assert_eq!(attached_programs(&node), 8, "no duplicate programs");
     assert_eq!(
-        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
-        NODE_UPSTREAM_V4
+        route(&node.pods[0].curl(&provider_url()).unwrap()),
+        Route::Agent
     );
 }
 
@@ -282,8 +291,8 @@ fn killed_agent_fails_closed_when_configured_and_restart_recovers() {
         return;
     };
     assert_eq!(
-        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
-        NODE_UPSTREAM_V4
+        route(&node.pods[0].curl(&provider_url()).unwrap()),
+        Route::Agent
     );
     node.kill_agent();
 
@@ -296,17 +305,17 @@ fn killed_agent_fails_closed_when_configured_and_restart_recovers() {
     let other = node.pods[0]
         .curl(&format!("http://{UPSTREAM_V4}:{OTHER_PORT}/"))
         .unwrap();
-    assert_eq!(peer_ip(&other), node.pods[0].ip4);
+    assert_eq!(route(&other), Route::Direct);
 
     // A new agent takes over; the old pinned programs go (no duplicates).
     node.start_agent("failure_mode: closed\n");
     assert_eq!(
-        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
-        NODE_UPSTREAM_V4
+        route(&node.pods[0].curl(&provider_url()).unwrap()),
+        Route::Agent
     );
     let runs = std::fs::read_dir(&node.bpffs_dir).unwrap().count();
     assert_eq!(runs, 1, "exactly one pinned program set after restart");
-    assert_eq!(attached_programs(&node), 6, "and one set attached");
+    assert_eq!(attached_programs(&node), 8, "and one set attached");
     assert!(
         node.agent_log()
             .contains("detached programs pinned by an earlier run")
@@ -319,8 +328,8 @@ fn hung_agent_fails_open_after_heartbeat_timeout() {
         return;
     };
     assert_eq!(
-        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
-        NODE_UPSTREAM_V4
+        route(&node.pods[0].curl(&provider_url()).unwrap()),
+        Route::Agent
     );
     // Stopped, not dead: its listeners still exist, only the heartbeat stops.
     node.agent.as_ref().unwrap().signal(libc::SIGSTOP);
@@ -328,13 +337,13 @@ fn hung_agent_fails_open_after_heartbeat_timeout() {
     let a = node.pods[0].curl(&provider_url());
     node.agent.as_ref().unwrap().signal(libc::SIGCONT);
     assert_eq!(
-        peer_ip(&a.expect("stale heartbeat must not break connections")),
-        node.pods[0].ip4
+        route(&a.expect("stale heartbeat must not break connections")),
+        Route::Direct
     );
     // Beats again: governed again.
     let back = wait_until(Duration::from_secs(5), || {
         let a = node.pods[0].curl(&provider_url()).ok()?;
-        (peer_ip(&a) == NODE_UPSTREAM_V4).then_some(())
+        (route(&a) == Route::Agent).then_some(())
     });
     assert!(
         back.is_some(),
@@ -360,7 +369,7 @@ fn sigterm_detaches_cleanly() {
     );
     assert!(node.agent_log().contains("programs detached"));
     let a = node.pods[0].curl(&provider_url()).unwrap();
-    assert_eq!(peer_ip(&a), node.pods[0].ip4);
+    assert_eq!(route(&a), Route::Direct);
 }
 
 #[test]
@@ -370,8 +379,8 @@ fn dns_changes_move_the_provider_map() {
     };
     let alt_url = format!("http://{UPSTREAM_V4_ALT}:{PROVIDER_PORT}/");
     assert_eq!(
-        peer_ip(&node.pods[0].curl(&alt_url).unwrap()),
-        node.pods[0].ip4,
+        route(&node.pods[0].curl(&alt_url).unwrap()),
+        Route::Direct,
         "ALT is not a provider address yet"
     );
 
@@ -379,7 +388,7 @@ fn dns_changes_move_the_provider_map() {
     node.set_dns(&[UPSTREAM_V4_ALT]);
     let moved = wait_until(Duration::from_secs(10), || {
         let a = node.pods[0].curl(&alt_url).ok()?;
-        (peer_ip(&a) == NODE_UPSTREAM_V4).then_some(())
+        (route(&a) == Route::Agent).then_some(())
     });
     assert!(
         moved.is_some(),
@@ -388,7 +397,7 @@ fn dns_changes_move_the_provider_map() {
     );
     let gone = wait_until(Duration::from_secs(10), || {
         let a = node.pods[0].curl(&provider_url()).ok()?;
-        (peer_ip(&a) == node.pods[0].ip4).then_some(())
+        (route(&a) == Route::Direct).then_some(())
     });
     assert!(
         gone.is_some(),
@@ -408,13 +417,9 @@ fn opted_out_pod_is_not_redirected() {
     // Opt-outs are applied by the scan that also opens listeners; give it a beat.
     std::thread::sleep(Duration::from_millis(500));
     let a = node.pods[0].curl(&provider_url()).unwrap();
-    assert_eq!(
-        peer_ip(&a),
-        node.pods[0].ip4,
-        "opted-out pod must go direct"
-    );
+    assert_eq!(route(&a), Route::Direct, "opted-out pod must go direct");
     let b = node.pods[1].curl(&provider_url()).unwrap();
-    assert_eq!(peer_ip(&b), NODE_UPSTREAM_V4, "other pods stay governed");
+    assert_eq!(route(&b), Route::Agent, "other pods stay governed");
     assert!(
         node.metrics()
             .contains("tollgate_ebpf_events{event=\"opted_out\"} 1")
@@ -445,16 +450,14 @@ fn restart_while_traffic_flows_does_not_break_new_connections() {
                     "sh",
                     "-c",
                     &format!(
-                        "echo $$ > {}/cgroup.procs && exec curl -sS -m 5 --connect-timeout 3 {url}",
+                        "echo $$ > {}/cgroup.procs && exec curl -sS -m 5 --connect-timeout 3 -w '{CURL_ENDS}' {url}",
                         cgroup.display()
                     ),
                 ])
                 .output()
                 .unwrap();
             results.push(if out.status.success() {
-                Ok(serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                    .map(|v| peer_ip(&v))
-                    .unwrap_or_default())
+                curl_answer(&out.stdout).map(|v| route(&v))
             } else {
                 Err(String::from_utf8_lossy(&out.stderr).into_owned())
             });
@@ -487,12 +490,12 @@ fn restart_while_traffic_flows_does_not_break_new_connections() {
     );
     let relayed = results
         .iter()
-        .filter(|r| r.as_deref() == Ok(NODE_UPSTREAM_V4))
+        .filter(|r| r.as_ref() == Ok(&Route::Agent))
         .count();
     assert!(relayed > 0, "no call was relayed at all: {results:?}");
     // After the restart the new agent governs again.
     assert_eq!(
-        peer_ip(&node.pods[0].curl(&provider_url()).unwrap()),
-        NODE_UPSTREAM_V4
+        route(&node.pods[0].curl(&provider_url()).unwrap()),
+        Route::Agent
     );
 }

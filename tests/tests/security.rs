@@ -68,28 +68,41 @@ fn agent_listens_only_on_loopback() {
     let mut node = TestNode::new(1);
     node.start_agent("");
     let pid = node.agent.as_ref().unwrap().pid().to_string();
-    for ns in [&node.node, &node.pods[0].netns] {
-        let ss = output_in(ns, "ss", &["-Hltnp"]);
-        let ours: Vec<&str> = ss
-            .lines()
-            .filter(|l| l.contains(&format!("pid={pid},")))
-            .collect();
-        assert!(!ours.is_empty() || ns.name != node.node.name, "{ss}");
-        for l in &ours {
-            let local = l.split_whitespace().nth(3).unwrap_or("");
-            assert!(
-                local.starts_with("127.0.0.1:") || local.starts_with("[::1]:"),
-                "the agent listens beyond loopback in {}: {l}",
-                ns.name
-            );
-        }
-    }
-    // The pod's listener is the proxy's port, on loopback only.
-    let pod_ss = output_in(&node.pods[0].netns, "ss", &["-Hltn"]);
+    // The node: the agent's own listeners (metrics) are on loopback.
+    let ss = output_in(&node.node, "ss", &["-Hltnp"]);
+    let ours: Vec<&str> = ss
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .collect();
     assert!(
-        pod_ss.contains(&format!("127.0.0.1:{}", tollgate_tests::node::PROXY_PORT)),
+        !ours.is_empty(),
+        "no listener of the agent's in the node: {ss}"
+    );
+    for l in &ours {
+        let local = l.split_whitespace().nth(3).unwrap_or("");
+        assert!(
+            local.starts_with("127.0.0.1:") || local.starts_with("[::1]:"),
+            "the agent listens beyond loopback in the node: {l}"
+        );
+    }
+    // The pod runs nothing that listens: every listener in its namespace is
+    // the agent's, and each is the proxy port on loopback.
+    let pod_ss = output_in(&node.pods[0].netns, "ss", &["-Hltn"]);
+    let proxy = tollgate_tests::node::PROXY_PORT;
+    let locals: Vec<&str> = pod_ss
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .collect();
+    assert!(
+        locals.contains(&format!("127.0.0.1:{proxy}").as_str()),
         "{pod_ss}"
     );
+    for local in &locals {
+        assert!(
+            *local == format!("127.0.0.1:{proxy}") || *local == format!("[::1]:{proxy}"),
+            "a listener beyond the proxy's loopback port in the pod: {local}\n{pod_ss}"
+        );
+    }
 }
 
 #[test]

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use tollgate_tests::{
     node::{
-        NODE_UPSTREAM_V4, PROVIDER_HOST, PROVIDER_PORT, TLS_PORT, UPSTREAM_V4, governed_node,
-        peer_ip,
+        PROVIDER_HOST, PROVIDER_PORT, Route, TLS_PORT, UPSTREAM_V4, governed_node, peer_ip, route,
     },
+    pod::{CURL_ENDS, curl_answer},
     process::wait_until,
 };
 
@@ -79,6 +79,7 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
                 &format!("{PROVIDER_HOST}:{TLS_PORT}:{UPSTREAM_V4}"),
             ])
             .args(["-H", "Authorization: Bearer sk-test-not-a-real-key"])
+            .args(["-w", CURL_ENDS])
             .args(extra)
             .arg(format!(
                 "https://{PROVIDER_HOST}:{TLS_PORT}/v1/models?limit=2"
@@ -95,8 +96,13 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
             String::from_utf8_lossy(&out.stderr),
             node.agent_log()
         );
-        let a: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(peer_ip(&a), NODE_UPSTREAM_V4, "forwarded by the agent: {a}");
+        let a = curl_answer(&out.stdout).unwrap();
+        assert_eq!(route(&a), Route::Agent, "forwarded by the agent: {a}");
+        assert_eq!(
+            peer_ip(&a),
+            pod.ip4,
+            "the agent's provider connection leaves from the pod's namespace: {a}"
+        );
         upstream_peers.push(a["peer"].clone());
         assert_eq!(
             a["sni"], PROVIDER_HOST,
@@ -158,6 +164,7 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
         pod.netns
             .command_in_cgroup("curl", Some(&pod.cgroup))
             .args(["-sS", "-m", "5", "--cacert", upstream_ca.to_str().unwrap()])
+            .args(["-w", CURL_ENDS])
             .args([
                 "--resolve",
                 &format!("{PROVIDER_HOST}:{TLS_PORT}:{UPSTREAM_V4}"),
@@ -175,12 +182,14 @@ fn governed_https_is_terminated_and_forwarded_over_h1_and_h2() {
         String::from_utf8_lossy(&second.stderr),
         node.agent_log()
     );
-    let a: serde_json::Value = serde_json::from_slice(&second.stdout).unwrap();
+    let a = curl_answer(&second.stdout).unwrap();
+    assert_eq!(route(&a), Route::Agent, "still through the agent: {a}");
     assert_eq!(
-        peer_ip(&a),
-        NODE_UPSTREAM_V4,
-        "still through the agent: {a}"
+        a["local"],
+        format!("{UPSTREAM_V4}:{TLS_PORT}"),
+        "relayed only to the dialled address: {a}"
     );
+    assert_eq!(peer_ip(&a), pod.ip4, "from the pod's namespace: {a}");
     let m = node.metrics();
     assert!(m.contains("result=\"client_rejected_ca\""), "{m}");
     let conns = node.connections();

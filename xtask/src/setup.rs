@@ -18,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "python3-venv",    // the SDK clients' virtualenv
     "nodejs",          // the npm SDK client
     "bpftool",         // the tests count the programs attached to a cgroup
+    "nftables",        // the egress test's drop rule inside a pod's namespace
 ];
 
 /// The official SDKs the end-to-end tests drive, pinned. Installed into

@@ -67,7 +67,7 @@ macro_rules! attach_link {
     }};
 }
 
-const PROGRAMS: [(&str, Kind); 6] = [
+const PROGRAMS: [(&str, Kind); 8] = [
     // DNS learning first: an answer arriving while the rest attach is learned.
     (prog::DNS_INGRESS, Kind::SkbIngress),
     (prog::CONNECT4, Kind::SockAddr),
@@ -75,6 +75,8 @@ const PROGRAMS: [(&str, Kind); 6] = [
     (prog::SOCK_OPS, Kind::SockOps),
     (prog::GETPEERNAME4, Kind::SockAddr),
     (prog::GETPEERNAME6, Kind::SockAddr),
+    (prog::SENDMSG4, Kind::SockAddr),
+    (prog::SENDMSG6, Kind::SockAddr),
 ];
 
 #[derive(Clone, Copy)]

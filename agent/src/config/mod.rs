@@ -189,12 +189,6 @@ impl Config {
         if self.proxy.port == 0 {
             return err("proxy.port", "must be a port number 1-65535".into());
         }
-        if self.proxy.skip_mark == 0 {
-            return err(
-                "proxy.skip_mark",
-                "must be non-zero (0 is the mark of every unmarked socket)".into(),
-            );
-        }
         if self.heartbeat.interval.is_zero() {
             return err("heartbeat.interval", "must be greater than zero".into());
         }

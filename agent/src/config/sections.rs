@@ -10,8 +10,13 @@ use super::DEFAULT_PROXY_PORT;
 pub struct ProxyConfig {
     /// Port of the loopback listeners the agent opens in each workload namespace.
     pub port: u16,
-    /// SO_MARK on the agent's own sockets; the kernel programs never redirect them.
-    pub skip_mark: u32,
+    /// SO_MARK set on the agent's provider connections (made inside the
+    /// pod's namespace), for node firewalls or routing that want to tell
+    /// them apart; 0 (the default) sets none. The kernel programs do not use
+    /// it: they recognise the agent by its cgroup, since a pod with
+    /// CAP_NET_RAW can set any mark. `skip_mark`, its former name, is read too.
+    #[serde(alias = "skip_mark")]
+    pub socket_mark: u32,
     /// How long to wait for the provider to accept the relayed connection.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
@@ -252,7 +257,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             port: DEFAULT_PROXY_PORT,
-            skip_mark: tollgate_common::DEFAULT_SKIP_MARK,
+            socket_mark: 0,
             upstream_connect_timeout: Duration::from_secs(10),
             worker_threads: 0,
         }

@@ -13,6 +13,7 @@ use super::{
     terminate,
 };
 use crate::{
+    netns::WorkloadNetns,
     policy::Subject,
     telemetry::{
         events::now_rfc3339,
@@ -26,6 +27,7 @@ use crate::{
 pub async fn accept_loop(
     ctx: Arc<ProxyContext>,
     listener: TcpListener,
+    netns: Arc<WorkloadNetns>,
     netns_cookie: u64,
     tasks: tokio_util::task::TaskTracker,
 ) {
@@ -33,7 +35,8 @@ pub async fn accept_loop(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let ctx = ctx.clone();
-                tasks.spawn(async move { handle(ctx, stream, peer, netns_cookie).await });
+                let netns = netns.clone();
+                tasks.spawn(async move { handle(ctx, stream, peer, netns, netns_cookie).await });
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning.
@@ -44,7 +47,13 @@ pub async fn accept_loop(
     }
 }
 
-async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, netns_cookie: u64) {
+async fn handle(
+    ctx: Arc<ProxyContext>,
+    client: TcpStream,
+    peer: SocketAddr,
+    netns: Arc<WorkloadNetns>,
+    netns_cookie: u64,
+) {
     let Some(orig) = ctx.maps.take_orig_dst(netns_cookie, peer) else {
         // Nobody redirected this connection here: someone dialled the port
         // directly. The proxy has no destination to offer; close.
@@ -56,6 +65,13 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, net
             .inc();
         return;
     };
+    if orig.tgid == std::process::id() {
+        // The agent's own provider connection came back: the kernel did not
+        // recognise its cgroup (see `cgroup::own_cgroup`). Serving it would
+        // loop; close it and say so.
+        tracing::error!(%peer, dest = %orig.dest, "the agent's own connection was redirected to itself; closing it (is the agent's cgroup readable under cgroup_root?)");
+        return;
+    }
     let started = std::time::Instant::now();
     let time = now_rfc3339();
     let workload = ctx.identity.resolve(orig.cgroup_id).await;
@@ -89,6 +105,7 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, net
                 identity: ctx.identity.clone(),
                 pid: orig.tgid,
                 comm: orig.comm.clone(),
+                netns,
             };
             let meta = CallMeta::new(&provider, host, orig.dest, who);
             let result =
@@ -123,6 +140,7 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, net
         started,
         decision,
         reason,
+        netns,
     };
     if decision == Decision::Deny {
         relay::refuse(&ctx, client, closing, hello);

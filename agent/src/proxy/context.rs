@@ -12,12 +12,13 @@ use tokio_rustls::TlsAcceptor;
 
 use arc_swap::ArcSwap;
 
-use super::{trust::Distrust, upstream::UpstreamPool};
+use super::{dial::Dialer, trust::Distrust, upstream::UpstreamPool};
 use crate::{
     bpf::Maps,
     config::{CaptureConfig, TlsConfig},
     identity::{IdentityCache, Workload},
     live::LiveRules,
+    netns::WorkloadNetns,
     policy::Enforcer,
     providers::{Adapter, Api, Upstream, adapter},
     telemetry::{events::EventLog, metrics::Metrics},
@@ -36,8 +37,8 @@ pub struct ProxyContext {
     pub providers: Vec<KnownProvider>,
     /// How long a client may take to send its first bytes (ClientHello).
     pub hello_timeout: Duration,
-    pub skip_mark: u32,
-    pub connect_timeout: Duration,
+    /// Opens provider connections inside the workload's namespace.
+    pub dialer: Arc<Dialer>,
     /// Present when a node CA is configured: governed hosts are terminated.
     pub tls: Option<Arc<Termination>>,
 }
@@ -131,6 +132,8 @@ pub struct CallMeta {
     pub adapter: &'static dyn Adapter,
     pub host: String,
     pub upstream: SocketAddr,
+    /// The workload's network namespace: where its provider connections are made.
+    pub netns: Arc<WorkloadNetns>,
 }
 
 impl CallMeta {
@@ -144,6 +147,7 @@ impl CallMeta {
             adapter: adapter(known.api),
             host,
             upstream,
+            netns: who.netns,
         }
     }
 
@@ -172,6 +176,7 @@ pub struct Who {
     pub identity: Arc<IdentityCache>,
     pub pid: u32,
     pub comm: String,
+    pub netns: Arc<WorkloadNetns>,
 }
 
 /// One terminated connection, shared by its requests.

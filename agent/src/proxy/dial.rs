@@ -1,8 +1,14 @@
-//! The one way the proxy opens a connection to a provider.
-use std::{net::SocketAddr, time::Duration};
+//! The one way the proxy opens a connection to a provider: a socket made in
+//! the workload's own network namespace (`egress`), connected from there.
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Domain;
 use tokio::net::{TcpSocket, TcpStream};
+
+use crate::{
+    egress::{Egress, EgressError},
+    netns::WorkloadNetns,
+};
 
 /// Why a provider connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -14,24 +20,59 @@ pub enum DialError {
     },
     #[error("connecting to provider {addr} timed out after {after:?}")]
     Timeout { addr: SocketAddr, after: Duration },
+    #[error("opening a connection to provider {addr}: {source}")]
+    Socket {
+        addr: SocketAddr,
+        source: EgressError,
+    },
 }
 
-/// Connect to the provider with the agent's mark set, so the kernel programs
-/// leave this socket alone even if the agent runs inside a governed cgroup.
-pub async fn dial(addr: SocketAddr, mark: u32, timeout: Duration) -> Result<TcpStream, DialError> {
-    let connect = async {
-        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_mark(mark)?;
-        s.set_nonblocking(true)?;
-        let std_stream: std::net::TcpStream = s.into();
-        TcpSocket::from_std_stream(std_stream).connect(addr).await
-    };
-    match tokio::time::timeout(timeout, connect).await {
-        Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(DialError::Connect { addr, source }),
-        Err(_) => Err(DialError::Timeout {
-            addr,
-            after: timeout,
-        }),
+/// Opens provider connections from inside workload namespaces.
+pub struct Dialer {
+    egress: Egress,
+    /// SO_MARK of the agent's own sockets.
+    mark: u32,
+    timeout: Duration,
+}
+
+impl Dialer {
+    pub fn new(egress: Egress, mark: u32, timeout: Duration) -> Self {
+        Self {
+            egress,
+            mark,
+            timeout,
+        }
+    }
+
+    /// Connect to `addr` from inside `netns`: the provider sees the
+    /// workload's address and the workload's egress rules apply.
+    pub async fn dial(
+        &self,
+        netns: &Arc<WorkloadNetns>,
+        addr: SocketAddr,
+    ) -> Result<TcpStream, DialError> {
+        let connect = async {
+            let s = self
+                .egress
+                .socket(netns, Domain::for_address(addr), self.mark)
+                .await
+                .map_err(|source| DialError::Socket { addr, source })?;
+            let std_stream: std::net::TcpStream = s.into();
+            TcpSocket::from_std_stream(std_stream)
+                .connect(addr)
+                .await
+                .map_err(|source| DialError::Connect { addr, source })
+        };
+        match tokio::time::timeout(self.timeout, connect).await {
+            Ok(r) => r,
+            Err(_) => Err(DialError::Timeout {
+                addr,
+                after: self.timeout,
+            }),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 }

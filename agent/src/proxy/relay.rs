@@ -1,24 +1,25 @@
 //! Relaying a connection byte for byte to the provider the workload asked
 //! for, counting what passes (allow without a CA, observe), and the record
 //! of every connection that is not terminated (relayed or refused).
-use std::{net::SocketAddr, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
 use super::{
     client_hello::{Hello, HelloSniffer},
     context::ProxyContext,
-    dial::{DialError, dial},
+    dial::DialError,
 };
 use crate::{
     bpf::maps::OrigDst,
     identity::Workload,
+    netns::WorkloadNetns,
     telemetry::records::{ClientProtocol, ConnectionRecord, ConnectionResult, Decision},
 };
 
 /// Relay `client` to the dialled address and record it.
 pub(super) async fn relay_to_provider(ctx: &ProxyContext, client: TcpStream, c: Closing) {
-    let t = match dial(c.orig.dest, ctx.skip_mark, ctx.connect_timeout).await {
+    let t = match ctx.dialer.dial(&c.netns, c.orig.dest).await {
         Ok(upstream) => {
             let _ = upstream.set_nodelay(true);
             relay(client, upstream).await
@@ -52,6 +53,8 @@ pub(super) struct Closing {
     pub started: Instant,
     pub decision: Decision,
     pub reason: String,
+    /// Where the relayed connection is made: the workload's namespace.
+    pub netns: Arc<WorkloadNetns>,
 }
 
 /// Count and record one relayed or refused connection.
@@ -117,7 +120,9 @@ pub enum RelayError {
 impl RelayError {
     fn result(&self) -> ConnectionResult {
         match self {
-            RelayError::Dial(DialError::Connect { .. }) => ConnectionResult::UpstreamConnectFailed,
+            RelayError::Dial(DialError::Connect { .. } | DialError::Socket { .. }) => {
+                ConnectionResult::UpstreamConnectFailed
+            }
             RelayError::Dial(DialError::Timeout { .. }) => ConnectionResult::UpstreamTimeout,
             RelayError::Io(_) => ConnectionResult::RelayError,
         }

@@ -163,7 +163,12 @@ pub(super) async fn send(
             result: AttemptResult::Ok,
             ms: 0,
         };
-        let client = match call.tls.upstreams.pool.client(&ep.host, ep.addr) {
+        let client = match call
+            .tls
+            .upstreams
+            .pool
+            .client(&call.meta.netns, &ep.host, ep.addr)
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(provider = %ep.provider, error = %e, "a provider target cannot be dialled");

@@ -1,11 +1,14 @@
 //! Pooled TLS connections to providers.
 //!
 //! A client (with its own connection pool, h2 when the provider offers it)
-//! exists per (host, address): each dials exactly the provider address the
-//! workload connected to — an address the kernel found in the provider map —
+//! exists per (workload namespace, host, address): each dials exactly the
+//! provider address the workload connected to — an address the kernel found
+//! in the provider map — from inside the workload's own network namespace,
 //! with the host as SNI, verified against the system roots plus configured
 //! extra roots. There is no name resolution here and no other destination:
-//! the proxy cannot be steered anywhere a provider is not.
+//! the proxy cannot be steered anywhere a provider is not, and no pod's
+//! call rides another pod's connection. Clients of a namespace that went,
+//! or unused for a while, are dropped (`forget`, `prune`).
 use std::{
     collections::HashMap,
     future::Future,
@@ -13,7 +16,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use http::Uri;
@@ -30,7 +33,8 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::dial::dial;
+use super::dial::Dialer;
+use crate::netns::{NetnsId, WorkloadNetns};
 
 /// Body errors: hyper's own, or the proxy's (an idle provider stream).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -109,56 +113,95 @@ pub struct InvalidHost {
     pub host: String,
 }
 
+type PoolKey = (NetnsId, String, SocketAddr);
+
+struct Pooled {
+    client: Client<FixedConnector, ProxyBody>,
+    last_used: Instant,
+}
+
 pub struct UpstreamPool {
     tls: TlsConnector,
-    mark: u32,
-    connect_timeout: Duration,
-    clients: Mutex<HashMap<(String, SocketAddr), Client<FixedConnector, ProxyBody>>>,
+    dialer: Arc<Dialer>,
+    clients: Mutex<HashMap<PoolKey, Pooled>>,
 }
 
 impl UpstreamPool {
-    pub fn new(tls: Arc<rustls::ClientConfig>, mark: u32, connect_timeout: Duration) -> Self {
+    pub fn new(tls: Arc<rustls::ClientConfig>, dialer: Arc<Dialer>) -> Self {
         Self {
             tls: TlsConnector::from(tls),
-            mark,
-            connect_timeout,
+            dialer,
             clients: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The pooled client for `host` at `addr`. Fails, without touching the
-    /// pool, when `host` is not a name TLS can verify (a provider listed by
-    /// `addresses` only, with no `hosts`): that call is refused, the next
-    /// ones are not affected.
+    /// The pooled client for `host` at `addr`, dialling from `netns`. Fails,
+    /// without touching the pool, when `host` is not a name TLS can verify
+    /// (a provider listed by `addresses` only, with no `hosts`): that call is
+    /// refused, the next ones are not affected.
     pub fn client(
         &self,
+        netns: &Arc<WorkloadNetns>,
         host: &str,
         addr: SocketAddr,
     ) -> Result<Client<FixedConnector, ProxyBody>, InvalidHost> {
-        let key = (host.to_string(), addr);
+        let key = (netns.id, host.to_string(), addr);
         // Built before the lock: nothing fallible runs while it is held.
         let name = ServerName::try_from(host.to_string()).map_err(|_| InvalidHost {
             host: host.to_string(),
         })?;
-        let mut clients = self
-            .clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let client = clients.entry(key).or_insert_with(|| {
+        let mut clients = self.lock();
+        let pooled = clients.entry(key).or_insert_with(|| {
             let connector = FixedConnector {
                 addr,
                 host: name,
                 tls: self.tls.clone(),
-                mark: self.mark,
-                timeout: self.connect_timeout,
+                dialer: self.dialer.clone(),
+                netns: netns.clone(),
             };
-            Client::builder(TokioExecutor::new())
-                // Providers close idle connections after ~60-90 s; dropping
-                // ours first avoids sending a request into a closing socket.
-                .pool_idle_timeout(Duration::from_secs(50))
-                .build(connector)
+            Pooled {
+                client: Client::builder(TokioExecutor::new())
+                    // Providers close idle connections after ~60-90 s; dropping
+                    // ours first avoids sending a request into a closing socket.
+                    .pool_idle_timeout(Duration::from_secs(50))
+                    .build(connector),
+                last_used: Instant::now(),
+            }
         });
-        Ok(client.clone())
+        pooled.last_used = Instant::now();
+        Ok(pooled.client.clone())
+    }
+
+    /// Drop the clients of a namespace that is gone (and its handle with them).
+    pub fn forget(&self, netns: NetnsId) -> usize {
+        let mut clients = self.lock();
+        let before = clients.len();
+        clients.retain(|(ns, _, _), _| *ns != netns);
+        before - clients.len()
+    }
+
+    /// Drop clients unused for `idle`: their connections closed long ago
+    /// (`pool_idle_timeout`), only the entry was left. Calls in flight keep
+    /// their own clone.
+    pub fn prune(&self, idle: Duration) -> usize {
+        let mut clients = self.lock();
+        let before = clients.len();
+        clients.retain(|_, p| p.last_used.elapsed() < idle);
+        before - clients.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Pooled>> {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -168,8 +211,8 @@ pub struct FixedConnector {
     addr: SocketAddr,
     host: ServerName<'static>,
     tls: TlsConnector,
-    mark: u32,
-    timeout: Duration,
+    dialer: Arc<Dialer>,
+    netns: Arc<WorkloadNetns>,
 }
 
 impl tower_service::Service<Uri> for FixedConnector {
@@ -184,13 +227,16 @@ impl tower_service::Service<Uri> for FixedConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = dial(this.addr, this.mark, this.timeout)
+            let tcp = this
+                .dialer
+                .dial(&this.netns, this.addr)
                 .await
                 .map_err(|e| {
                     std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
                 })?;
             let _ = tcp.set_nodelay(true);
-            let tls = tokio::time::timeout(this.timeout, this.tls.connect(this.host.clone(), tcp))
+            let timeout = this.dialer.timeout();
+            let tls = tokio::time::timeout(timeout, this.tls.connect(this.host.clone(), tcp))
                 .await
                 .map_err(|_| {
                     std::io::Error::new(
@@ -249,6 +295,7 @@ impl hyper::rt::Write for UpstreamConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::egress::Egress;
 
     fn pool() -> UpstreamPool {
         let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -258,24 +305,48 @@ mod tests {
         .unwrap()
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-        UpstreamPool::new(Arc::new(cfg), 0, Duration::from_secs(1))
+        let dialer = Dialer::new(Egress::start().unwrap(), 0, Duration::from_secs(1));
+        UpstreamPool::new(Arc::new(cfg), Arc::new(dialer))
+    }
+
+    fn own_netns() -> Arc<WorkloadNetns> {
+        Arc::new(WorkloadNetns::open(std::process::id()).unwrap())
     }
 
     #[tokio::test]
     async fn a_target_without_a_host_name_is_refused_and_the_pool_keeps_working() {
         let p = pool();
+        let ns = own_netns();
         let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-        let err = p.client("", addr).expect_err("an empty host is refused");
+        let err = p
+            .client(&ns, "", addr)
+            .expect_err("an empty host is refused");
         assert!(err.to_string().contains("hosts"), "{err}");
-        assert!(p.client("not a name!", addr).is_err());
+        assert!(p.client(&ns, "not a name!", addr).is_err());
         assert!(
-            p.client("api.openai.com", addr).is_ok(),
+            p.client(&ns, "api.openai.com", addr).is_ok(),
             "the next call is served"
         );
-        assert_eq!(
-            p.clients.lock().unwrap().len(),
-            1,
-            "nothing pooled for bad names"
-        );
+        assert_eq!(p.len(), 1, "nothing pooled for bad names");
+    }
+
+    #[tokio::test]
+    async fn clients_are_per_namespace_and_go_with_it_or_when_idle() {
+        let p = pool();
+        let ns = own_netns();
+        let other = Arc::new(WorkloadNetns {
+            id: NetnsId { dev: 0, ino: 1 },
+            file: std::fs::File::open("/proc/self/ns/net").unwrap(),
+        });
+        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
+        p.client(&ns, "api.openai.com", addr).unwrap();
+        p.client(&ns, "api.openai.com", addr).unwrap();
+        p.client(&other, "api.openai.com", addr).unwrap();
+        assert_eq!(p.len(), 2, "one client per namespace, reused within it");
+        assert_eq!(p.forget(other.id), 1);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.prune(Duration::from_secs(3600)), 0, "recently used stays");
+        assert_eq!(p.prune(Duration::ZERO), 1, "idle goes");
+        assert!(p.is_empty());
     }
 }

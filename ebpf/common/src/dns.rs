@@ -87,6 +87,21 @@ pub fn learnable(ip: &[u8; 16]) -> bool {
     !(unspecified_or_loopback || link_local || multicast)
 }
 
+/// How long a learned answer stays valid, before the grace: its TTL clamped
+/// to `[min, max]` (`max` 0: no upper bound beyond `min`). The upper bound
+/// keeps an answer with a week-long TTL from outliving the provider's move.
+#[inline(always)]
+pub fn learned_ttl(ttl: u32, min: u32, max: u32) -> u32 {
+    let max = if max < min { min } else { max };
+    if ttl < min {
+        min
+    } else if ttl > max {
+        max
+    } else {
+        ttl
+    }
+}
+
 /// One address answer: IPv4-mapped for A records.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -214,6 +229,19 @@ mod tests {
     use std::vec::Vec;
 
     use super::*;
+
+    #[test]
+    fn learned_ttl_is_clamped_both_ways() {
+        for (ttl, min, max, want) in [
+            (0, 30, 300, 30),
+            (60, 30, 300, 60),
+            (604_800, 30, 300, 300),
+            (604_800, 30, 0, 30),
+            (10, 30, 10, 30),
+        ] {
+            assert_eq!(learned_ttl(ttl, min, max), want, "{ttl} in [{min}, {max}]");
+        }
+    }
 
     /// A response to `q` with a CNAME to `edge.cdn.test`, then the given A
     /// and AAAA records (owner names compressed to the CNAME's target).

@@ -32,6 +32,8 @@ pub mod program_names {
     pub const SOCK_OPS: &str = "tollgate_sock_ops";
     pub const GETPEERNAME4: &str = "tollgate_getpeername4";
     pub const GETPEERNAME6: &str = "tollgate_getpeername6";
+    pub const SENDMSG4: &str = "tollgate_sendmsg4";
+    pub const SENDMSG6: &str = "tollgate_sendmsg6";
     pub const DNS_INGRESS: &str = "tollgate_dns_ingress";
 }
 
@@ -66,11 +68,6 @@ pub const MAX_LEARNED_PORTS: usize = 4;
 /// (4), under a node that may itself be nested a few levels; 12 covers that with
 /// room and keeps the verifier's unrolled loop small.
 pub const MAX_OPT_OUT_DEPTH: u32 = 12;
-
-/// Default SO_MARK put on the agent's own sockets; connect hooks pass marked
-/// sockets through untouched, so the proxy's upstream connections never loop
-/// back into the proxy. ASCII "TG" in the low bits; configurable.
-pub const DEFAULT_SKIP_MARK: u32 = 0x5447;
 
 /// IPv6 or IPv4-mapped address in network byte order, plus a host-order port.
 #[repr(C)]
@@ -156,17 +153,23 @@ pub struct Settings {
     pub heartbeat_ns: u64,
     /// After this many nanoseconds without a heartbeat the agent counts as gone.
     pub heartbeat_timeout_ns: u64,
+    /// cgroup v2 id of the agent's own cgroup, 0 when the agent runs outside
+    /// the governed subtree (its sockets never meet the hooks then). A
+    /// connect or send by a task of this cgroup is the agent's own and is
+    /// never redirected: a pod cannot place a task there, unlike a socket
+    /// mark, which any process with CAP_NET_RAW can set.
+    pub agent_cgroup_id: u64,
     /// Port of the proxy's loopback listeners (host order). 0 disables redirection.
     pub proxy_port: u16,
     /// 1: when the agent is gone, refuse provider connections (EPERM). 0: let them through.
     pub fail_closed: u8,
     pub _pad: u8,
-    /// Sockets carrying this SO_MARK are never redirected (the agent's own).
-    pub skip_mark: u32,
-    /// A learned address stays valid for max(TTL, this) seconds…
+    /// A learned address stays valid for TTL clamped to [this, `dns_max_ttl_s`] seconds…
     pub dns_min_ttl_s: u32,
     /// …plus this grace (applications keep answers a little past their TTL).
     pub dns_grace_s: u32,
+    /// Upper bound of a learned address's TTL (0: the same as the lower bound).
+    pub dns_max_ttl_s: u32,
 }
 
 /// Slots of the per-CPU `COUNTERS` array.
@@ -189,10 +192,12 @@ pub enum Counter {
     Recorded = 6,
     /// A provider address (per port) learned or refreshed from a workload's DNS answer.
     DnsLearned = 7,
+    /// UDP to a provider address (QUIC, HTTP/3) refused, so the client falls back to TCP.
+    RefusedUdp = 8,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::PassedNoListener,
@@ -202,6 +207,7 @@ impl Counter {
         Counter::RecordFailed,
         Counter::Recorded,
         Counter::DnsLearned,
+        Counter::RefusedUdp,
     ];
 
     /// Stable label for metrics.
@@ -215,6 +221,7 @@ impl Counter {
             Counter::RecordFailed => "record_failed",
             Counter::Recorded => "recorded",
             Counter::DnsLearned => "dns_learned",
+            Counter::RefusedUdp => "refused_udp",
         }
     }
 }
@@ -270,7 +277,7 @@ mod tests {
         assert_eq!(size_of::<ProviderValue>(), 8);
         assert_eq!(size_of::<ConnInfo>(), 16 + 2 + 2 + 4 + 8 + 8 + 4 + 4 + 16);
         assert_eq!(size_of::<OrigDstKey>(), 8 + 16 + 2 + 6);
-        assert_eq!(size_of::<Settings>(), 8 + 8 + 2 + 1 + 1 + 4 + 4 + 4);
+        assert_eq!(size_of::<Settings>(), 8 + 8 + 8 + 2 + 1 + 1 + 4 + 4 + 4);
         assert_eq!(size_of::<DnsNameValue>(), 4 + 2 * MAX_LEARNED_PORTS + 4);
         assert_eq!(size_of::<LearnedValue>(), 4 + 4 + 8);
         assert_eq!(size_of::<dns::DnsName>(), dns::NAME_MAX);

@@ -11,7 +11,7 @@
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::cgroup_skb, programs::SkBuffContext};
 use tollgate_common::{
     Counter, LearnedValue, MAX_LEARNED_PORTS, ProviderKey,
-    dns::{DnsName, Packet, answers, learnable, question},
+    dns::{DnsName, Packet, answers, learnable, learned_ttl, question},
 };
 
 use crate::{DNS_NAMES, LEARNED, SETTINGS, count};
@@ -75,11 +75,7 @@ fn learn(ctx: &SkBuffContext) -> Option<()> {
         if !learnable(&a.ip) {
             return;
         }
-        let ttl = if a.ttl < settings.dns_min_ttl_s {
-            settings.dns_min_ttl_s
-        } else {
-            a.ttl
-        };
+        let ttl = learned_ttl(a.ttl, settings.dns_min_ttl_s, settings.dns_max_ttl_s);
         let value = LearnedValue {
             provider_id: target.provider_id,
             _pad: 0,

@@ -3,7 +3,12 @@
 //! * `connect4` / `connect6` (cgroup/connect4, cgroup/connect6): a TCP connect
 //!   to a known provider (address, port) is rewritten to the proxy's loopback
 //!   listener in the caller's own network namespace, and a record of who
-//!   connected where is stored by socket cookie.
+//!   connected where is stored by socket cookie. A UDP connect to one is
+//!   refused (QUIC falls back to TCP).
+//! * `sendmsg4` / `sendmsg6`: an unconnected UDP datagram to a provider is refused.
+//!
+//! The agent's own tasks are recognised by their cgroup (`Settings::agent_cgroup_id`),
+//! which no pod can join; nothing a pod can set on a socket skips these hooks.
 //! * `sock_ops` (TCP_CONNECT_CB): once the kernel has chosen the client's source
 //!   port, the record is made findable by what the proxy sees on accept(): the
 //!   peer address, in the listener's namespace.
@@ -44,6 +49,7 @@ mod dns;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 /// cgroup/connect* return codes: 1 lets the connect proceed, 0 fails it with EPERM.
 const ALLOW: i32 = 1;
@@ -121,26 +127,19 @@ fn words_from_ip6(ip: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-#[cgroup_sock_addr(connect4)]
-pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
+#[inline(always)]
+fn dest4(ctx: &SockAddrContext) -> Dest {
     let sa = unsafe { &*ctx.sock_addr };
-    if sa.protocol != IPPROTO_TCP {
-        return ALLOW;
-    }
-    let dest = Dest {
+    Dest {
         ip: v4_mapped(sa.user_ip4.to_ne_bytes()),
         port: u16::from_be(sa.user_port as u16),
-    };
-    on_connect(&ctx, dest, AF_INET)
+    }
 }
 
-#[cgroup_sock_addr(connect6)]
-pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
+#[inline(always)]
+fn dest6(ctx: &SockAddrContext) -> Dest {
     let sa = unsafe { &*ctx.sock_addr };
-    if sa.protocol != IPPROTO_TCP {
-        return ALLOW;
-    }
-    let dest = Dest {
+    Dest {
         ip: ip6_from_words([
             sa.user_ip6[0],
             sa.user_ip6[1],
@@ -148,8 +147,87 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
             sa.user_ip6[3],
         ]),
         port: u16::from_be(sa.user_port as u16),
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
+    match unsafe { (*ctx.sock_addr).protocol } {
+        IPPROTO_TCP => on_connect(&ctx, dest4(&ctx), AF_INET),
+        IPPROTO_UDP => on_udp(dest4(&ctx)),
+        _ => ALLOW,
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
+    match unsafe { (*ctx.sock_addr).protocol } {
+        IPPROTO_TCP => on_connect(&ctx, dest6(&ctx), AF_INET6),
+        IPPROTO_UDP => on_udp(dest6(&ctx)),
+        _ => ALLOW,
+    }
+}
+
+/// Unconnected UDP (`sendto`): the same refusal as a UDP connect.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_udp(dest4(&ctx))
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_udp(dest6(&ctx))
+}
+
+/// The provider a destination belongs to: configured, or learned from DNS.
+#[inline(always)]
+fn provider_of(dest: &Dest) -> Option<u32> {
+    let key = ProviderKey {
+        ip_be: dest.ip,
+        port: dest.port,
+        _pad: [0; 2],
     };
-    on_connect(&ctx, dest, AF_INET6)
+    match unsafe { PROVIDERS.get(&key) } {
+        Some(p) => Some(p.provider_id),
+        None => learned(&key),
+    }
+}
+
+/// The agent's own tasks: recognised by their cgroup, which no pod can join.
+#[inline(always)]
+fn is_agent(settings: &Settings) -> bool {
+    settings.agent_cgroup_id != 0
+        && unsafe { bpf_get_current_cgroup_id() } == settings.agent_cgroup_id
+}
+
+/// UDP to a provider address (QUIC, HTTP/3) is refused, so the client falls
+/// back to TCP, which is redirected: no request control can be skipped by
+/// speaking HTTP/3. When the agent is gone the failure mode applies, as for TCP.
+#[inline(always)]
+fn on_udp(dest: Dest) -> i32 {
+    if provider_of(&dest).is_none() {
+        return ALLOW;
+    }
+    let Some(settings) = SETTINGS.get(0) else {
+        return ALLOW;
+    };
+    let settings = *settings;
+    if settings.proxy_port == 0 || is_agent(&settings) {
+        return ALLOW;
+    }
+    if opted_out() {
+        count(Counter::OptedOut);
+        return ALLOW;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    if settings.fail_closed == 0
+        && now.saturating_sub(settings.heartbeat_ns) > settings.heartbeat_timeout_ns
+    {
+        count(Counter::PassedStale);
+        return ALLOW;
+    }
+    count(Counter::RefusedUdp);
+    REFUSE
 }
 
 /// A provider address learned from a workload's DNS answer, if still valid.
@@ -162,18 +240,9 @@ fn learned(key: &ProviderKey) -> Option<u32> {
 
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
-    let key = ProviderKey {
-        ip_be: dest.ip,
-        port: dest.port,
-        _pad: [0; 2],
-    };
-    let provider_id = match unsafe { PROVIDERS.get(&key) } {
-        Some(p) => p.provider_id,
-        None => match learned(&key) {
-            Some(id) => id,
-            // Not a provider: the common case, two hash lookups.
-            None => return ALLOW,
-        },
+    // Not a provider: the common case, two hash lookups.
+    let Some(provider_id) = provider_of(&dest) else {
+        return ALLOW;
     };
 
     let Some(settings) = SETTINGS.get(0) else {
@@ -184,10 +253,9 @@ fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
         return ALLOW; // agent has not finished configuring us.
     }
 
-    // The agent's own sockets (its upstream connections) are marked: never loop.
-    let sa = unsafe { &*ctx.sock_addr };
-    let sk = unsafe { sa.__bindgen_anon_1.sk };
-    if !sk.is_null() && unsafe { (*sk).mark } == settings.skip_mark {
+    // The agent's own connections (to providers, from inside the pod's
+    // namespace): never loop.
+    if is_agent(&settings) {
         return ALLOW;
     }
 

@@ -6,8 +6,7 @@ use std::time::Duration;
 use tollgate_tests::{
     TestNode,
     node::{
-        Layout, NODE_UPSTREAM_V4, OTHER_PORT, PROVIDER_HOST, PROVIDER_PORT, UPSTREAM_V4,
-        UPSTREAM_V6,
+        Layout, OTHER_PORT, PROVIDER_HOST, PROVIDER_PORT, Route, UPSTREAM_V4, UPSTREAM_V6, route,
     },
     require_privileged,
 };
@@ -56,11 +55,10 @@ fn main() {
         let p = &node.pods[*pod];
         match p.curl(url) {
             Ok(answer) => {
-                let peer = answer["peer_ip"].as_str().unwrap_or("?");
-                let via = if peer == NODE_UPSTREAM_V4 || peer.starts_with("fd77::1") {
-                    "via tollgate"
-                } else {
-                    "direct"
+                let peer = answer["peer"].as_str().unwrap_or("(not reported)");
+                let via = match route(&answer) {
+                    Route::Agent => "via tollgate, from the pod's namespace",
+                    Route::Direct => "direct",
                 };
                 println!(
                     "workload-{} → {url:<50} ({what}): ok, upstream saw {peer} ({via})",
