@@ -67,6 +67,9 @@ pub enum Command {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// The agent's `metrics.bearer_token_file`, when it requires a token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// Remove programs pinned by a fail-closed agent (provider connections flow again).
     Detach {

@@ -1,6 +1,7 @@
 //! The `tollgate` binary: parse the command line, set up logging, hand over.
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::Parser;
 use tollgate_agent::cli::{CaCommand, Cli, Command, LogFormat, PolicyCommand, load_config};
 
@@ -72,11 +73,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&schema)?);
             Ok(())
         }
-        Command::Status { addr, json } => {
+        Command::Status {
+            addr,
+            json,
+            token_file,
+        } => {
+            let token = token_file
+                .map(|p| {
+                    std::fs::read_to_string(&p)
+                        .map(|t| t.trim().to_string())
+                        .with_context(|| format!("reading the token file {}", p.display()))
+                })
+                .transpose()?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let body = rt.block_on(tollgate_agent::status::fetch(addr))?;
+            let body = rt.block_on(tollgate_agent::status::fetch(addr, token.as_deref()))?;
             if json {
                 println!("{body}");
             } else {

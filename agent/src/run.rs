@@ -187,7 +187,13 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     tasks.push(tokio::spawn(scanner.run(config.discovery.scan_interval)));
 
     if !config.metrics.listen.is_empty() {
-        let addr = config.metrics.listen.parse().expect("validated at load");
+        let addr: std::net::SocketAddr = config.metrics.listen.parse().expect("validated at load");
+        let token = (!config.metrics.bearer_token_file.as_os_str().is_empty())
+            .then(|| crate::telemetry::token::BearerToken::load(&config.metrics.bearer_token_file))
+            .transpose()?;
+        if token.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "metrics.listen is not loopback and metrics.bearer_token_file is empty: anyone who reaches this address (pods too) reads every workload's usage and spend");
+        }
         let m = maps.clone();
         let mt = metrics.clone();
         let ev = ctx.events.clone();
@@ -223,6 +229,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
                 })
                 .to_string()
             }),
+            token,
         });
         let metrics = metrics.clone();
         // Bind now so a taken port is a startup error, not a log line.

@@ -14,10 +14,14 @@ pub enum StatusError {
     Unreachable { addr: SocketAddr, message: String },
     #[error("the agent at {0} answered something that is not its status (an older agent?)")]
     Unexpected(SocketAddr),
+    #[error(
+        "the agent at {0} requires a token for /status\nhint: pass --token-file with the agent's metrics.bearer_token_file"
+    )]
+    Unauthorized(SocketAddr),
 }
 
-/// GET `/status` from the agent at `addr`.
-pub async fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
+/// GET `/status` from the agent at `addr`, with the bearer token if given.
+pub async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<String, StatusError> {
     let unreachable = |e: &dyn std::fmt::Display| StatusError::Unreachable {
         addr,
         message: e.to_string(),
@@ -30,11 +34,17 @@ pub async fn fetch(addr: SocketAddr) -> Result<String, StatusError> {
             .await
             .map_err(|e| unreachable(&e))?;
         tokio::spawn(conn);
-        let req = hyper::Request::get("/status")
-            .header("host", addr.to_string())
+        let mut req = hyper::Request::get("/status").header("host", addr.to_string());
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
             .body(Empty::<Bytes>::new())
-            .expect("static request");
+            .map_err(|_| StatusError::Unexpected(addr))?;
         let resp = send.send_request(req).await.map_err(|e| unreachable(&e))?;
+        if resp.status() == hyper::StatusCode::UNAUTHORIZED {
+            return Err(StatusError::Unauthorized(addr));
+        }
         if !resp.status().is_success() {
             return Err(StatusError::Unexpected(addr));
         }

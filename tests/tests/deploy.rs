@@ -237,6 +237,11 @@ cgroup: {podsSubtree: kubepods}
     );
     assert_eq!(pm[0]["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
     assert_eq!(pm[0]["metadata"]["namespace"], "ops");
+    // The scraper presents the token the agent requires (the default).
+    let auth = &pm[0]["spec"]["podMetricsEndpoints"][0]["authorization"];
+    assert_eq!(auth["type"], "Bearer");
+    assert_eq!(auth["credentials"]["name"], "tollgate-metrics-token");
+    assert_eq!(auth["credentials"]["key"], "token");
     let bundles: Vec<_> = find(&d, "ConfigMap")
         .into_iter()
         .filter(|c| c["metadata"]["name"] == "tollgate-ca")
@@ -261,11 +266,19 @@ cgroup: {podsSubtree: kubepods}
         .into_iter()
         .find(|c| c["metadata"]["name"] == "tollgate-config")
         .unwrap();
+    let config = cm["data"]["config.yaml"].as_str().unwrap();
+    assert!(config.contains("cgroup_root: /host/cgroup/kubepods\n"));
     assert!(
-        cm["data"]["config.yaml"]
-            .as_str()
+        config.contains("bearer_token_file: /etc/tollgate/metrics/token"),
+        "{config}"
+    );
+    assert!(
+        pod["volumes"]
+            .as_sequence()
             .unwrap()
-            .contains("cgroup_root: /host/cgroup/kubepods\n")
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "tollgate-metrics-token"),
+        "the token Secret is mounted"
     );
 }
 

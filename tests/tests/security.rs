@@ -178,3 +178,78 @@ fn credentials_and_the_ca_key_never_leak() {
     // The captured headers are there, redacted.
     assert!(audit.contains("request_headers"), "{audit}");
 }
+
+#[test]
+fn a_pod_cannot_read_the_telemetry_without_the_token() {
+    if !require_privileged("a_pod_cannot_read_the_telemetry_without_the_token") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let token_file = node.dir.join("metrics-token");
+    std::fs::write(&token_file, "t0ken-only-the-scraper-has\n").unwrap();
+    // As the chart runs it: the endpoint on an address pods can reach (here
+    // the pod's gateway on the node), guarded by a token.
+    let gateway = node.pods[0].ip4.replace(".2", ".1");
+    let addr = format!("{gateway}:9464");
+    node.start_agent(&format!(
+        "metrics: {{listen: \"{addr}\", bearer_token_file: {}}}",
+        token_file.display()
+    ));
+    // One governed call, so there is usage to leak.
+    assert!(terminated_call(&node, 0, "sk-test-secret").contains(" 200"));
+    let pod = &node.pods[0];
+    let from_pod = |path: &str, extra: &[&str]| {
+        let out = pod
+            .netns
+            .command_in_cgroup("curl", Some(&pod.cgroup))
+            .args(["-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(extra)
+            .arg(format!("http://{addr}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(from_pod("/metrics", &[]), "401");
+    assert_eq!(from_pod("/status", &[]), "401");
+    assert_eq!(
+        from_pod("/metrics", &["-H", "Authorization: Bearer guess"]),
+        "401"
+    );
+    assert_eq!(from_pod("/healthz", &[]), "200", "probes need no token");
+    // The scraper with the token reads everything.
+    let scrape = output_in(
+        &node.node,
+        "curl",
+        &[
+            "-sS",
+            "-m",
+            "5",
+            "-H",
+            "Authorization: Bearer t0ken-only-the-scraper-has",
+            &format!("http://{addr}/metrics"),
+        ],
+    );
+    assert!(scrape.contains("gen_ai_client_token_usage"), "{scrape}");
+    let status = |extra: &[&str]| {
+        node.node
+            .command(&tollgate_tests::node::agent_bin())
+            .args(["status", "--addr", &addr])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let denied = status(&[]);
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("--token-file"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let ok = status(&["--token-file", token_file.to_str().unwrap()]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("policy rules in force"));
+}

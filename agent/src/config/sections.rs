@@ -245,8 +245,12 @@ impl Default for TlsConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
-    /// Address of `/metrics`, `/healthz`, `/readyz`. Empty disables the endpoint.
+    /// Address of `/metrics`, `/status`, `/healthz`, `/readyz`. Empty disables the endpoint.
     pub listen: String,
+    /// A file holding a bearer token that `/metrics` and `/status` require
+    /// (`Authorization: Bearer <token>`); re-read when it changes. Empty: no
+    /// token, fit only for a loopback `listen`. The probes need none.
+    pub bearer_token_file: PathBuf,
 }
 
 fn default_ports() -> Vec<u16> {
@@ -302,6 +306,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:9464".into(),
+            bearer_token_file: PathBuf::new(),
         }
     }
 }

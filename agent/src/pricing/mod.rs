@@ -107,10 +107,22 @@ impl PriceTable {
     /// Price of a call to `provider` answered by `model`, or None when no
     /// entry matches (the audit record then has no `cost_usd`).
     pub fn price(&self, provider: &str, model: &str) -> Option<&PriceEntry> {
+        self.lookup(provider, model).map(|i| &self.entries[i].price)
+    }
+
+    /// The pattern of the entry that prices `model` (e.g. `gpt-4o-mini*`):
+    /// a name for the model family that the table, not the workload,
+    /// bounds. The metrics label a model no provider confirmed with it.
+    pub fn family(&self, provider: &str, model: &str) -> Option<&str> {
+        self.lookup(provider, model)
+            .map(|i| self.entries[i].matcher.glob().glob())
+    }
+
+    fn lookup(&self, provider: &str, model: &str) -> Option<usize> {
         let key = (provider.to_string(), model.to_string());
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(hit) = cache.get(&key) {
-            return hit.map(|i| &self.entries[i].price);
+            return *hit;
         }
         let found = self
             .entries
@@ -124,7 +136,7 @@ impl PriceTable {
             cache.clear();
         }
         cache.insert(key, found);
-        found.map(|i| &self.entries[i].price)
+        found
     }
 
     /// USD cost of `usage` for a call to `provider` answered by `model`.

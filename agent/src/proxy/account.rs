@@ -24,17 +24,18 @@ pub(super) fn account(
         .as_deref()
         .or(record.model.as_deref())
         .unwrap_or_default();
-    record.cost_usd = call
-        .tls
-        .live
-        .load()
+    let live = call.tls.live.load();
+    record.cost_usd = live
         .prices
         .cost(&record.provider, billed_model, &record.usage)
         .map(round_nano);
     let [ns, workload, pod] = record.workload.metric_labels();
-    let model = m.model_label(
+    let model = model_label(
+        m,
+        &live.prices,
         &record.provider,
-        Some(billed_model).filter(|s| !s.is_empty()),
+        record.response_model.as_deref(),
+        record.model.as_deref(),
     );
     let labels = [
         ns.as_str(),
@@ -123,5 +124,68 @@ fn upstream_error_kind(r: &RequestRecord) -> Option<&'static str> {
         _ if r.status == 429 => Some("status_429"),
         _ if r.status >= 500 => Some("status_5xx"),
         _ => None,
+    }
+}
+
+/// The `model` label: the name the provider answered with; for a call no
+/// provider answered (refused, failed), the price table's family of the
+/// requested name (`gpt-4o-mini*` → `gpt-4o-mini`) or `unconfirmed`. A
+/// workload's made-up names never become labels, so they cannot crowd out
+/// the real models of other tenants (labels are bounded per provider).
+fn model_label(
+    m: &crate::telemetry::metrics::Metrics,
+    prices: &crate::pricing::PriceTable,
+    provider: &str,
+    named: Option<&str>,
+    requested: Option<&str>,
+) -> String {
+    let named = named.filter(|s| !s.is_empty());
+    let requested = requested.filter(|s| !s.is_empty());
+    match (named, requested) {
+        (Some(model), _) => m.model_label(provider, Some(model)),
+        (None, Some(model)) => match prices.family(provider, model) {
+            Some(family) => m.model_label(provider, Some(family.trim_end_matches('*'))),
+            None => "unconfirmed".into(),
+        },
+        (None, None) => m.model_label(provider, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{pricing::PriceTable, telemetry::metrics::Metrics};
+
+    #[test]
+    fn only_confirmed_or_priced_names_become_labels() {
+        let m = Metrics::new();
+        let prices = PriceTable::new(&Default::default()).unwrap();
+        for (named, requested, want) in [
+            (
+                Some("gpt-4o-mini-2024-07-18"),
+                Some("gpt-4o-mini"),
+                "gpt-4o-mini-2024-07-18",
+            ),
+            (None, Some("gpt-4o-mini"), "gpt-4o-mini"),
+            (None, Some("gpt-4o-mini-made-up-17"), "gpt-4o-mini"),
+            (None, Some("totally-bogus-1"), "unconfirmed"),
+            (Some(""), Some("totally-bogus-2"), "unconfirmed"),
+            (None, None, "unknown"),
+        ] {
+            assert_eq!(
+                model_label(&m, &prices, "openai", named, requested),
+                want,
+                "{named:?} / {requested:?}"
+            );
+        }
+        // A flood of made-up names takes no label slot: a real model that
+        // comes later still gets its own.
+        for i in 0..200 {
+            model_label(&m, &prices, "openai", None, Some(&format!("bogus-{i}")));
+        }
+        assert_eq!(
+            model_label(&m, &prices, "openai", Some("o3-2025-04-16"), None),
+            "o3-2025-04-16"
+        );
     }
 }

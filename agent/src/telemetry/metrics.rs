@@ -356,16 +356,18 @@ impl Metrics {
     }
 }
 
-/// Serve the endpoint until the task is aborted. `before_scrape` refreshes
-/// gauges copied from the kernel.
 /// What the endpoint asks of the rest of the agent.
 pub struct Hooks {
     /// Refresh gauges copied from elsewhere (kernel counters, budgets).
     pub before_scrape: Box<dyn Fn() + Send + Sync>,
     /// The JSON of `/status` (`tollgate status`).
     pub status: Box<dyn Fn() -> String + Send + Sync>,
+    /// When set, `/metrics` and `/status` need `Authorization: Bearer <token>`;
+    /// `/healthz` and `/readyz` (probes, no data) never do.
+    pub token: Option<super::token::BearerToken>,
 }
 
+/// Serve the endpoint until the task is aborted.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
@@ -387,7 +389,16 @@ pub async fn serve(
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
                 let hooks = hooks.clone();
-                async move { Ok::<_, Infallible>(route(req.uri().path(), &metrics, &hooks)) }
+                async move {
+                    let authorized = hooks.token.as_ref().is_none_or(|t| {
+                        t.admits(
+                            req.headers()
+                                .get(hyper::header::AUTHORIZATION)
+                                .map(|v| v.as_bytes()),
+                        )
+                    });
+                    Ok::<_, Infallible>(route(req.uri().path(), authorized, &metrics, &hooks))
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -396,8 +407,19 @@ pub async fn serve(
     }
 }
 
-fn route(path: &str, metrics: &Metrics, hooks: &Hooks) -> Response<Full<Bytes>> {
+/// `authorized`: the request carried the token, or none is required.
+fn route(path: &str, authorized: bool, metrics: &Metrics, hooks: &Hooks) -> Response<Full<Bytes>> {
     let mut content_type = "text/plain; version=0.0.4";
+    if !authorized && matches!(path, "/metrics" | "/status") {
+        return Response::builder()
+            .status(401)
+            .header("content-type", content_type)
+            .header("www-authenticate", "Bearer realm=\"tollgate\"")
+            .body(Full::new(Bytes::from(
+                "unauthorized: /metrics and /status need `Authorization: Bearer <token>`, the token in the agent's metrics.bearer_token_file (`tollgate status --token-file`)\n",
+            )))
+            .expect("static response is valid");
+    }
     let (status, body) = match path {
         "/metrics" => {
             (hooks.before_scrape)();
@@ -433,7 +455,27 @@ mod tests {
         Hooks {
             before_scrape: Box::new(|| {}),
             status: Box::new(|| "{}".into()),
+            token: None,
         }
+    }
+
+    #[test]
+    fn without_the_token_only_the_probes_answer() {
+        let m = Metrics::new();
+        m.ready.store(true, Ordering::Relaxed);
+        for (path, authorized, want) in [
+            ("/metrics", false, 401),
+            ("/status", false, 401),
+            ("/healthz", false, 200),
+            ("/readyz", false, 200),
+            ("/metrics", true, 200),
+            ("/status", true, 200),
+        ] {
+            let r = route(path, authorized, &m, &noop());
+            assert_eq!(r.status(), want, "{path} authorized={authorized}");
+        }
+        let r = route("/metrics", false, &m, &noop());
+        assert!(r.headers().contains_key("www-authenticate"));
     }
 
     #[test]
@@ -442,15 +484,15 @@ mod tests {
         m.connections
             .with_label_values(&["team-a", "Deployment/chat", "chat-1", "openai", "ok"])
             .inc();
-        let r = route("/metrics", &m, &noop());
+        let r = route("/metrics", true, &m, &noop());
         assert_eq!(r.status(), 200);
         assert!(m.render().contains(
             "tollgate_connections_total{namespace=\"team-a\",pod=\"chat-1\",provider=\"openai\",result=\"ok\",workload=\"Deployment/chat\"} 1"
         ));
-        assert_eq!(route("/readyz", &m, &noop()).status(), 503);
+        assert_eq!(route("/readyz", true, &m, &noop()).status(), 503);
         m.ready.store(true, Ordering::Relaxed);
-        assert_eq!(route("/readyz", &m, &noop()).status(), 200);
-        assert_eq!(route("/nope", &m, &noop()).status(), 404);
+        assert_eq!(route("/readyz", true, &m, &noop()).status(), 200);
+        assert_eq!(route("/nope", true, &m, &noop()).status(), 404);
     }
 
     #[test]

@@ -4,3 +4,4 @@ pub mod events;
 pub mod metrics;
 pub mod records;
 pub mod redact;
+pub mod token;
