@@ -7,6 +7,7 @@
 //! cache in step with the tree.
 use std::{
     collections::{HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -29,12 +30,23 @@ pub struct Scanner {
     opt_out: globset::GlobSet,
     ctx: Arc<ProxyContext>,
     identity: Arc<IdentityCache>,
-    /// Accept loops by namespace.
-    namespaces: HashMap<NetnsId, Vec<JoinHandle<()>>>,
+    /// The namespaces served: accept loops and netns cookie.
+    namespaces: HashMap<NetnsId, Served>,
+    /// `dns.workload_resolvers`: learned from in every namespace.
+    workload_resolvers: Vec<IpAddr>,
     /// Namespaces where binding failed, and when to try again.
     failed: HashMap<NetnsId, Instant>,
     /// Every connection task, for the drain at shutdown.
     connections: TaskTracker,
+}
+
+/// A namespace with the proxy's listeners.
+struct Served {
+    accept: Vec<JoinHandle<()>>,
+    cookie: u64,
+    /// Its nameservers, as last read from its /etc/resolv.conf (kept when a
+    /// read fails: the process read may just have exited).
+    nameservers: Vec<IpAddr>,
 }
 
 /// Retry binding in a namespace where it failed (port taken) this often;
@@ -65,6 +77,7 @@ impl Scanner {
             ctx,
             identity,
             namespaces: HashMap::new(),
+            workload_resolvers: config.dns.workload_resolvers.clone(),
             failed: HashMap::new(),
             connections,
         })
@@ -99,10 +112,10 @@ impl Scanner {
 
         let found = netns::scan(&entries);
         let pool = self.ctx.tls.as_ref().map(|t| &t.upstreams.pool);
-        self.namespaces.retain(|id, handles| {
+        self.namespaces.retain(|id, served| {
             let keep = found.namespaces.contains_key(id);
             if !keep {
-                handles.iter().for_each(JoinHandle::abort);
+                served.accept.iter().for_each(JoinHandle::abort);
                 // Its provider connections go too, and with them the last
                 // handle that kept the namespace alive.
                 let pooled = pool.map_or(0, |p| p.forget(*id));
@@ -120,10 +133,11 @@ impl Scanner {
         let now = Instant::now();
         self.failed
             .retain(|id, until| found.namespaces.contains_key(id) && *until > now);
-        for (id, (pid, cgroups)) in found.namespaces {
+        for (&id, f) in &found.namespaces {
             if self.namespaces.contains_key(&id) || self.failed.contains_key(&id) {
                 continue;
             }
+            let pid = f.pid;
             let port = self.port;
             let bound =
                 tokio::task::spawn_blocking(move || netns::bind_in_netns_of(pid, port)).await;
@@ -142,8 +156,22 @@ impl Scanner {
                             Err(e) => tracing::error!(error = %e, "registering listener failed"),
                         }
                     }
-                    tracing::info!(netns = id.ino, pid, cgroup = %cgroups[0].display(), port, "listening in workload namespace");
-                    self.namespaces.insert(id, handles);
+                    let cgroup = f.cgroups.first().map(|c| c.1.display().to_string());
+                    tracing::info!(
+                        netns = id.ino,
+                        pid,
+                        cgroup,
+                        port,
+                        "listening in workload namespace"
+                    );
+                    self.namespaces.insert(
+                        id,
+                        Served {
+                            accept: handles,
+                            cookie: l.cookie,
+                            nameservers: Vec::new(),
+                        },
+                    );
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(netns = id.ino, pid, error = %e, "cannot open proxy listener; connections there follow the failure mode");
@@ -152,17 +180,59 @@ impl Scanner {
                 Err(e) => tracing::error!(error = %e, "bind task failed"),
             }
         }
+        self.scope_dns_learning(&found);
         self.ctx
             .metrics
             .namespaces
             .set(self.namespaces.len() as i64);
     }
+
+    /// Tell the kernel which namespace each governed cgroup is in and which
+    /// resolvers each namespace learns from, so a DNS answer teaches only
+    /// the namespace that asked, and only when its resolver sent it.
+    fn scope_dns_learning(&mut self, found: &netns::ScanResult) {
+        let mut cgroup_netns = HashMap::new();
+        let mut resolvers: HashSet<(u64, IpAddr)> =
+            self.workload_resolvers.iter().map(|ip| (0, *ip)).collect();
+        for (id, f) in &found.namespaces {
+            let Some(served) = self.namespaces.get_mut(id) else {
+                continue;
+            };
+            for (cgroup, _) in &f.cgroups {
+                cgroup_netns.insert(*cgroup, served.cookie);
+            }
+            if self.workload_resolvers.is_empty() {
+                let path = format!("/proc/{}/root/etc/resolv.conf", f.pid);
+                if let Ok(conf) = std::fs::read_to_string(path) {
+                    served.nameservers = nameservers(&conf);
+                }
+                resolvers.extend(served.nameservers.iter().map(|ip| (served.cookie, *ip)));
+            }
+        }
+        if let Err(e) = self.ctx.maps.sync_cgroup_netns(&cgroup_netns) {
+            tracing::error!(error = %e, "updating the kernel's cgroup namespaces failed; DNS learning may lag");
+        }
+        if let Err(e) = self.ctx.maps.sync_resolvers(&resolvers) {
+            tracing::error!(error = %e, "updating the kernel's resolver list failed; DNS learning may lag");
+        }
+    }
+}
+
+/// The `nameserver` addresses of a resolv.conf (an IPv6 zone is dropped).
+fn nameservers(conf: &str) -> Vec<IpAddr> {
+    conf.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("nameserver")).then(|| words.next())?
+        })
+        .filter_map(|ip| ip.split('%').next()?.parse().ok())
+        .collect()
 }
 
 impl Drop for Scanner {
     fn drop(&mut self) {
-        for handles in self.namespaces.values() {
-            handles.iter().for_each(JoinHandle::abort);
+        for served in self.namespaces.values() {
+            served.accept.iter().for_each(JoinHandle::abort);
         }
     }
 }
@@ -174,5 +244,19 @@ pub async fn drain(connections: &TaskTracker, timeout: Duration) -> usize {
     match tokio::time::timeout(timeout, connections.wait()).await {
         Ok(()) => 0,
         Err(_) => connections.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nameservers;
+
+    #[test]
+    fn nameservers_of_a_resolv_conf() {
+        let conf = "# kubelet\nsearch ns.svc.cluster.local svc.cluster.local\nnameserver 10.96.0.10\n\
+                    nameserver fe80::1%eth0\n  nameserver   169.254.20.10  \nnameserver bogus\noptions ndots:5\n#nameserver 1.1.1.1\n";
+        let got: Vec<String> = nameservers(conf).iter().map(|ip| ip.to_string()).collect();
+        assert_eq!(got, ["10.96.0.10", "fe80::1", "169.254.20.10"]);
+        assert!(nameservers("").is_empty());
     }
 }

@@ -207,7 +207,16 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
 /// What a scan found: each namespace with one live pid in it and the cgroups seen there.
 #[derive(Debug, Default)]
 pub struct ScanResult {
-    pub namespaces: HashMap<NetnsId, (u32, Vec<PathBuf>)>,
+    pub namespaces: HashMap<NetnsId, Found>,
+}
+
+/// One namespace of a scan.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// A live process in it.
+    pub pid: u32,
+    /// The cgroups (id, path) whose processes are in it.
+    pub cgroups: Vec<(u64, PathBuf)>,
 }
 
 /// Group the processes of the governed cgroups by network namespace.
@@ -218,8 +227,11 @@ pub fn scan(entries: &[crate::cgroup::CgroupEntry]) -> ScanResult {
         // and a process that just exited is skipped for the next.
         for &pid in &e.pids {
             if let Ok(id) = NetnsId::of_pid(pid) {
-                let slot = r.namespaces.entry(id).or_insert_with(|| (pid, Vec::new()));
-                slot.1.push(e.path.clone());
+                let slot = r.namespaces.entry(id).or_insert_with(|| Found {
+                    pid,
+                    cgroups: Vec::new(),
+                });
+                slot.cgroups.push((e.id, e.path.clone()));
                 break;
             }
         }
@@ -268,8 +280,9 @@ mod tests {
         ];
         let r = scan(&entries);
         assert_eq!(r.namespaces.len(), 1);
-        let (pid, paths) = r.namespaces.values().next().unwrap();
-        assert_eq!(*pid, me);
-        assert_eq!(paths.len(), 2);
+        let found = r.namespaces.values().next().unwrap();
+        assert_eq!(found.pid, me);
+        assert_eq!(found.cgroups.len(), 2);
+        assert_eq!(found.cgroups[0].0, 1);
     }
 }

@@ -194,10 +194,24 @@ impl TestNode {
             Layout::Host => format!("tollgate.slice/workload-{index}.service"),
         });
         // A long-lived process, like a pod's pause container: it keeps the
-        // namespace discoverable through the cgroup.
+        // namespace discoverable through the cgroup. Like every container of
+        // a Kubernetes pod it sees the pod's own /etc/resolv.conf, naming the
+        // pod's gateway as its nameserver (where a test may run a resolver).
+        let resolv = self.dir.join(format!("pod{index}-resolv.conf"));
+        fs::write(
+            &resolv,
+            format!("nameserver {gw4}\noptions attempts:1 timeout:2\n"),
+        )
+        .unwrap();
         let pause = Proc::spawn(
             "pause",
-            netns.command_in_cgroup("sleep", Some(&cgroup)).arg("3600"),
+            netns
+                .command_in_cgroup("unshare", Some(&cgroup))
+                .args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(format!(
+                    "mount --bind {} /etc/resolv.conf && exec sleep 3600",
+                    resolv.display()
+                )),
         );
         self.pods.push(Pod {
             _pause: pause,

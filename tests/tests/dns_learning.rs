@@ -47,9 +47,10 @@ fn first_connection_to_an_address_only_the_pod_resolved_is_redirected() {
     if !require_privileged("first_connection_to_an_address_only_the_pod_resolved_is_redirected") {
         return;
     }
-    let mut node = TestNode::new(1);
+    let mut node = TestNode::new(2);
     node.start_agent("");
     let pod = &node.pods[0];
+    // The pod's nameserver (its /etc/resolv.conf, as kubelet writes it).
     let gateway = pod.ip4.replace(".2", ".1");
 
     // The agent's own resolver never returns UPSTREAM_V4_ALT: a connection
@@ -117,6 +118,18 @@ fn first_connection_to_an_address_only_the_pod_resolved_is_redirected() {
             |l| l.starts_with("tollgate_ebpf_events{event=\"dns_learned\"}") && !l.ends_with(" 0")
         ),
         "{m}"
+    );
+    // Learned for the namespace that asked, not for the node: another pod's
+    // connection to the same address goes straight on.
+    let other = node.pods[1]
+        .curl(&format!(
+            "http://{UPSTREAM_V4_ALT}:{PROVIDER_PORT}/v1/models"
+        ))
+        .expect("the other pod's direct call");
+    assert_eq!(
+        route(&other),
+        Route::Direct,
+        "an address pod 1 learned redirected pod 2: {other}"
     );
 
     // TTL 1 s (min_ttl 1 s, stale_grace 0 s in the test config): after it,

@@ -1,12 +1,13 @@
 //! In-pod egress, attacked from a pod: the agent's provider connections are
 //! made inside the workload's own network namespace, so the pod's egress
 //! rules hold for calls through the agent, no pod rides another pod's
-//! connections, and a forged DNS answer opens nothing the pod could not
-//! reach alone. Asserted on what the far side received (the mock's request
+//! connections, a forged DNS answer is not learned, and an address a
+//! pod's resolver did teach opens nothing the pod could not reach alone. Asserted on what the far side received (the mock's request
 //! log, a listener's accept queue), not on the agent's account of it.
 use std::{
     io::ErrorKind,
     path::Path,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -15,6 +16,7 @@ use tollgate_tests::{
     netns::run_ok,
     node::{ANTHROPIC_HOST, NODE_UPSTREAM_V4, PROVIDER_HOST, TLS_PORT, UPSTREAM_V4},
     pod::Pod,
+    process::Proc,
     require_privileged,
 };
 
@@ -125,16 +127,22 @@ rx.settimeout(2)
 rx.recv(512)
 "#;
 
-#[test]
-fn a_forged_dns_answer_opens_nothing_the_pod_could_not_reach() {
-    if !require_privileged("a_forged_dns_answer_opens_nothing_the_pod_could_not_reach") {
-        return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
-    let pod = &node.pods[0];
-    // A service on the node's own address that pods may not reach: the
-    // node's firewall refuses what comes in from the pod's link.
+/// An A query for `name` to the resolver at `server` (port 53), as a stub
+/// resolver sends it; the answer is read and dropped.
+const QUERY_DNS: &str = r#"
+import socket, struct, sys
+name, server = sys.argv[1], sys.argv[2]
+q = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+pkt = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + q + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(pkt, (server, 53))
+s.recv(512)
+"#;
+
+/// A service on the node's own address that pods may not reach: the node's
+/// firewall refuses what comes in from pod 1's link. Returns its listener.
+fn node_only_service(node: &TestNode) -> std::net::TcpListener {
     let service = node
         .node
         .bind_tcp(&format!("{NODE_UPSTREAM_V4}:{TLS_PORT}"));
@@ -147,29 +155,11 @@ fn a_forged_dns_answer_opens_nothing_the_pod_could_not_reach() {
             "table inet guard {{\n  chain in {{\n    type filter hook input priority 0;\n    iifname \"pod1\" tcp dport {TLS_PORT} reject with tcp reset\n  }}\n}}\n"
         ),
     );
+    service
+}
 
-    // The pod tells the kernel "api.anthropic.com is the node's address".
-    run_ok(
-        pod.netns
-            .command_in_cgroup("python3", Some(&pod.cgroup))
-            .args(["-c", FORGE_DNS, ANTHROPIC_HOST, NODE_UPSTREAM_V4]),
-    );
-    let out = chat(&node, pod, ANTHROPIC_HOST, NODE_UPSTREAM_V4);
-    assert!(
-        out.contains(" 502") || out.contains(" 504"),
-        "the call to the node's address was answered:\n{out}\n{}",
-        node.agent_log()
-    );
-
-    // The attack ran the agent's path: the forged address was learned and
-    // the connection redirected, terminated and dialled by the agent…
-    let records = node.wait_requests(1);
-    assert_eq!(
-        records[0]["upstream"],
-        format!("{NODE_UPSTREAM_V4}:{TLS_PORT}"),
-        "{records:?}"
-    );
-    // …from the pod's namespace, so the node's firewall held and the service saw nothing.
+/// Nothing connected to `service` (its accept queue stays empty).
+fn assert_untouched(service: &std::net::TcpListener) {
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline {
         match service.accept() {
@@ -180,4 +170,101 @@ fn a_forged_dns_answer_opens_nothing_the_pod_could_not_reach() {
             Err(e) => panic!("accept: {e}"),
         }
     }
+}
+
+fn kernel_event(node: &TestNode, event: &str) -> u64 {
+    let m = node.metrics();
+    let prefix = format!("tollgate_ebpf_events{{event=\"{event}\"}} ");
+    m.lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {event} counter in\n{m}"))
+}
+
+#[test]
+fn a_forged_dns_answer_is_not_learned() {
+    if !require_privileged("a_forged_dns_answer_is_not_learned") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let service = node_only_service(&node);
+    let pod = &node.pods[0];
+    // The pod tells the kernel "api.anthropic.com is the node's address",
+    // from port 53 of its own loopback: no resolver of the pod sent that.
+    run_ok(
+        pod.netns
+            .command_in_cgroup("python3", Some(&pod.cgroup))
+            .args(["-c", FORGE_DNS, ANTHROPIC_HOST, NODE_UPSTREAM_V4]),
+    );
+    assert!(kernel_event(&node, "dns_ignored") >= 1);
+    assert_eq!(kernel_event(&node, "dns_learned"), 0);
+    let out = chat(&node, pod, ANTHROPIC_HOST, NODE_UPSTREAM_V4);
+    assert!(!out.contains("HTTP/"), "something answered: {out}");
+    assert!(
+        node.connections().is_empty(),
+        "the connection went through the agent: {:?}",
+        node.connections()
+    );
+    assert_untouched(&service);
+}
+
+#[test]
+fn a_learned_address_opens_nothing_the_pod_could_not_reach() {
+    if !require_privileged("a_learned_address_opens_nothing_the_pod_could_not_reach") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent("");
+    let service = node_only_service(&node);
+    let pod = &node.pods[0];
+    // The pod's own nameserver (its resolv.conf names the gateway) answers
+    // "api.anthropic.com is the node's address": lying, or told to by the pod.
+    let gateway = pod.ip4.replace(".2", ".1");
+    let _resolver = Proc::spawn(
+        "pod-dnsmasq",
+        node.node
+            .command("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={gateway}"),
+                "--port=53",
+                "--user=root",
+                "--pid-file=",
+                &format!("--host-record={ANTHROPIC_HOST},{NODE_UPSTREAM_V4}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    assert!(
+        node.node
+            .wait_udp_listener(&format!("{gateway}:53"), Duration::from_secs(5)),
+        "pod DNS server did not start"
+    );
+    run_ok(
+        pod.netns
+            .command_in_cgroup("python3", Some(&pod.cgroup))
+            .args(["-c", QUERY_DNS, ANTHROPIC_HOST, &gateway]),
+    );
+    assert!(
+        kernel_event(&node, "dns_learned") >= 1,
+        "the answer was learned"
+    );
+    let out = chat(&node, pod, ANTHROPIC_HOST, NODE_UPSTREAM_V4);
+    assert!(
+        out.contains(" 502") || out.contains(" 504"),
+        "the call to the node's address was answered:\n{out}\n{}",
+        node.agent_log()
+    );
+    // The agent's path ran: redirected, terminated, dialled by the agent…
+    let records = node.wait_requests(1);
+    assert_eq!(
+        records[0]["upstream"],
+        format!("{NODE_UPSTREAM_V4}:{TLS_PORT}"),
+        "{records:?}"
+    );
+    // …from the pod's namespace, so the node's firewall held.
+    assert_untouched(&service);
 }

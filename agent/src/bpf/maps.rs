@@ -1,6 +1,7 @@
 //! Typed access to the maps shared with the kernel programs.
 use std::{
     collections::HashSet,
+    hash::Hash,
     net::{IpAddr, SocketAddr},
     sync::Mutex,
 };
@@ -10,8 +11,8 @@ use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
 };
 use tollgate_common::{
-    ConnInfo, Counter, DnsNameValue, LearnedValue, OrigDstKey, ProviderKey, ProviderValue,
-    Settings, dns::DnsName, is_v4_mapped, map_names, v4_mapped,
+    ConnInfo, Counter, DnsNameValue, LearnedKey, LearnedValue, OrigDstKey, ProviderKey,
+    ProviderValue, ResolverKey, Settings, dns::DnsName, is_v4_mapped, map_names, v4_mapped,
 };
 
 use super::error::BpfError;
@@ -23,7 +24,9 @@ pub struct Maps {
     settings: Mutex<Array<MapData, Settings>>,
     counters: PerCpuArray<MapData, u64>,
     dns_names: Mutex<HashMap<MapData, DnsName, DnsNameValue>>,
-    learned: Mutex<HashMap<MapData, ProviderKey, LearnedValue>>,
+    learned: Mutex<HashMap<MapData, LearnedKey, LearnedValue>>,
+    cgroup_netns: Mutex<HashMap<MapData, u64, u64>>,
+    resolvers: Mutex<HashMap<MapData, ResolverKey, u8>>,
 }
 
 /// A redirected connection's record, as the proxy needs it.
@@ -84,6 +87,8 @@ impl Maps {
             counters: take(ebpf, map_names::COUNTERS)?,
             dns_names: Mutex::new(take(ebpf, map_names::DNS_NAMES)?),
             learned: Mutex::new(take(ebpf, map_names::LEARNED)?),
+            cgroup_netns: Mutex::new(take(ebpf, map_names::CGROUP_NETNS)?),
+            resolvers: Mutex::new(take(ebpf, map_names::RESOLVERS)?),
         })
     }
 
@@ -190,18 +195,33 @@ impl Maps {
 
     /// Make the opt-out set equal `want` (cgroup ids).
     pub fn sync_opt_out(&self, want: &HashSet<u64>) -> Result<(), MapError> {
-        let mut map = self
-            .opt_out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let have: HashSet<u64> = map.keys().filter_map(Result::ok).collect();
-        for k in have.difference(want) {
-            map.remove(k)?;
-        }
-        for k in want.difference(&have) {
-            map.insert(*k, 1, 0)?;
-        }
-        Ok(())
+        let want: std::collections::HashMap<u64, u8> = want.iter().map(|k| (*k, 1)).collect();
+        sync(&self.opt_out, &want)
+    }
+
+    /// Make the governed-cgroup → network-namespace map equal `want`: DNS
+    /// answers are learned for the namespace of the cgroup that received them.
+    pub fn sync_cgroup_netns(
+        &self,
+        want: &std::collections::HashMap<u64, u64>,
+    ) -> Result<(), MapError> {
+        sync(&self.cgroup_netns, want)
+    }
+
+    /// Make the resolver set equal `want`: (namespace cookie or 0 for every
+    /// namespace, resolver address).
+    pub fn sync_resolvers(&self, want: &HashSet<(u64, IpAddr)>) -> Result<(), MapError> {
+        let want: std::collections::HashMap<ResolverKey, u8> = want
+            .iter()
+            .map(|(netns_cookie, ip)| {
+                let key = ResolverKey {
+                    netns_cookie: *netns_cookie,
+                    ip_be: ip_to_key(*ip),
+                };
+                (key, 1)
+            })
+            .collect();
+        sync(&self.resolvers, &want)
     }
 
     /// Sum of a kernel counter over all CPUs.
@@ -211,6 +231,31 @@ impl Maps {
             .map(|v| v.iter().sum())
             .unwrap_or(0)
     }
+}
+
+/// Make a kernel hash map hold exactly `want`: stale keys removed, missing
+/// or changed ones written. The lock is held for map calls only.
+fn sync<K, V>(
+    map: &Mutex<HashMap<MapData, K, V>>,
+    want: &std::collections::HashMap<K, V>,
+) -> Result<(), MapError>
+where
+    K: aya::Pod + Eq + Hash,
+    V: aya::Pod + PartialEq,
+{
+    let mut map = map
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let have: std::collections::HashMap<K, V> = map.iter().filter_map(Result::ok).collect();
+    for k in have.keys().filter(|k| !want.contains_key(k)) {
+        map.remove(k)?;
+    }
+    for (k, v) in want {
+        if have.get(k) != Some(v) {
+            map.insert(*k, *v, 0)?;
+        }
+    }
+    Ok(())
 }
 
 pub fn provider_key(ip: IpAddr, port: u16) -> ProviderKey {

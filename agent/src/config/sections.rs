@@ -75,9 +75,16 @@ pub struct DnsConfig {
     /// Also learn provider addresses from the DNS answers workloads receive
     /// (a kernel program reads them before the application does), so an
     /// address only the workload's resolver returned is redirected on its
-    /// first connection. Learned addresses live for max(TTL, `min_ttl`) +
-    /// `stale_grace`. Only the first 4 `ports` of a provider are learned.
+    /// first connection. Learned addresses live for the TTL clamped to
+    /// `min_ttl..max_ttl`, plus `stale_grace`, and redirect only connections
+    /// from the network namespace that received the answer. Only the first
+    /// 4 `ports` of a provider are learned.
     pub learn_from_workloads: bool,
+    /// The resolvers whose answers are learned, for every namespace (the
+    /// cluster DNS, e.g. kube-dns's service address and node-local-dns).
+    /// Empty: each namespace's own `nameserver`s from its /etc/resolv.conf.
+    /// Answers from anywhere else (a pod answering itself) are not learned.
+    pub workload_resolvers: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -290,6 +297,7 @@ impl Default for DnsConfig {
             retry: Duration::from_secs(10),
             stale_grace: Duration::from_secs(60),
             learn_from_workloads: true,
+            workload_resolvers: Vec::new(),
         }
     }
 }

@@ -23,6 +23,8 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const DNS_NAMES: &str = "DNS_NAMES";
     pub const LEARNED: &str = "LEARNED";
+    pub const CGROUP_NETNS: &str = "CGROUP_NETNS";
+    pub const RESOLVERS: &str = "RESOLVERS";
 }
 
 /// Names of the programs inside the object.
@@ -54,9 +56,15 @@ pub mod capacity {
     pub const OPT_OUT: u32 = 4096;
     /// Provider host names whose DNS answers are learned.
     pub const DNS_NAMES: u32 = 1024;
-    /// Provider (address, port) pairs learned from workloads' DNS answers.
-    /// LRU: a flood of answers evicts the oldest, never fails the insert.
+    /// Provider (address, port) pairs learned from workloads' DNS answers,
+    /// per namespace. LRU: a flood of answers evicts the oldest, never fails
+    /// the insert.
     pub const LEARNED: u32 = 16384;
+    /// Governed cgroups and the network namespace of each (written by the
+    /// agent's scan): a node runs a few hundred containers.
+    pub const CGROUP_NETNS: u32 = 16384;
+    /// Resolvers whose answers are learned, per namespace.
+    pub const RESOLVERS: u32 = 4096;
 }
 
 /// Ports learned per provider address (the provider's configured `ports`).
@@ -76,6 +84,29 @@ pub struct ProviderKey {
     pub ip_be: [u8; 16],
     pub port: u16,
     pub _pad: [u8; 2],
+}
+
+/// A provider address learned from a DNS answer, valid only for
+/// connections from the network namespace that received the answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LearnedKey {
+    pub netns_cookie: u64,
+    /// IPv6 or IPv4-mapped, network byte order.
+    pub ip_be: [u8; 16],
+    /// Host order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// A resolver whose answers a namespace learns from: `netns_cookie` 0
+/// stands for every namespace (`dns.workload_resolvers`, the cluster DNS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ResolverKey {
+    pub netns_cookie: u64,
+    /// IPv6 or IPv4-mapped, network byte order.
+    pub ip_be: [u8; 16],
 }
 
 /// What the agent knows about a provider address.
@@ -194,10 +225,13 @@ pub enum Counter {
     DnsLearned = 7,
     /// UDP to a provider address (QUIC, HTTP/3) refused, so the client falls back to TCP.
     RefusedUdp = 8,
+    /// A DNS answer for a provider name not learned: it came from no resolver
+    /// of the receiving namespace (a forged answer), or from an ungoverned cgroup.
+    DnsIgnored = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::PassedNoListener,
@@ -208,6 +242,7 @@ impl Counter {
         Counter::Recorded,
         Counter::DnsLearned,
         Counter::RefusedUdp,
+        Counter::DnsIgnored,
     ];
 
     /// Stable label for metrics.
@@ -222,6 +257,7 @@ impl Counter {
             Counter::Recorded => "recorded",
             Counter::DnsLearned => "dns_learned",
             Counter::RefusedUdp => "refused_udp",
+            Counter::DnsIgnored => "dns_ignored",
         }
     }
 }
@@ -260,6 +296,8 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::DnsNameValue {}
     unsafe impl aya::Pod for super::LearnedValue {}
+    unsafe impl aya::Pod for super::LearnedKey {}
+    unsafe impl aya::Pod for super::ResolverKey {}
     unsafe impl aya::Pod for super::dns::DnsName {}
 }
 
@@ -280,6 +318,8 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 8 + 8 + 8 + 2 + 1 + 1 + 4 + 4 + 4);
         assert_eq!(size_of::<DnsNameValue>(), 4 + 2 * MAX_LEARNED_PORTS + 4);
         assert_eq!(size_of::<LearnedValue>(), 4 + 4 + 8);
+        assert_eq!(size_of::<LearnedKey>(), 8 + 16 + 2 + 6);
+        assert_eq!(size_of::<ResolverKey>(), 8 + 16);
         assert_eq!(size_of::<dns::DnsName>(), dns::NAME_MAX);
     }
 

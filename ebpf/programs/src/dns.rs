@@ -4,17 +4,29 @@
 //! A UDP packet from port 53 whose single question is a configured provider
 //! name (`DNS_NAMES`) has its A/AAAA answers — including those at the end
 //! of a CNAME chain — stored in `LEARNED` for each of the provider's ports,
-//! valid for max(TTL, min TTL) + grace. The connect hooks consult `LEARNED`
-//! after `PROVIDERS`, so a pod's very first connection to an address only
-//! its own resolver returned is redirected. The packet is always let
-//! through: this program only watches.
-use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, macros::cgroup_skb, programs::SkBuffContext};
+//! valid for the TTL clamped to [min TTL, max TTL] + grace. The connect
+//! hooks consult `LEARNED` after `PROVIDERS`, so a pod's very first
+//! connection to an address only its own resolver returned is redirected.
+//!
+//! Scoped to who asked: an answer is learned only when the receiving
+//! socket's cgroup is a governed one (`CGROUP_NETNS`, written by the
+//! agent's scan) and its source address is a resolver of that cgroup's
+//! network namespace (`RESOLVERS`: the pod's nameservers, or the cluster
+//! DNS for every namespace); it is stored under that namespace, so it
+//! redirects only that namespace's connections. A pod that answers itself
+//! teaches nothing. The packet is always let through: this program only watches.
+use aya_ebpf::{
+    helpers::generated::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    macros::cgroup_skb,
+    programs::SkBuffContext,
+};
 use tollgate_common::{
-    Counter, LearnedValue, MAX_LEARNED_PORTS, ProviderKey,
+    Counter, LearnedKey, LearnedValue, MAX_LEARNED_PORTS, ResolverKey,
     dns::{DnsName, Packet, answers, learnable, learned_ttl, question},
+    v4_mapped,
 };
 
-use crate::{DNS_NAMES, LEARNED, SETTINGS, count};
+use crate::{CGROUP_NETNS, DNS_NAMES, LEARNED, RESOLVERS, SETTINGS, count};
 
 /// cgroup_skb return code: 1 delivers the packet.
 const PASS: i32 = 1;
@@ -38,18 +50,37 @@ pub fn tollgate_dns_ingress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
+/// The namespace of the receiving cgroup (0: not a governed one), and
+/// whether `source` is a resolver of that namespace or of every namespace.
+#[inline(always)]
+fn scope(ctx: &SkBuffContext, source: [u8; 16]) -> (u64, bool) {
+    let cgroup = unsafe { bpf_skb_cgroup_id(ctx.skb.skb) };
+    let Some(netns_cookie) = (unsafe { CGROUP_NETNS.get(&cgroup) }).copied() else {
+        return (0, false);
+    };
+    let mut key = ResolverKey {
+        netns_cookie,
+        ip_be: source,
+    };
+    if unsafe { RESOLVERS.get(&key) }.is_some() {
+        return (netns_cookie, true);
+    }
+    key.netns_cookie = 0;
+    (netns_cookie, unsafe { RESOLVERS.get(&key) }.is_some())
+}
+
 #[inline(always)]
 fn learn(ctx: &SkBuffContext) -> Option<()> {
     let pkt = Skb(ctx);
     // cgroup skb data starts at the network header.
-    let udp = match u16::from_be(ctx.skb.protocol() as u16) {
+    let (udp, source) = match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => {
             let h: [u8; 10] = pkt.load(0)?;
             let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3fff;
             if h[9] != IPPROTO_UDP || frag != 0 {
                 return None;
             }
-            ((h[0] & 0x0f) as usize) * 4
+            (((h[0] & 0x0f) as usize) * 4, v4_mapped(pkt.load::<4>(12)?))
         }
         ETH_P_IPV6 => {
             // Extension headers before UDP are not followed (DNS answers
@@ -58,7 +89,7 @@ fn learn(ctx: &SkBuffContext) -> Option<()> {
             if next != IPPROTO_UDP {
                 return None;
             }
-            40
+            (40, pkt.load::<16>(8)?)
         }
         _ => return None,
     };
@@ -66,9 +97,16 @@ fn learn(ctx: &SkBuffContext) -> Option<()> {
     if u16::from_be_bytes(ports) != DNS_PORT {
         return None;
     }
+    // Who received it, and did it come from one of their resolvers? Decided
+    // before the name is read, so the keys' stack is free again by then.
+    let (netns_cookie, from_resolver) = scope(ctx, source);
     let mut name = DnsName::default();
     let (at, count_answers) = question(&pkt, udp + 8, &mut name)?;
     let target = *unsafe { DNS_NAMES.get(&name) }?;
+    if !from_resolver {
+        count(Counter::DnsIgnored);
+        return None;
+    }
     let settings = *SETTINGS.get(0)?;
     let now = unsafe { bpf_ktime_get_ns() };
     answers(&pkt, at, count_answers, |a| {
@@ -86,10 +124,11 @@ fn learn(ctx: &SkBuffContext) -> Option<()> {
             if i as u32 >= target.port_count {
                 break;
             }
-            let key = ProviderKey {
+            let key = LearnedKey {
+                netns_cookie,
                 ip_be: a.ip,
                 port: target.ports[i],
-                _pad: [0; 2],
+                _pad: [0; 6],
             };
             if LEARNED.insert(&key, &value, 0).is_ok() {
                 count(Counter::DnsLearned);

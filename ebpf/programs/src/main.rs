@@ -40,8 +40,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use tollgate_common::{
-    ConnInfo, Counter, DnsNameValue, LearnedValue, MAX_OPT_OUT_DEPTH, OrigDstKey, ProviderKey,
-    ProviderValue, Settings, capacity, dns::DnsName, is_v4_mapped, v4_mapped,
+    ConnInfo, Counter, DnsNameValue, LearnedKey, LearnedValue, MAX_OPT_OUT_DEPTH, OrigDstKey,
+    ProviderKey, ProviderValue, ResolverKey, Settings, capacity, dns::DnsName, is_v4_mapped,
+    v4_mapped,
 };
 
 mod dns;
@@ -80,8 +81,14 @@ static DNS_NAMES: HashMap<DnsName, DnsNameValue> =
     HashMap::with_max_entries(capacity::DNS_NAMES, 0);
 
 #[map(name = "LEARNED")]
-static LEARNED: LruHashMap<ProviderKey, LearnedValue> =
+static LEARNED: LruHashMap<LearnedKey, LearnedValue> =
     LruHashMap::with_max_entries(capacity::LEARNED, 0);
+
+#[map(name = "CGROUP_NETNS")]
+static CGROUP_NETNS: HashMap<u64, u64> = HashMap::with_max_entries(capacity::CGROUP_NETNS, 0);
+
+#[map(name = "RESOLVERS")]
+static RESOLVERS: HashMap<ResolverKey, u8> = HashMap::with_max_entries(capacity::RESOLVERS, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -154,7 +161,7 @@ fn dest6(ctx: &SockAddrContext) -> Dest {
 pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
     match unsafe { (*ctx.sock_addr).protocol } {
         IPPROTO_TCP => on_connect(&ctx, dest4(&ctx), AF_INET),
-        IPPROTO_UDP => on_udp(dest4(&ctx)),
+        IPPROTO_UDP => on_udp(&ctx, dest4(&ctx)),
         _ => ALLOW,
     }
 }
@@ -163,7 +170,7 @@ pub fn tollgate_connect4(ctx: SockAddrContext) -> i32 {
 pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
     match unsafe { (*ctx.sock_addr).protocol } {
         IPPROTO_TCP => on_connect(&ctx, dest6(&ctx), AF_INET6),
-        IPPROTO_UDP => on_udp(dest6(&ctx)),
+        IPPROTO_UDP => on_udp(&ctx, dest6(&ctx)),
         _ => ALLOW,
     }
 }
@@ -171,17 +178,18 @@ pub fn tollgate_connect6(ctx: SockAddrContext) -> i32 {
 /// Unconnected UDP (`sendto`): the same refusal as a UDP connect.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tollgate_sendmsg4(ctx: SockAddrContext) -> i32 {
-    on_udp(dest4(&ctx))
+    on_udp(&ctx, dest4(&ctx))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tollgate_sendmsg6(ctx: SockAddrContext) -> i32 {
-    on_udp(dest6(&ctx))
+    on_udp(&ctx, dest6(&ctx))
 }
 
-/// The provider a destination belongs to: configured, or learned from DNS.
+/// The provider a destination belongs to: configured, or learned from a
+/// DNS answer this socket's namespace received.
 #[inline(always)]
-fn provider_of(dest: &Dest) -> Option<u32> {
+fn provider_of(ctx: &SockAddrContext, dest: &Dest) -> Option<u32> {
     let key = ProviderKey {
         ip_be: dest.ip,
         port: dest.port,
@@ -189,7 +197,12 @@ fn provider_of(dest: &Dest) -> Option<u32> {
     };
     match unsafe { PROVIDERS.get(&key) } {
         Some(p) => Some(p.provider_id),
-        None => learned(&key),
+        None => learned(&LearnedKey {
+            netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            ip_be: dest.ip,
+            port: dest.port,
+            _pad: [0; 6],
+        }),
     }
 }
 
@@ -204,8 +217,8 @@ fn is_agent(settings: &Settings) -> bool {
 /// back to TCP, which is redirected: no request control can be skipped by
 /// speaking HTTP/3. When the agent is gone the failure mode applies, as for TCP.
 #[inline(always)]
-fn on_udp(dest: Dest) -> i32 {
-    if provider_of(&dest).is_none() {
+fn on_udp(ctx: &SockAddrContext, dest: Dest) -> i32 {
+    if provider_of(ctx, &dest).is_none() {
         return ALLOW;
     }
     let Some(settings) = SETTINGS.get(0) else {
@@ -232,7 +245,7 @@ fn on_udp(dest: Dest) -> i32 {
 
 /// A provider address learned from a workload's DNS answer, if still valid.
 #[inline(always)]
-fn learned(key: &ProviderKey) -> Option<u32> {
+fn learned(key: &LearnedKey) -> Option<u32> {
     let v = unsafe { LEARNED.get(key) }?;
     let now = unsafe { bpf_ktime_get_ns() };
     (now < v.expires_ns).then_some(v.provider_id)
@@ -241,7 +254,7 @@ fn learned(key: &ProviderKey) -> Option<u32> {
 #[inline(always)]
 fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
     // Not a provider: the common case, two hash lookups.
-    let Some(provider_id) = provider_of(&dest) else {
+    let Some(provider_id) = provider_of(ctx, &dest) else {
         return ALLOW;
     };
 
