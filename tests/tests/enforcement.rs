@@ -318,3 +318,58 @@ policy:
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["model"], "gpt-4o-mini", "{got:?}");
 }
+
+/// `curl -k` from pod 0 to a provider address with the server name `host`
+/// (not a provider's): had the agent relayed it, the mock answers.
+fn fronted(node: &TestNode, host: &str) -> std::process::Output {
+    let pod = &node.pods[0];
+    pod.netns
+        .command_in_cgroup("curl", Some(&pod.cgroup))
+        .args(["-sSk", "-m", "5", "--resolve"])
+        .arg(format!("{host}:8443:{}", tollgate_tests::node::UPSTREAM_V4))
+        .arg(format!("https://{host}:8443/v1/models"))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_provider_address_is_no_way_to_another_site() {
+    if !require_privileged("a_provider_address_is_no_way_to_another_site") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    // A plain allow policy: nothing per request, so nothing to skip — but a
+    // server name no provider lists is still another site (domain fronting).
+    node.start_agent("policy: {default: allow}");
+    let out = fronted(&node, "fronted.example.com");
+    assert!(!out.status.success(), "{out:?}");
+    let recs = node.wait_connections(1);
+    assert_eq!(recs[0]["reason"], "default:foreign_host", "{recs:?}");
+    assert_eq!(recs[0]["decision"], "deny", "{recs:?}");
+    assert_eq!(recs[0]["tls"]["sni"], "fronted.example.com", "{recs:?}");
+    let sent = |sni: &str| {
+        node.mock_requests()
+            .iter()
+            .filter(|r| r["sni"] == sni)
+            .count()
+    };
+    assert_eq!(
+        sent("fronted.example.com"),
+        0,
+        "the fronted site was reached"
+    );
+
+    // The operator lets one such name through: relayed, audited, answered.
+    node.write_agent_config("policy: {default: allow, foreign_hosts: [\"*.shared-cdn.example\"]}");
+    wait_until(Duration::from_secs(10), || {
+        node.metrics()
+            .contains("tollgate_config_reloads_total{result=\"applied\"} 1")
+            .then_some(())
+    })
+    .expect("the policy reloads");
+    let out = fronted(&node, "www.shared-cdn.example");
+    assert!(out.status.success(), "{out:?}\n{}", node.agent_log());
+    assert_eq!(sent("www.shared-cdn.example"), 1);
+    let out = fronted(&node, "fronted.example.com");
+    assert!(!out.status.success(), "other names stay refused: {out:?}");
+}

@@ -16,12 +16,13 @@ fn tls_to_a_host_the_provider_does_not_serve_is_relayed_with_its_server_name() {
     let Some(node) = governed_node(
         "tls_to_a_host_the_provider_does_not_serve_is_relayed_with_its_server_name",
         1,
-        "",
+        "policy: {foreign_hosts: [other.example.com]}",
     ) else {
         return;
     };
     let pod = &node.pods[0];
-    // A provider address, but a server name that is not one of its hosts:
+    // A provider address, but a server name that is not one of its hosts
+    // (one the policy lets through: others are refused, see enforcement.rs):
     // never terminated (no certificate is minted for it); relayed as bytes.
     // The plaintext mock answers a ClientHello with an alert, so curl fails.
     let out = pod

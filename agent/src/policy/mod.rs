@@ -53,6 +53,8 @@ pub struct Subject<'a> {
 pub struct Policy {
     rules: Vec<rules::Compiled>,
     default: Action,
+    /// `foreign_hosts`: server names relayed on provider addresses.
+    foreign_hosts: Option<globset::GlobSet>,
     /// (cgroup, process, pod metadata serial) → indexes of the rules whose
     /// selector matches: a workload's selector matches are computed once per
     /// policy and pod metadata version, so a decision is a lookup plus
@@ -74,6 +76,7 @@ impl Policy {
         Ok(Self {
             rules: rules::compile(cfg, providers)?,
             default: cfg.default,
+            foreign_hosts: globs::globs(&cfg.foreign_hosts, "foreign_hosts")?,
             by_subject: Mutex::default(),
         })
     }
@@ -83,8 +86,17 @@ impl Policy {
         Self {
             rules: Vec::new(),
             default: Action::Allow,
+            foreign_hosts: None,
             by_subject: Mutex::default(),
         }
+    }
+
+    /// May a connection to a provider address naming `sni`, a host no
+    /// provider lists, be relayed (`foreign_hosts`)?
+    pub fn allows_foreign_host(&self, sni: &str) -> bool {
+        self.foreign_hosts
+            .as_ref()
+            .is_some_and(|g| g.is_match(sni.to_ascii_lowercase()))
     }
 
     /// The decision for a new connection of `subject` to `provider`.

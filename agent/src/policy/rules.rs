@@ -41,6 +41,14 @@ pub struct PolicyConfig {
     /// Chains of equivalent targets that rules may fail over along.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failover: Vec<FailoverChain>,
+    /// Server names no provider lists that may still be relayed when a
+    /// workload sends them to a provider address (globs, e.g. `chatgpt.com`
+    /// for sites that share a provider's CDN addresses). Any other server
+    /// name on a provider address is refused (`<reason>:foreign_host`): a
+    /// provider's address is no way to reach another site (domain fronting).
+    /// Observe rules relay them whatever this says.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub foreign_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

@@ -55,6 +55,14 @@ pub fn plan(facts: &Facts<'_>, policy: &Policy) -> Plan {
     let mut provider = facts.dialled.to_string();
     let mut governed = None;
     let mut distrusted = false;
+    // A server name no provider lists, sent to a provider address.
+    let foreign = match facts.hello {
+        Hello::Tls(info) => info
+            .sni
+            .as_deref()
+            .filter(|s| by_host(facts.providers, s).is_none()),
+        _ => None,
+    };
     if let Hello::Tls(info) = facts.hello
         && let Some((known, sni)) = info
             .sni
@@ -99,6 +107,16 @@ pub fn plan(facts: &Facts<'_>, policy: &Policy) -> Plan {
             provider,
             reason: format!("{reason}:unterminated"),
         },
+        // Another site behind a provider's address (domain fronting),
+        // unless the policy lets it through.
+        ConnectionDecision::Terminate { reason, .. }
+            if foreign.is_some_and(|host| !policy.allows_foreign_host(host)) =>
+        {
+            Plan::Refuse {
+                provider,
+                reason: format!("{reason}:foreign_host"),
+            }
+        }
         // Would be terminated, but the workload rejects the node CA.
         ConnectionDecision::Terminate { .. } if distrusted => Plan::Relay {
             provider,
@@ -203,6 +221,7 @@ mod tests {
             "default: allow\nrules:\n  - {name: no-claude, providers: [anthropic], action: deny}",
         );
         let observe = policy("default: observe");
+        let fronting_ok = policy("default: allow\nforeign_hosts: [\"*.example\"]");
         let models = policy(
             "default: observe\nrules:\n  - {name: minis, models: [\"*-mini\"], action: allow}",
         );
@@ -260,12 +279,31 @@ mod tests {
                 relay("openai", Decision::Allow, "default"),
             ),
             (
-                "unknown SNI: relayed under the dialled provider",
+                "unknown SNI (domain fronting): refused",
                 tls("other.example"),
                 Some(&trust),
                 &allow,
                 "/app",
+                Plan::Refuse {
+                    provider: "openai".into(),
+                    reason: "default:foreign_host".into(),
+                },
+            ),
+            (
+                "unknown SNI the policy lets through: relayed under the dialled provider",
+                tls("Other.Example"),
+                Some(&trust),
+                &fronting_ok,
+                "/app",
                 relay("openai", Decision::Allow, "default"),
+            ),
+            (
+                "unknown SNI, observed: relayed",
+                tls("other.example"),
+                Some(&trust),
+                &observe,
+                "/app",
+                relay("openai", Decision::Observe, "default"),
             ),
             (
                 "no SNI (IP-literal URL): relayed",
