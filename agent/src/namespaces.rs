@@ -20,7 +20,11 @@ use crate::{
     config::Config,
     identity::IdentityCache,
     netns::{self, NetnsId},
-    proxy::{accept::accept_loop, context::ProxyContext},
+    proxy::{
+        accept::{Namespace, accept_loop},
+        context::ProxyContext,
+    },
+    telemetry::series::GonePods,
 };
 
 /// Keeps listeners, opt-outs and identities in step with the cgroup tree.
@@ -38,6 +42,10 @@ pub struct Scanner {
     failed: HashMap<NetnsId, Instant>,
     /// Every connection task, for the drain at shutdown.
     connections: TaskTracker,
+    /// Pods gone from the node, whose metric series go after `series_grace`.
+    gone: GonePods,
+    series_grace: Duration,
+    last_sweep: Option<Instant>,
 }
 
 /// A namespace with the proxy's listeners.
@@ -80,6 +88,9 @@ impl Scanner {
             workload_resolvers: config.dns.workload_resolvers.clone(),
             failed: HashMap::new(),
             connections,
+            gone: GonePods::default(),
+            series_grace: config.metrics.pod_series_grace,
+            last_sweep: None,
         })
     }
 
@@ -144,13 +155,17 @@ impl Scanner {
             match bound {
                 Ok(Ok(l)) => {
                     let mut handles = Vec::new();
+                    let ns = Arc::new(Namespace {
+                        netns: l.netns.clone(),
+                        cookie: l.cookie,
+                        open: Default::default(),
+                    });
                     for std_l in std::iter::once(l.v4).chain(l.v6) {
                         match TcpListener::from_std(std_l) {
                             Ok(tl) => handles.push(tokio::spawn(accept_loop(
                                 self.ctx.clone(),
                                 tl,
-                                l.netns.clone(),
-                                l.cookie,
+                                ns.clone(),
                                 self.connections.clone(),
                             ))),
                             Err(e) => tracing::error!(error = %e, "registering listener failed"),
@@ -181,10 +196,41 @@ impl Scanner {
             }
         }
         self.scope_dns_learning(&found);
+        self.forget_gone_pods(&found);
         self.ctx
             .metrics
             .namespaces
             .set(self.namespaces.len() as i64);
+    }
+
+    /// Drop the metric series of pods gone for the grace, checked about once
+    /// a minute (a scan's cost stays a walk of the tree).
+    fn forget_gone_pods(&mut self, found: &netns::ScanResult) {
+        let every = self.series_grace.min(Duration::from_secs(60));
+        if self.last_sweep.is_some_and(|at| at.elapsed() < every) {
+            return;
+        }
+        self.last_sweep = Some(Instant::now());
+        let mut live = HashSet::new();
+        for f in found.namespaces.values() {
+            for (id, _) in &f.cgroups {
+                // Series are labelled by pod UID until the pod's metadata
+                // arrives and by its name after: both are alive.
+                let mut w = self.identity.lookup(*id);
+                live.insert(w.pod().to_string());
+                if w.kubernetes.is_none() {
+                    w.kubernetes = self.identity.pod_meta(&w);
+                }
+                live.insert(w.pod().to_string());
+            }
+        }
+        let forgotten = self.gone.sweep(&self.ctx.metrics, &live, self.series_grace);
+        if forgotten > 0 {
+            tracing::debug!(
+                forgotten,
+                "metric series of pods gone from the node dropped"
+            );
+        }
     }
 
     /// Tell the kernel which namespace each governed cgroup is in and which

@@ -136,6 +136,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
             .collect(),
         hello_timeout: config.tls.client_hello_timeout,
         dialer: dialer.clone(),
+        max_connections_per_namespace: config.proxy.max_connections_per_namespace,
         tls: termination(&config, live.clone(), enforcer, addresses.clone(), dialer)?,
     });
 
@@ -210,6 +211,8 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
                         .with_label_values(&[c.label()])
                         .set(m.counter(c) as i64);
                 }
+                // Only the keys with spend this month: forgotten ones leave the metrics too.
+                mt.budget_spent.reset();
                 for r in b1.local.rows(time::OffsetDateTime::now_utc()) {
                     for (period, usd) in [("daily", r.day_usd), ("monthly", r.month_usd)] {
                         mt.budget_spent
@@ -372,6 +375,7 @@ fn termination(
         distrust: Distrust::new(config.tls.ca_rejected_retry),
         live,
         enforcer,
+        bodies: crate::proxy::buffered::BodyBudget::new(config.tls.max_buffered_bytes),
         upstreams: Upstreams {
             pool,
             endpoints,

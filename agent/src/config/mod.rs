@@ -189,6 +189,27 @@ impl Config {
         if self.proxy.port == 0 {
             return err("proxy.port", "must be a port number 1-65535".into());
         }
+        if self.proxy.max_connections_per_namespace == 0 {
+            return err(
+                "proxy.max_connections_per_namespace",
+                "must be at least 1 (0 would close every connection)".into(),
+            );
+        }
+        if self.tls.max_buffered_bytes < self.tls.max_request_body {
+            return err(
+                "tls.max_buffered_bytes",
+                format!(
+                    "must be at least tls.max_request_body ({}): a body of that size could never be read",
+                    self.tls.max_request_body
+                ),
+            );
+        }
+        if self.tls.request_body_timeout.is_zero() {
+            return err(
+                "tls.request_body_timeout",
+                "must be greater than zero".into(),
+            );
+        }
         if self.heartbeat.interval.is_zero() {
             return err("heartbeat.interval", "must be greater than zero".into());
         }

@@ -21,6 +21,10 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub upstream_connect_timeout: Duration,
+    /// Connections one workload namespace may hold open through the proxy
+    /// at once; past it new ones are closed (`over_capacity`), so one pod
+    /// cannot take the proxy's descriptors and memory from the others.
+    pub max_connections_per_namespace: usize,
     /// Proxy threads. 0: one per CPU this process may use (its affinity
     /// mask). 1 runs everything on one thread, which on small nodes (or a
     /// 1-CPU limit) saves the cost of waking idle workers.
@@ -216,6 +220,15 @@ pub struct TlsConfig {
     pub stream_idle_timeout: Duration,
     /// Largest request body forwarded (it is read whole to learn the model).
     pub max_request_body: usize,
+    /// Request bodies held at once by all terminated calls of the node; a
+    /// body that would pass it gets a provider-shaped 503 with `retry-after`
+    /// (the SDK retries), other calls go on. At least `max_request_body`.
+    pub max_buffered_bytes: usize,
+    /// A terminated client must send each request's whole body within this,
+    /// counted from its headers (a body trickled to hold memory gets a 408).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub request_body_timeout: Duration,
     /// Longest wait for a provider's response headers. Non-streaming completions
     /// send headers only when generation is done, so this is long.
     #[serde(with = "humantime_serde")]
@@ -244,6 +257,9 @@ impl Default for TlsConfig {
             ca_rejected_retry: Duration::from_secs(3600),
             // 32 MiB: long-context requests with images stay well below it.
             max_request_body: 32 * 1024 * 1024,
+            // 256 MiB: eight maximal bodies at once, or thousands of usual ones.
+            max_buffered_bytes: 256 * 1024 * 1024,
+            request_body_timeout: Duration::from_secs(60),
             upstream_response_timeout: Duration::from_secs(600),
         }
     }
@@ -258,6 +274,12 @@ pub struct MetricsConfig {
     /// (`Authorization: Bearer <token>`); re-read when it changes. Empty: no
     /// token, fit only for a loopback `listen`. The probes need none.
     pub bearer_token_file: PathBuf,
+    /// The series of a pod gone from the node are dropped this long after
+    /// it went (enough for scrapes to see its last counts): per-pod series
+    /// would otherwise grow without bound on a node whose pods churn.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub pod_series_grace: Duration,
 }
 
 fn default_ports() -> Vec<u16> {
@@ -269,6 +291,7 @@ impl Default for ProxyConfig {
         Self {
             port: DEFAULT_PROXY_PORT,
             socket_mark: 0,
+            max_connections_per_namespace: 1024,
             upstream_connect_timeout: Duration::from_secs(10),
             worker_threads: 0,
         }
@@ -315,6 +338,7 @@ impl Default for MetricsConfig {
         Self {
             listen: "127.0.0.1:9464".into(),
             bearer_token_file: PathBuf::new(),
+            pod_series_grace: Duration::from_secs(600),
         }
     }
 }

@@ -95,6 +95,14 @@ pub enum Refusal {
     BodyUnreadable {
         error: String,
     },
+    /// The body did not arrive within `tls.request_body_timeout`.
+    BodyTimeout {
+        after: std::time::Duration,
+    },
+    /// The node holds `tls.max_buffered_bytes` of request bodies already.
+    Overloaded {
+        limit: usize,
+    },
     /// Declares a JSON body but sent none, or no valid JSON: the provider
     /// would reject it, and HTTP/2 reports a stream the client reset
     /// (CANCEL) as a body that simply ended — forwarding it would make a

@@ -184,9 +184,16 @@ impl Budgets {
     /// Refuse if a hard limit of `b` is reached (this node's spend).
     pub fn check(&self, b: &BudgetKey, now: OffsetDateTime) -> Result<(), Exhausted> {
         let mut g = self.spend.lock().unwrap_or_else(|e| e.into_inner());
-        let s = g.0.entry(id(&b.rule, &b.key)).or_default();
-        s.roll(now);
-        verdict(b, s.day_usd, s.month_usd, now)
+        // A key that spent nothing yet gets no entry: checks alone (a flood
+        // of workloads refused before any charge) keep no memory.
+        let (day, month) = match g.0.get_mut(&id(&b.rule, &b.key)) {
+            Some(s) => {
+                s.roll(now);
+                (s.day_usd, s.month_usd)
+            }
+            None => (0.0, 0.0),
+        };
+        verdict(b, day, month, now)
     }
 
     /// Add `usd` to `b`'s spend; the soft limits it crossed (once per period).
@@ -220,9 +227,19 @@ impl Budgets {
         .collect()
     }
 
-    /// Current spend, for `tollgate status` and the metrics.
+    /// Current spend, for `tollgate status` and the metrics. Keys that have
+    /// spent nothing this month (a workload gone since last month, say) are
+    /// forgotten here: they carry nothing a check or a report needs.
     pub fn rows(&self, now: OffsetDateTime) -> Vec<SpendRow> {
         let mut g = self.spend.lock().unwrap_or_else(|e| e.into_inner());
+        let before = g.0.len();
+        g.0.retain(|_, s| {
+            s.roll(now);
+            s.month_usd > 0.0 || s.day_usd > 0.0
+        });
+        if g.0.len() != before {
+            g.1 = true;
+        }
         let mut rows: Vec<SpendRow> =
             g.0.iter_mut()
                 .map(|(k, s)| {
@@ -333,6 +350,33 @@ mod tests {
         assert_eq!(e.period, "monthly");
         assert_eq!(e.resets_at, datetime!(2027-01-01 0:00 UTC));
         assert!(b.check(&k, datetime!(2027-01-01 0:00 UTC)).is_ok());
+    }
+
+    #[test]
+    fn keys_that_spent_nothing_this_month_are_forgotten() {
+        let b = Budgets::default();
+        for i in 0..100 {
+            let k = BudgetKey {
+                key: format!("pod-{i}"),
+                ..key(Some(1.0), None)
+            };
+            assert!(b.check(&k, datetime!(2026-12-01 10:00 UTC)).is_ok());
+        }
+        assert!(
+            b.rows(datetime!(2026-12-01 10:00 UTC)).is_empty(),
+            "checks keep nothing"
+        );
+        let k = key(Some(1.0), None);
+        b.charge(&k, 0.5, datetime!(2026-12-01 10:00 UTC));
+        assert_eq!(
+            b.rows(datetime!(2026-12-31 10:00 UTC)).len(),
+            1,
+            "kept within its month"
+        );
+        assert!(
+            b.rows(datetime!(2027-01-01 10:00 UTC)).is_empty(),
+            "gone the month after"
+        );
     }
 
     #[test]

@@ -1,7 +1,14 @@
 //! Accept redirected connections, find out who and where they are, plan
 //! them (`plan`) and execute the plan: terminate (`terminate`), relay
 //! (`relay`), or refuse.
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -22,21 +29,42 @@ use crate::{
     },
 };
 
+/// One workload namespace as its listeners serve it.
+pub struct Namespace {
+    pub netns: Arc<WorkloadNetns>,
+    pub cookie: u64,
+    /// Its connections open now (both listeners), against
+    /// `proxy.max_connections_per_namespace`.
+    pub open: AtomicUsize,
+}
+
 /// Accept on one namespace's listener until the task is aborted. Each
 /// connection's task is spawned on `tasks`, so shutdown can wait for them.
+/// Past `proxy.max_connections_per_namespace` open connections a new one is
+/// closed at once (counted as `over_capacity`): one pod cannot take the
+/// proxy's file descriptors and memory from the others.
 pub async fn accept_loop(
     ctx: Arc<ProxyContext>,
     listener: TcpListener,
-    netns: Arc<WorkloadNetns>,
-    netns_cookie: u64,
+    ns: Arc<Namespace>,
     tasks: tokio_util::task::TaskTracker,
 ) {
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                let Some(slot) = Slot::take(&ns, ctx.max_connections_per_namespace) else {
+                    over_capacity(&ctx, &ns, &mut warned);
+                    drop(stream);
+                    continue;
+                };
                 let ctx = ctx.clone();
-                let netns = netns.clone();
-                tasks.spawn(async move { handle(ctx, stream, peer, netns, netns_cookie).await });
+                let netns = ns.netns.clone();
+                let cookie = ns.cookie;
+                tasks.spawn(async move {
+                    let _slot = slot;
+                    handle(ctx, stream, peer, netns, cookie).await
+                });
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning.
@@ -146,6 +174,48 @@ async fn handle(
         relay::refuse(&ctx, client, closing, hello);
     } else {
         relay::relay_to_provider(&ctx, client, closing).await;
+    }
+}
+
+/// One open connection of a namespace; freed when dropped.
+struct Slot(Arc<Namespace>);
+
+impl Slot {
+    fn take(ns: &Arc<Namespace>, max: usize) -> Option<Self> {
+        ns.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(ns.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Count a connection closed over the namespace's cap; say so at most once a minute.
+fn over_capacity(ctx: &ProxyContext, ns: &Namespace, warned: &mut Option<std::time::Instant>) {
+    ctx.metrics
+        .connections
+        .with_label_values(&[
+            "",
+            "unknown",
+            "",
+            "unknown",
+            ConnectionResult::OverCapacity.as_str(),
+        ])
+        .inc();
+    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+        *warned = Some(std::time::Instant::now());
+        tracing::warn!(
+            netns = ns.netns.id.ino,
+            max = ctx.max_connections_per_namespace,
+            "a workload namespace holds the most connections it may (proxy.max_connections_per_namespace); new ones are closed"
+        );
     }
 }
 

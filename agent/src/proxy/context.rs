@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use arc_swap::ArcSwap;
 
-use super::{dial::Dialer, trust::Distrust, upstream::UpstreamPool};
+use super::{buffered::BodyBudget, dial::Dialer, trust::Distrust, upstream::UpstreamPool};
 use crate::{
     bpf::Maps,
     config::{CaptureConfig, TlsConfig},
@@ -39,6 +39,8 @@ pub struct ProxyContext {
     pub hello_timeout: Duration,
     /// Opens provider connections inside the workload's namespace.
     pub dialer: Arc<Dialer>,
+    /// `proxy.max_connections_per_namespace`.
+    pub max_connections_per_namespace: usize,
     /// Present when a node CA is configured: governed hosts are terminated.
     pub tls: Option<Arc<Termination>>,
 }
@@ -84,6 +86,8 @@ pub struct Termination {
     pub live: LiveRules,
     /// Limits, budgets and provider keys: what admission keeps.
     pub enforcer: Enforcer,
+    /// Request bodies held node-wide (`tls.max_buffered_bytes`).
+    pub bodies: Arc<BodyBudget>,
     /// Where requests go.
     pub upstreams: Upstreams,
 }

@@ -4,10 +4,11 @@
 use std::{convert::Infallible, sync::Arc, time::Instant};
 
 use http::{HeaderMap, HeaderValue, Request, Response, Version, header};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 
 use super::{
+    buffered::Reservation,
     context::Call,
     metered::{Finish, Metered},
     rescue,
@@ -40,10 +41,20 @@ pub(super) async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // 1. The whole body: the adapter needs it (model, stream flag), and LLM
-    //    requests are bounded JSON documents.
-    let body = match read_body(body, call.tls.settings.max_request_body).await {
-        Ok(b) => b,
-        Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
+    //    requests are bounded JSON documents. What it holds counts against
+    //    the node's bound until the provider has answered.
+    let settings = &call.tls.settings;
+    let mut held = call.tls.bodies.reservation();
+    let read = read_body(body, settings.max_request_body, &mut held);
+    let body = match tokio::time::timeout(settings.request_body_timeout, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(refusal)) => return Ok(rescue::refused(&call, &refusal, record, started)),
+        Err(_) => {
+            let refusal = Refusal::BodyTimeout {
+                after: settings.request_body_timeout,
+            };
+            return Ok(rescue::refused(&call, &refusal, record, started));
+        }
     };
     record.request_bytes = body.len() as u64;
     let capture = &call.tls.capture;
@@ -115,6 +126,8 @@ pub(super) async fn forward(
     if chain.is_some() {
         record.attempts = attempts;
     }
+    // The body is gone with the attempts: its bytes are free for others.
+    drop(held);
 
     // 4. The response, relayed frame by frame and accounted when it ends.
     let (resp, ep) = match sent {
@@ -215,20 +228,46 @@ fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> Requ
     }
 }
 
-/// Read the whole request body, at most `max` bytes.
-async fn read_body(body: Incoming, max: usize) -> Result<Bytes, Refusal> {
-    match Limited::new(body, max).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(Refusal::BodyTooLarge { limit: max })
-        }
-        Err(e) => Err(Refusal::BodyUnreadable {
+/// Read the body frame by frame, at most `max` bytes, each frame reserved
+/// in `held` (the node-wide bound) before it is kept. Past the bound the
+/// rest is read and dropped, holding nothing, so the client — still
+/// sending — gets its 503 cleanly instead of a reset.
+async fn read_body(
+    mut body: Incoming,
+    max: usize,
+    held: &mut Reservation,
+) -> Result<Bytes, Refusal> {
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    let mut overloaded = false;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Refusal::BodyUnreadable {
             error: e.to_string(),
-        }),
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing the provider needs
+        };
+        seen += data.len();
+        if seen > max {
+            return Err(Refusal::BodyTooLarge { limit: max });
+        }
+        if overloaded {
+            continue;
+        }
+        if !held.grow(data.len()) {
+            overloaded = true;
+            buf = Vec::new();
+            *held = held.emptied();
+            continue;
+        }
+        buf.extend_from_slice(&data);
     }
+    if overloaded {
+        return Err(Refusal::Overloaded {
+            limit: held.limit(),
+        });
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).

@@ -8,6 +8,7 @@
 //! what they share.
 pub mod accept;
 mod account;
+pub mod buffered;
 pub mod client_hello;
 pub mod context;
 pub mod dial;

@@ -60,6 +60,32 @@ pub(super) fn answer(refusal: &Refusal, rule: &str, adapter: &dyn Adapter) -> An
             rule.into(),
             format!("reading the request body failed: {error}"),
         ),
+        Refusal::BodyTimeout { after } => simple(
+            StatusCode::REQUEST_TIMEOUT,
+            Decision::Allow,
+            Outcome::ClientError,
+            "request_body_timeout".into(),
+            format!(
+                "the request body did not arrive within {}s (tls.request_body_timeout)",
+                after.as_secs()
+            ),
+        ),
+        Refusal::Overloaded { limit } => {
+            let wait = Duration::from_secs(1);
+            Answer {
+                headers: vec![("retry-after".into(), "1".into())],
+                retry: Some(wait),
+                ..simple(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Decision::Allow,
+                    Outcome::Overloaded,
+                    "overloaded".into(),
+                    format!(
+                        "the proxy already holds {limit} bytes of request bodies on this node (tls.max_buffered_bytes); retry shortly"
+                    ),
+                )
+            }
+        }
         Refusal::NotJson { empty } => simple(
             StatusCode::BAD_REQUEST,
             Decision::Allow,
@@ -279,6 +305,19 @@ mod tests {
                 "reading the request body failed: reset",
             ),
             (
+                Refusal::BodyTimeout {
+                    after: Duration::from_secs(60),
+                },
+                "",
+                (
+                    408,
+                    Decision::Allow,
+                    Outcome::ClientError,
+                    "request_body_timeout",
+                ),
+                "the request body did not arrive within 60s (tls.request_body_timeout)",
+            ),
+            (
                 Refusal::NotJson { empty: true },
                 "",
                 (400, Decision::Allow, Outcome::ClientError, ""),
@@ -337,6 +376,27 @@ mod tests {
             assert_eq!(a.message, message);
             assert!(a.headers.is_empty() && a.retry.is_none());
         }
+    }
+
+    #[test]
+    fn an_overloaded_node_says_retry_shortly() {
+        let a = ans(
+            Refusal::Overloaded { limit: 1024 },
+            "rule:x",
+            Api::Anthropic,
+        );
+        assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            (a.outcome, a.reason.as_str()),
+            (Outcome::Overloaded, "overloaded")
+        );
+        assert_eq!(a.headers, [("retry-after".to_string(), "1".to_string())]);
+        assert_eq!(a.retry, Some(Duration::from_secs(1)));
+        assert!(
+            a.message.contains("tls.max_buffered_bytes"),
+            "{}",
+            a.message
+        );
     }
 
     #[test]

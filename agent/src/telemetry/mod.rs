@@ -4,4 +4,5 @@ pub mod events;
 pub mod metrics;
 pub mod records;
 pub mod redact;
+pub mod series;
 pub mod token;

@@ -56,6 +56,8 @@ pub enum Outcome {
     BudgetExhausted,
     /// The rule's provider key could not be read.
     CredentialUnavailable,
+    /// Refused for now: the node holds as many request bodies as it may.
+    Overloaded,
 }
 
 impl Outcome {
@@ -72,6 +74,7 @@ impl Outcome {
             Outcome::RateLimited => "rate_limited",
             Outcome::BudgetExhausted => "budget_exhausted",
             Outcome::CredentialUnavailable => "credential_unavailable",
+            Outcome::Overloaded => "overloaded",
         }
     }
 
@@ -104,6 +107,8 @@ pub enum ConnectionResult {
     RelayError,
     /// Nobody redirected it: dialled the listener directly.
     NoRecord,
+    /// Closed at once: its namespace had `proxy.max_connections_per_namespace` open.
+    OverCapacity,
 }
 
 impl ConnectionResult {
@@ -118,6 +123,7 @@ impl ConnectionResult {
             ConnectionResult::UpstreamTimeout => "upstream_timeout",
             ConnectionResult::RelayError => "relay_error",
             ConnectionResult::NoRecord => "no_record",
+            ConnectionResult::OverCapacity => "over_capacity",
         }
     }
 }

