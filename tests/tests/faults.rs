@@ -363,7 +363,14 @@ fn calls_in_flight_fail_fast_when_the_agent_dies_and_untrusted_upstreams_are_ref
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // In flight: the provider has the call and is streaming its answer.
+    wait_until(Duration::from_secs(10), || {
+        node.provider_requests()
+            .iter()
+            .any(|r| r["model"] == "mock-slow")
+            .then_some(())
+    })
+    .expect("the streamed call reached the provider");
     node.kill_agent();
     let ended = wait_until(Duration::from_secs(5), || stream.try_wait().ok().flatten());
     let status = ended.expect("the in-flight call ended within 5 s of the agent's death");
@@ -420,7 +427,13 @@ fn http2_rapid_reset_flood_leaves_the_proxy_serving() {
     // call has a request record, and the provider's own log has exactly
     // that one request.
     node.wait_requests(1);
-    std::thread::sleep(Duration::from_millis(500)); // late stragglers would show
+    // Every connection of the flood has ended (so every record is written).
+    wait_until(Duration::from_secs(10), || {
+        node.metrics()
+            .contains("tollgate_active_connections 0")
+            .then_some(())
+    })
+    .expect("the flood's connections end");
     let calls = node
         .connections()
         .into_iter()

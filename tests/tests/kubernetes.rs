@@ -157,7 +157,21 @@ fn pod_metadata_from_the_api_server_reaches_records_metrics_and_policy() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("run curl");
-    std::thread::sleep(Duration::from_millis(800));
+    // The connection is held, waiting for the pod's metadata…
+    let uid = node.pods[2].uid.clone();
+    wait_until(Duration::from_secs(10), || {
+        node.agent_log()
+            .lines()
+            .any(|l| l.contains("waiting for this pod's metadata") && l.contains(&uid))
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the late pod's connection never waited:\n{}",
+            node.agent_log()
+        )
+    });
+    // …which then arrives.
     api.apply_pod(pod_object(
         &node.pods[2].uid,
         "team-b",

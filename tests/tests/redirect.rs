@@ -9,7 +9,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -98,11 +98,21 @@ fn non_provider_connections_are_untouched() {
         Route::Direct,
         "non-provider connection went through the agent"
     );
-    // A provider call afterwards is the only record.
+    // A provider call afterwards is the only redirect (the kernel counts at
+    // connect time, so the count is final once curl has returned) and the
+    // only record.
     pod.curl(&provider_url()).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let m = node.metrics();
+    assert!(
+        m.contains("tollgate_ebpf_events{event=\"redirected\"} 1"),
+        "{m}"
+    );
     let recs = node.wait_connections(1);
     assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(
+        recs[0]["destination"],
+        format!("{UPSTREAM_V4}:{PROVIDER_PORT}")
+    );
 }
 
 #[test]
@@ -227,7 +237,13 @@ fn agent_own_upstream_connections_are_not_redirected() {
         let a = node.pods[0].curl(&provider_url()).unwrap();
         assert_eq!(route(&a), Route::Agent);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // A loop would redirect the agent's own upstream connections too: the
+    // kernel's count (final once the calls have returned) says it did not.
+    let m = node.metrics();
+    assert!(
+        m.contains("tollgate_ebpf_events{event=\"redirected\"} 3"),
+        "{m}"
+    );
     let recs = node.wait_connections(3);
     assert_eq!(recs.len(), 3, "one record per call, no loop: {recs:?}");
     assert!(recs.iter().all(|r| r["comm"] == "curl"), "{recs:?}");
@@ -333,7 +349,9 @@ fn hung_agent_fails_open_after_heartbeat_timeout() {
     );
     // Stopped, not dead: its listeners still exist, only the heartbeat stops.
     node.agent.as_ref().unwrap().signal(libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(3000)); // heartbeat timeout is 2 s
+    // Not synchronisation: the behaviour under test is what happens once the
+    // heartbeat timeout (2 s) has passed, which only time can bring.
+    std::thread::sleep(Duration::from_millis(3000));
     let a = node.pods[0].curl(&provider_url());
     node.agent.as_ref().unwrap().signal(libc::SIGCONT);
     assert_eq!(
@@ -414,8 +432,8 @@ fn opted_out_pod_is_not_redirected() {
     let mut node = TestNode::new(2);
     let uid = node.pods[0].uid.replace('-', "_");
     node.start_agent(&format!("opt_out:\n  cgroups: [\"**/*pod{uid}.slice\"]\n"));
-    // Opt-outs are applied by the scan that also opens listeners; give it a beat.
-    std::thread::sleep(Duration::from_millis(500));
+    // Opt-outs are written by the scan before it opens listeners, and
+    // start_agent waited for every pod's listener: they are in force.
     let a = node.pods[0].curl(&provider_url()).unwrap();
     assert_eq!(route(&a), Route::Direct, "opted-out pod must go direct");
     let b = node.pods[1].curl(&provider_url()).unwrap();
@@ -440,6 +458,8 @@ fn restart_while_traffic_flows_does_not_break_new_connections() {
     let cgroup = node.pods[0].cgroup.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let done = Arc::new(AtomicUsize::new(0));
+    let done2 = done.clone();
     // A client calling every 50 ms (at most 200 calls) while the agent is replaced.
     let traffic = std::thread::spawn(move || {
         let mut results = Vec::new();
@@ -461,11 +481,19 @@ fn restart_while_traffic_flows_does_not_break_new_connections() {
             } else {
                 Err(String::from_utf8_lossy(&out.stderr).into_owned())
             });
+            done2.fetch_add(1, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(50));
         }
         results
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Some calls before the restart…
+    let calls_past = |n: usize| {
+        wait_until(Duration::from_secs(30), || {
+            (done.load(Ordering::Relaxed) >= n).then_some(())
+        })
+        .expect("the client keeps calling")
+    };
+    calls_past(5);
     let ok = node
         .agent
         .as_mut()
@@ -473,7 +501,8 @@ fn restart_while_traffic_flows_does_not_break_new_connections() {
         .terminate(Duration::from_secs(15));
     assert_eq!(ok, Some(true), "{}", node.agent_log());
     node.start_agent("");
-    std::thread::sleep(Duration::from_millis(700));
+    // …and some after it.
+    calls_past(done.load(Ordering::Relaxed) + 5);
     stop.store(true, Ordering::Relaxed);
     let results = traffic.join().unwrap();
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();

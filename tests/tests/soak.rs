@@ -119,6 +119,25 @@ fn soak_loses_no_record_and_no_token() {
         recs.iter().all(|r| r["credential_injected"] == true),
         "every call carried an injected key, across key rewrites"
     );
+    // What the provider itself received: one of the rotated keys on every
+    // call — never the workload's own — and the rotation did reach it.
+    let got = node.provider_requests();
+    assert!(
+        got.len() as u64 >= ok,
+        "{} provider requests for {ok} calls",
+        got.len()
+    );
+    let keys: std::collections::HashSet<&str> = got
+        .iter()
+        .map(|r| r["credential"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        keys.iter().all(|k| k.starts_with("Bearer sk-soak-")),
+        "a call reached the provider without the injected key: {keys:?}"
+    );
+    if rewrites >= 3 {
+        assert!(keys.len() >= 2, "the rotated key never arrived: {keys:?}");
+    }
     let m = node.metrics();
     assert!(
         m.contains("tollgate_config_reloads_total{result=\"rejected\"}"),

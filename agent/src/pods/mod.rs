@@ -89,10 +89,15 @@ impl PodDirectory {
     /// watch has not delivered yet, typically right after the agent starts).
     pub async fn get_or_wait(&self, uid: &str, wait: Duration) -> Option<Arc<PodMeta>> {
         let deadline = tokio::time::Instant::now() + wait;
+        let mut said = false;
         loop {
             let notified = self.changed.notified();
             if let Some(p) = self.get(uid) {
                 return Some(p);
+            }
+            if !said {
+                said = true;
+                tracing::debug!(pod_uid = uid, ?wait, "waiting for this pod's metadata");
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return None;
