@@ -373,3 +373,37 @@ fn a_provider_address_is_no_way_to_another_site() {
     let out = fronted(&node, "fronted.example.com");
     assert!(!out.status.success(), "other names stay refused: {out:?}");
 }
+
+#[test]
+fn a_bad_provider_entry_costs_one_call_not_the_node() {
+    if !require_privileged("a_bad_provider_entry_costs_one_call_not_the_node") {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    // `bare` has addresses but no host name: no certificate can be checked
+    // against it, so a call failed over to it cannot be sent.
+    node.start_agent(&format!(
+        r#"providers:
+  - {{name: openai, hosts: [{PROVIDER_HOST}], ports: [443, 8443]}}
+  - {{name: bare, addresses: ["{backup}"], ports: [8443], api: openai}}
+policy:
+  failover:
+    - name: to-bare
+      targets:
+        - {{provider: openai, model: mock-500}}
+        - {{provider: bare, model: gpt-4o-mini}}
+      backoff: 10ms
+  rules:
+    - {{name: fo, action: allow, failover: to-bare}}
+"#,
+        backup = tollgate_tests::node::UPSTREAM_V4_BACKUP
+    ));
+    let out = post(&node, 0, r#"{"model":"mock-500","messages":[]}"#);
+    assert!(out.contains(" 502"), "{out}\n{}", node.agent_log());
+    assert!(out.contains("cannot be dialled"), "{out}");
+    // The next calls are served: nothing was poisoned.
+    for _ in 0..3 {
+        let out = post(&node, 0, r#"{"model":"gpt-4o-mini","messages":[]}"#);
+        assert!(out.contains(" 200"), "{out}\n{}", node.agent_log());
+    }
+}
