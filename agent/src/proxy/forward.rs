@@ -237,6 +237,8 @@ async fn read_body(
     max: usize,
     held: &mut Reservation,
 ) -> Result<Bytes, Refusal> {
+    // One frame (the usual small JSON body) is kept as it came, uncopied.
+    let mut first: Option<Bytes> = None;
     let mut buf = Vec::new();
     let mut seen = 0usize;
     let mut overloaded = false;
@@ -256,18 +258,25 @@ async fn read_body(
         }
         if !held.grow(data.len()) {
             overloaded = true;
-            buf = Vec::new();
+            (first, buf) = (None, Vec::new());
             *held = held.emptied();
             continue;
         }
-        buf.extend_from_slice(&data);
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            None => buf.extend_from_slice(&data),
+            Some(one) => {
+                buf.extend_from_slice(&one);
+                buf.extend_from_slice(&data);
+            }
+        }
     }
     if overloaded {
         return Err(Refusal::Overloaded {
             limit: held.limit(),
         });
     }
-    Ok(Bytes::from(buf))
+    Ok(first.unwrap_or_else(|| Bytes::from(buf)))
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
