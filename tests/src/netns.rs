@@ -56,26 +56,20 @@ impl Netns {
     /// (a socket stays in the namespace it was created in, whichever thread
     /// later serves it): for test servers the namespace's processes reach.
     pub fn bind_tcp(&self, addr: &str) -> std::net::TcpListener {
-        let path = self.path();
         let addr = addr.to_string();
-        std::thread::spawn(move || {
-            let ns = File::open(&path).expect("netns file exists");
-            // This thread only: the test's other threads stay where they are.
-            assert_eq!(
-                unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns {path}"
-            );
-            std::net::TcpListener::bind(&addr).expect("bind in netns")
-        })
-        .join()
-        .expect("bind thread")
+        self.enter(move || std::net::TcpListener::bind(&addr).expect("bind in netns"))
     }
 
     /// A UDP socket bound inside this namespace, like `bind_tcp`.
     pub fn bind_udp(&self, addr: &str) -> std::net::UdpSocket {
-        let path = self.path();
         let addr = addr.to_string();
+        self.enter(move || std::net::UdpSocket::bind(&addr).expect("bind in netns"))
+    }
+
+    /// Run `f` on a thread of its own that has entered this namespace (the
+    /// test's other threads stay where they are).
+    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
         std::thread::spawn(move || {
             let ns = File::open(&path).expect("netns file exists");
             assert_eq!(
@@ -83,10 +77,10 @@ impl Netns {
                 0,
                 "setns {path}"
             );
-            std::net::UdpSocket::bind(&addr).expect("bind in netns")
+            f()
         })
         .join()
-        .expect("bind thread")
+        .expect("netns thread")
     }
 
     /// A command that will run inside this namespace. Entered with setns(2)

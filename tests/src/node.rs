@@ -241,6 +241,28 @@ impl TestNode {
             old.signal(libc::SIGKILL);
             old.wait_for(Duration::from_secs(2));
         }
+        let dns = self.dnsmasq(
+            "127.0.0.1",
+            &[
+                format!("--local-ttl={}", self.dns_ttl),
+                format!("--addn-hosts={}", hosts.display()),
+            ],
+        );
+        self.dns = Some(dns);
+    }
+
+    /// A DNS server on pod `i`'s gateway — the nameserver its resolv.conf
+    /// names — answering with dnsmasq's `records` (e.g. `--host-record=…`).
+    /// Returns the gateway address and the server (stopped when dropped).
+    pub fn pod_resolver(&self, i: usize, records: &[String]) -> (String, Proc) {
+        let gateway = self.pods[i].ip4.replace(".2", ".1");
+        let dns = self.dnsmasq(&gateway, records);
+        (gateway, dns)
+    }
+
+    /// dnsmasq in the node namespace on `listen`:53 with `extra` arguments,
+    /// started and listening.
+    fn dnsmasq(&self, listen: &str, extra: &[String]) -> Proc {
         let dns = Proc::spawn(
             "dnsmasq",
             self.node
@@ -250,22 +272,21 @@ impl TestNode {
                     "--no-resolv",
                     "--no-hosts",
                     "--bind-interfaces",
-                    "--listen-address=127.0.0.1",
+                    &format!("--listen-address={listen}"),
                     "--port=53",
                     "--user=root",
                     "--pid-file=",
-                    &format!("--local-ttl={}", self.dns_ttl),
-                    &format!("--addn-hosts={}", hosts.display()),
                 ])
+                .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
-        self.dns = Some(dns);
         assert!(
             self.node
-                .wait_udp_listener("127.0.0.1:53", Duration::from_secs(5)),
-            "dnsmasq did not start"
+                .wait_udp_listener(&format!("{listen}:53"), Duration::from_secs(5)),
+            "dnsmasq on {listen} did not start"
         );
+        dns
     }
 
     /// Agent config for this node; `extra` is YAML merged over it (nested

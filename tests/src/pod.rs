@@ -137,6 +137,26 @@ impl Pod {
         c
     }
 
+    /// Run a Python script (`python3 -c script args…`) from inside this pod
+    /// and return its standard output; a failing script fails the test
+    /// with its standard error.
+    pub fn python(&self, script: &str, args: &[&str]) -> String {
+        let out = self
+            .netns
+            .command_in_cgroup("python3", Some(&self.cgroup))
+            .args(["-c", script])
+            .args(args)
+            .output()
+            .expect("run python3");
+        assert!(
+            out.status.success(),
+            "python in pod {}: {}",
+            self.index,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn curl_cmd(&self, url: &str) -> Command {
         let mut c = self.netns.command_in_cgroup("curl", Some(&self.cgroup));
         c.args(["-sS", "-g", "-m", "5", "--connect-timeout", "3", url]);

@@ -149,23 +149,8 @@ fn one_pods_connections_are_capped_and_the_others_are_served() {
     }
     let mut node = TestNode::new(2);
     node.start_agent("proxy: {max_connections_per_namespace: 4}");
-    let pod = &node.pods[0];
-    let out = pod
-        .netns
-        .command_in_cgroup("python3", Some(&pod.cgroup))
-        .args(["-c", HOLDER, tollgate_tests::node::UPSTREAM_V4, "6"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "2 4",
-        "four held, two closed"
-    );
+    let held = node.pods[0].python(HOLDER, &[tollgate_tests::node::UPSTREAM_V4, "6"]);
+    assert_eq!(held.trim(), "2 4", "four held, two closed");
     // The cap is per namespace: pod 2 is served.
     let other = node.pods[1].chat(
         &node.node_ca_cert(),
@@ -200,24 +185,17 @@ fn a_body_trickled_to_hold_memory_is_cut_off() {
     }
     let mut node = TestNode::new(1);
     node.start_agent("tls: {request_body_timeout: 1s}");
-    let pod = &node.pods[0];
-    let out = pod
-        .netns
-        .command_in_cgroup("python3", Some(&pod.cgroup))
-        .args(["-c", TRICKLE])
-        .arg(node.node_ca_cert())
-        .args([PROVIDER_HOST, UPSTREAM_V4, &TLS_PORT.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let ca = node.node_ca_cert();
+    let status = node.pods[0].python(
+        TRICKLE,
+        &[
+            ca.to_str().unwrap(),
+            PROVIDER_HOST,
+            UPSTREAM_V4,
+            &TLS_PORT.to_string(),
+        ],
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "HTTP/1.1 408 Request Timeout"
-    );
+    assert_eq!(status.trim(), "HTTP/1.1 408 Request Timeout");
     let recs = node.wait_requests(1);
     assert_eq!(recs[0]["reason"], "request_body_timeout", "{recs:?}");
     assert!(

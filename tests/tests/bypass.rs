@@ -44,21 +44,15 @@ fn a_socket_with_the_agents_mark_is_still_redirected() {
     }
     let mut node = TestNode::new(1);
     node.start_agent(&format!("proxy: {{socket_mark: {AGENT_MARK}}}"));
-    let pod = &node.pods[0];
-    let out = pod
-        .netns
-        .command_in_cgroup("python3", Some(&pod.cgroup))
-        .args(["-c", MARKED_CLIENT, UPSTREAM_V4])
-        .arg(PROVIDER_PORT.to_string())
-        .arg(AGENT_MARK.to_string())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = node.pods[0].python(
+        MARKED_CLIENT,
+        &[
+            UPSTREAM_V4,
+            &PROVIDER_PORT.to_string(),
+            &AGENT_MARK.to_string(),
+        ],
     );
-    let answer = curl_answer(&out.stdout).unwrap();
+    let answer = curl_answer(out.as_bytes()).unwrap();
     assert_eq!(
         route(&answer),
         Route::Agent,
@@ -107,18 +101,9 @@ fn udp_to_a_provider_address_is_refused() {
     let other = node.upstream.bind_udp(&format!("{UPSTREAM_V4}:4433"));
     let pod = &node.pods[0];
     let send = |ip: &str, port: u16| {
-        let out = pod
-            .netns
-            .command_in_cgroup("python3", Some(&pod.cgroup))
-            .args(["-c", UDP_CLIENT, ip, &port.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        pod.python(UDP_CLIENT, &[ip, &port.to_string()])
+            .trim()
+            .to_string()
     };
     assert_eq!(send(UPSTREAM_V4, PROVIDER_PORT), "refused refused");
     assert_eq!(send(UPSTREAM_V6, PROVIDER_PORT), "refused refused");

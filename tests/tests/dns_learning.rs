@@ -2,13 +2,12 @@
 //! on `cgroup_skb/ingress` learns an address that only the pod's own
 //! resolver returned (through a CNAME chain), so the pod's very first
 //! connection to it is redirected; the address expires with its TTL.
-use std::{fs, process::Stdio, time::Duration};
+use std::{fs, time::Duration};
 
 use tollgate_tests::{
     TestNode,
     node::{PROVIDER_HOST, PROVIDER_PORT, Route, UPSTREAM_V4_ALT, route},
     pod::{CURL_ENDS, curl_answer},
-    process::Proc,
     require_privileged,
 };
 
@@ -64,31 +63,14 @@ fn first_connection_to_an_address_only_the_pod_resolved_is_redirected() {
 
     // The pod's DNS server (on its gateway) answers the provider name with a
     // CNAME chain ending at that address, TTL 1 s.
-    let _pod_dns = Proc::spawn(
-        "pod-dnsmasq",
-        node.node
-            .command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                &format!("--listen-address={gateway}"),
-                "--port=53",
-                "--user=root",
-                "--pid-file=",
-                "--local-ttl=1",
-                &format!("--host-record=edge.cdn.test,{UPSTREAM_V4_ALT}"),
-                &format!("--cname={PROVIDER_HOST},provider.cdn.test"),
-                "--cname=provider.cdn.test,edge.cdn.test",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    assert!(
-        node.node
-            .wait_udp_listener(&format!("{gateway}:53"), Duration::from_secs(5)),
-        "pod DNS server did not start"
+    let (_, _pod_dns) = node.pod_resolver(
+        0,
+        &[
+            "--local-ttl=1".to_string(),
+            format!("--host-record=edge.cdn.test,{UPSTREAM_V4_ALT}"),
+            format!("--cname={PROVIDER_HOST},provider.cdn.test"),
+            "--cname=provider.cdn.test,edge.cdn.test".to_string(),
+        ],
     );
 
     // First connection after the pod resolved the name: redirected.

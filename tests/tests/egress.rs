@@ -7,7 +7,6 @@
 use std::{
     io::ErrorKind,
     path::Path,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -16,7 +15,6 @@ use tollgate_tests::{
     netns::run_ok,
     node::{ANTHROPIC_HOST, NODE_UPSTREAM_V4, PROVIDER_HOST, TLS_PORT, UPSTREAM_V4},
     pod::Pod,
-    process::Proc,
     require_privileged,
 };
 
@@ -191,11 +189,7 @@ fn a_forged_dns_answer_is_not_learned() {
     let pod = &node.pods[0];
     // The pod tells the kernel "api.anthropic.com is the node's address",
     // from port 53 of its own loopback: no resolver of the pod sent that.
-    run_ok(
-        pod.netns
-            .command_in_cgroup("python3", Some(&pod.cgroup))
-            .args(["-c", FORGE_DNS, ANTHROPIC_HOST, NODE_UPSTREAM_V4]),
-    );
+    pod.python(FORGE_DNS, &[ANTHROPIC_HOST, NODE_UPSTREAM_V4]);
     assert!(kernel_event(&node, "dns_ignored") >= 1);
     assert_eq!(kernel_event(&node, "dns_learned"), 0);
     let out = chat(&node, pod, ANTHROPIC_HOST, NODE_UPSTREAM_V4);
@@ -219,35 +213,11 @@ fn a_learned_address_opens_nothing_the_pod_could_not_reach() {
     let pod = &node.pods[0];
     // The pod's own nameserver (its resolv.conf names the gateway) answers
     // "api.anthropic.com is the node's address": lying, or told to by the pod.
-    let gateway = pod.ip4.replace(".2", ".1");
-    let _resolver = Proc::spawn(
-        "pod-dnsmasq",
-        node.node
-            .command("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                &format!("--listen-address={gateway}"),
-                "--port=53",
-                "--user=root",
-                "--pid-file=",
-                &format!("--host-record={ANTHROPIC_HOST},{NODE_UPSTREAM_V4}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+    let (gateway, _resolver) = node.pod_resolver(
+        0,
+        &[format!("--host-record={ANTHROPIC_HOST},{NODE_UPSTREAM_V4}")],
     );
-    assert!(
-        node.node
-            .wait_udp_listener(&format!("{gateway}:53"), Duration::from_secs(5)),
-        "pod DNS server did not start"
-    );
-    run_ok(
-        pod.netns
-            .command_in_cgroup("python3", Some(&pod.cgroup))
-            .args(["-c", QUERY_DNS, ANTHROPIC_HOST, &gateway]),
-    );
+    pod.python(QUERY_DNS, &[ANTHROPIC_HOST, &gateway]);
     assert!(
         kernel_event(&node, "dns_learned") >= 1,
         "the answer was learned"
