@@ -71,6 +71,18 @@ pub enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// The price table in force (shipped entries and the config's), or how
+    /// one model is priced.
+    Pricing {
+        /// The agent's configuration (its `pricing` section); omitted: the shipped table.
+        #[arg(long, short, env = "TOLLGATE_CONFIG")]
+        config: Option<PathBuf>,
+        /// A model name to price (as the provider reports it, e.g. gpt-4o-mini-2024-07-18).
+        model: Option<String>,
+        /// The provider it is called through (entries can be provider-scoped).
+        #[arg(long, default_value = "openai")]
+        provider: String,
+    },
     /// Remove programs pinned by a fail-closed agent (provider connections flow again).
     Detach {
         /// bpffs directory the agent pinned into.

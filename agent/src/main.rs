@@ -96,6 +96,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Pricing {
+            config,
+            model,
+            provider,
+        } => {
+            let config = load_config(config.as_deref())?;
+            let table = tollgate_agent::pricing::PriceTable::new(&config.pricing)
+                .map_err(|(i, e)| anyhow::anyhow!("pricing.models[{i}]: {e}"))?;
+            match model {
+                Some(m) => print!("{}", table.explain(&provider, &m)),
+                None => print!("{}", table.listing()),
+            }
+            Ok(())
+        }
         Command::Detach { bpffs_dir } => {
             let n = tollgate_agent::bpf::detach_pinned(&bpffs_dir);
             println!(

@@ -87,6 +87,9 @@ const CACHE_CAP: usize = 4096;
 /// The shipped table's source.
 pub const DEFAULT_TABLE: &str = include_str!("default.yaml");
 
+/// When the shipped prices were taken from the providers' price lists.
+pub const SHIPPED_AS_OF: &str = "November 2025";
+
 impl PriceTable {
     pub fn new(cfg: &PricingConfig) -> Result<Self, (usize, PricingError)> {
         let mut entries = Vec::new();
@@ -137,6 +140,54 @@ impl PriceTable {
         }
         cache.insert(key, found);
         found
+    }
+
+    /// The table as `tollgate pricing` prints it: one line per entry, in
+    /// the order they were given (config entries first).
+    pub fn listing(&self) -> String {
+        use std::fmt::Write;
+        let mut out = format!(
+            "shipped prices as of {SHIPPED_AS_OF}, USD per million tokens (override under pricing.models)\n\n{:<28} {:<10} {:>9} {:>9} {:>9} {:>9}  source\n",
+            "match", "provider", "input", "cached", "cache w.", "output"
+        );
+        for e in &self.entries {
+            let p = &e.price;
+            let _ = writeln!(
+                out,
+                "{:<28} {:<10} {:>9} {:>9} {:>9} {:>9}  {}",
+                p.pattern,
+                p.provider.as_deref().unwrap_or("any"),
+                p.input,
+                p.cached_input.unwrap_or(p.input),
+                p.cache_write_input.unwrap_or(p.input),
+                p.output,
+                if e.from_config { "config" } else { "shipped" }
+            );
+        }
+        out
+    }
+
+    /// Which entry prices `model` of `provider`, and at what; or what to
+    /// add when none does.
+    pub fn explain(&self, provider: &str, model: &str) -> String {
+        match self.lookup(provider, model) {
+            Some(i) => {
+                let e = &self.entries[i];
+                let p = &e.price;
+                format!(
+                    "{model} ({provider}): priced by `{}` ({}): input {}, cached input {}, cache writes {}, output {} USD per million tokens\n",
+                    p.pattern,
+                    if e.from_config { "config" } else { "shipped" },
+                    p.input,
+                    p.cached_input.unwrap_or(p.input),
+                    p.cache_write_input.unwrap_or(p.input),
+                    p.output
+                )
+            }
+            None => format!(
+                "{model} ({provider}): no entry prices it; its calls have no cost_usd and count nothing against budgets\nhint: add it under pricing.models, e.g.\n  pricing:\n    models:\n      - {{match: \"{model}*\", input: 1.0, output: 4.0}}\n"
+            ),
+        }
     }
 
     /// USD cost of `usage` for a call to `provider` answered by `model`.
@@ -229,6 +280,61 @@ mod tests {
             "gemini-2.5-flash-lite*"
         );
         assert!(t.price("openai", "totally-unknown").is_none());
+    }
+
+    /// Every shipped entry prices its own models: the bare name and a dated
+    /// snapshot of it fall under that entry, not under a shorter (cheaper
+    /// or dearer) glob — `o3-pro` is not priced as `o3`.
+    #[test]
+    fn every_shipped_entry_is_the_most_specific_match_for_its_models() {
+        let t = PriceTable::new(&PricingConfig::default()).unwrap();
+        for e in shipped() {
+            let stem = e.pattern.trim_end_matches('*');
+            for model in [stem.to_string(), format!("{stem}-2099-01-01")] {
+                assert_eq!(
+                    t.family("openai", &model),
+                    Some(e.pattern.as_str()),
+                    "{model} is not priced by its own entry"
+                );
+            }
+        }
+        for (model, input, output) in [
+            ("o3-pro-2025-06-10", 20.0, 80.0),
+            ("gpt-5-pro", 15.0, 120.0),
+            ("o1-pro", 150.0, 600.0),
+            ("o3-2025-04-16", 2.0, 8.0),
+            ("gpt-5.1", 1.25, 10.0),
+        ] {
+            let p = t.price("openai", model).expect(model);
+            assert_eq!((p.input, p.output), (input, output), "{model}");
+        }
+    }
+
+    #[test]
+    fn the_table_explains_itself() {
+        let t = table("- {match: \"my-ft*\", provider: openai, input: 1.0, output: 2.0}");
+        let list = t.listing();
+        assert!(list.contains(SHIPPED_AS_OF), "{list}");
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with("my-ft*") && l.ends_with("config")),
+            "{list}"
+        );
+        assert!(
+            list.lines()
+                .any(|l| l.starts_with("o3-pro*") && l.ends_with("shipped")),
+            "{list}"
+        );
+        let e = t.explain("openai", "o3-pro-2025-06-10");
+        assert!(
+            e.contains("priced by `o3-pro*` (shipped)") && e.contains("output 80"),
+            "{e}"
+        );
+        let e = t.explain("openai", "brand-new-model");
+        assert!(
+            e.contains("no entry prices it") && e.contains("pricing.models"),
+            "{e}"
+        );
     }
 
     #[test]
