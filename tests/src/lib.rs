@@ -13,10 +13,12 @@
 //! owned by guards whose `Drop` removes it, also when a test panics.
 pub mod cgroups;
 pub mod chart;
+mod dns;
 pub mod kube_api;
 pub mod mock_llm;
 pub mod netns;
 pub mod node;
+mod observed;
 pub mod pod;
 pub mod privileged;
 pub mod process;

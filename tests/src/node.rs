@@ -1,4 +1,4 @@
-//! The test node: namespaces, pods, DNS, mock provider, and the agent.
+//! The test node: namespaces, pods, the mock provider and the agent (its DNS in `dns`, what the far sides saw in `observed`).
 use std::{
     fs,
     path::PathBuf,
@@ -7,12 +7,15 @@ use std::{
     time::Duration,
 };
 
-pub use crate::yaml::merge_yaml;
 use crate::{
     cgroups::{CgroupTree, cgroup2_mount, remove_tree},
     netns::{Netns, run_ok},
     pod::Pod,
     process::{Proc, wait_until},
+};
+pub use crate::{
+    observed::{Route, peer_ip, route},
+    yaml::merge_yaml,
 };
 
 /// Provider address served by the mock (the name `api.openai.com` resolves here).
@@ -57,7 +60,7 @@ pub enum Layout {
 pub struct TestNode {
     pub agent: Option<Proc>,
     pub mock: Proc,
-    dns: Option<Proc>,
+    pub(crate) dns: Option<Proc>,
     pub pods: Vec<Pod>,
     pub cgroups: CgroupTree,
     /// The subtree the agent governs (`kubepods.slice` or `tollgate.slice`).
@@ -226,69 +229,6 @@ impl TestNode {
         self.pods.last().unwrap()
     }
 
-    /// (Re)start dnsmasq in the node namespace answering `api.openai.com` with `addrs`.
-    pub fn set_dns(&mut self, addrs: &[&str]) {
-        let hosts = self.dir.join("hosts");
-        let body: String = addrs
-            .iter()
-            .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n"))
-            .chain(std::iter::once(format!(
-                "{UPSTREAM_V4_BACKUP} {BACKUP_HOST}\n"
-            )))
-            .collect();
-        fs::write(&hosts, body).unwrap();
-        if let Some(mut old) = self.dns.take() {
-            old.signal(libc::SIGKILL);
-            old.wait_for(Duration::from_secs(2));
-        }
-        let dns = self.dnsmasq(
-            "127.0.0.1",
-            &[
-                format!("--local-ttl={}", self.dns_ttl),
-                format!("--addn-hosts={}", hosts.display()),
-            ],
-        );
-        self.dns = Some(dns);
-    }
-
-    /// A DNS server on pod `i`'s gateway — the nameserver its resolv.conf
-    /// names — answering with dnsmasq's `records` (e.g. `--host-record=…`).
-    /// Returns the gateway address and the server (stopped when dropped).
-    pub fn pod_resolver(&self, i: usize, records: &[String]) -> (String, Proc) {
-        let gateway = self.pods[i].ip4.replace(".2", ".1");
-        let dns = self.dnsmasq(&gateway, records);
-        (gateway, dns)
-    }
-
-    /// dnsmasq in the node namespace on `listen`:53 with `extra` arguments,
-    /// started and listening.
-    fn dnsmasq(&self, listen: &str, extra: &[String]) -> Proc {
-        let dns = Proc::spawn(
-            "dnsmasq",
-            self.node
-                .command("dnsmasq")
-                .args([
-                    "--keep-in-foreground",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    &format!("--listen-address={listen}"),
-                    "--port=53",
-                    "--user=root",
-                    "--pid-file=",
-                ])
-                .args(extra)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        );
-        assert!(
-            self.node
-                .wait_udp_listener(&format!("{listen}:53"), Duration::from_secs(5)),
-            "dnsmasq on {listen} did not start"
-        );
-        dns
-    }
-
     /// Agent config for this node; `extra` is YAML merged over it (nested
     /// keys override one by one, e.g. `tls: {stream_idle_timeout: 1s}`).
     pub fn agent_config(&self, extra: &str) -> String {
@@ -436,80 +376,6 @@ impl TestNode {
             self.agent_log()
         );
     }
-
-    /// The connection records written so far.
-    pub fn connections(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.connection_log())
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Wait for at least `n` connection records.
-    pub fn wait_connections(&self, n: usize) -> Vec<serde_json::Value> {
-        wait_until(Duration::from_secs(5), || {
-            let c = self.connections();
-            (c.len() >= n).then_some(c)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "expected {n} connection records, have {:?}\nagent log:\n{}",
-                self.connections(),
-                self.agent_log()
-            )
-        })
-    }
-
-    /// Fetch the agent's /metrics (it listens on the node namespace's loopback).
-    /// The audit log's request records, once there are at least `n`.
-    /// Every request the mock provider received, as it recorded them
-    /// (`request`, `peer`, `local`, `host`, `sni`, `credential`, `model`).
-    pub fn mock_requests(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.dir.join("mock-requests.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// What reached the mock provider's TLS listeners (where terminated
-    /// calls go), the node's readiness probes of its plain listener left out.
-    pub fn provider_requests(&self) -> Vec<serde_json::Value> {
-        let port = format!(":{TLS_PORT}");
-        self.mock_requests()
-            .into_iter()
-            .filter(|r| r["local"].as_str().is_some_and(|l| l.ends_with(&port)))
-            .collect()
-    }
-
-    pub fn wait_requests(&self, n: usize) -> Vec<serde_json::Value> {
-        wait_until(Duration::from_secs(5), || {
-            let r: Vec<_> = self
-                .connections()
-                .into_iter()
-                .filter(|r| r["kind"] == "request")
-                .collect();
-            (r.len() >= n).then_some(r)
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "expected {n} request records: {:?}\n{}",
-                self.connections(),
-                self.agent_log()
-            )
-        })
-    }
-
-    pub fn metrics(&self) -> String {
-        let out = self
-            .node
-            .command("curl")
-            .args(["-sS", "-m", "3", "http://127.0.0.1:9464/metrics"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
 }
 
 impl Drop for TestNode {
@@ -625,45 +491,6 @@ pub fn governed_node(test: &str, pods: u32, config: &str) -> Option<TestNode> {
     let mut node = TestNode::new(pods);
     node.start_agent(config);
     Some(node)
-}
-
-/// The TCP peer the mock provider saw (its echo answer's `peer_ip`).
-pub fn peer_ip(answer: &serde_json::Value) -> String {
-    answer["peer_ip"].as_str().unwrap_or_default().to_string()
-}
-
-/// How a `Pod::curl` call reached the mock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    /// The mock's peer was curl's own socket.
-    Direct,
-    /// The mock's peer was another socket: the agent's, made in the pod's
-    /// namespace (so from the pod's address), while curl's was redirected
-    /// to the agent's loopback listener.
-    Agent,
-}
-
-/// Tell a redirected call from a direct one by the two ends: curl's own
-/// end of its connection (`client`, from curl) against the peer the mock
-/// saw. Both carry the pod's address when the agent dials from the pod's
-/// namespace, so the address alone cannot tell; curl's redirected socket
-/// ends on loopback, a direct one is the very peer the mock saw.
-pub fn route(answer: &serde_json::Value) -> Route {
-    let unmapped = |ip: &str| ip.trim_start_matches("::ffff:").to_string();
-    let (client_ip, client_port) = answer["client"]
-        .as_str()
-        .and_then(|c| c.rsplit_once(' '))
-        .unwrap_or_else(|| panic!("no curl end (`client`) in {answer}"));
-    let (peer_ip, peer_port) = answer["peer"]
-        .as_str()
-        .and_then(|p| p.rsplit_once(':'))
-        .unwrap_or_else(|| panic!("no mock peer in {answer}"));
-    let peer_ip = peer_ip.trim_start_matches('[').trim_end_matches(']');
-    if client_port == peer_port && unmapped(client_ip) == unmapped(peer_ip) {
-        Route::Direct
-    } else {
-        Route::Agent
-    }
 }
 
 pub fn agent_bin() -> String {

@@ -6,6 +6,7 @@ use std::{process::Stdio, time::Duration};
 
 use tollgate_tests::{
     TestNode,
+    node::governed_node,
     node::{PROVIDER_HOST, TLS_PORT, UPSTREAM_V4},
     require_privileged,
 };
@@ -144,11 +145,13 @@ print(closed, n - closed)
 
 #[test]
 fn one_pods_connections_are_capped_and_the_others_are_served() {
-    if !require_privileged("one_pods_connections_are_capped_and_the_others_are_served") {
+    let Some(node) = governed_node(
+        "one_pods_connections_are_capped_and_the_others_are_served",
+        2,
+        "proxy: {max_connections_per_namespace: 4}",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(2);
-    node.start_agent("proxy: {max_connections_per_namespace: 4}");
+    };
     let held = node.pods[0].python(HOLDER, &[tollgate_tests::node::UPSTREAM_V4, "6"]);
     assert_eq!(held.trim(), "2 4", "four held, two closed");
     // The cap is per namespace: pod 2 is served.
@@ -180,11 +183,13 @@ print(s.recv(4096).split(b"\r\n")[0].decode())
 
 #[test]
 fn a_body_trickled_to_hold_memory_is_cut_off() {
-    if !require_privileged("a_body_trickled_to_hold_memory_is_cut_off") {
+    let Some(node) = governed_node(
+        "a_body_trickled_to_hold_memory_is_cut_off",
+        1,
+        "tls: {request_body_timeout: 1s}",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("tls: {request_body_timeout: 1s}");
+    };
     let ca = node.node_ca_cert();
     let status = node.pods[0].python(
         TRICKLE,
@@ -206,11 +211,13 @@ fn a_body_trickled_to_hold_memory_is_cut_off() {
 
 #[test]
 fn the_metric_series_of_a_pod_that_went_are_dropped() {
-    if !require_privileged("the_metric_series_of_a_pod_that_went_are_dropped") {
+    let Some(mut node) = governed_node(
+        "the_metric_series_of_a_pod_that_went_are_dropped",
+        2,
+        "metrics: {pod_series_grace: 1s}",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(2);
-    node.start_agent("metrics: {pod_series_grace: 1s}");
+    };
     let call = r#"{"model":"gpt-4o-mini","messages":[]}"#;
     for pod in &node.pods {
         assert!(pod.chat(&node.node_ca_cert(), call, &[]).contains(" 200"));

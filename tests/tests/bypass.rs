@@ -6,10 +6,9 @@
 use std::time::Duration;
 
 use tollgate_tests::{
-    TestNode,
+    node::governed_node,
     node::{PROVIDER_PORT, Route, UPSTREAM_V4, UPSTREAM_V6, route},
     pod::curl_answer,
-    require_privileged,
 };
 
 /// The mark the agent is configured to put on its own connections: what a
@@ -39,11 +38,13 @@ sys.stdout.write(body + "\n" + local[0] + " " + str(local[1]))
 
 #[test]
 fn a_socket_with_the_agents_mark_is_still_redirected() {
-    if !require_privileged("a_socket_with_the_agents_mark_is_still_redirected") {
+    let Some(node) = governed_node(
+        "a_socket_with_the_agents_mark_is_still_redirected",
+        1,
+        &format!("proxy: {{socket_mark: {AGENT_MARK}}}"),
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent(&format!("proxy: {{socket_mark: {AGENT_MARK}}}"));
+    };
     let out = node.pods[0].python(
         MARKED_CLIENT,
         &[
@@ -85,11 +86,9 @@ print(" ".join(done))
 
 #[test]
 fn udp_to_a_provider_address_is_refused() {
-    if !require_privileged("udp_to_a_provider_address_is_refused") {
+    let Some(node) = governed_node("udp_to_a_provider_address_is_refused", 1, "") else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     // What the provider's addresses receive over UDP: on the provider port,
     // and on a port no provider uses.
     let quic4 = node

@@ -13,9 +13,9 @@ use std::{
 use tollgate_tests::{
     TestNode,
     netns::run_ok,
+    node::governed_node,
     node::{ANTHROPIC_HOST, NODE_UPSTREAM_V4, PROVIDER_HOST, TLS_PORT, UPSTREAM_V4},
     pod::Pod,
-    require_privileged,
 };
 
 /// Load an nftables ruleset (`rules`, nft syntax) inside a namespace of the test node.
@@ -55,11 +55,13 @@ fn peer_ip_of(request: &serde_json::Value) -> String {
 
 #[test]
 fn a_pods_egress_rules_hold_for_its_calls_through_the_agent() {
-    if !require_privileged("a_pods_egress_rules_hold_for_its_calls_through_the_agent") {
+    let Some(node) = governed_node(
+        "a_pods_egress_rules_hold_for_its_calls_through_the_agent",
+        2,
+        "",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(2);
-    node.start_agent("");
+    };
     // Pod 2 may not reach the provider address: its own firewall says so.
     nft(
         &node.pods[1].netns,
@@ -180,11 +182,9 @@ fn kernel_event(node: &TestNode, event: &str) -> u64 {
 
 #[test]
 fn a_forged_dns_answer_is_not_learned() {
-    if !require_privileged("a_forged_dns_answer_is_not_learned") {
+    let Some(node) = governed_node("a_forged_dns_answer_is_not_learned", 1, "") else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let service = node_only_service(&node);
     let pod = &node.pods[0];
     // The pod tells the kernel "api.anthropic.com is the node's address",
@@ -204,11 +204,13 @@ fn a_forged_dns_answer_is_not_learned() {
 
 #[test]
 fn a_learned_address_opens_nothing_the_pod_could_not_reach() {
-    if !require_privileged("a_learned_address_opens_nothing_the_pod_could_not_reach") {
+    let Some(node) = governed_node(
+        "a_learned_address_opens_nothing_the_pod_could_not_reach",
+        1,
+        "",
+    ) else {
         return;
-    }
-    let mut node = TestNode::new(1);
-    node.start_agent("");
+    };
     let service = node_only_service(&node);
     let pod = &node.pods[0];
     // The pod's own nameserver (its resolv.conf names the gateway) answers

@@ -3,7 +3,9 @@
 //! carries one provider's key to another.
 use std::time::Duration;
 
-use tollgate_tests::{TestNode, node::PROVIDER_HOST, process::wait_until, require_privileged};
+use tollgate_tests::{
+    TestNode, node::PROVIDER_HOST, node::governed_node, process::wait_until, require_privileged,
+};
 
 /// curl's output with response headers; the workload sends its own key
 /// (`Bearer sk-test-secret`).
@@ -334,13 +336,15 @@ fn fronted(node: &TestNode, host: &str) -> std::process::Output {
 
 #[test]
 fn a_provider_address_is_no_way_to_another_site() {
-    if !require_privileged("a_provider_address_is_no_way_to_another_site") {
-        return;
-    }
-    let mut node = TestNode::new(1);
     // A plain allow policy: nothing per request, so nothing to skip — but a
     // server name no provider lists is still another site (domain fronting).
-    node.start_agent("policy: {default: allow}");
+    let Some(node) = governed_node(
+        "a_provider_address_is_no_way_to_another_site",
+        1,
+        "policy: {default: allow}",
+    ) else {
+        return;
+    };
     let out = fronted(&node, "fronted.example.com");
     assert!(!out.status.success(), "{out:?}");
     let recs = node.wait_connections(1);
