@@ -20,13 +20,13 @@ use super::error::BpfError;
 pub struct Maps {
     providers: Mutex<HashMap<MapData, ProviderKey, ProviderValue>>,
     orig_dst: Mutex<HashMap<MapData, OrigDstKey, ConnInfo>>,
-    opt_out: Mutex<HashMap<MapData, u64, u8>>,
+    opt_out: Mutex<Synced<u64, u8>>,
     settings: Mutex<Array<MapData, Settings>>,
     counters: PerCpuArray<MapData, u64>,
     dns_names: Mutex<HashMap<MapData, DnsName, DnsNameValue>>,
     learned: Mutex<HashMap<MapData, LearnedKey, LearnedValue>>,
-    cgroup_netns: Mutex<HashMap<MapData, u64, u64>>,
-    resolvers: Mutex<HashMap<MapData, ResolverKey, u8>>,
+    cgroup_netns: Mutex<Synced<u64, u64>>,
+    resolvers: Mutex<Synced<ResolverKey, u8>>,
 }
 
 /// A redirected connection's record, as the proxy needs it.
@@ -82,13 +82,13 @@ impl Maps {
         Ok(Maps {
             providers: Mutex::new(take(ebpf, map_names::PROVIDERS)?),
             orig_dst: Mutex::new(take(ebpf, map_names::ORIG_DST)?),
-            opt_out: Mutex::new(take(ebpf, map_names::OPT_OUT)?),
+            opt_out: Mutex::new(Synced::new(take(ebpf, map_names::OPT_OUT)?)),
             settings: Mutex::new(take(ebpf, map_names::SETTINGS)?),
             counters: take(ebpf, map_names::COUNTERS)?,
             dns_names: Mutex::new(take(ebpf, map_names::DNS_NAMES)?),
             learned: Mutex::new(take(ebpf, map_names::LEARNED)?),
-            cgroup_netns: Mutex::new(take(ebpf, map_names::CGROUP_NETNS)?),
-            resolvers: Mutex::new(take(ebpf, map_names::RESOLVERS)?),
+            cgroup_netns: Mutex::new(Synced::new(take(ebpf, map_names::CGROUP_NETNS)?)),
+            resolvers: Mutex::new(Synced::new(take(ebpf, map_names::RESOLVERS)?)),
         })
     }
 
@@ -233,28 +233,51 @@ impl Maps {
     }
 }
 
+/// A kernel hash map only the agent writes (the programs only read it),
+/// with what the agent last wrote to it: the scan syncs these maps every
+/// few hundred milliseconds, and an unchanged set costs no syscall.
+struct Synced<K, V> {
+    map: HashMap<MapData, K, V>,
+    /// What the map holds, as last synced; None before the first sync or
+    /// after a failed one (then the map itself is read).
+    written: Option<std::collections::HashMap<K, V>>,
+}
+
+impl<K, V> Synced<K, V> {
+    fn new(map: HashMap<MapData, K, V>) -> Self {
+        Self { map, written: None }
+    }
+}
+
 /// Make a kernel hash map hold exactly `want`: stale keys removed, missing
 /// or changed ones written. The lock is held for map calls only.
 fn sync<K, V>(
-    map: &Mutex<HashMap<MapData, K, V>>,
+    synced: &Mutex<Synced<K, V>>,
     want: &std::collections::HashMap<K, V>,
 ) -> Result<(), MapError>
 where
     K: aya::Pod + Eq + Hash,
     V: aya::Pod + PartialEq,
 {
-    let mut map = map
+    let mut s = synced
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let have: std::collections::HashMap<K, V> = map.iter().filter_map(Result::ok).collect();
+    if s.written.as_ref() == Some(want) {
+        return Ok(());
+    }
+    let have = match s.written.take() {
+        Some(w) => w,
+        None => s.map.iter().filter_map(Result::ok).collect(),
+    };
     for k in have.keys().filter(|k| !want.contains_key(k)) {
-        map.remove(k)?;
+        s.map.remove(k)?;
     }
     for (k, v) in want {
         if have.get(k) != Some(v) {
-            map.insert(*k, *v, 0)?;
+            s.map.insert(*k, *v, 0)?;
         }
     }
+    s.written = Some(want.clone());
     Ok(())
 }
 
