@@ -73,10 +73,10 @@ impl Reservation {
         self.held
     }
 
-    /// A fresh, empty reservation on the same budget (this one's bytes go
-    /// back when it is dropped, e.g. by being replaced with it).
-    pub fn emptied(&self) -> Reservation {
-        self.budget.reservation()
+    /// Give back everything held; the reservation can grow again.
+    pub fn release(&mut self) {
+        self.budget.in_use.fetch_sub(self.held, Ordering::AcqRel);
+        self.held = 0;
     }
 
     /// The node-wide limit this reservation counts against.
@@ -87,7 +87,7 @@ impl Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        self.budget.in_use.fetch_sub(self.held, Ordering::AcqRel);
+        self.release();
     }
 }
 
@@ -109,6 +109,9 @@ mod tests {
         assert_eq!(budget.in_use(), 40);
         assert!(b.grow(60), "freed bytes serve the next body");
         assert_eq!(b.held(), 100);
+        b.release();
+        assert_eq!((b.held(), budget.in_use()), (0, 0));
+        assert!(b.grow(10), "a released reservation grows again");
         drop(b);
         assert_eq!(budget.in_use(), 0);
         assert!(!budget.reservation().grow(usize::MAX), "no overflow");

@@ -237,9 +237,7 @@ async fn read_body(
     max: usize,
     held: &mut Reservation,
 ) -> Result<Bytes, Refusal> {
-    // One frame (the usual small JSON body) is kept as it came, uncopied.
-    let mut first: Option<Bytes> = None;
-    let mut buf = Vec::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
     let mut seen = 0usize;
     let mut overloaded = false;
     while let Some(frame) = body.frame().await {
@@ -258,25 +256,23 @@ async fn read_body(
         }
         if !held.grow(data.len()) {
             overloaded = true;
-            (first, buf) = (None, Vec::new());
-            *held = held.emptied();
+            chunks = Vec::new();
+            held.release();
             continue;
         }
-        match first.take() {
-            None if buf.is_empty() => first = Some(data),
-            None => buf.extend_from_slice(&data),
-            Some(one) => {
-                buf.extend_from_slice(&one);
-                buf.extend_from_slice(&data);
-            }
-        }
+        chunks.push(data);
     }
     if overloaded {
         return Err(Refusal::Overloaded {
             limit: held.limit(),
         });
     }
-    Ok(first.unwrap_or_else(|| Bytes::from(buf)))
+    // One frame (the usual small JSON body) is kept as it came, uncopied;
+    // several are joined once, at their exact size.
+    Ok(match <[Bytes; 1]>::try_from(chunks) {
+        Ok([one]) => one,
+        Err(chunks) => Bytes::from(chunks.concat()),
+    })
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
