@@ -35,19 +35,18 @@ pub struct NetnsId {
 
 impl NetnsId {
     pub fn of_pid(pid: u32) -> std::io::Result<Self> {
-        let m = std::fs::metadata(format!("/proc/{pid}/ns/net"))?;
-        Ok(NetnsId {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
+        std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| Self::of(&m))
     }
 
     pub fn of_file(f: &File) -> std::io::Result<Self> {
-        let m = f.metadata()?;
-        Ok(NetnsId {
+        f.metadata().map(|m| Self::of(&m))
+    }
+
+    fn of(m: &std::fs::Metadata) -> Self {
+        NetnsId {
             dev: m.dev(),
             ino: m.ino(),
-        })
+        }
     }
 }
 

@@ -59,12 +59,7 @@ pub async fn accept_loop(
                     continue;
                 };
                 let ctx = ctx.clone();
-                let netns = ns.netns.clone();
-                let cookie = ns.cookie;
-                tasks.spawn(async move {
-                    let _slot = slot;
-                    handle(ctx, stream, peer, netns, cookie).await
-                });
+                tasks.spawn(async move { handle(ctx, stream, peer, slot).await });
             }
             Err(e) => {
                 // EMFILE/ENFILE and friends: back off instead of spinning.
@@ -75,14 +70,11 @@ pub async fn accept_loop(
     }
 }
 
-async fn handle(
-    ctx: Arc<ProxyContext>,
-    client: TcpStream,
-    peer: SocketAddr,
-    netns: Arc<WorkloadNetns>,
-    netns_cookie: u64,
-) {
-    let Some(orig) = ctx.maps.take_orig_dst(netns_cookie, peer) else {
+/// Serve one connection; `slot` (its namespace, and its place under the
+/// namespace's cap) is held until it ends.
+async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, slot: Slot) {
+    let ns = &slot.0;
+    let Some(orig) = ctx.maps.take_orig_dst(ns.cookie, peer) else {
         // Nobody redirected this connection here: someone dialled the port
         // directly. The proxy has no destination to offer; close.
         tracing::debug!(%peer, "connection without a redirect record; closing");
@@ -133,7 +125,7 @@ async fn handle(
                 identity: ctx.identity.clone(),
                 pid: orig.tgid,
                 comm: orig.comm.clone(),
-                netns,
+                netns: ns.netns.clone(),
             };
             let meta = CallMeta::new(&provider, host, orig.dest, who);
             let result =
@@ -168,7 +160,7 @@ async fn handle(
         started,
         decision,
         reason,
-        netns,
+        netns: ns.netns.clone(),
     };
     if decision == Decision::Deny {
         relay::refuse(&ctx, client, closing, hello);

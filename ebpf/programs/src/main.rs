@@ -206,6 +206,13 @@ fn provider_of(ctx: &SockAddrContext, dest: &Dest) -> Option<u32> {
     }
 }
 
+/// No heartbeat from the agent within its timeout: it counts as gone.
+#[inline(always)]
+fn agent_gone(settings: &Settings) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    now.saturating_sub(settings.heartbeat_ns) > settings.heartbeat_timeout_ns
+}
+
 /// The agent's own tasks: recognised by their cgroup, which no pod can join.
 #[inline(always)]
 fn is_agent(settings: &Settings) -> bool {
@@ -232,10 +239,7 @@ fn on_udp(ctx: &SockAddrContext, dest: Dest) -> i32 {
         count(Counter::OptedOut);
         return ALLOW;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
-    if settings.fail_closed == 0
-        && now.saturating_sub(settings.heartbeat_ns) > settings.heartbeat_timeout_ns
-    {
+    if settings.fail_closed == 0 && agent_gone(&settings) {
         count(Counter::PassedStale);
         return ALLOW;
     }
@@ -282,8 +286,7 @@ fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
     } else {
         ALLOW
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.saturating_sub(settings.heartbeat_ns) > settings.heartbeat_timeout_ns {
+    if agent_gone(&settings) {
         count(if fail == REFUSE {
             Counter::RefusedFailClosed
         } else {
