@@ -253,3 +253,44 @@ fn a_pod_cannot_read_the_telemetry_without_the_token() {
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("policy rules in force"));
 }
+
+#[test]
+fn a_pod_cannot_crowd_out_other_tenants_model_labels() {
+    let Some(node) = tollgate_tests::node::governed_node(
+        "a_pod_cannot_crowd_out_other_tenants_model_labels",
+        2,
+        r#"policy: {rules: [{name: no-bogus, models: ["bogus-*"], action: deny}]}"#,
+    ) else {
+        return;
+    };
+    // Pod 1 sends more made-up model names than there are label slots (64
+    // per provider); none reaches the provider, so none is confirmed.
+    for i in 0..70 {
+        let out = node.pods[0].chat(
+            &node.node_ca_cert(),
+            &format!(r#"{{"model":"bogus-{i}","messages":[]}}"#),
+            &[],
+        );
+        assert!(out.contains(" 403"), "{out}");
+    }
+    // Pod 2's real model keeps its own label.
+    assert!(terminated_call(&node, 1, "sk-test-secret").contains(" 200"));
+    let m = node.metrics();
+    assert!(
+        !m.contains("model=\"bogus-"),
+        "a made-up name became a label:\n{m}"
+    );
+    assert!(m.contains("model=\"unconfirmed\""), "{m}");
+    assert!(
+        m.contains(&format!(
+            "model=\"gpt-4o-mini-2024-07-18\",namespace=\"\",pod=\"{}\"",
+            node.pods[1].uid
+        )),
+        "the real model was relabelled:\n{m}"
+    );
+    assert!(
+        node.provider_requests()
+            .iter()
+            .all(|r| r["model"] != "bogus-0")
+    );
+}
