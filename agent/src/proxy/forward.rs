@@ -237,7 +237,10 @@ async fn read_body(
     max: usize,
     held: &mut Reservation,
 ) -> Result<Bytes, Refusal> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+    // One frame (the usual small JSON body) is kept as it came, uncopied;
+    // more grow one buffer (chunks joined at the end would hold the body twice).
+    let mut first: Option<Bytes> = None;
+    let mut buf = Vec::new();
     let mut seen = 0usize;
     let mut overloaded = false;
     while let Some(frame) = body.frame().await {
@@ -256,23 +259,25 @@ async fn read_body(
         }
         if !held.grow(data.len()) {
             overloaded = true;
-            chunks = Vec::new();
+            (first, buf) = (None, Vec::new());
             held.release();
             continue;
         }
-        chunks.push(data);
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            None => buf.extend_from_slice(&data),
+            Some(one) => {
+                buf.extend_from_slice(&one);
+                buf.extend_from_slice(&data);
+            }
+        }
     }
     if overloaded {
         return Err(Refusal::Overloaded {
             limit: held.limit(),
         });
     }
-    // One frame (the usual small JSON body) is kept as it came, uncopied;
-    // several are joined once, at their exact size.
-    Ok(match <[Bytes; 1]>::try_from(chunks) {
-        Ok([one]) => one,
-        Err(chunks) => Bytes::from(chunks.concat()),
-    })
+    Ok(first.unwrap_or_else(|| Bytes::from(buf)))
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
