@@ -132,6 +132,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
                 name: p.name.clone(),
                 hosts: p.hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
                 api: p.api(),
+                asks_stream_usage: p.asks_stream_usage(),
             })
             .collect(),
         hello_timeout: config.tls.client_hello_timeout,

@@ -260,13 +260,22 @@ fn openai_json() -> MockResponse {
     }
 }
 
+/// The events of the mock's OpenAI chat stream, as it sends them, with or
+/// without `stream_options.include_usage` (as OpenAI does: with it, every
+/// chunk has `"usage":null` and a usage-only chunk comes before `[DONE]`).
+pub fn openai_stream_events(include_usage: bool) -> Vec<String> {
+    openai_stream(include_usage).chunks
+}
+
 fn openai_stream(include_usage: bool) -> MockResponse {
     let chunk = |delta: serde_json::Value, finish: serde_json::Value| {
-        let c = serde_json::json!({
+        let mut c = serde_json::json!({
             "id": "chatcmpl-mock2", "object": "chat.completion.chunk", "created": 1741570283, "model": OPENAI_MODEL,
             "system_fingerprint": "fp_mock", "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            "usage": null
         });
+        if include_usage {
+            c["usage"] = serde_json::Value::Null;
+        }
         format!("data: {c}\n\n")
     };
     let mut chunks = vec![chunk(

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tollgate_tests::{
     TestNode,
     mock_llm::{
-        ANTHROPIC_MODEL, ANTHROPIC_USAGE, GEMINI_MODEL, GEMINI_THOUGHTS, GEMINI_USAGE,
+        self, ANTHROPIC_MODEL, ANTHROPIC_USAGE, GEMINI_MODEL, GEMINI_THOUGHTS, GEMINI_USAGE,
         OPENAI_MODEL, OPENAI_USAGE, SLOW_CHUNK_DELAY, STREAM_WORDS,
     },
     node::{ANTHROPIC_HOST, GEMINI_HOST, PROVIDER_HOST, governed_node},
@@ -148,21 +148,41 @@ fn openai_chat_usage_is_recorded_for_json_and_streams() {
 }
 
 #[test]
-fn stream_without_usage_is_estimated_from_the_text() {
-    let Some(node) = governed_node("stream_without_usage_is_estimated_from_the_text", 2, "") else {
+fn a_stream_that_did_not_ask_for_usage_is_counted_exactly_and_relayed_unchanged() {
+    let Some(node) = governed_node(
+        "a_stream_that_did_not_ask_for_usage_is_counted_exactly_and_relayed_unchanged",
+        2,
+        "",
+    ) else {
         return;
     };
     let pod = &node.pods[1];
-    ok_stdout(&pod.https_post(
+    let got = ok_stdout(&pod.https_post(
         &node.node_ca_cert(),
         PROVIDER_HOST,
         "/v1/chat/completions",
         r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#,
     ));
+    // The provider was asked for usage (its own log)...
+    let asked = node.provider_requests();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(
+        asked[0]["stream_options"]["include_usage"], true,
+        "{asked:?}"
+    );
+    // ...and the workload got, byte for byte, the stream it sends to a
+    // request that did not ask: no usage-only chunk, no "usage":null.
+    assert_eq!(got, mock_llm::openai_stream_events(false).concat());
+    assert_ne!(
+        mock_llm::openai_stream_events(true).concat(),
+        got,
+        "what the provider sent differs"
+    );
     let r = &node.wait_requests(1)[0];
-    assert_eq!(r["usage"]["estimated"], true, "{r}");
-    let chars = STREAM_WORDS.concat().len() as u64;
-    assert_eq!(r["usage"]["output_tokens"], chars.div_ceil(4), "{r}");
+    assert_eq!(r["usage"]["estimated"], false, "{r}");
+    assert_eq!(r["usage"]["input_tokens"], OPENAI_USAGE.input, "{r}");
+    assert_eq!(r["usage"]["output_tokens"], OPENAI_USAGE.output, "{r}");
+    assert_eq!(r["stream_usage_asked"], true, "{r}");
     assert_eq!(
         r["workload"]["pod_uid"],
         pod.uid.as_str(),

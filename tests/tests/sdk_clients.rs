@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 
 use tollgate_tests::{
     TestNode,
-    mock_llm::{ANTHROPIC_USAGE, OPENAI_USAGE, STREAM_WORDS},
+    mock_llm::{self, ANTHROPIC_USAGE, OPENAI_USAGE, STREAM_WORDS},
     process::wait_until,
     require_privileged,
 };
@@ -64,6 +64,23 @@ fn run_python(node: &TestNode, python: &std::path::Path, script: &str) -> serde_
         &[clients_dir().join(script).to_str().unwrap()],
     );
     cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    run_app(node, cmd)
+}
+
+/// Run `tests/clients/<script>` with the pinned npm SDK as an app of pod
+/// `pod`, trusting the node CA only through NODE_EXTRA_CA_CERTS.
+fn run_node(
+    node: &TestNode,
+    pod: usize,
+    modules: &std::path::Path,
+    script: &str,
+) -> serde_json::Value {
+    // ESM resolves packages from the script's directory upwards: run a copy
+    // placed next to the installed node_modules.
+    let copy = modules.parent().unwrap().parent().unwrap().join(script);
+    std::fs::copy(clients_dir().join(script), &copy).unwrap();
+    let mut cmd = node.pods[pod].app(&node.pod_hosts_file(), "node", &[copy.to_str().unwrap()]);
+    cmd.env("NODE_EXTRA_CA_CERTS", node.node_ca_cert());
     run_app(node, cmd)
 }
 
@@ -245,18 +262,7 @@ fn node_openai_sdk() {
     node.start_agent("");
     // The second pod, to show attribution is per pod.
     let pod = &node.pods[1];
-    // ESM resolves packages from the script's directory upwards: run a copy
-    // placed next to the installed node_modules.
-    let script = modules
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("openai_client.mjs");
-    std::fs::copy(clients_dir().join("openai_client.mjs"), &script).unwrap();
-    let mut cmd = pod.app(&node.pod_hosts_file(), "node", &[script.to_str().unwrap()]);
-    cmd.env("NODE_EXTRA_CA_CERTS", node.node_ca_cert());
-    let got = run_app(&node, cmd);
+    let got = run_node(&node, 1, &modules, "openai_client.mjs");
     assert_eq!(got["content"], STREAM_WORDS.concat());
     assert_eq!(got["stream_text"], STREAM_WORDS.concat());
     assert_eq!(got["stream_prompt_tokens"], OPENAI_USAGE.input);
@@ -268,6 +274,73 @@ fn node_openai_sdk() {
         OPENAI_USAGE.output,
         "sk-test-node-openai",
     );
+}
+
+/// What most apps do — stream without `stream_options` — with the official
+/// SDKs of both languages: each receives exactly the stream the provider
+/// sends such a request (no usage-only chunk to trip `choices[0]`, no
+/// `"usage":null`), while the provider was asked for usage (its own log)
+/// and every call is recorded with its exact usage, not an estimate.
+#[test]
+fn default_sdk_streams_are_counted_exactly_and_reach_the_app_unchanged() {
+    let test = "default_sdk_streams_are_counted_exactly_and_reach_the_app_unchanged";
+    let Some(python) = sdk(test, "venv/bin/python") else {
+        return;
+    };
+    let Some(modules) = sdk(test, "node/node_modules/openai") else {
+        return;
+    };
+    let mut node = TestNode::new(2);
+    node.start_agent("");
+    let py = run_python(&node, &python, "openai_default_stream.py");
+    let js = run_node(&node, 1, &modules, "openai_default_stream.mjs");
+    let unasked = mock_llm::openai_stream_events(false);
+    for (sdk, got) in [("python", &py), ("node", &js)] {
+        assert_eq!(got["text"], STREAM_WORDS.concat(), "{sdk}: {got}");
+        assert_eq!(
+            got["chunks"],
+            unasked.len() - 1,
+            "{sdk}: every chunk but [DONE]: {got}"
+        );
+        assert_eq!(
+            got["raw"],
+            unasked.concat(),
+            "{sdk}: the stream as sent unasked"
+        );
+    }
+    let asked: Vec<_> = node
+        .mock_requests()
+        .into_iter()
+        .filter(|r| {
+            r["request"]
+                .as_str()
+                .is_some_and(|l| l.contains("/chat/completions"))
+        })
+        .collect();
+    assert_eq!(asked.len(), 4, "{asked:?}");
+    for r in &asked {
+        assert_eq!(r["stream_options"]["include_usage"], true, "{r}");
+    }
+    let recs = node.wait_requests(4);
+    for (pod, key) in [(0, "sk-test-python-default"), (1, "sk-test-node-default")] {
+        let mine: Vec<_> = recs
+            .iter()
+            .filter(|r| r["workload"]["pod_uid"] == node.pods[pod].uid.as_str())
+            .cloned()
+            .collect();
+        assert_eq!(mine.len(), 2, "{recs:?}");
+        for r in &mine {
+            assert_eq!(r["usage"]["input_tokens"], OPENAI_USAGE.input, "{r}");
+            assert_eq!(r["usage"]["output_tokens"], OPENAI_USAGE.output, "{r}");
+            assert_eq!(r["usage"]["estimated"], false, "{r}");
+            assert_eq!(r["stream_usage_asked"], true, "{r}");
+            assert_eq!(r["result"], "ok", "{r}");
+            assert!(
+                !r.to_string().contains(key),
+                "keys never reach the audit log"
+            );
+        }
+    }
 }
 
 /// Observe mode without TLS trust: an SDK that trusts only the provider's

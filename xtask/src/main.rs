@@ -149,9 +149,10 @@ fn build_bins(release: bool) -> Result<()> {
 /// Seconds per fuzz target within `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
-const FUZZ_TARGETS: [&str; 6] = [
+const FUZZ_TARGETS: [&str; 7] = [
     "client_hello",
     "sse",
+    "stream_usage",
     "provider_response",
     "provider_request",
     "dns_answer",

@@ -107,12 +107,45 @@ pub struct ProviderConfig {
     /// Default: from the name (anthropic, gemini), else openai.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<crate::providers::Api>,
+    /// OpenAI-style streams that did not ask for usage
+    /// (`stream_options.include_usage`): `ask` makes the request ask for it
+    /// and takes what that adds back out of the stream, so the workload gets
+    /// the events it would have got and the record gets the provider's exact
+    /// count; `leave` sends the request as it is and estimates. Default: ask
+    /// for `openai` and Azure OpenAI hosts (api-version 2024-09-01 on),
+    /// leave for other OpenAI-compatible servers (some reject unknown
+    /// fields; most report usage in every stream anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_usage: Option<StreamUsage>,
+}
+
+/// `providers[].stream_usage`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamUsage {
+    Ask,
+    Leave,
 }
 
 impl ProviderConfig {
     pub fn api(&self) -> crate::providers::Api {
         self.api
             .unwrap_or_else(|| crate::providers::Api::for_provider_name(&self.name))
+    }
+
+    /// Whether streams that did not ask for usage are made to (see `stream_usage`).
+    pub fn asks_stream_usage(&self) -> bool {
+        match self.stream_usage {
+            Some(s) => s == StreamUsage::Ask,
+            None => {
+                self.api() == crate::providers::Api::Openai
+                    && (self.name == "openai"
+                        || self
+                            .hosts
+                            .iter()
+                            .any(|h| crate::providers::openai::is_azure(h)))
+            }
+        }
     }
 }
 
@@ -352,6 +385,7 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         addresses: Vec::new(),
         ports: default_ports(),
         api: None,
+        stream_usage: None,
     };
     vec![
         p("openai", &["api.openai.com"]),

@@ -48,6 +48,9 @@ pub struct Candidate<'a> {
     /// Where it goes (provider name and TLS server name).
     pub to: Upstream<'a>,
     pub adapter: &'static dyn Adapter,
+    /// Ask streams that did not ask for usage to report it
+    /// (`providers[].stream_usage`).
+    pub asks_stream_usage: bool,
     /// Path and query, unredacted.
     pub target: String,
     pub headers: HeaderMap,
@@ -76,6 +79,9 @@ pub struct Admitted {
     pub routed_model: Option<String>,
     /// The cap, when it lowered or set the request's output limit.
     pub capped_output_tokens: Option<u64>,
+    /// The stream was made to ask for its usage: the response filter takes
+    /// what that adds back out.
+    pub asked_stream_usage: bool,
     pub credential_injected: bool,
     pub failover: Option<Arc<FailoverChain>>,
     /// The budget the call's cost is charged to.
@@ -183,6 +189,7 @@ impl Enforcer {
             subject,
             to,
             adapter,
+            asks_stream_usage,
             mut target,
             mut headers,
             mut body,
@@ -202,6 +209,10 @@ impl Enforcer {
         seen.info = adapter.request(path, query, json.as_ref());
         seen.input_chars = json.as_ref().map_or(0, providers::input_chars);
         let asked_output = json.as_ref().and_then(providers::output_limit);
+        let ask_usage = json
+            .as_ref()
+            .filter(|_| asks_stream_usage)
+            .and_then(|j| adapter.stream_usage(to, path, query, j));
         drop(json);
 
         let caps = match policy.request(subject, to.provider, seen.info.model.as_deref()) {
@@ -225,6 +236,7 @@ impl Enforcer {
             &body,
             caps.model.as_deref(),
             caps.max_output_tokens,
+            ask_usage,
         );
         target = path;
         if let Some(b) = rewritten {
@@ -302,6 +314,7 @@ impl Enforcer {
             body,
             routed_model: changed.model,
             capped_output_tokens: changed.capped_output_tokens,
+            asked_stream_usage: changed.asked_stream_usage,
             credential_injected,
             failover: caps.failover,
             budget,

@@ -75,6 +75,7 @@ async fn admit(e: &Enforcer, p: &Policy, r: Req) -> (Seen, Verdict) {
             host: r.host,
         },
         adapter: adapter(r.api),
+        asks_stream_usage: true,
         target: r.target.into(),
         headers: r.headers,
         body: Bytes::from(r.body),
@@ -101,6 +102,48 @@ async fn allowed_untouched_when_the_rule_changes_nothing() {
     assert_eq!(a.headers["authorization"], "Bearer sk-workload");
     assert!(a.routed_model.is_none() && a.capped_output_tokens.is_none());
     assert!(!a.credential_injected && a.hold.is_none() && a.budget.is_none());
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_is_made_to_ask_for_it() {
+    let e = enforcer();
+    let p = policy("default: allow");
+    let body = r#"{"model":"gpt-4o","stream":true,"messages":[]}"#;
+    let (_, v) = admit(&e, &p, chat(body)).await;
+    let a = v.unwrap();
+    assert!(a.asked_stream_usage);
+    assert_eq!(
+        a.body,
+        Bytes::from(
+            r#"{"stream_options":{"include_usage":true},"model":"gpt-4o","stream":true,"messages":[]}"#
+        ),
+        "one member in, nothing else touched"
+    );
+    // Already asking, or not a stream: sent as received.
+    for body in [
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#,
+        GPT,
+    ] {
+        let a = admit(&e, &p, chat(body)).await.1.unwrap();
+        assert!(!a.asked_stream_usage);
+        assert_eq!(a.body, Bytes::from(body.to_string()));
+    }
+    // With an alias rewriting the body anyway, usage is asked in the same pass.
+    let p = policy(
+        "default: allow\nrules:\n  - {name: alias, model_aliases: {fast: gpt-4o-mini}, action: allow}",
+    );
+    let a = admit(
+        &e,
+        &p,
+        chat(r#"{"model":"fast","stream":true,"messages":[]}"#),
+    )
+    .await
+    .1
+    .unwrap();
+    assert!(a.asked_stream_usage);
+    let v = body_json(&a);
+    assert_eq!(v["model"], "gpt-4o-mini");
+    assert_eq!(v["stream_options"]["include_usage"], true);
 }
 
 #[tokio::test]

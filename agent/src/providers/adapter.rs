@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{Api, ParseState, RequestInfo, sse::SseEvent};
+use super::{Api, ParseState, RequestInfo, sse::SseEvent, stream_usage::Ask};
 
 /// Where a request goes, as far as an adapter cares: OpenAI and Azure
 /// OpenAI name some things their own way within the OpenAI family.
@@ -46,6 +46,19 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
 
     /// One server-sent event of a streamed response.
     fn on_event(&self, state: &mut ParseState, e: &SseEvent);
+
+    /// How to make a streamed request report its usage when, as sent, it
+    /// would not (OpenAI's `stream_options.include_usage`). None when usage
+    /// comes anyway or cannot be asked for. `path` has no query.
+    fn stream_usage(
+        &self,
+        _to: Upstream<'_>,
+        _path: &str,
+        _query: &str,
+        _body: &Value,
+    ) -> Option<Ask> {
+        None
+    }
 
     /// Ask for `model` instead of the request's: in the body, or in the path
     /// (`path` has its query). True when something changed.

@@ -48,6 +48,7 @@ impl Adapter for Anthropic {
             Some("message_delta") => {
                 // output_tokens here is cumulative for the message.
                 if let Some(u) = v.get("usage") {
+                    state.saw_usage(u);
                     let usage = state.usage.get_or_insert_with(Usage::default);
                     usage.output_tokens = num(u, &["output_tokens"]);
                     if u.get("input_tokens").is_some() {
@@ -175,6 +176,12 @@ mod tests {
                 ..Default::default()
             }
         );
+        // Normalised input adds the cache's; the record keeps the provider's own.
+        let raw = r
+            .provider_usage
+            .expect("the provider's usage differs: kept");
+        assert_eq!(raw["input_tokens"], 12);
+        assert_eq!(raw["cache_read_input_tokens"], 2048);
     }
 
     #[test]
@@ -191,6 +198,10 @@ mod tests {
                 output_tokens: 89,
                 ..Default::default()
             }
+        );
+        assert!(
+            r.provider_usage.is_none(),
+            "no cache: the provider's numbers are ours"
         );
     }
 

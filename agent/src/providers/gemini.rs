@@ -162,6 +162,7 @@ fn on_chunk(state: &mut ParseState, v: &Value) {
     // Each chunk's usageMetadata is cumulative: the last one wins.
     if let Some(u) = v.get("usageMetadata").filter(|u| u.is_object()) {
         state.usage = Some(usage(u));
+        state.saw_usage(u);
     }
 }
 

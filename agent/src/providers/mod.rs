@@ -15,6 +15,7 @@ pub mod gemini;
 pub mod openai;
 pub mod rewrite;
 pub mod sse;
+pub mod stream_usage;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -119,6 +120,9 @@ pub struct ResponseParser {
 #[derive(Debug, Default)]
 pub struct ParseState {
     pub usage: Option<Usage>,
+    /// The provider's usage objects as they came, merged (Anthropic splits
+    /// usage over `message_start` and `message_delta`; the later wins).
+    pub raw_usage: Option<serde_json::Map<String, Value>>,
     pub response_model: Option<String>,
     /// Characters of generated text seen (for estimates).
     pub text_chars: u64,
@@ -136,6 +140,10 @@ pub struct ResponseInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_model: Option<String>,
     pub usage: Usage,
+    /// The provider's own usage object, when its numbers are not the
+    /// normalised `usage` (see `RequestRecord::provider_usage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_usage: Option<Value>,
     /// See `ParseState::complete`.
     #[serde(skip)]
     pub complete: bool,
@@ -195,8 +203,34 @@ impl ResponseParser {
         });
         ResponseInfo {
             response_model: self.state.response_model,
+            provider_usage: self
+                .state
+                .raw_usage
+                .filter(|raw| !usage.estimated && !names_the_same(raw, &usage))
+                .map(Value::Object),
             usage,
             complete: self.state.complete,
+        }
+    }
+}
+
+/// Whether the provider's usage object states the normalised input and
+/// output counts as they are (OpenAI's do; Anthropic's with cache reads and
+/// Gemini's with thoughts do not): only then is it left out of the record.
+fn names_the_same(raw: &serde_json::Map<String, Value>, u: &Usage) -> bool {
+    let has = |n: u64| raw.values().any(|v| v.as_u64() == Some(n));
+    has(u.input_tokens) && has(u.output_tokens)
+}
+
+impl ParseState {
+    /// A usage object from the provider: kept (merged over earlier ones)
+    /// for the record.
+    pub fn saw_usage(&mut self, u: &Value) {
+        if let Some(o) = u.as_object() {
+            let raw = self.raw_usage.get_or_insert_with(Default::default);
+            for (k, v) in o {
+                raw.insert(k.clone(), v.clone());
+            }
         }
     }
 }
@@ -235,6 +269,7 @@ pub(crate) fn model_and_usage(state: &mut ParseState, v: &Value, usage: fn(&Valu
     }
     if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
         state.usage = Some(usage(u));
+        state.saw_usage(u);
     }
 }
 

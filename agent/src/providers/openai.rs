@@ -9,7 +9,9 @@ use super::{
     adapter::{Adapter, RateLimitHint, Upstream, cap_fields, set_body_model},
     model_and_usage, num,
     sse::SseEvent,
-    stream_flag, string,
+    stream_flag,
+    stream_usage::Ask,
+    string,
 };
 
 /// The OpenAI-compatible family.
@@ -20,6 +22,19 @@ pub struct OpenAi;
 /// deployment paths.
 pub fn is_azure(host: &str) -> bool {
     host.ends_with(".openai.azure.com")
+}
+
+/// Azure OpenAI accepts `stream_options` from api-version 2024-09-01
+/// (dated versions compare as strings; `preview`/`latest` are current).
+fn azure_knows_stream_options(query: &str) -> bool {
+    let version = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("api-version="))
+        .unwrap_or("");
+    match version.get(..10) {
+        Some(date) if date.as_bytes()[0].is_ascii_digit() => date >= "2024-09-01",
+        _ => matches!(version, "preview" | "latest" | "v1"),
+    }
 }
 
 /// OpenAI itself or Azure OpenAI, whose chat API wants
@@ -107,8 +122,26 @@ impl Adapter for OpenAi {
                 // include_usage: the last chunk carries usage (null before).
                 if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                     state.usage = Some(usage(u));
+                    state.saw_usage(u);
                 }
             }
+        }
+    }
+
+    fn stream_usage(&self, to: Upstream<'_>, path: &str, query: &str, body: &Value) -> Option<Ask> {
+        // chat/completions and the legacy completions; the Responses API
+        // reports usage in `response.completed` without being asked.
+        if !path.ends_with("/completions") || !stream_flag(Some(body)) {
+            return None;
+        }
+        // Azure rejects the option before api-version 2024-09-01.
+        if is_azure(to.host) && !azure_knows_stream_options(query) {
+            return None;
+        }
+        match body.get("stream_options") {
+            None => Some(Ask::Insert),
+            Some(o) if o.get("include_usage").and_then(Value::as_bool) == Some(true) => None,
+            Some(_) => Some(Ask::Set),
         }
     }
 
@@ -265,6 +298,116 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn reasoning_tokens_seen_only_in_usage_are_counted() {
+        // o3 thought 1856 tokens and wrote "42": the text alone would say 1.
+        let r = parse(
+            "text/event-stream",
+            include_str!("fixtures/openai_reasoning_stream.sse"),
+        );
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 31,
+                output_tokens: 1858,
+                reasoning_tokens: 1856,
+                ..Default::default()
+            }
+        );
+        assert!(
+            r.provider_usage.is_none(),
+            "OpenAI's own numbers are the normalised ones"
+        );
+    }
+
+    #[test]
+    fn which_streams_are_asked_for_usage() {
+        use super::super::adapter;
+        let openai = Upstream {
+            provider: "openai",
+            host: "api.openai.com",
+        };
+        let azure = Upstream {
+            provider: "azure",
+            host: "res.openai.azure.com",
+        };
+        let chat = "/v1/chat/completions";
+        let azure_chat = "/openai/deployments/d/chat/completions";
+        let cases: &[(Upstream, &str, &str, &str, Option<Ask>)] = &[
+            (openai, chat, "", r#"{"stream":true}"#, Some(Ask::Insert)),
+            (
+                openai,
+                "/v1/completions",
+                "",
+                r#"{"stream":true}"#,
+                Some(Ask::Insert),
+            ),
+            (
+                openai,
+                chat,
+                "",
+                r#"{"stream":true,"stream_options":{}}"#,
+                Some(Ask::Set),
+            ),
+            (
+                openai,
+                chat,
+                "",
+                r#"{"stream":true,"stream_options":{"include_usage":false}}"#,
+                Some(Ask::Set),
+            ),
+            (
+                openai,
+                chat,
+                "",
+                r#"{"stream":true,"stream_options":{"include_usage":true}}"#,
+                None,
+            ),
+            (openai, chat, "", r#"{"stream":false}"#, None),
+            (openai, chat, "", r#"{}"#, None),
+            (openai, "/v1/responses", "", r#"{"stream":true}"#, None),
+            (openai, "/v1/embeddings", "", r#"{"stream":true}"#, None),
+            (
+                azure,
+                azure_chat,
+                "api-version=2024-10-21",
+                r#"{"stream":true}"#,
+                Some(Ask::Insert),
+            ),
+            (
+                azure,
+                azure_chat,
+                "x=1&api-version=2025-04-01-preview",
+                r#"{"stream":true}"#,
+                Some(Ask::Insert),
+            ),
+            (
+                azure,
+                azure_chat,
+                "api-version=2024-06-01",
+                r#"{"stream":true}"#,
+                None,
+            ),
+            (azure, azure_chat, "", r#"{"stream":true}"#, None),
+            (
+                azure,
+                "/openai/v1/chat/completions",
+                "api-version=preview",
+                r#"{"stream":true}"#,
+                Some(Ask::Insert),
+            ),
+        ];
+        for (to, path, query, body, want) in cases {
+            let v: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(
+                adapter(Api::Openai).stream_usage(*to, path, query, &v),
+                *want,
+                "{} {path}?{query} {body}",
+                to.host
+            );
+        }
     }
 
     #[test]

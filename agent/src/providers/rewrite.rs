@@ -1,8 +1,12 @@
 //! Changing a request as policy says, in each API's own terms: cap the
-//! output length and send another model.
+//! output length and send another model; and, for exact accounting, ask a
+//! stream for its usage (`stream_usage`).
 use serde_json::Value;
 
-use super::{Adapter, Upstream};
+use super::{
+    Adapter, Upstream,
+    stream_usage::{self, Ask},
+};
 
 /// What a rewrite changed, for the audit record.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -11,11 +15,15 @@ pub struct Rewritten {
     pub model: Option<String>,
     /// The cap, when it lowered or set the request's output limit.
     pub capped_output_tokens: Option<u64>,
+    /// The stream now asks for its usage (the response filter takes out
+    /// what that adds).
+    pub asked_stream_usage: bool,
 }
 
 /// Apply `model` and `max_output_tokens` to a request at `path` (path and
-/// query) going `to` a provider of `adapter`'s family. Returns the new path,
-/// the new body (None when unchanged) and what changed.
+/// query) going `to` a provider of `adapter`'s family, and ask for usage
+/// when `ask_usage` says how. Returns the new path, the new body (None when
+/// unchanged) and what changed.
 pub fn apply(
     adapter: &dyn Adapter,
     to: Upstream<'_>,
@@ -23,11 +31,15 @@ pub fn apply(
     body: &[u8],
     model: Option<&str>,
     max_output_tokens: Option<u64>,
+    ask_usage: Option<Ask>,
 ) -> (String, Option<Vec<u8>>, Rewritten) {
     let mut out = Rewritten::default();
     let mut path = path.to_string();
     if model.is_none() && max_output_tokens.is_none() {
-        return (path, None, out);
+        // Only usage to ask for: edited in place, not re-serialised.
+        let asked = ask_usage.and_then(|how| stream_usage::ask(body, how));
+        out.asked_stream_usage = asked.is_some();
+        return (path, asked, out);
     }
     let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
         return (path, None, out); // not JSON: nothing we can change
@@ -47,7 +59,14 @@ pub fn apply(
         }
     }
     if out == Rewritten::default() {
-        return (path, None, out);
+        // Nothing else changed: usage, if asked, without re-serialising.
+        let asked = ask_usage.and_then(|how| stream_usage::ask(body, how));
+        out.asked_stream_usage = asked.is_some();
+        return (path, asked, out);
+    }
+    if ask_usage.is_some() {
+        stream_usage::set_include_usage(obj);
+        out.asked_stream_usage = true;
     }
     (
         path,
@@ -83,7 +102,7 @@ mod tests {
         max: Option<u64>,
         native: bool,
     ) -> (String, Option<Vec<u8>>, Rewritten) {
-        super::apply(adapter(api), to(native), path, body, model, max)
+        super::apply(adapter(api), to(native), path, body, model, max, None)
     }
 
     /// Apply only an output cap.

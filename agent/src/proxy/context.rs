@@ -52,6 +52,8 @@ pub struct KnownProvider {
     /// Lowercase host names.
     pub hosts: Vec<String>,
     pub api: Api,
+    /// `providers[].stream_usage` resolved: ask streams for their usage.
+    pub asks_stream_usage: bool,
 }
 
 impl ProxyContext {
@@ -134,6 +136,8 @@ pub struct CallMeta {
     pub comm: String,
     pub provider: String,
     pub adapter: &'static dyn Adapter,
+    /// See `KnownProvider::asks_stream_usage`.
+    pub asks_stream_usage: bool,
     pub host: String,
     pub upstream: SocketAddr,
     /// The workload's network namespace: where its provider connections are made.
@@ -149,6 +153,7 @@ impl CallMeta {
             comm: who.comm,
             provider: known.name.clone(),
             adapter: adapter(known.api),
+            asks_stream_usage: known.asks_stream_usage,
             host,
             upstream,
             netns: who.netns,

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     identity::Workload,
     policy::{Admitted, Candidate, Refusal, Seen, Subject},
-    providers::ResponseParser,
+    providers::{ResponseParser, stream_usage::UsageChunkFilter},
     telemetry::{
         events::now_rfc3339,
         records::{Decision, Outcome, RequestRecord},
@@ -72,6 +72,7 @@ pub(super) async fn forward(
         },
         to: call.meta.to(),
         adapter: call.meta.adapter,
+        asks_stream_usage: call.meta.asks_stream_usage,
         target,
         headers: std::mem::take(&mut parts.headers),
         body,
@@ -97,11 +98,13 @@ pub(super) async fn forward(
         body,
         routed_model,
         capped_output_tokens,
+        asked_stream_usage,
         credential_injected,
         failover,
         budget,
         hold,
     } = admitted;
+    record.stream_usage_asked = asked_stream_usage;
     record.routed_model = routed_model;
     record.capped_output_tokens = capped_output_tokens;
     record.credential_injected = credential_injected;
@@ -164,10 +167,17 @@ pub(super) async fn forward(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let parser = ResponseParser::new(call.meta.adapter.api(), content_type, seen.input_chars);
+    // What asking for usage added comes back out before the workload sees it.
+    let filter = (asked_stream_usage && content_type.starts_with("text/event-stream"))
+        .then(UsageChunkFilter::default);
+    if filter.is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     let body = Metered::new(
         body.map_err(BoxError::from).boxed(),
         started,
         parser,
+        filter,
         Finish {
             call: call.clone(),
             record,
@@ -205,7 +215,9 @@ fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> Requ
         model: None,
         response_model: None,
         stream: false,
+        stream_usage_asked: false,
         usage: Default::default(),
+        provider_usage: None,
         client_http: format!("{:?}", req.version()),
         upstream: meta.upstream,
         status: 0,

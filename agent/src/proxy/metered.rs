@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     policy::{BudgetKey, Hold},
-    providers::ResponseParser,
+    providers::{ResponseParser, stream_usage::UsageChunkFilter},
     telemetry::{
         records::{Outcome, RequestRecord},
         redact,
@@ -56,6 +56,11 @@ pub(super) struct Metered {
     first_byte: Option<Duration>,
     started: Instant,
     parser: Option<ResponseParser>,
+    /// Takes out of the stream what asking for usage added (see
+    /// `providers::stream_usage`); the parser still sees the provider's bytes.
+    filter: Option<UsageChunkFilter>,
+    /// The provider's body has ended; what the filter held is being sent.
+    drained: bool,
     /// The body's first bytes, for `audit.capture.bodies`.
     capture: Option<Vec<u8>>,
     capture_max: usize,
@@ -63,7 +68,13 @@ pub(super) struct Metered {
 }
 
 impl Metered {
-    pub fn new(inner: ProxyBody, started: Instant, parser: ResponseParser, finish: Finish) -> Self {
+    pub fn new(
+        inner: ProxyBody,
+        started: Instant,
+        parser: ResponseParser,
+        filter: Option<UsageChunkFilter>,
+        finish: Finish,
+    ) -> Self {
         let tls = &finish.call.tls;
         let idle_timeout = tls.settings.stream_idle_timeout;
         let capture = tls.capture.bodies.then(Vec::new);
@@ -79,6 +90,8 @@ impl Metered {
             first_byte: None,
             started,
             parser: Some(parser),
+            filter,
+            drained: false,
             capture,
             capture_max: tls.capture.max_body_bytes,
             finish: Some(finish),
@@ -103,6 +116,33 @@ impl Metered {
         Poll::Pending
     }
 
+    /// One data frame from the provider: metered, parsed and captured as it
+    /// came; returns what the workload gets (the filter's output, which at
+    /// the body's `end` includes whatever it held).
+    fn observe(&mut self, d: Bytes, end: bool) -> Bytes {
+        if self.first_byte.is_none() && !d.is_empty() {
+            self.first_byte = Some(self.started.elapsed());
+        }
+        self.bytes += d.len() as u64;
+        if let Some(p) = self.parser.as_mut() {
+            p.feed(&d);
+        }
+        let max = self.capture_max;
+        if let Some(c) = self.capture.as_mut().filter(|c| c.len() < max) {
+            c.extend_from_slice(&d[..d.len().min(max - c.len())]);
+        }
+        let Some(f) = self.filter.as_mut() else {
+            return d;
+        };
+        let out = f.feed(d);
+        if !end || !f.holds() {
+            return out;
+        }
+        let mut all = out.to_vec();
+        all.extend_from_slice(&f.finish());
+        Bytes::from(all)
+    }
+
     fn finish(&mut self, mut result: Outcome, error: Option<String>) {
         let Some(Finish {
             call,
@@ -116,6 +156,7 @@ impl Metered {
         if let Some(p) = self.parser.take() {
             let info = p.finish();
             record.usage = info.usage;
+            record.provider_usage = info.provider_usage;
             record.response_model = info.response_model;
             // SDKs stop reading at the stream's end marker (`[DONE]`) and may
             // close before the transport's end of body: that call completed.
@@ -162,58 +203,71 @@ impl Body for Metered {
             }
             return Poll::Ready(self.deferred_error.take().map(Err));
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let deadline = tokio::time::Instant::now() + self.idle_timeout;
-                self.idle.as_mut().reset(deadline);
-                if let Some(d) = frame.data_ref() {
-                    if self.first_byte.is_none() && !d.is_empty() {
-                        self.first_byte = Some(self.started.elapsed());
+        if self.drained {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = tokio::time::Instant::now() + self.idle_timeout;
+                    self.idle.as_mut().reset(deadline);
+                    let ended = self.inner.is_end_stream();
+                    let frame = match frame.into_data() {
+                        Ok(d) => {
+                            let d = self.observe(d, ended);
+                            if d.is_empty() && !ended {
+                                continue; // all held or taken out: nothing to send yet
+                            }
+                            Frame::data(d)
+                        }
+                        Err(frame) => frame,
+                    };
+                    // hyper stops polling once a body says it has ended (e.g. a
+                    // content-length body whose last byte just came), so "ended"
+                    // must be noticed here, not only at a final None.
+                    if ended {
+                        self.finish(Outcome::Ok, None);
                     }
-                    self.bytes += d.len() as u64;
-                    let d = d.clone();
-                    if let Some(p) = self.parser.as_mut() {
-                        p.feed(&d);
-                    }
-                    let max = self.capture_max;
-                    if let Some(c) = self.capture.as_mut().filter(|c| c.len() < max) {
-                        c.extend_from_slice(&d[..d.len().min(max - c.len())]);
-                    }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                // hyper stops polling once a body says it has ended (e.g. a
-                // content-length body whose last byte just came), so "ended"
-                // must be noticed here, not only at a final None.
-                if self.inner.is_end_stream() {
+                Poll::Ready(Some(Err(e))) => {
+                    self.finish(Outcome::UpstreamError, Some(e.to_string()));
+                    return self.fail_after_flush(e, cx);
+                }
+                Poll::Ready(None) => {
                     self.finish(Outcome::Ok, None);
+                    // An unterminated last event the filter held: sent as it is.
+                    let rest = self.filter.as_mut().map(UsageChunkFilter::finish);
+                    if let Some(rest) = rest.filter(|r| !r.is_empty()) {
+                        self.drained = true;
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                    return Poll::Ready(None);
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.finish(Outcome::UpstreamError, Some(e.to_string()));
-                self.fail_after_flush(e, cx)
-            }
-            Poll::Ready(None) => {
-                self.finish(Outcome::Ok, None);
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if self.idle.as_mut().poll(cx).is_ready() {
-                    // A provider that stops mid-stream would hold the workload
-                    // forever: end the stream with an error, keep the usage seen.
-                    let msg = format!("provider sent nothing for {:?}", self.idle_timeout);
-                    self.finish(Outcome::UpstreamIdleTimeout, Some(msg.clone()));
-                    return self.fail_after_flush(msg.into(), cx);
+                Poll::Pending => {
+                    if self.idle.as_mut().poll(cx).is_ready() {
+                        // A provider that stops mid-stream would hold the workload
+                        // forever: end the stream with an error, keep the usage seen.
+                        let msg = format!("provider sent nothing for {:?}", self.idle_timeout);
+                        self.finish(Outcome::UpstreamIdleTimeout, Some(msg.clone()));
+                        return self.fail_after_flush(msg.into(), cx);
+                    }
+                    return Poll::Pending;
                 }
-                Poll::Pending
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.drained
+            || (self.inner.is_end_stream()
+                && !self.filter.as_ref().is_some_and(UsageChunkFilter::holds))
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
+        if self.filter.is_some() {
+            return hyper::body::SizeHint::default(); // the filter changes the length
+        }
         self.inner.size_hint()
     }
 }

@@ -156,11 +156,13 @@ mod tests {
                 name: "openai".into(),
                 hosts: vec!["api.openai.com".into()],
                 api: Api::Openai,
+                asks_stream_usage: true,
             },
             KnownProvider {
                 name: "anthropic".into(),
                 hosts: vec!["api.anthropic.com".into()],
                 api: Api::Anthropic,
+                asks_stream_usage: false,
             },
         ]
     }

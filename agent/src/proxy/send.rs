@@ -251,7 +251,7 @@ fn build(
         host: &ep.host,
     };
     if let Some(model) = &ep.model {
-        let (p, b, _) = rewrite::apply(adapter, to, &path, &body, Some(model), None);
+        let (p, b, _) = rewrite::apply(adapter, to, &path, &body, Some(model), None, None);
         path = p;
         if let Some(b) = b {
             body = Bytes::from(b);

@@ -253,7 +253,17 @@ pub struct RequestRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_model: Option<String>,
     pub stream: bool,
+    /// Tollgate made the stream ask for its usage
+    /// (`providers[].stream_usage: ask`) and took what that added back out
+    /// of the stream before the workload saw it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stream_usage_asked: bool,
     pub usage: Usage,
+    /// The provider's own usage object, when its numbers are not the
+    /// normalised ones above (Anthropic's cache reads added to input,
+    /// Gemini's thoughts added to output, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_usage: Option<serde_json::Value>,
     /// HTTP version the workload spoke (`HTTP/1.1`, `HTTP/2.0`).
     pub client_http: String,
     /// Provider address the request went to.

@@ -191,9 +191,11 @@ async fn answer(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let model = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("model").cloned());
+    let parsed = serde_json::from_slice::<serde_json::Value>(&body).ok();
+    let model = parsed.as_ref().and_then(|v| v.get("model").cloned());
+    let stream_options = parsed
+        .as_ref()
+        .and_then(|v| v.get("stream_options").cloned());
     log_request(&serde_json::json!({
         "request": line,
         "peer": peer.to_string(),
@@ -202,6 +204,7 @@ async fn answer(
         "sni": sni,
         "credential": credential,
         "model": model,
+        "stream_options": stream_options,
         "body_bytes": body.len(),
     }));
     if let Some(resp) = mock_llm::respond(&path, &body) {
