@@ -48,7 +48,13 @@ pub enum Fault {
     Stall,
     /// `mock-late`: the response headers come only after 30 s.
     LateHeaders,
+    /// `mock-think`: a whole JSON answer (with usage) whose headers come
+    /// after THINK, as a slow non-streamed completion's do.
+    Think,
 }
+
+/// How long `mock-think` takes before its response headers.
+pub const THINK: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// Replaced in each `mock-timed` piece by the time it is sent (`monotonic_ns`).
 pub const SENT_NS: &str = "{SENT_NS}";
@@ -147,6 +153,11 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
         // A full OpenAI stream with usage, one piece every SLOW_CHUNK_DELAY.
         let mut r = openai_stream(true);
         r.chunk_delay = SLOW_CHUNK_DELAY;
+        return Some(r);
+    }
+    if model == "mock-think" {
+        let mut r = openai_json();
+        r.fault = Fault::Think;
         return Some(r);
     }
     let fault = match model {

@@ -20,11 +20,12 @@ use super::{
     failover::FailoverChain,
     gate::{Hold, LimitStore},
     limits::{Estimate, LimitKey, Limited},
-    spend::BudgetStore,
+    spend::{BudgetHold, BudgetStore},
 };
 use crate::{
     identity::Workload,
-    providers::{self, Adapter, RequestInfo, Upstream, rewrite},
+    pricing::{self, PriceTable},
+    providers::{self, Adapter, RequestInfo, Upstream, Usage, rewrite},
 };
 
 /// Output tokens reserved against a token limit for a request that names no
@@ -44,6 +45,8 @@ pub struct Enforcer {
 
 /// One request up for admission.
 pub struct Candidate<'a> {
+    /// The call's id (its audit record's): names its budget reservation.
+    pub id: &'a str,
     pub subject: Subject<'a>,
     /// Where it goes (provider name and TLS server name).
     pub to: Upstream<'a>,
@@ -84,8 +87,8 @@ pub struct Admitted {
     pub asked_stream_usage: bool,
     pub credential_injected: bool,
     pub failover: Option<Arc<FailoverChain>>,
-    /// The budget the call's cost is charged to.
-    pub budget: Option<BudgetKey>,
+    /// The call's reservation on its budget, settled on its cost.
+    pub budget: Option<BudgetHold>,
     /// The call's hold on its rule's limits.
     pub hold: Option<Hold>,
 }
@@ -135,6 +138,13 @@ pub enum Refusal {
         rule: String,
         spent: Exhausted,
     },
+    /// The rule has a budget and the price table cannot price the model:
+    /// it would spend without being counted.
+    Unpriced {
+        rule: String,
+        provider: String,
+        model: Option<String>,
+    },
     RateLimited {
         rule: String,
         limited: Limited,
@@ -183,9 +193,17 @@ impl Enforcer {
         Ok(credentials::inject(adapter, to, headers, target, &key))
     }
 
-    /// Admit `req` under `policy`. `seen` is filled as far as admission got.
-    pub async fn admit(&self, policy: &Policy, req: Candidate<'_>, seen: &mut Seen) -> Verdict {
+    /// Admit `req` under `policy`, pricing budgeted calls with `prices`.
+    /// `seen` is filled as far as admission got.
+    pub async fn admit(
+        &self,
+        policy: &Policy,
+        prices: &PriceTable,
+        req: Candidate<'_>,
+        seen: &mut Seen,
+    ) -> Verdict {
         let Candidate {
+            id,
             subject,
             to,
             adapter,
@@ -265,38 +283,57 @@ impl Enforcer {
                 }
             },
         };
+        // What the call may use: its input from the text size, its output
+        // up to the limit it asks for (a cap the policy applied replaces
+        // what the request asked). Limits and budgets reserve this.
+        let est = Estimate {
+            input_tokens: seen.input_chars.div_ceil(CHARS_PER_TOKEN),
+            output_tokens: changed
+                .capped_output_tokens
+                .or(asked_output)
+                .unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
+        };
         let budget = match caps.budget {
             None => None,
             Some(config) => {
+                let model = changed.model.clone().or_else(|| seen.info.model.clone());
+                let Some(price) = model.as_deref().and_then(|m| prices.price(to.provider, m))
+                else {
+                    return Err(Refusal::Unpriced {
+                        rule: rule.clone(),
+                        provider: to.provider.to_string(),
+                        model,
+                    });
+                };
+                let worst = pricing::cost(
+                    price,
+                    &Usage {
+                        input_tokens: est.input_tokens,
+                        output_tokens: est.output_tokens,
+                        ..Default::default()
+                    },
+                );
                 let b = BudgetKey {
                     rule: rule.clone(),
                     key: Self::key_for(subject.workload, config.per),
                     config,
                 };
                 let now = time::OffsetDateTime::now_utc();
-                if let Err(spent) = self.budgets.check(&b, now).await {
-                    return Err(Refusal::BudgetSpent {
-                        rule: rule.clone(),
-                        spent,
-                    });
+                match self.budgets.reserve(&b, id, worst, now).await {
+                    Ok(hold) => Some(hold),
+                    Err(spent) => {
+                        return Err(Refusal::BudgetSpent {
+                            rule: rule.clone(),
+                            spent,
+                        });
+                    }
                 }
-                Some(b)
             }
         };
         let hold = match caps.limits {
             None => None,
             Some(limits) => {
                 let key = Self::key_for(subject.workload, limits.per);
-                // Reserve what the call may use: its input from the text
-                // size, its output up to the limit it asks for (a cap the
-                // policy applied replaces what the request asked).
-                let est = Estimate {
-                    input_tokens: seen.input_chars.div_ceil(CHARS_PER_TOKEN),
-                    output_tokens: changed
-                        .capped_output_tokens
-                        .or(asked_output)
-                        .unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
-                };
                 match self.limits.admit(rule, &key, &limits, est).await {
                     Ok(hold) => Some(hold),
                     Err(limited) => {

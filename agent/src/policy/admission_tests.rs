@@ -66,6 +66,7 @@ async fn admit(e: &Enforcer, p: &Policy, r: Req) -> (Seen, Verdict) {
     let w = workload();
     let mut seen = Seen::default();
     let c = Candidate {
+        id: "call-1",
         subject: Subject {
             workload: &w,
             comm: "app",
@@ -80,7 +81,8 @@ async fn admit(e: &Enforcer, p: &Policy, r: Req) -> (Seen, Verdict) {
         headers: r.headers,
         body: Bytes::from(r.body),
     };
-    let v = e.admit(p, c, &mut seen).await;
+    let prices = PriceTable::new(&Default::default()).unwrap();
+    let v = e.admit(p, &prices, c, &mut seen).await;
     (seen, v)
 }
 
@@ -275,7 +277,12 @@ async fn a_spent_budget_refuses_before_limits_are_taken() {
     let e = enforcer();
     // Within budget: admitted, charged to the workload's key, one request held.
     let a = admit(&e, &p, chat(GPT)).await.1.unwrap();
-    let b = a.budget.clone().expect("the call carries its budget");
+    let b = a
+        .budget
+        .as_ref()
+        .expect("the call carries its budget")
+        .key
+        .clone();
     assert_eq!((b.rule.as_str(), b.key.as_str()), ("rule:b", "uid-a"));
     assert!(a.hold.is_some(), "the one request a minute is taken");
     e.budgets
@@ -288,6 +295,55 @@ async fn a_spent_budget_refuses_before_limits_are_taken() {
         other => panic!("{:?}", other.err()),
     }
     drop(a);
+}
+
+#[tokio::test]
+async fn a_budget_reserves_the_worst_case_and_refuses_what_it_cannot_price() {
+    let p =
+        policy("default: allow\nrules:\n  - {name: b, budget: {daily_usd: 1.0}, action: allow}");
+    let e = enforcer();
+    // gpt-4o: $2.50 in, $10 out per million; 5 chars ≈ 2 tokens in, 1000 out asked.
+    let body =
+        r#"{"model":"gpt-4o","max_tokens":1000,"messages":[{"role":"user","content":"hello"}]}"#;
+    let a = admit(&e, &p, chat(body)).await.1.unwrap();
+    let held = a.budget.as_ref().unwrap().reserved_usd;
+    assert!(
+        (held - (2.0 * 2.5 + 1000.0 * 10.0) / 1e6).abs() < 1e-12,
+        "{held}"
+    );
+    // An unpriced model under a budget: refused, naming the model.
+    match admit(&e, &p, chat(r#"{"model":"my-finetune-7","messages":[]}"#))
+        .await
+        .1
+    {
+        Err(Refusal::Unpriced { rule, model, .. }) => {
+            assert_eq!(
+                (rule.as_str(), model.as_deref()),
+                ("rule:b", Some("my-finetune-7"))
+            );
+        }
+        other => panic!("{:?}", other.err()),
+    }
+    // Without a budget the same model passes (nothing to spend from).
+    let open = policy("default: allow");
+    assert!(
+        admit(
+            &e,
+            &open,
+            chat(r#"{"model":"my-finetune-7","messages":[]}"#)
+        )
+        .await
+        .1
+        .is_ok()
+    );
+    // A dropped call (never sent) gives its reservation back.
+    drop(a);
+    assert!(
+        e.budgets
+            .local
+            .rows(time::OffsetDateTime::now_utc())
+            .is_empty()
+    );
 }
 
 #[tokio::test]

@@ -1,8 +1,10 @@
 //! Spend budgets per rule and key, per UTC day and month, priced by the
-//! price table. A call is refused once its key's spend has reached a hard
-//! limit; crossing the soft share is logged and counted once per period.
-//! Spend is charged when a call ends (its cost is known then), so calls
-//! already in flight when a budget runs out may overshoot it a little.
+//! price table. Before it is sent, a call reserves its worst-case cost
+//! (input estimate, plus its output limit at the output price); it is
+//! refused when spend plus what calls in flight reserved has reached a
+//! hard limit, and settles on its real cost when it ends. So concurrent
+//! calls cannot spend more than the budget plus one call's reservation.
+//! Crossing the soft share is logged and counted once per period.
 //!
 //! Spend survives restarts when `policy.budget_state_file` is set: it is
 //! written there every few seconds when it changed, and at shutdown.
@@ -67,14 +69,25 @@ pub struct BudgetKey {
     pub config: BudgetConfig,
 }
 
-/// A budget that refuses calls until it resets.
+/// A budget that refuses calls: spent until it resets, or committed to
+/// calls in flight until they settle.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Exhausted {
     /// `daily` or `monthly`.
     pub period: &'static str,
     pub limit: f64,
     pub spent: f64,
+    /// Reserved by calls in flight (their worst-case cost).
+    pub reserved: f64,
     pub resets_at: OffsetDateTime,
+}
+
+impl Exhausted {
+    /// Spent for good (not only committed to calls in flight, which may
+    /// settle for less).
+    pub fn spent_for_the_period(&self) -> bool {
+        self.spent >= self.limit
+    }
 }
 
 /// A soft limit crossed by a charge.
@@ -94,6 +107,10 @@ struct Spend {
     month_usd: f64,
     day_warned: bool,
     month_warned: bool,
+    /// Worst-case cost reserved by calls in flight (not saved: a restart
+    /// ends those calls, and the journal charges them).
+    #[serde(skip)]
+    reserved_usd: f64,
 }
 
 impl Spend {
@@ -132,19 +149,22 @@ pub struct SpendRow {
     pub month_usd: f64,
 }
 
-/// Refuse when a hard limit of `b` is reached by these totals.
+/// Refuse when a hard limit of `b` is reached by these totals and what
+/// calls in flight reserved.
 pub fn verdict(
     b: &BudgetKey,
     day_usd: f64,
     month_usd: f64,
+    reserved: f64,
     now: OffsetDateTime,
 ) -> Result<(), Exhausted> {
     let d = now.date();
-    if let Some(limit) = b.config.daily_usd.filter(|l| day_usd >= *l) {
+    if let Some(limit) = b.config.daily_usd.filter(|l| day_usd + reserved >= *l) {
         return Err(Exhausted {
             period: "daily",
             limit,
             spent: day_usd,
+            reserved,
             resets_at: d
                 .next_day()
                 .expect("not the end of time")
@@ -152,7 +172,7 @@ pub fn verdict(
                 .assume_utc(),
         });
     }
-    if let Some(limit) = b.config.monthly_usd.filter(|l| month_usd >= *l) {
+    if let Some(limit) = b.config.monthly_usd.filter(|l| month_usd + reserved >= *l) {
         let (y, m) = if d.month() == time::Month::December {
             (d.year() + 1, time::Month::January)
         } else {
@@ -162,6 +182,7 @@ pub fn verdict(
             period: "monthly",
             limit,
             spent: month_usd,
+            reserved,
             resets_at: time::Date::from_calendar_date(y, m, 1)
                 .expect("valid date")
                 .midnight()
@@ -181,19 +202,38 @@ fn id(rule: &str, key: &str) -> String {
 }
 
 impl Budgets {
-    /// Refuse if a hard limit of `b` is reached (this node's spend).
-    pub fn check(&self, b: &BudgetKey, now: OffsetDateTime) -> Result<(), Exhausted> {
+    /// Reserve `usd` for a call under `b`, or refuse if a hard limit is
+    /// reached by this node's spend and reservations.
+    pub fn reserve(&self, b: &BudgetKey, usd: f64, now: OffsetDateTime) -> Result<(), Exhausted> {
         let mut g = self.spend.lock().unwrap_or_else(|e| e.into_inner());
-        // A key that spent nothing yet gets no entry: checks alone (a flood
-        // of workloads refused before any charge) keep no memory.
-        let (day, month) = match g.0.get_mut(&id(&b.rule, &b.key)) {
+        let id = id(&b.rule, &b.key);
+        // A refused key that spent nothing gets no entry: a flood of
+        // refused workloads keeps no memory.
+        let (day, month, reserved) = match g.0.get_mut(&id) {
             Some(s) => {
                 s.roll(now);
-                (s.day_usd, s.month_usd)
+                (s.day_usd, s.month_usd, s.reserved_usd)
             }
-            None => (0.0, 0.0),
+            None => (0.0, 0.0, 0.0),
         };
-        verdict(b, day, month, now)
+        verdict(b, day, month, reserved, now)?;
+        g.0.entry(id).or_default().reserved_usd += usd;
+        Ok(())
+    }
+
+    /// Hold `usd` for a call another store (Redis) admitted, so this
+    /// node's view, used when that store is away, counts it too.
+    pub fn hold(&self, b: &BudgetKey, usd: f64) {
+        let mut g = self.spend.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.entry(id(&b.rule, &b.key)).or_default().reserved_usd += usd;
+    }
+
+    /// Give back a reservation (the call ended; its cost is charged apart).
+    pub fn release(&self, b: &BudgetKey, usd: f64) {
+        let mut g = self.spend.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = g.0.get_mut(&id(&b.rule, &b.key)) {
+            s.reserved_usd = (s.reserved_usd - usd).max(0.0);
+        }
     }
 
     /// Add `usd` to `b`'s spend; the soft limits it crossed (once per period).
@@ -235,7 +275,7 @@ impl Budgets {
         let before = g.0.len();
         g.0.retain(|_, s| {
             s.roll(now);
-            s.month_usd > 0.0 || s.day_usd > 0.0
+            s.month_usd > 0.0 || s.day_usd > 0.0 || s.reserved_usd > 0.0
         });
         if g.0.len() != before {
             g.1 = true;
@@ -316,7 +356,7 @@ mod tests {
         let b = Budgets::default();
         let k = key(Some(1.0), None);
         let t = datetime!(2026-11-25 10:00 UTC);
-        assert!(b.check(&k, t).is_ok());
+        assert!(b.reserve(&k, 0.0, t).is_ok());
         let soft = b.charge(&k, 0.6, t);
         assert_eq!(
             soft,
@@ -331,11 +371,13 @@ mod tests {
             "soft warning once per period"
         );
         b.charge(&k, 0.4, t);
-        let e = b.check(&k, t).unwrap_err();
+        let e = b.reserve(&k, 0.1, t).unwrap_err();
         assert_eq!(e.period, "daily");
+        assert!(e.spent_for_the_period());
         assert_eq!(e.resets_at, datetime!(2026-11-26 0:00 UTC));
         assert!(
-            b.check(&k, datetime!(2026-11-26 0:00:01 UTC)).is_ok(),
+            b.reserve(&k, 0.1, datetime!(2026-11-26 0:00:01 UTC))
+                .is_ok(),
             "a new day"
         );
     }
@@ -346,10 +388,12 @@ mod tests {
         let k = key(None, Some(2.0));
         b.charge(&k, 1.5, datetime!(2026-12-30 23:00 UTC));
         b.charge(&k, 0.6, datetime!(2026-12-31 01:00 UTC));
-        let e = b.check(&k, datetime!(2026-12-31 02:00 UTC)).unwrap_err();
+        let e = b
+            .reserve(&k, 0.0, datetime!(2026-12-31 02:00 UTC))
+            .unwrap_err();
         assert_eq!(e.period, "monthly");
         assert_eq!(e.resets_at, datetime!(2027-01-01 0:00 UTC));
-        assert!(b.check(&k, datetime!(2027-01-01 0:00 UTC)).is_ok());
+        assert!(b.reserve(&k, 0.0, datetime!(2027-01-01 0:00 UTC)).is_ok());
     }
 
     #[test]
@@ -360,11 +404,12 @@ mod tests {
                 key: format!("pod-{i}"),
                 ..key(Some(1.0), None)
             };
-            assert!(b.check(&k, datetime!(2026-12-01 10:00 UTC)).is_ok());
+            assert!(b.reserve(&k, 0.1, datetime!(2026-12-01 10:00 UTC)).is_ok());
+            b.release(&k, 0.1);
         }
         assert!(
             b.rows(datetime!(2026-12-01 10:00 UTC)).is_empty(),
-            "checks keep nothing"
+            "calls that spent nothing keep nothing"
         );
         let k = key(Some(1.0), None);
         b.charge(&k, 0.5, datetime!(2026-12-01 10:00 UTC));
@@ -380,6 +425,29 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_calls_cannot_spend_more_than_the_budget_and_one_reservation() {
+        let b = Budgets::default();
+        let k = key(Some(1.0), None);
+        let t = datetime!(2026-12-01 10:00 UTC);
+        // Fifty calls at once, each reserving 0.3: four get in (0.9 < 1.0
+        // before the fourth), the rest wait for them to settle.
+        let admitted = (0..50).filter(|_| b.reserve(&k, 0.3, t).is_ok()).count();
+        assert_eq!(admitted, 4);
+        let e = b.reserve(&k, 0.3, t).unwrap_err();
+        assert!(!e.spent_for_the_period(), "committed, not spent: {e:?}");
+        assert!((e.reserved - 1.2).abs() < 1e-9);
+        // They settle for less than reserved: room again.
+        for _ in 0..4 {
+            b.release(&k, 0.3);
+            b.charge(&k, 0.1, t);
+        }
+        assert!(b.reserve(&k, 0.3, t).is_ok());
+        b.release(&k, 0.3);
+        b.charge(&k, 0.7, t);
+        assert!(b.reserve(&k, 0.3, t).unwrap_err().spent_for_the_period());
+    }
+
+    #[test]
     fn spend_survives_a_restart_through_the_state_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("state/budgets.json");
@@ -389,7 +457,7 @@ mod tests {
         b.charge(&k, 1.25, t);
         b.save(&p).unwrap();
         let again = Budgets::load(&p).unwrap();
-        assert!(again.check(&k, t).is_err());
+        assert!(again.reserve(&k, 0.0, t).is_err());
         assert_eq!(again.rows(t)[0].day_usd, 1.25);
         assert!(Budgets::load(&d.path().join("none.json")).is_ok());
         std::fs::write(&p, "nonsense").unwrap();

@@ -34,6 +34,7 @@ pub use rules::{
     Unterminated, WithoutModel,
 };
 pub use selector::Selector;
+pub use spend::{BudgetHold, SoftWarn};
 
 use std::{
     collections::HashMap,

@@ -1,20 +1,25 @@
 //! Budget spend shared by every node through Redis (`state.backend: redis`).
 //!
-//! One round trip per decision: `MGET` of the day and month totals of the
-//! call's budget. Charging after the call is one pipelined round trip
-//! (`INCRBYFLOAT` + `EXPIRE` for both periods), sent off the data path.
+//! One round trip per decision: a Lua script that reads the day and month
+//! totals and the reservations of calls in flight, refuses or reserves the
+//! call's worst-case cost, atomically (two nodes cannot both take the last
+//! of a budget). Settling after the call is one more script, off the data
+//! path: the reservation goes, the real cost is added.
 //! Keys: `tollgate:budget:<rule>:<key>:d:<YYYY-MM-DD>` and `…:m:<YYYY-MM>`,
-//! expiring after their period. When Redis cannot answer within
+//! expiring after their period; reservations in `…:r` (call id → expiry)
+//! and `…:rh` (call id → USD), each expiring after RESERVATION_TTL, so a
+//! node that dies mid-call holds nothing for longer (its journal settles
+//! the call when it restarts). When Redis cannot answer within
 //! `state.timeout`, the node decides with its own spend (logged and counted
 //! in `tollgate_state_errors_total`) and goes on trying Redis.
 use std::time::{Duration, Instant};
 
-use redis::{AsyncCommands, aio::MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::Mutex;
 
-use super::budgets::{BudgetKey, SoftCrossed};
+use super::budgets::{BudgetKey, Exhausted, SoftCrossed, verdict};
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema,
@@ -64,23 +69,55 @@ pub enum SharedError {
     Redis(#[from] redis::RedisError),
 }
 
-/// Spend totals of one budget, both periods.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Totals {
-    pub day_usd: f64,
-    pub month_usd: f64,
-}
-
 pub struct SharedBudgets {
     client: redis::Client,
     conn: Mutex<Option<MultiplexedConnection>>,
     timeout: Duration,
+    reserve: redis::Script,
+    settle: redis::Script,
 }
 
-fn keys(b: &BudgetKey, now: OffsetDateTime) -> (String, String) {
+/// How long a reservation outlives a node that never settled it.
+const RESERVATION_TTL: Duration = Duration::from_secs(3600);
+
+/// Reserve ARGV[3] USD as call ARGV[2], or refuse: 0 admitted, 1 daily,
+/// 2 monthly; with the period's spend and the reservations in flight.
+const BUDGET_RESERVE: &str = r#"
+local now = tonumber(ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, id in ipairs(gone) do redis.call('HDEL', KEYS[4], id) end
+if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now) end
+local reserved = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[4])) do reserved = reserved + tonumber(v) end
+local d = tonumber(redis.call('GET', KEYS[1]) or '0')
+local m = tonumber(redis.call('GET', KEYS[2]) or '0')
+local dl, ml = tonumber(ARGV[5]), tonumber(ARGV[6])
+if dl > 0 and d + reserved >= dl then return {1, tostring(d), tostring(reserved)} end
+if ml > 0 and m + reserved >= ml then return {2, tostring(m), tostring(reserved)} end
+local ttl = tonumber(ARGV[4])
+redis.call('ZADD', KEYS[3], now + ttl, ARGV[2])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ttl)
+redis.call('PEXPIRE', KEYS[4], ttl)
+return {0, tostring(d), tostring(reserved)}
+"#;
+
+/// Drop call ARGV[1]'s reservation and add its cost ARGV[2]; the new totals.
+const BUDGET_SETTLE: &str = r#"
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+local d = redis.call('INCRBYFLOAT', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], 172800)
+local m = redis.call('INCRBYFLOAT', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[2], 2764800)
+return {tostring(d), tostring(m)}
+"#;
+
+/// Day total, month total, reservations (ids by expiry), reservations (USD by id).
+fn keys(b: &BudgetKey, now: OffsetDateTime) -> [String; 4] {
     let d = now.date();
     let base = format!("tollgate:budget:{}:{}", b.rule, b.key);
-    (
+    [
         format!(
             "{base}:d:{:04}-{:02}-{:02}",
             d.year(),
@@ -88,7 +125,9 @@ fn keys(b: &BudgetKey, now: OffsetDateTime) -> (String, String) {
             d.day()
         ),
         format!("{base}:m:{:04}-{:02}", d.year(), u8::from(d.month())),
-    )
+        format!("{base}:r"),
+        format!("{base}:rh"),
+    ]
 }
 
 impl SharedBudgets {
@@ -102,6 +141,8 @@ impl SharedBudgets {
             client,
             conn: Mutex::new(None),
             timeout: cfg.timeout,
+            reserve: redis::Script::new(BUDGET_RESERVE),
+            settle: redis::Script::new(BUDGET_SETTLE),
         })
     }
 
@@ -134,44 +175,70 @@ impl SharedBudgets {
         r
     }
 
-    /// The cluster's spend of `b` in the current day and month.
-    pub async fn totals(&self, b: &BudgetKey, now: OffsetDateTime) -> Result<Totals, SharedError> {
-        let (day, month) = keys(b, now);
-        self.bounded(async {
-            let mut c = self.conn().await?;
-            let (d, m): (Option<f64>, Option<f64>) = c.mget(&[day, month]).await?;
-            Ok(Totals {
-                day_usd: d.unwrap_or(0.0),
-                month_usd: m.unwrap_or(0.0),
-            })
-        })
-        .await
-    }
-
-    /// Add `usd`; the soft limits this charge crossed, cluster-wide.
-    pub async fn charge(
+    /// Reserve `usd` for call `id` under `b` against the cluster's spend
+    /// and reservations, or say which period refuses.
+    pub async fn reserve(
         &self,
         b: &BudgetKey,
+        id: &str,
+        usd: f64,
+        now: OffsetDateTime,
+    ) -> Result<Result<(), Exhausted>, SharedError> {
+        let keys = keys(b, now);
+        let now_ms = (now.unix_timestamp_nanos() / 1_000_000) as i64;
+        let (which, spent, reserved): (u8, String, String) = self
+            .bounded(async {
+                let mut c = self.conn().await?;
+                let mut call = self.reserve.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                Ok(call
+                    .arg(now_ms)
+                    .arg(id)
+                    .arg(usd)
+                    .arg(RESERVATION_TTL.as_millis() as i64)
+                    .arg(b.config.daily_usd.unwrap_or(0.0))
+                    .arg(b.config.monthly_usd.unwrap_or(0.0))
+                    .invoke_async(&mut c)
+                    .await?)
+            })
+            .await?;
+        let (spent, reserved) = (
+            spent.parse().unwrap_or(0.0),
+            reserved.parse().unwrap_or(0.0),
+        );
+        Ok(match which {
+            0 => Ok(()),
+            // The same arithmetic as the node's own, for the same answer.
+            1 => verdict(b, spent, 0.0, reserved, now),
+            _ => verdict(b, 0.0, spent, reserved, now),
+        })
+    }
+
+    /// Replace call `id`'s reservation by its cost `usd`; the soft limits
+    /// this crossed, cluster-wide.
+    pub async fn settle(
+        &self,
+        b: &BudgetKey,
+        id: &str,
         usd: f64,
         now: OffsetDateTime,
     ) -> Result<Vec<SoftCrossed>, SharedError> {
-        let (day, month) = keys(b, now);
+        let keys = keys(b, now);
         let started = Instant::now();
-        let (d, m): (f64, f64) = self
+        let (d, m): (String, String) = self
             .bounded(async {
                 let mut c = self.conn().await?;
-                let (d, _, m, _): (f64, i64, f64, i64) = redis::pipe()
-                    .atomic()
-                    .incr(&day, usd)
-                    .expire(&day, 2 * 86_400)
-                    .incr(&month, usd)
-                    .expire(&month, 32 * 86_400)
-                    .query_async(&mut c)
-                    .await?;
-                Ok((d, m))
+                let mut call = self.settle.prepare_invoke();
+                for k in &keys {
+                    call.key(k);
+                }
+                Ok(call.arg(id).arg(usd).invoke_async(&mut c).await?)
             })
             .await?;
-        tracing::trace!(took = ?started.elapsed(), "budget charged in Redis");
+        let (d, m): (f64, f64) = (d.parse().unwrap_or(0.0), m.parse().unwrap_or(0.0));
+        tracing::trace!(took = ?started.elapsed(), "budget settled in Redis");
         let share = b.config.soft_percent / 100.0;
         let crossed = |period, limit: Option<f64>, total: f64| {
             limit

@@ -1,14 +1,14 @@
 //! Where budget spend is kept: on this node (`Budgets`), and, with
 //! `state.backend: redis`, also in Redis for the whole cluster — decisions
-//! then read the cluster's totals, and fall back to this node's own when
-//! Redis does not answer in time.
+//! then read the cluster's totals and reservations, and fall back to this
+//! node's own when Redis does not answer in time.
 use std::sync::Arc;
 
 use prometheus::IntCounter;
 use time::OffsetDateTime;
 
 use super::{
-    budgets::{BudgetKey, Budgets, Exhausted, SoftCrossed, verdict},
+    budgets::{BudgetKey, Budgets, Exhausted, SoftCrossed},
     shared::SharedBudgets,
 };
 
@@ -17,6 +17,44 @@ pub struct BudgetStore {
     shared: Option<Arc<SharedBudgets>>,
     /// Redis failures (each fell back to local spend).
     errors: IntCounter,
+}
+
+/// What reports a soft limit crossed (a log line and a counter).
+pub type SoftWarn = Box<dyn Fn(&BudgetKey, SoftCrossed) + Send + Sync>;
+
+/// A call's reservation on its budget: settled on the call's real cost
+/// when it ends (`settle`); given back if the call is dropped before it
+/// was sent.
+pub struct BudgetHold {
+    store: Arc<BudgetStore>,
+    pub key: BudgetKey,
+    /// The call's id (the Redis reservation's name).
+    id: String,
+    /// Worst-case cost reserved.
+    pub reserved_usd: f64,
+    settled: bool,
+}
+
+impl BudgetHold {
+    /// Replace the reservation by `cost` (None: the call could not be
+    /// priced after all — the reservation is charged, erring toward the
+    /// budget).
+    pub fn settle(mut self, cost: Option<f64>, warn: SoftWarn) {
+        self.settled = true;
+        let usd = cost.unwrap_or(self.reserved_usd);
+        self.store
+            .settle(&self.key, &self.id, self.reserved_usd, usd, Some(warn));
+    }
+}
+
+impl Drop for BudgetHold {
+    fn drop(&mut self) {
+        if !self.settled {
+            // Never sent: nothing spent.
+            self.store
+                .settle(&self.key, &self.id, self.reserved_usd, 0.0, None);
+        }
+    }
 }
 
 impl BudgetStore {
@@ -28,38 +66,79 @@ impl BudgetStore {
         }
     }
 
-    /// Refuse if `b` is spent, by the cluster's totals when shared.
-    pub async fn check(&self, b: &BudgetKey, now: OffsetDateTime) -> Result<(), Exhausted> {
+    /// Reserve `usd` for call `id` under `b`, or refuse: by the cluster's
+    /// spend and reservations when shared, else this node's.
+    pub async fn reserve(
+        self: &Arc<Self>,
+        b: &BudgetKey,
+        id: &str,
+        usd: f64,
+        now: OffsetDateTime,
+    ) -> Result<BudgetHold, Exhausted> {
+        let hold = || BudgetHold {
+            store: self.clone(),
+            key: b.clone(),
+            id: id.to_string(),
+            reserved_usd: usd,
+            settled: false,
+        };
         if let Some(shared) = &self.shared {
-            match shared.totals(b, now).await {
-                Ok(t) => return verdict(b, t.day_usd, t.month_usd, now),
+            match shared.reserve(b, id, usd, now).await {
+                Ok(Ok(())) => {
+                    self.local.hold(b, usd);
+                    return Ok(hold());
+                }
+                Ok(Err(exhausted)) => return Err(exhausted),
                 Err(e) => self.fell_back(&e),
             }
         }
-        self.local.check(b, now)
+        self.local.reserve(b, usd, now)?;
+        Ok(hold())
     }
 
-    /// Charge `usd` to `b`: locally at once, and to Redis off the data path.
-    /// `warn` reports soft limits crossed (once, cluster-wide when shared).
-    pub fn charge(
+    /// Charge `usd` to `b` for a call that holds no reservation (one the
+    /// journal found unfinished after a restart).
+    pub fn charge(self: &Arc<Self>, b: &BudgetKey, id: &str, usd: f64, warn: SoftWarn) {
+        self.local.hold(b, 0.0);
+        self.settle(b, id, 0.0, usd, Some(warn));
+    }
+
+    /// End call `id`'s reservation of `reserved` with its cost `usd`:
+    /// locally at once, and in Redis off the data path.
+    fn settle(
         self: &Arc<Self>,
         b: &BudgetKey,
+        id: &str,
+        reserved: f64,
         usd: f64,
-        now: OffsetDateTime,
-        warn: impl Fn(&BudgetKey, SoftCrossed) + Send + 'static,
+        warn: Option<SoftWarn>,
     ) {
-        let local = self.local.charge(b, usd, now);
+        let now = OffsetDateTime::now_utc();
+        self.local.release(b, reserved);
+        let local = if usd > 0.0 {
+            self.local.charge(b, usd, now)
+        } else {
+            Vec::new()
+        };
+        let report = move |b: &BudgetKey, crossed: Vec<SoftCrossed>| {
+            if let Some(w) = &warn {
+                crossed.into_iter().for_each(|s| w(b, s));
+            }
+        };
         let Some(shared) = self.shared.clone() else {
-            local.into_iter().for_each(|s| warn(b, s));
+            report(b, local);
             return;
         };
-        let (store, b) = (self.clone(), b.clone());
-        tokio::spawn(async move {
-            match shared.charge(&b, usd, now).await {
-                Ok(crossed) => crossed.into_iter().for_each(|s| warn(&b, s)),
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, b, id) = (self.clone(), b.clone(), id.to_string());
+        rt.spawn(async move {
+            match shared.settle(&b, &id, usd, now).await {
+                Ok(crossed) => report(&b, crossed),
                 Err(e) => {
                     store.fell_back(&e);
-                    local.into_iter().for_each(|s| warn(&b, s));
+                    report(&b, local);
                 }
             }
         });

@@ -89,7 +89,7 @@ fn is_zero(n: &u64) -> bool {
 
 /// Largest JSON response body kept for parsing usage (embeddings of a large
 /// batch can be several MiB). Beyond it the body still passes; usage is estimated.
-const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
 /// Characters per token for estimates (the common rule of thumb for English text).
 const CHARS_PER_TOKEN: u64 = 4;
 

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use super::context::Call;
 use crate::{
-    policy::BudgetKey,
+    policy::BudgetHold,
     telemetry::records::{Decision, RequestRecord},
 };
 
@@ -13,7 +13,7 @@ use crate::{
 pub(super) fn account(
     call: &Call,
     mut record: RequestRecord,
-    budget: Option<&BudgetKey>,
+    budget: Option<BudgetHold>,
     started: Instant,
     ttft: Option<Duration>,
 ) {
@@ -74,18 +74,9 @@ pub(super) fn account(
     }
     if let Some(c) = record.cost_usd {
         m.cost.with_label_values(&labels).inc_by(c);
-        if let Some(b) = budget {
-            let counter = m.budget_soft_reached.clone();
-            call.tls
-                .enforcer
-                .budgets
-                .charge(b, c, time::OffsetDateTime::now_utc(), move |b, soft| {
-                    tracing::warn!(rule = %b.rule, key = %b.key, period = soft.period,
-                        spent_usd = soft.spent, limit_usd = soft.limit,
-                        "budget soft limit reached ({}% of the {} budget)", b.config.soft_percent, soft.period);
-                    counter.with_label_values(&[&b.rule, soft.period]).inc();
-                });
-        }
+    }
+    if let Some(b) = budget {
+        b.settle(record.cost_usd, soft_warn(m));
     }
     let u = &record.usage;
     if u.input_tokens + u.output_tokens > 0 {
@@ -107,6 +98,17 @@ pub(super) fn account(
         }
     }
     call.events.record(&record);
+}
+
+/// How a budget's soft limit crossed is reported: a warning and a counter.
+pub(crate) fn soft_warn(m: &crate::telemetry::metrics::Metrics) -> crate::policy::SoftWarn {
+    let counter = m.budget_soft_reached.clone();
+    Box::new(move |b, soft| {
+        tracing::warn!(rule = %b.rule, key = %b.key, period = soft.period,
+            spent_usd = soft.spent, limit_usd = soft.limit,
+            "budget soft limit reached ({}% of the {} budget)", b.config.soft_percent, soft.period);
+        counter.with_label_values(&[&b.rule, soft.period]).inc();
+    })
 }
 
 /// Dollars to a tenth of a nano-dollar (a single cheap token costs ~1e-8):

@@ -66,6 +66,7 @@ pub(super) async fn forward(
     let rules = call.tls.live.load_full();
     let mut seen = Seen::default();
     let request = Candidate {
+        id: &record.id,
         subject: Subject {
             workload: &workload,
             comm: &call.meta.comm,
@@ -80,7 +81,7 @@ pub(super) async fn forward(
     let verdict = call
         .tls
         .enforcer
-        .admit(&rules.policy, request, &mut seen)
+        .admit(&rules.policy, &rules.prices, request, &mut seen)
         .await;
     drop(rules);
     record.operation = seen.info.operation;
@@ -91,6 +92,56 @@ pub(super) async fn forward(
         Ok(a) => a,
         Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
     };
+    // 3-4 run on a task of their own: a client that goes away before the
+    // response headers (hyper drops this future) does not cancel a call
+    // the provider is already serving; it is still read, recorded and charged.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let input_chars = seen.input_chars;
+    tokio::spawn(async move {
+        match deliver(call, parts, admitted, record, input_chars, held, started).await {
+            Delivery::Answer(resp) => {
+                let _ = tx.send(resp);
+            }
+            Delivery::Relay(parts, body) => {
+                if tx.is_closed() {
+                    body.client_gone_before_headers().await;
+                } else {
+                    // Gone in the instant since: dropped, recorded as left with an estimate.
+                    let _ = tx.send(Response::from_parts(parts, body.boxed()));
+                }
+            }
+        }
+    });
+    Ok(rx.await.unwrap_or_else(|_| {
+        // The task ended without an answer: it panicked (a bug, logged by tokio).
+        Response::builder()
+            .status(http::StatusCode::BAD_GATEWAY)
+            .body(
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap_or_default()
+    }))
+}
+
+/// What the provider leg ends in: an answer of the proxy's own (an error,
+/// already recorded), or the provider's response head and its metered body.
+enum Delivery {
+    Answer(Response<ProxyBody>),
+    Relay(http::response::Parts, Metered),
+}
+
+/// Steps 3 and 4: send the admitted request and meter its response.
+async fn deliver(
+    call: Arc<Call>,
+    mut parts: http::request::Parts,
+    admitted: Admitted,
+    mut record: RequestRecord,
+    input_chars: u64,
+    held: Reservation,
+    started: Instant,
+) -> Delivery {
     // 3. Send: to the dialled provider, or along the rule's failover chain.
     let Admitted {
         target,
@@ -140,7 +191,7 @@ pub(super) async fn forward(
             result,
             message,
         } => {
-            return Ok(rescue::failed(
+            return Delivery::Answer(rescue::failed(
                 &call, status, result, message, record, started,
             ));
         }
@@ -166,7 +217,7 @@ pub(super) async fn forward(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let parser = ResponseParser::new(call.meta.adapter.api(), content_type, seen.input_chars);
+    let parser = ResponseParser::new(call.meta.adapter.api(), content_type, input_chars);
     // What asking for usage added comes back out before the workload sees it.
     let filter = (asked_stream_usage && content_type.starts_with("text/event-stream"))
         .then(UsageChunkFilter::default);
@@ -185,7 +236,7 @@ pub(super) async fn forward(
             budget,
         },
     );
-    Ok(Response::from_parts(parts, body.boxed()))
+    Delivery::Relay(parts, body)
 }
 
 /// The record of a request as it arrives; the steps fill in the rest.

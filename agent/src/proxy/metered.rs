@@ -17,7 +17,7 @@ use super::{
     upstream::{BoxError, ProxyBody},
 };
 use crate::{
-    policy::{BudgetKey, Hold},
+    policy::{BudgetHold, Hold},
     providers::{ResponseParser, stream_usage::UsageChunkFilter},
     telemetry::{
         records::{Outcome, RequestRecord},
@@ -37,8 +37,8 @@ pub(super) struct Finish {
     pub record: RequestRecord,
     /// The request's hold on its rule's limits, settled with the usage.
     pub hold: Option<Hold>,
-    /// What the call's cost is charged to.
-    pub budget: Option<BudgetKey>,
+    /// The call's reservation on its budget, settled on its cost.
+    pub budget: Option<BudgetHold>,
 }
 
 /// The response body on its way to the workload: relayed frame by frame (no
@@ -61,6 +61,9 @@ pub(super) struct Metered {
     filter: Option<UsageChunkFilter>,
     /// The provider's body has ended; what the filter held is being sent.
     drained: bool,
+    /// The client went away before the response headers (see
+    /// `client_gone_before_headers`).
+    gone_before_headers: bool,
     /// The body's first bytes, for `audit.capture.bodies`.
     capture: Option<Vec<u8>>,
     capture_max: usize,
@@ -92,6 +95,7 @@ impl Metered {
             parser: Some(parser),
             filter,
             drained: false,
+            gone_before_headers: false,
             capture,
             capture_max: tls.capture.max_body_bytes,
             finish: Some(finish),
@@ -114,6 +118,25 @@ impl Metered {
         // Register the timer with this task so it wakes us.
         let _ = self.idle.as_mut().poll(cx);
         Poll::Pending
+    }
+
+    /// The client went away while the provider was preparing its answer.
+    /// The provider bills a JSON answer whole whether or not anyone reads
+    /// it, so it is read to its end (up to the parser's bound) for the
+    /// exact usage; a stream is closed at once (the provider stops
+    /// generating) and recorded with an estimate. Recorded as
+    /// `client_disconnected` either way.
+    pub async fn client_gone_before_headers(mut self) {
+        self.gone_before_headers = true;
+        if self.finish.as_ref().is_none_or(|f| f.record.stream) {
+            return; // dropped here: recorded with the estimate
+        }
+        while self.bytes <= super::super::providers::MAX_JSON_BODY as u64 {
+            match std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            }
+        }
     }
 
     /// One data frame from the provider: metered, parsed and captured as it
@@ -164,6 +187,13 @@ impl Metered {
                 result = Outcome::Ok;
             }
         }
+        let mut error = error;
+        if self.gone_before_headers && result == Outcome::Ok {
+            result = Outcome::ClientDisconnected;
+            error = Some("the client went away before the response headers; the provider's answer was read for its usage".into());
+        } else if self.gone_before_headers && error.is_none() {
+            error = Some("the client went away before the response headers".into());
+        }
         record.response_bytes = self.bytes;
         if let Some(c) = self.capture.take() {
             record.response_body = Some(redact::body_prefix(&c, self.bytes, self.capture_max));
@@ -178,13 +208,7 @@ impl Metered {
         record.duration_ms = self.started.elapsed().as_millis() as u64;
         record.result = result;
         record.error = error;
-        account::account(
-            &call,
-            record,
-            budget.as_ref(),
-            self.started,
-            self.first_byte,
-        );
+        account::account(&call, record, budget, self.started, self.first_byte);
     }
 }
 

@@ -119,6 +119,24 @@ pub(super) fn answer(refusal: &Refusal, rule: &str, adapter: &dyn Adapter) -> An
             rule.clone(),
             format!("the provider credential of policy {rule} is unavailable"),
         ),
+        Refusal::BudgetSpent { rule, spent } if !spent.spent_for_the_period() => {
+            // Committed to calls in flight, which may settle for less.
+            let wait = Duration::from_secs(1);
+            Answer {
+                headers: vec![("retry-after".into(), "1".into())],
+                retry: Some(wait),
+                ..simple(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Decision::Deny,
+                    Outcome::BudgetExhausted,
+                    format!("{rule}:budget_{}", spent.period),
+                    format!(
+                        "the {} budget of policy {rule} is committed to calls in flight ({} spent and {} reserved of {}); retry shortly",
+                        spent.period, usd(spent.spent), usd(spent.reserved), usd(spent.limit)
+                    ),
+                )
+            }
+        }
         Refusal::BudgetSpent { rule, spent } => {
             let wait: Duration = (spent.resets_at - time::OffsetDateTime::now_utc())
                 .try_into()
@@ -136,12 +154,30 @@ pub(super) fn answer(refusal: &Refusal, rule: &str, adapter: &dyn Adapter) -> An
                     Outcome::BudgetExhausted,
                     format!("{rule}:budget_{}", spent.period),
                     format!(
-                        "the {} budget of policy {rule} is spent (${:.2} of ${:.2}); it resets at {reset}",
-                        spent.period, spent.spent, spent.limit
+                        "the {} budget of policy {rule} is spent ({} of {}); it resets at {reset}",
+                        spent.period, usd(spent.spent), usd(spent.limit)
                     ),
                 )
             }
         }
+        Refusal::Unpriced {
+            rule,
+            provider,
+            model,
+        } => simple(
+            StatusCode::FORBIDDEN,
+            Decision::Deny,
+            Outcome::Denied,
+            format!("{rule}:unpriced_model"),
+            match model {
+                Some(m) => format!(
+                    "policy {rule} has a budget, and the price table has no price for model `{m}` of provider {provider}: the call would spend uncounted. Add a price under `pricing.models` in the agent config (`tollgate pricing {m}` shows what matches)"
+                ),
+                None => format!(
+                    "policy {rule} has a budget, and this request names no model to price: the call would spend uncounted"
+                ),
+            },
+        ),
         Refusal::RateLimited { rule, limited } => {
             let wait = limited.retry_after;
             let secs = wait.as_secs_f64();
@@ -270,6 +306,16 @@ fn respond(
         *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         r
     })
+}
+
+/// Dollars as a person reads them: cents, or three significant digits
+/// for budgets below a cent (a test budget, a per-pod one).
+fn usd(x: f64) -> String {
+    if x == 0.0 || x.abs() >= 0.01 {
+        format!("${x:.2}")
+    } else {
+        format!("${x:.3e}")
+    }
 }
 
 #[cfg(test)]
@@ -450,6 +496,7 @@ mod tests {
                     period: "daily",
                     limit: 5.0,
                     spent: 5.25,
+                    reserved: 0.0,
                     resets_at,
                 },
             },

@@ -212,6 +212,9 @@ async fn answer(
             // `mock-late`: the response headers come only after a long think.
             tokio::time::sleep(std::time::Duration::from_secs(30)).await;
         }
+        if resp.fault == mock_llm::Fault::Think {
+            tokio::time::sleep(mock_llm::THINK).await;
+        }
         // What arrived, for tests of policy rewrites: the model and output
         // limits the provider was asked for, and whether a key came along.
         let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
@@ -275,7 +278,7 @@ fn stream(resp: mock_llm::MockResponse, echo: Vec<(&'static str, String)>) -> Re
             // Abort: the connection (h1) or stream (h2) ends without its end marker.
             Fault::Cut => tx.abort(std::io::Error::other("mock-cut")),
             Fault::Stall => tokio::time::sleep(std::time::Duration::from_secs(30)).await,
-            Fault::None | Fault::LateHeaders => {}
+            Fault::None | Fault::LateHeaders | Fault::Think => {}
         }
     });
     let mut r = Response::builder()
