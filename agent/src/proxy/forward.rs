@@ -107,7 +107,7 @@ pub(super) async fn forward(
                     body.client_gone_before_headers().await;
                 } else {
                     // Gone in the instant since: dropped, recorded as left with an estimate.
-                    let _ = tx.send(Response::from_parts(parts, body.boxed()));
+                    let _ = tx.send(Response::from_parts(parts, BodyExt::boxed(*body)));
                 }
             }
         }
@@ -129,7 +129,8 @@ pub(super) async fn forward(
 /// already recorded), or the provider's response head and its metered body.
 enum Delivery {
     Answer(Response<ProxyBody>),
-    Relay(http::response::Parts, Metered),
+    /// Boxed: the metered body carries its whole record.
+    Relay(http::response::Parts, Box<Metered>),
 }
 
 /// Steps 3 and 4: send the admitted request and meter its response.
@@ -236,7 +237,7 @@ async fn deliver(
             budget,
         },
     );
-    Delivery::Relay(parts, body)
+    Delivery::Relay(parts, Box::new(body))
 }
 
 /// The record of a request as it arrives; the steps fill in the rest.
