@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod egress;
 pub mod identity;
+pub mod journal;
 pub mod live;
 pub mod namespaces;
 pub mod netns;

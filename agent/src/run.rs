@@ -94,7 +94,14 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         .context("writing provider names to learn from DNS answers to the kernel")?;
 
     let metrics = Metrics::new();
-    let events = EventLog::open(&config.audit, &config.node_name())?;
+    let (journal, unfinished) = match config.audit.journal.as_str() {
+        "" => (None, Vec::new()),
+        path => {
+            let (j, u) = crate::journal::Journal::open(std::path::Path::new(path))?;
+            (Some(j), u)
+        }
+    };
+    let events = EventLog::open(&config.audit, &config.node_name(), journal.clone())?;
     let pods = Arc::new(crate::pods::PodDirectory::new());
     let mut identity = IdentityCache::new(&root.path, &mount);
     let kube_on = config.kubernetes.enabled();
@@ -114,6 +121,23 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         .then(|| std::path::PathBuf::from(&config.budget_state_file));
     let enforcer = enforcer(&config, budget_file.as_deref(), &metrics)?;
     let budgets = enforcer.budgets.clone();
+    if let Some(j) = &journal {
+        let recorded = crate::proxy::restart::account_unfinished(
+            unfinished,
+            j,
+            &events,
+            &live.load().prices,
+            &budgets,
+            &config.audit.path,
+            || crate::proxy::account::soft_warn(&metrics),
+        );
+        if recorded > 0 {
+            tracing::warn!(
+                calls = recorded,
+                "calls begun before the agent stopped were recorded as agent_restarted and charged (usage estimated)"
+            );
+        }
+    }
     let dialer = Arc::new(Dialer::new(
         Egress::start().context("starting the egress thread")?,
         config.proxy.socket_mark,

@@ -242,11 +242,12 @@ impl TestNode {
              \x20 - name: backup\n    hosts: [{BACKUP_HOST}]\n    ports: [{TLS_PORT}]\n    api: openai\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
-             audit:\n  path: {}\nbpffs_dir: {}\n",
+             audit:\n  path: {}\n  journal: {}\nbpffs_dir: {}\n",
             self.governed.display(),
             self.node_ca().display(),
             self.dir.join("upstream-ca.crt").display(),
             self.connection_log().display(),
+            self.dir.join("state/calls.journal").display(),
             self.bpffs_dir.display(),
         );
         merge_yaml(&base, extra)

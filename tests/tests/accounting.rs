@@ -209,6 +209,129 @@ fn two_agents_sharing_redis_cannot_overspend_a_budget() {
 }
 
 #[test]
+fn after_kill_9_every_call_the_provider_served_has_exactly_one_record() {
+    if !require_privileged("after_kill_9_every_call_the_provider_served_has_exactly_one_record") {
+        return;
+    }
+    const DONE: usize = 5;
+    const IN_FLIGHT: usize = 20;
+    let mut node = TestNode::new(1);
+    let config = format!(
+        "{MOCK_PRICES}policy:\n  rules:\n    - {{name: budgeted, action: allow, budget: {{daily_usd: 1.0}}}}\n"
+    );
+    node.start_agent(&config);
+    // Calls that complete before the crash...
+    concurrent_calls(&[(&node, DONE)], r#"{"model":"gpt-4o-mini","messages":[]}"#);
+    node.wait_requests(DONE);
+    // ...and twenty streams in flight (mock-slow: ~2.4 s each) when it is killed.
+    let body = slow_call();
+    let mut streams: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            node.pods[0]
+                .https_post_command(
+                    &node.node_ca_cert(),
+                    PROVIDER_HOST,
+                    "/v1/chat/completions",
+                    &body,
+                )
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    wait_until(Duration::from_secs(10), || {
+        (served(&node) == IN_FLIGHT).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{} of {IN_FLIGHT} streams reached the provider",
+            served(&node)
+        )
+    });
+    node.kill_agent();
+    for s in &mut streams {
+        let _ = s.wait();
+    }
+    let served_calls = node
+        .mock_requests()
+        .iter()
+        .filter(|r| {
+            r["request"]
+                .as_str()
+                .is_some_and(|l| l.contains("/chat/completions"))
+        })
+        .count();
+    let before = node
+        .connections()
+        .iter()
+        .filter(|r| r["kind"] == "request")
+        .count();
+    node.start_agent(&config);
+    assert_eq!(served_calls, DONE + IN_FLIGHT);
+    let recs = wait_until(Duration::from_secs(10), || {
+        let r: Vec<_> = node
+            .connections()
+            .into_iter()
+            .filter(|r| r["kind"] == "request")
+            .collect();
+        (r.len() >= served_calls).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("records: {before} before the restart\n{}", node.agent_log()));
+    eprintln!(
+        "kill -9 with {IN_FLIGHT} streams in flight: {before} records before the restart, {} after",
+        recs.len()
+    );
+    // Exactly one record per call the provider served: no call lost, none twice.
+    let ids: std::collections::HashSet<_> = recs.iter().map(|r| r["id"].to_string()).collect();
+    assert_eq!(ids.len(), recs.len(), "a call recorded twice");
+    assert_eq!(recs.len(), served_calls, "{recs:?}");
+    let restarted: Vec<_> = recs
+        .iter()
+        .filter(|r| r["result"] == "agent_restarted")
+        .collect();
+    let completed: Vec<_> = recs.iter().filter(|r| r["result"] == "ok").collect();
+    assert_eq!(restarted.len() + completed.len(), served_calls, "{recs:?}");
+    assert!(
+        restarted.len() >= IN_FLIGHT - 2,
+        "{} restarted",
+        restarted.len()
+    );
+    // Completed calls carry what the provider reported...
+    let input: u64 = completed
+        .iter()
+        .map(|r| r["usage"]["input_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(input, completed.len() as u64 * OPENAI_USAGE.input);
+    // ...the others their estimate, priced and charged.
+    for r in &restarted {
+        assert_eq!(r["usage"]["estimated"], true, "{r}");
+        assert_eq!(r["usage"]["input_tokens"], 25, "{r}");
+        assert!(r["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+        assert_eq!(r["reason"], "rule:budgeted", "{r}");
+    }
+    assert!(
+        node.agent_log().contains("recorded as agent_restarted"),
+        "{}",
+        node.agent_log()
+    );
+    let m = node.metrics();
+    let spent: f64 = m
+        .lines()
+        .find(|l| l.starts_with("tollgate_budget_spent_usd{") && l.contains("period=\"daily\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no budget spend: {m}"));
+    let charged: f64 = restarted
+        .iter()
+        .filter_map(|r| r["cost_usd"].as_f64())
+        .sum();
+    assert!(
+        spent >= charged - 1e-12,
+        "the restarted calls are charged: {spent} < {charged}"
+    );
+}
+
+#[test]
 fn a_budgeted_rule_refuses_a_model_it_cannot_price() {
     if !require_privileged("a_budgeted_rule_refuses_a_model_it_cannot_price") {
         return;

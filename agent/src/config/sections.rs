@@ -181,6 +181,11 @@ pub struct AuditConfig {
     /// Request headers and bodies in request records (off by default: prompts
     /// are often personal data). Credentials are always redacted.
     pub capture: CaptureConfig,
+    /// The call journal: a small file of calls admitted and not yet
+    /// recorded, so a crash loses none — after a restart each becomes one
+    /// record (`result: agent_restarted`, usage estimated) and is charged.
+    /// "" (the default outside the chart): no journal.
+    pub journal: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -212,6 +217,7 @@ impl Default for AuditConfig {
             max_file_bytes: 100 * 1024 * 1024,
             max_files: 5,
             capture: CaptureConfig::default(),
+            journal: String::new(),
         }
     }
 }

@@ -60,8 +60,9 @@ impl BudgetConfig {
     }
 }
 
-/// Which budget a call draws on (carried from decision to accounting).
-#[derive(Debug, Clone)]
+/// Which budget a call draws on (carried from decision to accounting, and
+/// in the call journal across a restart).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BudgetKey {
     /// The decision's reason, `rule:<name>`.
     pub rule: String,

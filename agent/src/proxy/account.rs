@@ -97,11 +97,11 @@ pub(super) fn account(
                 .inc_by(n);
         }
     }
-    call.events.record(&record);
+    call.events.record_call(&record, &record.id);
 }
 
 /// How a budget's soft limit crossed is reported: a warning and a counter.
-pub(crate) fn soft_warn(m: &crate::telemetry::metrics::Metrics) -> crate::policy::SoftWarn {
+pub fn soft_warn(m: &crate::telemetry::metrics::Metrics) -> crate::policy::SoftWarn {
     let counter = m.budget_soft_reached.clone();
     Box::new(move |b, soft| {
         tracing::warn!(rule = %b.rule, key = %b.key, period = soft.period,

@@ -11,7 +11,7 @@ use super::{
     buffered::Reservation,
     context::Call,
     metered::{Finish, Metered},
-    rescue,
+    rescue, restart,
     send::{self, Sent},
     upstream::{BoxError, ProxyBody},
 };
@@ -92,6 +92,18 @@ pub(super) async fn forward(
         Ok(a) => a,
         Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
     };
+    // The call is admitted: journaled before anything is sent, so a crash
+    // from here on cannot leave it unrecorded (`restart`).
+    if let Some(j) = call.events.journal() {
+        let model = admitted.routed_model.as_deref().or(record.model.as_deref());
+        let begun = restart::Begun {
+            record: &record,
+            model,
+            input_tokens: seen.input_chars.div_ceil(4),
+            budget: admitted.budget.as_ref().map(|b| &b.key),
+        };
+        j.begin(&record.id, &begun);
+    }
     // 3-4 run on a task of their own: a client that goes away before the
     // response headers (hyper drops this future) does not cancel a call
     // the provider is already serving; it is still read, recorded and charged.

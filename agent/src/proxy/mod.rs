@@ -4,10 +4,11 @@
 //! (TLS, HTTP) → `forward` (one request: read, admit, send) → `send`
 //! (attempts, failover) over `upstream` (pooled provider connections) →
 //! `metered` (the response on its way back) → `account` (price, metrics,
-//! audit). `rescue` answers what the proxy refuses itself; `context` holds
-//! what they share.
+//! audit). `rescue` answers what the proxy refuses itself; `restart`
+//! records the calls a killed run left unfinished (the call journal);
+//! `context` holds what they share.
 pub mod accept;
-mod account;
+pub mod account;
 pub mod buffered;
 pub mod client_hello;
 pub mod context;
@@ -17,6 +18,7 @@ mod metered;
 pub mod plan;
 pub mod relay;
 mod rescue;
+pub mod restart;
 pub mod send;
 pub mod terminate;
 pub mod trust;

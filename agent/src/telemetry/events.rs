@@ -15,16 +15,21 @@ use std::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::config::AuditConfig;
+use crate::{config::AuditConfig, journal::Journal};
 
 /// Queue depth: a burst of ~4k connection closes between two writer wake-ups
 /// is absorbed; beyond that the disk is the bottleneck and dropping beats
 /// stalling relays.
 const QUEUE: usize = 4096;
 
+/// A line for the log, and the call it accounts for (ended in the journal
+/// once the line is written).
+type Queued = (Vec<u8>, Option<String>);
+
 #[derive(Clone)]
 pub struct EventLog {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Queued>,
+    journal: Option<Arc<Journal>>,
     dropped: Arc<AtomicU64>,
     /// `{"node":"<name>",` — every record starts with the node's name.
     prefix: Arc<[u8]>,
@@ -112,30 +117,46 @@ fn rotated(path: &std::path::Path, n: u32) -> PathBuf {
 }
 
 impl EventLog {
-    pub fn open(cfg: &AuditConfig, node: &str) -> Result<Self, EventLogError> {
+    /// Open the log; with a `journal`, each call's end is written there once
+    /// its record is in the log (see `record_call`).
+    pub fn open(
+        cfg: &AuditConfig,
+        node: &str,
+        journal: Option<Arc<Journal>>,
+    ) -> Result<Self, EventLogError> {
         let prefix = format!(
             "{{\"node\":{},",
             serde_json::to_string(node).expect("strings serialise")
         );
         let mut sink = Sink::open(cfg)?;
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Queued>(QUEUE);
         let dropped = Arc::new(AtomicU64::new(0));
         let lost = dropped.clone();
+        let ends = journal.clone();
         std::thread::Builder::new()
             .name("tollgate-audit".into())
             .spawn(move || {
                 let mut failing = false;
-                while let Some(first) = rx.blocking_recv() {
+                let mut calls = Vec::new();
+                while let Some((first, call)) = rx.blocking_recv() {
                     // Whatever queued meanwhile goes in the same write: one
                     // syscall per burst, not per record, and every record is
                     // on disk before the writer sleeps again.
                     let mut batch = 1u64;
                     let mut result = sink.write(&first);
-                    while let Ok(line) = rx.try_recv() {
+                    calls.extend(call);
+                    while let Ok((line, call)) = rx.try_recv() {
                         batch += 1;
                         result = result.and_then(|()| sink.write(&line));
+                        calls.extend(call);
                     }
-                    match result.and_then(|()| sink.flush()) {
+                    let result = result.and_then(|()| sink.flush());
+                    // The records are written (or lost and counted): their
+                    // calls are accounted for.
+                    if let Some(j) = &ends {
+                        calls.drain(..).for_each(|id| j.end(&id));
+                    }
+                    match result {
                         Ok(()) => failing = false,
                         Err(e) => {
                             // Disk full, file removed, …: count, say so once, keep serving.
@@ -151,6 +172,7 @@ impl EventLog {
             .expect("spawn audit log thread");
         Ok(Self {
             tx,
+            journal,
             dropped,
             prefix: prefix.into_bytes().into(),
         })
@@ -158,6 +180,22 @@ impl EventLog {
 
     /// Queue one record (serialised here, written by the log thread).
     pub fn record(&self, rec: &impl Serialize) {
+        self.queue(rec, None);
+    }
+
+    /// Queue the record of call `id`: its journal entry ends once the
+    /// record is written, so a crash in between finds it unfinished and
+    /// records it then — never both, never neither.
+    pub fn record_call(&self, rec: &impl Serialize, id: &str) {
+        self.queue(rec, self.journal.as_ref().map(|_| id.to_string()));
+    }
+
+    /// The journal calls begin in, when there is one.
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
+    }
+
+    fn queue(&self, rec: &impl Serialize, call: Option<String>) {
         let json = serde_json::to_vec(rec).expect("records serialise");
         debug_assert!(
             json.len() > 2 && json[0] == b'{',
@@ -167,8 +205,12 @@ impl EventLog {
         line.extend_from_slice(&self.prefix);
         line.extend_from_slice(&json[1..]);
         line.push(b'\n');
-        if self.tx.try_send(line).is_err() {
+        if let Err(e) = self.tx.try_send((line, call)) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            // Lost and counted: not to come back as unfinished after a restart.
+            if let (Some(j), (_, Some(id))) = (&self.journal, e.into_inner()) {
+                j.end(&id);
+            }
         }
     }
 
@@ -245,6 +287,7 @@ mod tests {
                 ..Default::default()
             },
             "node-a",
+            None,
         )
         .unwrap();
         log.record(&ConnectionRecord {
@@ -285,5 +328,36 @@ mod tests {
         assert_eq!(v["bytes_received"], 20);
         assert_eq!(v["tls"]["sni"], "api.openai.com");
         assert_eq!(log.dropped(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_calls_journal_entry_ends_once_its_record_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("audit.jsonl");
+        let (journal, _) = Journal::open(&d.path().join("calls.journal")).unwrap();
+        let log = EventLog::open(
+            &AuditConfig {
+                path: p.display().to_string(),
+                ..Default::default()
+            },
+            "node-a",
+            Some(journal.clone()),
+        )
+        .unwrap();
+        journal.begin("call-1", &serde_json::json!({}));
+        journal.begin("call-2", &serde_json::json!({}));
+        log.record_call(
+            &serde_json::json!({"kind": "request", "id": "call-1"}),
+            "call-1",
+        );
+        for _ in 0..100 {
+            if journal.open_calls() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(journal.open_calls(), 1, "call-2 has no record yet");
+        let written = std::fs::read_to_string(&p).unwrap();
+        assert!(written.contains("\"id\":\"call-1\""), "{written}");
     }
 }

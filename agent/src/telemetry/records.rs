@@ -58,6 +58,9 @@ pub enum Outcome {
     CredentialUnavailable,
     /// Refused for now: the node holds as many request bodies as it may.
     Overloaded,
+    /// The agent stopped (crash, `kill -9`) during the call; recorded from
+    /// the call journal when it started again, with usage estimated.
+    AgentRestarted,
 }
 
 impl Outcome {
@@ -75,6 +78,7 @@ impl Outcome {
             Outcome::BudgetExhausted => "budget_exhausted",
             Outcome::CredentialUnavailable => "credential_unavailable",
             Outcome::Overloaded => "overloaded",
+            Outcome::AgentRestarted => "agent_restarted",
         }
     }
 
