@@ -69,6 +69,13 @@ fn soak_loses_no_record_and_no_token() {
             i
         })
     };
+    // Memory once warmed up (pools, caches, the allocator's arenas filled):
+    // growth from there on is what would grow without bound.
+    let warm_up = Duration::from_secs((secs / 5).clamp(1, 60));
+    let rss_warm = std::thread::spawn(move || {
+        std::thread::sleep(warm_up);
+        status_field(pid, "VmRSS:")
+    });
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/soak_client.py");
     let out = node.pods[0]
         .app(
@@ -164,7 +171,12 @@ fn soak_loses_no_record_and_no_token() {
         fd_count(pid)
     );
     let rss_after = status_field(pid, "VmRSS:");
-    eprintln!("agent RSS {rss_before} KiB → {rss_after} KiB");
+    let rss_warm = rss_warm.join().unwrap();
+    let journal = std::fs::metadata(node.dir.join("state/calls.journal")).map_or(0, |m| m.len());
+    eprintln!(
+        "agent RSS {rss_before} KiB at start, {rss_warm} KiB after {warm_up:?} of load, {rss_after} KiB at the end: {:+.1} % after warm-up; call journal {journal} bytes at the end",
+        (rss_after as f64 - rss_warm as f64) * 100.0 / rss_warm.max(1) as f64
+    );
     assert!(
         rss_after < rss_before + 64 * 1024,
         "memory grew by {} KiB",

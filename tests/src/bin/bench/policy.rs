@@ -138,6 +138,66 @@ pub fn run(quick: bool) {
         "",
     );
     budget_checks(quick);
+    journal_cost(quick);
+}
+
+/// The call journal's cost per call: its begin line (serialised and
+/// written) and its end line, against the same entry only serialised; and
+/// what 1,000 calls add to the file before it is compacted.
+fn journal_cost(quick: bool) {
+    use tollgate_agent::journal::Journal;
+    let n = if quick { 5_000 } else { 50_000 };
+    // An entry the size of a real one: a request record as of admission.
+    let entry = serde_json::json!({
+        "record": {"time": "2026-11-25T18:43:58.577Z", "kind": "request", "id": "01a21405-8ff1-709c-8da5-950770f6b5d8",
+            "decision": "allow", "reason": "rule:team-a", "workload": {"cgroup": "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_4e5f_6a7b_8c9d_0e1f2a3b4c5d.slice/cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope",
+            "container_id": "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "pod_uid": "0a1b2c3d-4e5f-6a7b-8c9d-0e1f2a3b4c5d",
+            "kubernetes": {"namespace": "team-a", "pod": "chat-7f9c6d5b8-x2k4q", "workload": "Deployment/chat"}},
+            "pid": 18689, "comm": "python", "provider": "openai", "host": "api.openai.com", "method": "POST",
+            "path": "/v1/chat/completions", "operation": "chat", "model": "gpt-4o-mini", "stream": true,
+            "usage": {"input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0, "reasoning_tokens": 0, "estimated": false},
+            "client_http": "HTTP/1.1", "upstream": "162.159.140.245:443", "status": 0, "request_bytes": 128},
+        "model": "gpt-4o-mini", "input_tokens": 12,
+        "budget": {"rule": "rule:team-a", "key": "team-a/Deployment/chat", "config": {"per": "workload", "daily_usd": 50.0, "soft_percent": 80.0}}
+    });
+    let dir = std::env::current_exe()
+        .unwrap()
+        .with_file_name(format!("bench-journal-{}", std::process::id()));
+    let (journal, _) = Journal::open(&dir.join("calls.journal")).expect("open the bench journal");
+    let ids: Vec<String> = (0..n)
+        .map(|i| format!("01a21405-8ff1-709c-8da5-{i:012}"))
+        .collect();
+    let (mut base, mut with) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let size_before = journal.size();
+    let mut per_1000 = 0;
+    for (i, id) in ids.iter().enumerate() {
+        // Interleaved: the baseline and the journal take turns.
+        let t = Instant::now();
+        black_box(serde_json::to_vec(&serde_json::json!({"b": id, "v": &entry})).unwrap());
+        base.push(t.elapsed().as_nanos() as u64);
+        let t = Instant::now();
+        journal.begin(id, &entry);
+        journal.end(id);
+        with.push(t.elapsed().as_nanos() as u64);
+        if i == 999 {
+            per_1000 = journal.size().saturating_sub(size_before);
+        }
+    }
+    row(
+        "baseline: a call's journal entry serialised only",
+        &mut base,
+        "",
+    );
+    row(
+        "call journal: begin + end lines written (fsync batched apart)",
+        &mut with,
+        &format!(
+            "  {:.0} KiB per 1,000 calls before compaction",
+            per_1000 as f64 / 1024.0
+        ),
+    );
+    drop(journal);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A budget decision against this node's spend, and against Redis (one
