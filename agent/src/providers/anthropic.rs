@@ -65,8 +65,13 @@ impl Adapter for Anthropic {
             Some("message_stop") => state.complete = true,
             Some("content_block_delta") => {
                 let d = v.get("delta");
+                // Text, thinking and tool input (`input_json_delta`) are all billed output.
                 let text = d
-                    .and_then(|d| d.get("text").or_else(|| d.get("thinking")))
+                    .and_then(|d| {
+                        d.get("text")
+                            .or_else(|| d.get("thinking"))
+                            .or_else(|| d.get("partial_json"))
+                    })
                     .and_then(Value::as_str);
                 state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
             }

@@ -89,7 +89,9 @@ impl Adapter for OpenAi {
         };
         match v.get("type").and_then(Value::as_str) {
             // Responses API stream.
-            Some("response.output_text.delta") | Some("response.reasoning_summary_text.delta") => {
+            Some("response.output_text.delta")
+            | Some("response.reasoning_summary_text.delta")
+            | Some("response.function_call_arguments.delta") => {
                 state.text_chars += v
                     .get("delta")
                     .and_then(Value::as_str)
@@ -118,6 +120,18 @@ impl Adapter for OpenAi {
                         .or_else(|| c.get("text"))
                         .and_then(Value::as_str);
                     state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
+                    // Tool calls are billed output too (for estimates).
+                    for t in c
+                        .pointer("/delta/tool_calls")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        state.text_chars += t
+                            .pointer("/function/arguments")
+                            .and_then(Value::as_str)
+                            .map_or(0, |a| a.chars().count() as u64);
+                    }
                 }
                 // include_usage: the last chunk carries usage (null before).
                 if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
@@ -320,6 +334,18 @@ mod tests {
             r.provider_usage.is_none(),
             "OpenAI's own numbers are the normalised ones"
         );
+    }
+
+    #[test]
+    fn tool_call_arguments_count_toward_an_estimate() {
+        let cut = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"get\",\"arguments\":\"{\\\"city\\\": \"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"\\\"Paris\\\"}\"}}]}}]}\n\n",
+        );
+        let r = parse("text/event-stream", cut);
+        assert!(r.usage.estimated);
+        // `{"city": ` + `"Paris"}` = 17 characters ≈ 5 tokens.
+        assert_eq!(r.usage.output_tokens, 5);
     }
 
     #[test]
