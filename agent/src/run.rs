@@ -401,6 +401,7 @@ fn termination(
         live,
         enforcer,
         bodies: crate::proxy::buffered::BodyBudget::new(config.tls.max_buffered_bytes),
+        abandoned: Arc::new(tokio::sync::Semaphore::new(config.tls.max_abandoned_calls)),
         upstreams: Upstreams {
             pool,
             endpoints,

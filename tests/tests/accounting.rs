@@ -136,6 +136,75 @@ fn a_client_that_leaves_before_the_headers_is_recorded_and_charged() {
 }
 
 #[test]
+fn calls_of_clients_that_left_are_finished_up_to_a_bound() {
+    if !require_privileged("calls_of_clients_that_left_are_finished_up_to_a_bound") {
+        return;
+    }
+    const BOUND: usize = 16;
+    const CALLS: usize = 40;
+    let mut node = TestNode::new(1);
+    // The provider answers after 30 s, the proxy waits 5 s for it; each
+    // client gives up after 2 s: every call is abandoned while the provider
+    // works, and BOUND of them are kept going.
+    node.start_agent(&format!(
+        "tls: {{upstream_response_timeout: 5s, max_abandoned_calls: {BOUND}}}"
+    ));
+    let mut children: Vec<_> = (0..CALLS)
+        .map(|_| {
+            node.pods[0]
+                .https_post_command(
+                    &node.node_ca_cert(),
+                    PROVIDER_HOST,
+                    "/v1/chat/completions",
+                    r#"{"model":"mock-late","messages":[]}"#,
+                )
+                .args(["-m", "2"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in &mut children {
+        let _ = c.wait();
+    }
+    let sent = node
+        .mock_requests()
+        .iter()
+        .filter(|r| r["model"] == "mock-late")
+        .count();
+    assert_eq!(
+        sent, CALLS,
+        "every call reached the provider before its client left"
+    );
+    let recs = wait_until(Duration::from_secs(15), || {
+        let r: Vec<_> = node
+            .connections()
+            .into_iter()
+            .filter(|r| r["kind"] == "request")
+            .collect();
+        (r.len() >= CALLS).then_some(r)
+    })
+    .unwrap_or_else(|| panic!("records missing\n{}", node.agent_log()));
+    let cancelled = recs
+        .iter()
+        .filter(|r| {
+            r["result"] == "client_disconnected"
+                && r["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("max_abandoned_calls"))
+        })
+        .count();
+    let finished = recs
+        .iter()
+        .filter(|r| r["result"] == "upstream_timeout")
+        .count();
+    eprintln!("{CALLS} abandoned calls: {finished} finished, {cancelled} cancelled");
+    assert_eq!(recs.len(), CALLS, "one record per call the provider got");
+    assert_eq!((finished, cancelled), (BOUND, CALLS - BOUND), "{recs:?}");
+}
+
+#[test]
 fn concurrent_calls_cannot_overspend_a_budget() {
     if !require_privileged("concurrent_calls_cannot_overspend_a_budget") {
         return;

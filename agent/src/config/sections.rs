@@ -263,6 +263,12 @@ pub struct TlsConfig {
     /// body that would pass it gets a provider-shaped 503 with `retry-after`
     /// (the SDK retries), other calls go on. At least `max_request_body`.
     pub max_buffered_bytes: usize,
+    /// Calls whose client left before the response headers are finished
+    /// anyway (read for their usage, recorded, charged), at most this many
+    /// at once on the node; beyond, such a call is cancelled and recorded
+    /// without usage. Bounds what sending and resetting calls in a loop can
+    /// keep running.
+    pub max_abandoned_calls: usize,
     /// A terminated client must send each request's whole body within this,
     /// counted from its headers (a body trickled to hold memory gets a 408).
     #[serde(with = "humantime_serde")]
@@ -298,6 +304,7 @@ impl Default for TlsConfig {
             max_request_body: 32 * 1024 * 1024,
             // 256 MiB: eight maximal bodies at once, or thousands of usual ones.
             max_buffered_bytes: 256 * 1024 * 1024,
+            max_abandoned_calls: 256,
             request_body_timeout: Duration::from_secs(60),
             upstream_response_timeout: Duration::from_secs(600),
         }

@@ -90,6 +90,9 @@ pub struct Termination {
     pub enforcer: Enforcer,
     /// Request bodies held node-wide (`tls.max_buffered_bytes`).
     pub bodies: Arc<BodyBudget>,
+    /// Slots for calls whose client left before the response headers
+    /// (`tls.max_abandoned_calls`).
+    pub abandoned: Arc<tokio::sync::Semaphore>,
     /// Where requests go.
     pub upstreams: Upstreams,
 }

@@ -110,13 +110,20 @@ pub(super) async fn forward(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let input_chars = seen.input_chars;
     tokio::spawn(async move {
-        match deliver(call, parts, admitted, record, input_chars, held, started).await {
+        let mut tx = tx;
+        let sending = Sending {
+            input_chars,
+            held,
+            started,
+        };
+        match deliver(call, parts, admitted, record, sending, &mut tx).await {
             Delivery::Answer(resp) => {
                 let _ = tx.send(resp);
             }
-            Delivery::Relay(parts, body) => {
+            Delivery::Relay(parts, body, left) => {
                 if tx.is_closed() {
                     body.client_gone_before_headers().await;
+                    drop(left);
                 } else {
                     // Gone in the instant since: dropped, recorded as left with an estimate.
                     let _ = tx.send(Response::from_parts(parts, BodyExt::boxed(*body)));
@@ -138,23 +145,43 @@ pub(super) async fn forward(
 }
 
 /// What the provider leg ends in: an answer of the proxy's own (an error,
-/// already recorded), or the provider's response head and its metered body.
+/// already recorded), or the provider's response head and its metered body
+/// (and, when its client left, the slot it is being finished in).
 enum Delivery {
     Answer(Response<ProxyBody>),
     /// Boxed: the metered body carries its whole record.
-    Relay(http::response::Parts, Box<Metered>),
+    Relay(
+        http::response::Parts,
+        Box<Metered>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ),
 }
 
-/// Steps 3 and 4: send the admitted request and meter its response.
+/// What the request step hands the provider step beside the request.
+struct Sending {
+    input_chars: u64,
+    /// The request body's share of the node's bound, until it is sent.
+    held: Reservation,
+    started: Instant,
+}
+
+/// Steps 3 and 4: send the admitted request and meter its response. `tx`
+/// is where the workload waits for it: when it closes (the client left)
+/// the call goes on in one of `Termination::abandoned`'s slots (`tls.max_abandoned_calls`), or, all
+/// taken, is cancelled and recorded as the client's.
 async fn deliver(
     call: Arc<Call>,
     mut parts: http::request::Parts,
     admitted: Admitted,
     mut record: RequestRecord,
-    input_chars: u64,
-    held: Reservation,
-    started: Instant,
+    sending: Sending,
+    tx: &mut tokio::sync::oneshot::Sender<Response<ProxyBody>>,
 ) -> Delivery {
+    let Sending {
+        input_chars,
+        held,
+        started,
+    } = sending;
     // 3. Send: to the dialled provider, or along the rule's failover chain.
     let Admitted {
         target,
@@ -180,16 +207,36 @@ async fn deliver(
     let model = record.routed_model.clone().or_else(|| record.model.clone());
     let (endpoints, chain) = send::plan(&call, failover, model.as_deref());
     let mut attempts = Vec::new();
-    let sent = send::send(
-        &call,
-        &parts,
-        &target,
-        body,
-        &endpoints,
-        chain.as_deref(),
-        &mut attempts,
-    )
-    .await;
+    let mut left = None;
+    let sent = {
+        let send = send::send(
+            &call,
+            &parts,
+            &target,
+            body,
+            &endpoints,
+            chain.as_deref(),
+            &mut attempts,
+        );
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                sent = &mut send => break sent,
+                () = tx.closed(), if left.is_none() => {
+                    match call.tls.abandoned.clone().try_acquire_owned() {
+                        Ok(slot) => left = Some(slot),
+                        Err(_) => break Sent::Failed {
+                            status: http::StatusCode::BAD_GATEWAY,
+                            result: Outcome::ClientDisconnected,
+                            message: format!(
+                                "the client went away before the response headers and tls.max_abandoned_calls calls of clients that left are being finished already: cancelled (no usage was seen)"
+                            ),
+                        },
+                    }
+                }
+            }
+        }
+    };
     if chain.is_some() {
         record.attempts = attempts;
     }
@@ -249,7 +296,7 @@ async fn deliver(
             budget,
         },
     );
-    Delivery::Relay(parts, Box::new(body))
+    Delivery::Relay(parts, Box::new(body), left)
 }
 
 /// The record of a request as it arrives; the steps fill in the rest.
