@@ -228,9 +228,8 @@ async fn deliver(
                         Err(_) => break Sent::Failed {
                             status: http::StatusCode::BAD_GATEWAY,
                             result: Outcome::ClientDisconnected,
-                            message: format!(
-                                "the client went away before the response headers and tls.max_abandoned_calls calls of clients that left are being finished already: cancelled (no usage was seen)"
-                            ),
+                            message: "the client went away before the response headers and tls.max_abandoned_calls calls of clients that left are being finished already: cancelled (no usage was seen)"
+                                .to_string(),
                         },
                     }
                 }
