@@ -31,9 +31,6 @@ use crate::{
 /// Output tokens reserved against a token limit for a request that names no
 /// output limit: a typical chat answer; settled with the real count after.
 const DEFAULT_OUTPUT_ESTIMATE: u64 = 1024;
-/// Characters per token when reserving input tokens before the provider has
-/// counted them (the common rule of thumb for English text).
-const CHARS_PER_TOKEN: u64 = 4;
 
 /// The state admission keeps across calls: limit buckets, budget spend and
 /// provider keys (each kept across policy reloads).
@@ -287,7 +284,7 @@ impl Enforcer {
         // up to the limit it asks for (a cap the policy applied replaces
         // what the request asked). Limits and budgets reserve this.
         let est = Estimate {
-            input_tokens: seen.input_chars.div_ceil(CHARS_PER_TOKEN),
+            input_tokens: providers::estimated_tokens(seen.input_chars),
             output_tokens: changed
                 .capped_output_tokens
                 .or(asked_output)

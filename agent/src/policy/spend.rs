@@ -99,7 +99,6 @@ impl BudgetStore {
     /// Charge `usd` to `b` for a call that holds no reservation (one the
     /// journal found unfinished after a restart).
     pub fn charge(self: &Arc<Self>, b: &BudgetKey, id: &str, usd: f64, warn: SoftWarn) {
-        self.local.hold(b, 0.0);
         self.settle(b, id, 0.0, usd, Some(warn));
     }
 

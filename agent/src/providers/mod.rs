@@ -93,6 +93,12 @@ pub(crate) const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
 /// Characters per token for estimates (the common rule of thumb for English text).
 const CHARS_PER_TOKEN: u64 = 4;
 
+/// Tokens estimated for `chars` characters of text, where no provider has
+/// counted them (before a call, or when its usage never came).
+pub fn estimated_tokens(chars: u64) -> u64 {
+    chars.div_ceil(CHARS_PER_TOKEN)
+}
+
 /// Parse the request: path (and query) plus the JSON body when there is one.
 pub fn parse_request(api: Api, path: &str, body: &[u8]) -> RequestInfo {
     let json: Option<Value> = serde_json::from_slice(body).ok();
@@ -196,8 +202,8 @@ impl ResponseParser {
             self.adapter.on_json(&mut self.state, &v);
         }
         let usage = self.state.usage.unwrap_or(Usage {
-            input_tokens: self.state.input_chars.div_ceil(CHARS_PER_TOKEN),
-            output_tokens: self.state.text_chars.div_ceil(CHARS_PER_TOKEN),
+            input_tokens: estimated_tokens(self.state.input_chars),
+            output_tokens: estimated_tokens(self.state.text_chars),
             estimated: true,
             ..Default::default()
         });

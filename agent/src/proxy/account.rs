@@ -113,7 +113,7 @@ pub fn soft_warn(m: &crate::telemetry::metrics::Metrics) -> crate::policy::SoftW
 
 /// Dollars to a tenth of a nano-dollar (a single cheap token costs ~1e-8):
 /// float noise out of the audit log, every real digit kept.
-fn round_nano(usd: f64) -> f64 {
+pub(super) fn round_nano(usd: f64) -> f64 {
     (usd * 1e10).round() / 1e10
 }
 

@@ -99,7 +99,7 @@ pub(super) async fn forward(
         let begun = restart::Begun {
             record: &record,
             model,
-            input_tokens: seen.input_chars.div_ceil(4),
+            input_tokens: crate::providers::estimated_tokens(seen.input_chars),
             budget: admitted.budget.as_ref().map(|b| &b.key),
         };
         j.begin(&record.id, &begun);

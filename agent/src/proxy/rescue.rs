@@ -119,32 +119,33 @@ pub(super) fn answer(refusal: &Refusal, rule: &str, adapter: &dyn Adapter) -> An
             rule.clone(),
             format!("the provider credential of policy {rule} is unavailable"),
         ),
-        Refusal::BudgetSpent { rule, spent } if !spent.spent_for_the_period() => {
-            // Committed to calls in flight, which may settle for less.
-            let wait = Duration::from_secs(1);
-            Answer {
-                headers: vec![("retry-after".into(), "1".into())],
-                retry: Some(wait),
-                ..simple(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Decision::Deny,
-                    Outcome::BudgetExhausted,
-                    format!("{rule}:budget_{}", spent.period),
-                    format!(
-                        "the {} budget of policy {rule} is committed to calls in flight ({} spent and {} reserved of {}); retry shortly",
-                        spent.period, usd(spent.spent), usd(spent.reserved), usd(spent.limit)
-                    ),
-                )
-            }
-        }
         Refusal::BudgetSpent { rule, spent } => {
-            let wait: Duration = (spent.resets_at - time::OffsetDateTime::now_utc())
-                .try_into()
-                .unwrap_or_default();
-            let reset = spent
-                .resets_at
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
+            let (wait, message) = if spent.spent_for_the_period() {
+                let wait: Duration = (spent.resets_at - time::OffsetDateTime::now_utc())
+                    .try_into()
+                    .unwrap_or_default();
+                let reset = spent
+                    .resets_at
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                let message = format!(
+                    "the {} budget of policy {rule} is spent ({} of {}); it resets at {reset}",
+                    spent.period,
+                    usd(spent.spent),
+                    usd(spent.limit)
+                );
+                (wait, message)
+            } else {
+                // Committed to calls in flight, which may settle for less.
+                let message = format!(
+                    "the {} budget of policy {rule} is committed to calls in flight ({} spent and {} reserved of {}); retry shortly",
+                    spent.period,
+                    usd(spent.spent),
+                    usd(spent.reserved),
+                    usd(spent.limit)
+                );
+                (Duration::from_secs(1), message)
+            };
             Answer {
                 headers: vec![("retry-after".into(), wait.as_secs().max(1).to_string())],
                 retry: Some(wait),
@@ -153,10 +154,7 @@ pub(super) fn answer(refusal: &Refusal, rule: &str, adapter: &dyn Adapter) -> An
                     Decision::Deny,
                     Outcome::BudgetExhausted,
                     format!("{rule}:budget_{}", spent.period),
-                    format!(
-                        "the {} budget of policy {rule} is spent ({} of {}); it resets at {reset}",
-                        spent.period, usd(spent.spent), usd(spent.limit)
-                    ),
+                    message,
                 )
             }
         }

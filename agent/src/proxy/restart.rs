@@ -100,7 +100,7 @@ fn restarted(
         "the agent stopped during this call; recorded when it started again (output unknown: usage estimated from the request)".into();
     record["usage"] = serde_json::to_value(usage).unwrap_or_default();
     if let Some(c) = cost {
-        record["cost_usd"] = ((c * 1e10).round() / 1e10).into();
+        record["cost_usd"] = super::account::round_nano(c).into();
     }
     (record, cost)
 }
