@@ -51,13 +51,22 @@ impl TestNode {
             .collect()
     }
 
+    /// The audit log's request records (connection records left out).
+    pub fn request_records(&self) -> Vec<serde_json::Value> {
+        self.connections()
+            .into_iter()
+            .filter(|r| r["kind"] == "request")
+            .collect()
+    }
+
     pub fn wait_requests(&self, n: usize) -> Vec<serde_json::Value> {
-        wait_until(Duration::from_secs(5), || {
-            let r: Vec<_> = self
-                .connections()
-                .into_iter()
-                .filter(|r| r["kind"] == "request")
-                .collect();
+        self.wait_requests_within(n, Duration::from_secs(5))
+    }
+
+    /// The request records, once there are at least `n`, waiting up to `timeout`.
+    pub fn wait_requests_within(&self, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        wait_until(timeout, || {
+            let r = self.request_records();
             (r.len() >= n).then_some(r)
         })
         .unwrap_or_else(|| {

@@ -60,12 +60,21 @@ fn concurrent_calls(nodes: &[(&TestNode, usize)], body: &str) {
 /// The cost recorded for calls the provider answered, and their number.
 fn spent(node: &TestNode) -> (f64, usize) {
     let recs: Vec<_> = node
-        .connections()
+        .request_records()
         .into_iter()
-        .filter(|r| r["kind"] == "request" && r["decision"] == "allow")
+        .filter(|r| r["decision"] == "allow")
         .collect();
     let cost = recs.iter().filter_map(|r| r["cost_usd"].as_f64()).sum();
     (cost, recs.len())
+}
+
+/// This node's daily budget spend, from its metrics (one budget configured).
+fn daily_budget_spent(node: &TestNode) -> f64 {
+    let m = node.metrics();
+    m.lines()
+        .find(|l| l.starts_with("tollgate_budget_spent_usd{") && l.contains("period=\"daily\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no budget spend: {m}"))
 }
 
 fn served(node: &TestNode) -> usize {
@@ -99,14 +108,9 @@ fn a_client_that_leaves_before_the_headers_is_recorded_and_charged() {
         !out.status.success(),
         "the client gave up before the answer"
     );
-    let recs = wait_until(THINK + Duration::from_secs(5), || {
-        let r = node.connections();
-        r.iter().any(|r| r["kind"] == "request").then_some(r)
-    })
-    .unwrap_or_else(|| panic!("no record:\n{}", node.agent_log()));
-    let recs: Vec<_> = recs.iter().filter(|r| r["kind"] == "request").collect();
+    let recs = node.wait_requests_within(1, THINK + Duration::from_secs(5));
     assert_eq!(recs.len(), 1, "{recs:?}");
-    let r = recs[0];
+    let r = &recs[0];
     assert_eq!(r["result"], "client_disconnected", "{r}");
     assert_eq!(r["status"], 200, "{r}");
     // The provider's answer was read for its exact usage, and charged.
@@ -114,12 +118,7 @@ fn a_client_that_leaves_before_the_headers_is_recorded_and_charged() {
     assert_eq!(r["usage"]["input_tokens"], OPENAI_USAGE.input, "{r}");
     assert_eq!(r["usage"]["output_tokens"], OPENAI_USAGE.output, "{r}");
     assert!(r["cost_usd"].as_f64().unwrap() > 0.0, "{r}");
-    let m = node.metrics();
-    let spent: f64 = m
-        .lines()
-        .find(|l| l.starts_with("tollgate_budget_spent_usd{") && l.contains("period=\"daily\""))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no budget spend: {m}"));
+    let spent = daily_budget_spent(&node);
     assert!(
         (spent - r["cost_usd"].as_f64().unwrap()).abs() < 1e-12,
         "{spent} {r}"
@@ -177,15 +176,7 @@ fn calls_of_clients_that_left_are_finished_up_to_a_bound() {
         sent, CALLS,
         "every call reached the provider before its client left"
     );
-    let recs = wait_until(Duration::from_secs(15), || {
-        let r: Vec<_> = node
-            .connections()
-            .into_iter()
-            .filter(|r| r["kind"] == "request")
-            .collect();
-        (r.len() >= CALLS).then_some(r)
-    })
-    .unwrap_or_else(|| panic!("records missing\n{}", node.agent_log()));
+    let recs = node.wait_requests_within(CALLS, Duration::from_secs(15));
     let cancelled = recs
         .iter()
         .filter(|r| {
@@ -231,9 +222,9 @@ fn concurrent_calls_cannot_overspend_a_budget() {
     );
     // The refused ones were told to retry shortly (committed, not spent).
     let refused: Vec<_> = node
-        .connections()
+        .request_records()
         .into_iter()
-        .filter(|r| r["kind"] == "request" && r["result"] == "budget_exhausted")
+        .filter(|r| r["result"] == "budget_exhausted")
         .collect();
     assert_eq!(refused.len(), 50 - calls, "{refused:?}");
     let why = refused[0]["error"].as_str().unwrap_or_default();
@@ -331,22 +322,10 @@ fn after_kill_9_every_call_the_provider_served_has_exactly_one_record() {
                 .is_some_and(|l| l.contains("/chat/completions"))
         })
         .count();
-    let before = node
-        .connections()
-        .iter()
-        .filter(|r| r["kind"] == "request")
-        .count();
+    let before = node.request_records().len();
     node.start_agent(&config);
     assert_eq!(served_calls, DONE + IN_FLIGHT);
-    let recs = wait_until(Duration::from_secs(10), || {
-        let r: Vec<_> = node
-            .connections()
-            .into_iter()
-            .filter(|r| r["kind"] == "request")
-            .collect();
-        (r.len() >= served_calls).then_some(r)
-    })
-    .unwrap_or_else(|| panic!("records: {before} before the restart\n{}", node.agent_log()));
+    let recs = node.wait_requests_within(served_calls, Duration::from_secs(10));
     eprintln!(
         "kill -9 with {IN_FLIGHT} streams in flight: {before} records before the restart, {} after",
         recs.len()
@@ -384,12 +363,7 @@ fn after_kill_9_every_call_the_provider_served_has_exactly_one_record() {
         "{}",
         node.agent_log()
     );
-    let m = node.metrics();
-    let spent: f64 = m
-        .lines()
-        .find(|l| l.starts_with("tollgate_budget_spent_usd{") && l.contains("period=\"daily\""))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no budget spend: {m}"));
+    let spent = daily_budget_spent(&node);
     let charged: f64 = restarted
         .iter()
         .filter_map(|r| r["cost_usd"].as_f64())

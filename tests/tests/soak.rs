@@ -108,15 +108,7 @@ fn soak_loses_no_record_and_no_token() {
     );
 
     // Every call has its record, with the tokens the mock served.
-    let recs = wait_until(Duration::from_secs(10), || {
-        let r: Vec<_> = node
-            .connections()
-            .into_iter()
-            .filter(|r| r["kind"] == "request")
-            .collect();
-        (r.len() as u64 >= ok).then_some(r)
-    })
-    .unwrap_or_else(|| panic!("records missing: {ok} calls"));
+    let recs = node.wait_requests_within(ok as usize, Duration::from_secs(10));
     assert_eq!(recs.len() as u64, ok, "exactly one record per call");
     let sum = |k: &str| -> u64 { recs.iter().map(|r| r["usage"][k].as_u64().unwrap()).sum() };
     assert_eq!(sum("input_tokens"), ok * OPENAI_USAGE.input);
