@@ -9,7 +9,7 @@ use tollgate_tests::{
         self, ANTHROPIC_MODEL, ANTHROPIC_USAGE, GEMINI_MODEL, GEMINI_THOUGHTS, GEMINI_USAGE,
         OPENAI_MODEL, OPENAI_USAGE, SLOW_CHUNK_DELAY, STREAM_WORDS,
     },
-    node::{ANTHROPIC_HOST, GEMINI_HOST, PROVIDER_HOST, governed_node},
+    node::{ANTHROPIC_HOST, BACKUP_HOST, GEMINI_HOST, PROVIDER_HOST, governed_node},
     require_privileged,
 };
 
@@ -188,6 +188,54 @@ fn a_stream_that_did_not_ask_for_usage_is_counted_exactly_and_relayed_unchanged(
         pod.uid.as_str(),
         "second pod's call is the second pod's"
     );
+}
+
+/// A provider left at `stream_usage: leave` (the default for an
+/// OpenAI-compatible provider that is not OpenAI's): the stream carries no
+/// usage, and an OpenAI model's tokens are counted with its own encoding,
+/// not at four characters a token.
+#[test]
+fn a_stream_without_usage_is_estimated_with_the_models_tokenizer() {
+    let Some(node) = governed_node(
+        "a_stream_without_usage_is_estimated_with_the_models_tokenizer",
+        1,
+        "",
+    ) else {
+        return;
+    };
+    let prompt = "Say hello to the tokenizer, politely";
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","stream":true,"messages":[{{"role":"user","content":"{prompt}"}}]}}"#
+    );
+    let got = ok_stdout(&node.pods[0].https_post(
+        &node.node_ca_cert(),
+        BACKUP_HOST,
+        "/v1/chat/completions",
+        &body,
+    ));
+    assert_eq!(got, mock_llm::openai_stream_events(false).concat());
+    let asked = node.provider_requests();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(
+        asked[0]["stream_options"].is_null(),
+        "left as it was: {asked:?}"
+    );
+    let o200k = tiktoken_rs::o200k_base().unwrap();
+    let tokens = |s: &str| o200k.encode_ordinary(s).len() as u64;
+    let r = &node.wait_requests(1)[0];
+    assert_eq!(r["provider"], "backup", "{r}");
+    assert_eq!(r["usage"]["estimated"], true, "{r}");
+    assert_eq!(r["usage"]["estimated_with"], "o200k_base", "{r}");
+    // What the mock streamed, counted by the encoding itself...
+    let streamed = STREAM_WORDS.concat();
+    assert_eq!(r["usage"]["output_tokens"], tokens(&streamed), "{r}");
+    assert_ne!(
+        tokens(&streamed),
+        (streamed.len() as u64).div_ceil(4),
+        "the test tells the two estimates apart"
+    );
+    // ...and the prompt, with OpenAI's framing of one chat message (4) and the reply (3).
+    assert_eq!(r["usage"]["input_tokens"], tokens(prompt) + 4 + 3, "{r}");
 }
 
 #[test]

@@ -31,6 +31,15 @@ pub struct PriceEntry {
     pub cache_write_input: Option<f64>,
     /// USD per million output tokens (reasoning tokens included).
     pub output: f64,
+    /// USD per million audio input tokens not read from a cache (default: `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_input: Option<f64>,
+    /// USD per million image input tokens not read from a cache (default: `input`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_input: Option<f64>,
+    /// USD per million audio output tokens (default: `output`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_output: Option<f64>,
 }
 
 /// The `pricing` section of the agent config.
@@ -147,22 +156,23 @@ impl PriceTable {
     pub fn listing(&self) -> String {
         use std::fmt::Write;
         let mut out = format!(
-            "shipped prices as of {SHIPPED_AS_OF}, USD per million tokens (override under pricing.models)\n\n{:<28} {:<10} {:>9} {:>9} {:>9} {:>9}  source\n",
-            "match", "provider", "input", "cached", "cache w.", "output"
+            "shipped prices as of {SHIPPED_AS_OF}, USD per million tokens (override under pricing.models)\n\n{:<28} {:<10} {:>9} {:>9} {:>9} {:>9}  {:<8} other modalities\n",
+            "match", "provider", "input", "cached", "cache w.", "output", "source"
         );
         for e in &self.entries {
             let p = &e.price;
-            let _ = writeln!(
-                out,
-                "{:<28} {:<10} {:>9} {:>9} {:>9} {:>9}  {}",
+            let line = format!(
+                "{:<28} {:<10} {:>9} {:>9} {:>9} {:>9}  {:<8} {}",
                 p.pattern,
                 p.provider.as_deref().unwrap_or("any"),
                 p.input,
                 p.cached_input.unwrap_or(p.input),
                 p.cache_write_input.unwrap_or(p.input),
                 p.output,
-                if e.from_config { "config" } else { "shipped" }
+                if e.from_config { "config" } else { "shipped" },
+                modalities(p).unwrap_or_default()
             );
+            let _ = writeln!(out, "{}", line.trim_end());
         }
         out
     }
@@ -175,13 +185,14 @@ impl PriceTable {
                 let e = &self.entries[i];
                 let p = &e.price;
                 format!(
-                    "{model} ({provider}): priced by `{}` ({}): input {}, cached input {}, cache writes {}, output {} USD per million tokens\n",
+                    "{model} ({provider}): priced by `{}` ({}): input {}, cached input {}, cache writes {}, output {}{} USD per million tokens\n",
                     p.pattern,
                     if e.from_config { "config" } else { "shipped" },
                     p.input,
                     p.cached_input.unwrap_or(p.input),
                     p.cache_write_input.unwrap_or(p.input),
-                    p.output
+                    p.output,
+                    modalities(p).map(|m| format!(", {m}")).unwrap_or_default()
                 )
             }
             None => format!(
@@ -196,7 +207,10 @@ impl PriceTable {
     }
 }
 
-/// USD cost of `usage` at price `p`.
+/// USD cost of `usage` at price `p`. Input read from or written to the
+/// cache is priced at the cache's rates whatever its modality; of the rest,
+/// audio and image tokens at their own rates (never more of them than the
+/// rest holds), the remainder as text.
 pub fn cost(p: &PriceEntry, u: &Usage) -> f64 {
     let cached = u.cached_input_tokens;
     let written = u.cache_write_input_tokens;
@@ -204,11 +218,32 @@ pub fn cost(p: &PriceEntry, u: &Usage) -> f64 {
         .input_tokens
         .saturating_sub(cached)
         .saturating_sub(written);
+    let audio_in = u.audio_input_tokens.min(fresh);
+    let image_in = u.image_input_tokens.min(fresh - audio_in);
+    let text_in = fresh - audio_in - image_in;
+    let audio_out = u.audio_output_tokens.min(u.output_tokens);
     let per_token = |n: u64, usd_per_m: f64| n as f64 * usd_per_m / 1e6;
-    per_token(fresh, p.input)
+    per_token(text_in, p.input)
+        + per_token(audio_in, p.audio_input.unwrap_or(p.input))
+        + per_token(image_in, p.image_input.unwrap_or(p.input))
         + per_token(cached, p.cached_input.unwrap_or(p.input))
         + per_token(written, p.cache_write_input.unwrap_or(p.input))
-        + per_token(u.output_tokens, p.output)
+        + per_token(u.output_tokens - audio_out, p.output)
+        + per_token(audio_out, p.audio_output.unwrap_or(p.output))
+}
+
+/// The prices an entry sets for audio and images, as `tollgate pricing`
+/// prints them (`audio input 32, audio output 64`); None when it sets none.
+fn modalities(p: &PriceEntry) -> Option<String> {
+    let set: Vec<String> = [
+        ("audio input", p.audio_input),
+        ("image input", p.image_input),
+        ("audio output", p.audio_output),
+    ]
+    .into_iter()
+    .filter_map(|(name, v)| v.map(|v| format!("{name} {v}")))
+    .collect();
+    (!set.is_empty()).then(|| set.join(", "))
 }
 
 fn shipped() -> Vec<PriceEntry> {
@@ -227,6 +262,9 @@ fn compile(e: &PriceEntry, from_config: bool) -> Result<Entry, PricingError> {
         ("cached_input", e.cached_input),
         ("cache_write_input", e.cache_write_input),
         ("output", Some(e.output)),
+        ("audio_input", e.audio_input),
+        ("image_input", e.image_input),
+        ("audio_output", e.audio_output),
     ] {
         if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
             return Err(PricingError::BadPrice {
@@ -325,6 +363,11 @@ mod tests {
                 .any(|l| l.starts_with("o3-pro*") && l.ends_with("shipped")),
             "{list}"
         );
+        assert!(
+            list.lines().any(|l| l.starts_with("gpt-realtime* ")
+                && l.ends_with("shipped  audio input 32, image input 5, audio output 64")),
+            "{list}"
+        );
         let e = t.explain("openai", "o3-pro-2025-06-10");
         assert!(
             e.contains("priced by `o3-pro*` (shipped)") && e.contains("output 80"),
@@ -346,6 +389,9 @@ mod tests {
             cached_input: Some(0.3),
             cache_write_input: Some(3.75),
             output: 15.0,
+            audio_input: None,
+            image_input: None,
+            audio_output: None,
         };
         let u = Usage {
             input_tokens: 1_000_000 + 2_000_000 + 4_000_000,
@@ -364,6 +410,59 @@ mod tests {
             ..p
         };
         assert!((cost(&plain, &u) - (21.0 + 7.5)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn audio_and_images_are_priced_at_their_own_rates() {
+        let p = PriceEntry {
+            pattern: "gpt-realtime*".into(),
+            provider: None,
+            input: 4.0,
+            cached_input: Some(0.4),
+            cache_write_input: None,
+            output: 16.0,
+            audio_input: Some(32.0),
+            image_input: Some(5.0),
+            audio_output: Some(64.0),
+        };
+        let u = Usage {
+            // 1M text + 2M audio + 1M image fresh, 1M cached (of either).
+            input_tokens: 5_000_000,
+            cached_input_tokens: 1_000_000,
+            audio_input_tokens: 2_000_000,
+            image_input_tokens: 1_000_000,
+            // 1M text + 1M audio out.
+            output_tokens: 2_000_000,
+            audio_output_tokens: 1_000_000,
+            ..Default::default()
+        };
+        let c = cost(&p, &u);
+        assert!(
+            (c - (4.0 + 64.0 + 5.0 + 0.4 + 16.0 + 64.0)).abs() < 1e-9,
+            "{c}"
+        );
+        // Without modality prices, the same usage is all text.
+        let text_only = PriceEntry {
+            audio_input: None,
+            image_input: None,
+            audio_output: None,
+            ..p.clone()
+        };
+        assert!((cost(&text_only, &u) - (4.0 * 4.0 + 0.4 + 16.0 * 2.0)).abs() < 1e-9);
+        // A provider's modality counts beyond its totals are never priced twice.
+        let absurd = Usage {
+            input_tokens: 1_000_000,
+            audio_input_tokens: 9_000_000,
+            image_input_tokens: 9_000_000,
+            output_tokens: 1_000_000,
+            audio_output_tokens: 9_000_000,
+            ..Default::default()
+        };
+        assert!((cost(&p, &absurd) - (32.0 + 64.0)).abs() < 1e-9);
+        assert_eq!(
+            modalities(&p).as_deref(),
+            Some("audio input 32, image input 5, audio output 64")
+        );
     }
 
     #[test]

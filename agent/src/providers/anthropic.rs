@@ -73,7 +73,9 @@ impl Adapter for Anthropic {
                             .or_else(|| d.get("partial_json"))
                     })
                     .and_then(Value::as_str);
-                state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
+                if let Some(t) = text {
+                    state.saw_text(t);
+                }
             }
             _ => {}
         }
@@ -143,8 +145,9 @@ fn usage(u: &Value) -> Usage {
         output_tokens: num(u, &["output_tokens"]),
         cached_input_tokens: cache_read,
         cache_write_input_tokens: cache_write,
-        reasoning_tokens: 0, // not reported separately; thinking is part of output_tokens
-        estimated: false,
+        // Thinking is not reported apart (it is part of output_tokens), and
+        // images are counted as text tokens.
+        ..Default::default()
     }
 }
 

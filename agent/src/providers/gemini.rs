@@ -129,8 +129,30 @@ fn usage(u: &Value) -> Usage {
         output_tokens: num(u, &["candidatesTokenCount"]).saturating_add(thoughts),
         cached_input_tokens: num(u, &["cachedContentTokenCount"]),
         reasoning_tokens: thoughts,
+        audio_input_tokens: modality(u, "promptTokensDetails", "AUDIO").saturating_sub(modality(
+            u,
+            "cacheTokensDetails",
+            "AUDIO",
+        )),
+        image_input_tokens: modality(u, "promptTokensDetails", "IMAGE").saturating_sub(modality(
+            u,
+            "cacheTokensDetails",
+            "IMAGE",
+        )),
+        audio_output_tokens: modality(u, "candidatesTokensDetails", "AUDIO"),
         ..Default::default()
     }
+}
+
+/// Tokens of one modality in a `[{modality, tokenCount}]` list of usageMetadata.
+fn modality(u: &Value, list: &str, which: &str) -> u64 {
+    u.get(list)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|d| d.get("modality").and_then(Value::as_str) == Some(which))
+        .map(|d| num(d, &["tokenCount"]))
+        .fold(0, u64::saturating_add)
 }
 
 fn on_chunk(state: &mut ParseState, v: &Value) {
@@ -153,10 +175,9 @@ fn on_chunk(state: &mut ParseState, v: &Value) {
             .into_iter()
             .flatten()
         {
-            state.text_chars += p
-                .get("text")
-                .and_then(Value::as_str)
-                .map_or(0, |t| t.chars().count() as u64);
+            if let Some(t) = p.get("text").and_then(Value::as_str) {
+                state.saw_text(t);
+            }
         }
     }
     // Each chunk's usageMetadata is cumulative: the last one wins.
@@ -193,6 +214,24 @@ mod tests {
                 output_tokens: 7 + 25,
                 cached_input_tokens: 4,
                 reasoning_tokens: 25,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn audio_input_is_counted_apart_of_its_cached_share() {
+        let r = parse(
+            "application/json",
+            include_str!("fixtures/gemini_audio.json"),
+        );
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 1210,
+                output_tokens: 9,
+                cached_input_tokens: 200,
+                audio_input_tokens: 1000,
                 ..Default::default()
             }
         );

@@ -16,6 +16,7 @@ pub mod openai;
 pub mod rewrite;
 pub mod sse;
 pub mod stream_usage;
+pub mod tokenizer;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -79,8 +80,22 @@ pub struct Usage {
     pub cache_write_input_tokens: u64,
     /// Reasoning ("thinking") tokens, part of output_tokens.
     pub reasoning_tokens: u64,
+    /// Audio input tokens not served from the cache, part of input_tokens
+    /// (priced apart: `pricing.models[].audio_input`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub audio_input_tokens: u64,
+    /// Image input tokens, part of input_tokens (`image_input`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub image_input_tokens: u64,
+    /// Audio output tokens, part of output_tokens (`audio_output`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub audio_output_tokens: u64,
     /// True when the provider sent no usage and these are estimated from the text seen.
     pub estimated: bool,
+    /// The encoding an estimate was counted with (`o200k_base`, see
+    /// `tokenizer`); absent for an estimate of four characters a token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_with: Option<&'static str>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -132,6 +147,9 @@ pub struct ParseState {
     pub response_model: Option<String>,
     /// Characters of generated text seen (for estimates).
     pub text_chars: u64,
+    /// The generated text's first `tokenizer::SAMPLE_BYTES`, when kept (see
+    /// `ResponseParser::keep_text`).
+    pub text: Option<String>,
     /// Characters of input text (from the request, for estimates).
     pub input_chars: u64,
     /// The response's own end marker was seen (`[DONE]`, `message_stop`,
@@ -153,6 +171,13 @@ pub struct ResponseInfo {
     /// See `ParseState::complete`.
     #[serde(skip)]
     pub complete: bool,
+    /// The sample of generated text kept for a tokenizer estimate, when the
+    /// usage is estimated (see `ResponseParser::keep_text`).
+    #[serde(skip)]
+    pub text: Option<String>,
+    /// Characters of generated text seen.
+    #[serde(skip)]
+    pub text_chars: u64,
 }
 
 impl ResponseParser {
@@ -174,6 +199,13 @@ impl ResponseParser {
                 ..Default::default()
             },
         }
+    }
+
+    /// Keep a sample of the generated text, for a tokenizer's estimate if
+    /// no usage comes (`tokenizer::estimate`).
+    pub fn keep_text(mut self) -> Self {
+        self.state.text = Some(String::new());
+        self
     }
 
     pub fn feed(&mut self, chunk: &[u8]) {
@@ -214,6 +246,8 @@ impl ResponseParser {
                 .raw_usage
                 .filter(|raw| !usage.estimated && !names_the_same(raw, &usage))
                 .map(Value::Object),
+            text: self.state.text.filter(|_| usage.estimated),
+            text_chars: self.state.text_chars,
             usage,
             complete: self.state.complete,
         }
@@ -229,6 +263,14 @@ fn names_the_same(raw: &serde_json::Map<String, Value>, u: &Usage) -> bool {
 }
 
 impl ParseState {
+    /// Generated text (or tool-call arguments) seen in a response, for estimates.
+    pub fn saw_text(&mut self, s: &str) {
+        self.text_chars += s.chars().count() as u64;
+        if let Some(t) = self.text.as_mut() {
+            tokenizer::push_sample(t, s);
+        }
+    }
+
     /// A usage object from the provider: kept (merged over earlier ones)
     /// for the record.
     pub fn saw_usage(&mut self, u: &Value) {
@@ -283,8 +325,6 @@ pub(crate) fn string(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_owned)
 }
 
-/// Characters of text content in a request body, for estimates: every
-/// string value under the keys providers use for text.
 /// The output limit a request asks for (`max_completion_tokens`,
 /// `max_tokens`, `max_output_tokens`, Gemini's `maxOutputTokens`), if any.
 /// Any numeric form counts (`4096.0` asks for as much as `4096`).
@@ -296,35 +336,40 @@ pub fn output_limit(body: &Value) -> Option<u64> {
         .or_else(|| tokens(body.pointer("/generationConfig/maxOutputTokens")?))
 }
 
+/// Characters of text content in a request body, for estimates: every
+/// string value under the keys providers use for text.
 pub fn input_chars(body: &Value) -> u64 {
-    fn walk(v: &Value, n: &mut u64) {
-        match v {
-            Value::String(s) => *n += s.chars().count() as u64,
-            Value::Array(a) => a.iter().for_each(|x| walk(x, n)),
-            Value::Object(o) => {
-                for (k, x) in o {
-                    if matches!(
-                        k.as_str(),
-                        "content"
-                            | "text"
-                            | "input"
-                            | "prompt"
-                            | "messages"
-                            | "contents"
-                            | "parts"
-                            | "system"
-                            | "instructions"
-                    ) {
-                        walk(x, n);
-                    }
+    let mut n = 0;
+    walk_text(body, &mut |s| n += s.chars().count() as u64);
+    n
+}
+
+/// Calls `f` with each string of a request's text, in order: every string
+/// value under the keys providers use for text.
+pub fn walk_text(v: &Value, f: &mut impl FnMut(&str)) {
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(a) => a.iter().for_each(|x| walk_text(x, f)),
+        Value::Object(o) => {
+            for (k, x) in o {
+                if matches!(
+                    k.as_str(),
+                    "content"
+                        | "text"
+                        | "input"
+                        | "prompt"
+                        | "messages"
+                        | "contents"
+                        | "parts"
+                        | "system"
+                        | "instructions"
+                ) {
+                    walk_text(x, f);
                 }
             }
-            _ => {}
         }
+        _ => {}
     }
-    let mut n = 0;
-    walk(body, &mut n);
-    n
 }
 
 #[cfg(test)]

@@ -92,10 +92,9 @@ impl Adapter for OpenAi {
             Some("response.output_text.delta")
             | Some("response.reasoning_summary_text.delta")
             | Some("response.function_call_arguments.delta") => {
-                state.text_chars += v
-                    .get("delta")
-                    .and_then(Value::as_str)
-                    .map_or(0, |d| d.chars().count() as u64);
+                if let Some(d) = v.get("delta").and_then(Value::as_str) {
+                    state.saw_text(d);
+                }
             }
             Some("response.completed") | Some("response.incomplete") | Some("response.failed") => {
                 state.complete = true;
@@ -119,7 +118,9 @@ impl Adapter for OpenAi {
                         .pointer("/delta/content")
                         .or_else(|| c.get("text"))
                         .and_then(Value::as_str);
-                    state.text_chars += text.map_or(0, |t| t.chars().count() as u64);
+                    if let Some(t) = text {
+                        state.saw_text(t);
+                    }
                     // Tool calls are billed output too (for estimates).
                     for t in c
                         .pointer("/delta/tool_calls")
@@ -127,10 +128,9 @@ impl Adapter for OpenAi {
                         .into_iter()
                         .flatten()
                     {
-                        state.text_chars += t
-                            .pointer("/function/arguments")
-                            .and_then(Value::as_str)
-                            .map_or(0, |a| a.chars().count() as u64);
+                        if let Some(a) = t.pointer("/function/arguments").and_then(Value::as_str) {
+                            state.saw_text(a);
+                        }
                     }
                 }
                 // include_usage: the last chunk carries usage (null before).
@@ -222,25 +222,46 @@ impl Adapter for OpenAi {
     }
 }
 
-/// `usage` of chat/completions/embeddings (prompt_/completion_) or of the
-/// responses API (input_/output_).
+/// `usage` of chat/completions/embeddings (prompt_/completion_), of the
+/// responses and images APIs (input_/output_, `input_tokens_details`), or
+/// of the Realtime API (`input_token_details`, with the cached share of
+/// each modality in `cached_tokens_details`).
 fn usage(u: &Value) -> Usage {
-    if u.get("input_tokens").is_some() {
-        Usage {
-            input_tokens: num(u, &["input_tokens"]),
-            output_tokens: num(u, &["output_tokens"]),
-            cached_input_tokens: num(u, &["input_tokens_details", "cached_tokens"]),
-            reasoning_tokens: num(u, &["output_tokens_details", "reasoning_tokens"]),
-            ..Default::default()
-        }
+    let (input, output, input_details, output_details) = if u.get("input_tokens").is_some() {
+        let details = if u.get("input_token_details").is_some() {
+            "input_token_details"
+        } else {
+            "input_tokens_details"
+        };
+        let out = if u.get("output_token_details").is_some() {
+            "output_token_details"
+        } else {
+            "output_tokens_details"
+        };
+        ("input_tokens", "output_tokens", details, out)
     } else {
-        Usage {
-            input_tokens: num(u, &["prompt_tokens"]),
-            output_tokens: num(u, &["completion_tokens"]),
-            cached_input_tokens: num(u, &["prompt_tokens_details", "cached_tokens"]),
-            reasoning_tokens: num(u, &["completion_tokens_details", "reasoning_tokens"]),
-            ..Default::default()
-        }
+        (
+            "prompt_tokens",
+            "completion_tokens",
+            "prompt_tokens_details",
+            "completion_tokens_details",
+        )
+    };
+    Usage {
+        input_tokens: num(u, &[input]),
+        output_tokens: num(u, &[output]),
+        cached_input_tokens: num(u, &[input_details, "cached_tokens"]),
+        reasoning_tokens: num(u, &[output_details, "reasoning_tokens"]),
+        audio_input_tokens: num(u, &[input_details, "audio_tokens"]).saturating_sub(num(
+            u,
+            &[input_details, "cached_tokens_details", "audio_tokens"],
+        )),
+        image_input_tokens: num(u, &[input_details, "image_tokens"]).saturating_sub(num(
+            u,
+            &[input_details, "cached_tokens_details", "image_tokens"],
+        )),
+        audio_output_tokens: num(u, &[output_details, "audio_tokens"]),
+        ..Default::default()
     }
 }
 
@@ -256,6 +277,46 @@ mod tests {
             p.feed(c);
         }
         p.finish()
+    }
+
+    #[test]
+    fn audio_tokens_are_counted_apart() {
+        let r = parse(
+            "application/json",
+            include_str!("fixtures/openai_chat_audio.json"),
+        );
+        assert_eq!(
+            r.usage,
+            Usage {
+                input_tokens: 142,
+                output_tokens: 118,
+                audio_input_tokens: 126,
+                audio_output_tokens: 101,
+                ..Default::default()
+            }
+        );
+        // The Realtime API's `response.done` usage: each modality's cached
+        // share is priced as cached, not again as audio or image.
+        let realtime = serde_json::json!({
+            "total_tokens": 1500, "input_tokens": 1200, "output_tokens": 300,
+            "input_token_details": {
+                "cached_tokens": 320, "text_tokens": 150, "audio_tokens": 1000, "image_tokens": 50,
+                "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 256, "image_tokens": 0}
+            },
+            "output_token_details": {"text_tokens": 60, "audio_tokens": 240}
+        });
+        assert_eq!(
+            usage(&realtime),
+            Usage {
+                input_tokens: 1200,
+                output_tokens: 300,
+                cached_input_tokens: 320,
+                audio_input_tokens: 1000 - 256,
+                image_input_tokens: 50,
+                audio_output_tokens: 240,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]

@@ -91,7 +91,14 @@ pub(super) fn account(
             ("cached_input", u.cached_input_tokens),
             ("cache_write_input", u.cache_write_input_tokens),
             ("reasoning", u.reasoning_tokens),
+            ("audio_input", u.audio_input_tokens),
+            ("image_input", u.image_input_tokens),
+            ("audio_output", u.audio_output_tokens),
         ] {
+            // Modalities most calls never use get a series only once one does.
+            if n == 0 && matches!(kind, "audio_input" | "image_input" | "audio_output") {
+                continue;
+            }
             m.tokens
                 .with_label_values(&[&ns, &workload, &pod, &record.provider, &model, kind])
                 .inc_by(n);

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     identity::Workload,
     policy::{Admitted, Candidate, Refusal, Seen, Subject},
-    providers::{ResponseParser, stream_usage::UsageChunkFilter},
+    providers::{Api, ResponseParser, stream_usage::UsageChunkFilter, tokenizer},
     telemetry::{
         events::now_rfc3339,
         records::{Decision, Outcome, RequestRecord},
@@ -205,6 +205,19 @@ async fn deliver(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::CONTENT_LENGTH); // recomputed from the buffered body
     let model = record.routed_model.clone().or_else(|| record.model.clone());
+    // Kept (a reference, not a copy) in case no usage comes: an OpenAI
+    // model's tokens are then counted with its tokenizer.
+    let api = call.meta.adapter.api();
+    let keeps_text = api == Api::Openai
+        && body.len() <= tokenizer::MAX_REQUEST_BODY
+        && model
+            .as_deref()
+            .is_none_or(|m| tokenizer::Encoding::for_model(api, m).is_some());
+    let texts = keeps_text.then(|| tokenizer::Texts {
+        request: Some(body.clone()),
+        input_chars,
+        ..Default::default()
+    });
     let (endpoints, chain) = send::plan(&call, failover, model.as_deref());
     let mut attempts = Vec::new();
     let mut left = None;
@@ -276,7 +289,10 @@ async fn deliver(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let parser = ResponseParser::new(call.meta.adapter.api(), content_type, input_chars);
+    let mut parser = ResponseParser::new(api, content_type, input_chars);
+    if texts.is_some() {
+        parser = parser.keep_text();
+    }
     // What asking for usage added comes back out before the workload sees it.
     let filter = (asked_stream_usage && content_type.starts_with("text/event-stream"))
         .then(UsageChunkFilter::default);
@@ -293,6 +309,7 @@ async fn deliver(
             record,
             hold,
             budget,
+            texts,
         },
     );
     Delivery::Relay(parts, Box::new(body), left)

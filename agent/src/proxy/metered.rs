@@ -18,7 +18,11 @@ use super::{
 };
 use crate::{
     policy::{BudgetHold, Hold},
-    providers::{ResponseParser, stream_usage::UsageChunkFilter},
+    providers::{
+        ResponseParser,
+        stream_usage::UsageChunkFilter,
+        tokenizer::{self, Encoding, Texts},
+    },
     telemetry::{
         records::{Outcome, RequestRecord},
         redact,
@@ -39,6 +43,9 @@ pub(super) struct Finish {
     pub hold: Option<Hold>,
     /// The call's reservation on its budget, settled on its cost.
     pub budget: Option<BudgetHold>,
+    /// The request's text, kept for a tokenizer's estimate in case the
+    /// provider reports no usage (`providers::tokenizer`).
+    pub texts: Option<Texts>,
 }
 
 /// The response body on its way to the workload: relayed frame by frame (no
@@ -172,6 +179,7 @@ impl Metered {
             mut record,
             hold,
             budget,
+            mut texts,
         }) = self.finish.take()
         else {
             return;
@@ -185,6 +193,13 @@ impl Metered {
             // close before the transport's end of body: that call completed.
             if result == Outcome::ClientDisconnected && info.complete {
                 result = Outcome::Ok;
+            }
+            match (texts.as_mut(), info.text) {
+                (Some(t), Some(output)) => {
+                    t.output = output;
+                    t.output_chars = info.text_chars;
+                }
+                _ => texts = None, // usage came: nothing to estimate
             }
         }
         let mut error = error;
@@ -201,14 +216,69 @@ impl Metered {
         if record.stream {
             call.metrics.active_streams.dec();
         }
-        if let Some(a) = hold {
-            a.settle(record.usage.input_tokens, record.usage.output_tokens);
-        }
         record.ttft_ms = self.first_byte.map_or(0, |d| d.as_millis() as u64);
         record.duration_ms = self.started.elapsed().as_millis() as u64;
         record.result = result;
         record.error = error;
-        account::account(&call, record, budget, self.started, self.first_byte);
+        let estimate = texts.and_then(|t| {
+            let model = record
+                .response_model
+                .as_deref()
+                .or(record.routed_model.as_deref())
+                .or(record.model.as_deref())?;
+            Some((Encoding::for_model(call.meta.adapter.api(), model)?, t))
+        });
+        let settled = Settle {
+            call,
+            record,
+            hold,
+            budget,
+            started: self.started,
+            first_byte: self.first_byte,
+        };
+        match (estimate, tokio::runtime::Handle::try_current()) {
+            // Counting may load the encoding (200 ms): never on the data path.
+            (Some((enc, texts)), Ok(rt)) => {
+                rt.spawn_blocking(move || {
+                    settled.run(tokenizer::estimate(enc, &texts).map(|c| (enc, c)))
+                });
+            }
+            _ => settled.run(None),
+        }
+    }
+}
+
+/// The last step of a call, once its usage is known: its holds settled on
+/// the usage, then priced, charged, counted and logged (`account`).
+struct Settle {
+    call: Arc<Call>,
+    record: RequestRecord,
+    hold: Option<Hold>,
+    budget: Option<BudgetHold>,
+    started: Instant,
+    first_byte: Option<Duration>,
+}
+
+impl Settle {
+    /// `counted`: a tokenizer's estimate, replacing the character estimate.
+    fn run(mut self, counted: Option<(Encoding, tokenizer::Counted)>) {
+        if let Some((enc, c)) = counted {
+            let u = &mut self.record.usage;
+            u.input_tokens = c.input_tokens;
+            u.output_tokens = c.output_tokens;
+            u.estimated_with = Some(enc.name());
+        }
+        let u = &self.record.usage;
+        if let Some(a) = self.hold {
+            a.settle(u.input_tokens, u.output_tokens);
+        }
+        account::account(
+            &self.call,
+            self.record,
+            self.budget,
+            self.started,
+            self.first_byte,
+        );
     }
 }
 
