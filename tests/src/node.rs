@@ -498,6 +498,10 @@ pub fn agent_bin() -> String {
     sibling_bin("tollgate", "TOLLGATE_BIN")
 }
 
+pub fn bench_bin() -> String {
+    sibling_bin("tollgate-bench", "TOLLGATE_BENCH_BIN")
+}
+
 pub fn mock_upstream_bin() -> String {
     sibling_bin("tollgate-mock-upstream", "TOLLGATE_MOCK_UPSTREAM_BIN")
 }

@@ -6,9 +6,12 @@
 //! Usage: tollgate-bench-http ADDR:PORT HOST CA_PEM MODE ARGS…
 //!   rate RPS SECONDS keepalive|fresh   POST a chat completion (JSON answer) at
 //!       a fixed rate, open loop (each request sent on schedule whatever
-//!       the earlier ones are doing, so a stall is not hidden; latency from
-//!       its send, since the timer wakes it up to 1 ms late), over pooled HTTP/1.1 keep-alive
-//!       connections or one new TCP+TLS connection per request.
+//!       the earlier ones are doing, so a stall is not hidden), over pooled
+//!       HTTP/1.1 keep-alive connections or one new TCP+TLS connection per
+//!       request. Latency is measured from each request's scheduled send
+//!       time, as wrk2 does (no coordinated omission: a client that falls
+//!       behind adds its lag to every late call), and `behind_*` says how
+//!       late the sends were against the schedule.
 //!   stream COUNT CONCURRENT MODEL      COUNT `mock-timed-…` streams (MODEL
 //!       names pieces and pace), CONCURRENT at a time: each event carries the
 //!       mock's send time in its content, so its arrival shows the relay
@@ -110,41 +113,72 @@ async fn rate(t: &Target, rps: u64, seconds: u64, fresh: bool) -> serde_json::Va
     // Bound in-flight work: beyond it the target is overloaded, and waiting
     // would turn this into a closed loop that hides it.
     let slots = Arc::new(tokio::sync::Semaphore::new(1024));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
-    let start = tokio::time::Instant::now() + Duration::from_millis(50);
-    let mut overload = 0u64;
-    for i in 0..total {
-        let scheduled = start + interval * i as u32;
-        tokio::time::sleep_until(scheduled).await;
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            overload += 1;
-            continue;
-        };
-        let (client, req, tx) = (client.clone(), t.post(CHAT), tx.clone());
-        tokio::spawn(async move {
-            let sent = Instant::now();
-            // An overloaded target fails the call rather than the run.
-            let call = async {
-                match client.request(req).await {
-                    Ok(r) if r.status().is_success() => r.into_body().collect().await.is_ok(),
-                    _ => false,
-                }
+    // Each call reports (its latency or why it failed, how late it started).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Result<u64, String>, u64)>();
+    let start = Instant::now() + Duration::from_millis(50);
+    let (rt, host) = (tokio::runtime::Handle::current(), t.host.clone());
+    // The schedule is kept by a thread of its own that sleeps to each send
+    // time: tokio's timer wheel wakes up to a millisecond late, which would
+    // be the client's lateness in every system's figures alike.
+    let dispatcher = std::thread::spawn(move || {
+        // SAFETY: prctl(PR_SET_TIMERSLACK) on this thread only: wake on time.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
+        let mut overload = 0u64;
+        for i in 0..total {
+            let scheduled = start + interval * i as u32;
+            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                overload += 1;
+                continue;
             };
-            let ok = tokio::time::timeout(REQUEST_TIMEOUT, call)
-                .await
-                .unwrap_or(false);
-            let _ = tx.send(ok.then(|| sent.elapsed().as_nanos() as u64));
-            drop(permit);
-        });
-    }
-    drop(tx);
-    let mut lat = Vec::new();
+            let req = chat_request(&host, Bytes::from_static(CHAT.as_bytes()));
+            let (client, tx) = (client.clone(), tx.clone());
+            rt.spawn(async move {
+                let late = scheduled.elapsed().as_nanos() as u64;
+                // An overloaded target fails the call rather than the run.
+                let call = async {
+                    let r = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+                    let status = r.status();
+                    let body = r.into_body().collect().await.map_err(|e| e.to_string())?;
+                    if !status.is_success() {
+                        let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+                        return Err(format!(
+                            "{status}: {}",
+                            text.chars().take(300).collect::<String>()
+                        ));
+                    }
+                    Ok(())
+                };
+                let r = match tokio::time::timeout(REQUEST_TIMEOUT, call).await {
+                    Ok(Ok(())) => Ok(scheduled.elapsed().as_nanos() as u64),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(format!("no answer in {REQUEST_TIMEOUT:?}")),
+                };
+                let _ = tx.send((r, late));
+                drop(permit);
+            });
+        }
+        overload
+    });
+    let overload = tokio::task::spawn_blocking(move || dispatcher.join().expect("dispatcher"))
+        .await
+        .expect("dispatcher");
+    let (mut lat, mut behind, mut first_error) = (Vec::new(), Vec::new(), None);
     let mut errors = overload;
+    if overload > 0 {
+        first_error = Some(format!("{overload} sends skipped: 1024 calls in flight"));
+    }
     // Bounded: every task ends (the client has timeouts below the OS's).
-    while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+    while let Ok(Some((r, late))) = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+        behind.push(late);
         match r {
-            Some(ns) => lat.push(ns),
-            None => errors += 1,
+            Ok(ns) => lat.push(ns),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert(e);
+            }
         }
     }
     // Answers per second from the first scheduled send to the last answer
@@ -152,6 +186,13 @@ async fn rate(t: &Target, rps: u64, seconds: u64, fresh: bool) -> serde_json::Va
     let elapsed = start.elapsed().max(Duration::from_secs(seconds));
     let mut out = summary(lat, errors);
     out["rps"] = (out["count"].as_f64().unwrap_or(0.0) / elapsed.as_secs_f64()).into();
+    let lag = summary(behind, 0);
+    out["behind_p50_ns"] = lag["p50_ns"].clone();
+    out["behind_p99_ns"] = lag["p99_ns"].clone();
+    out["behind_max_ns"] = lag["max_ns"].clone();
+    if let Some(e) = first_error {
+        out["first_error"] = e.into();
+    }
     out
 }
 

@@ -1,6 +1,7 @@
 //! The connect() cost of the kernel programs. A pod of the test node times
 //! connect() in a loop:
-//! 1. baseline — to a loopback listener, from a cgroup outside the governed
+//! 1. baseline — to a loopback listener (accepted by another process, as
+//!    the agent accepts redirected ones), from a cgroup outside the governed
 //!    subtree (no programs run for it);
 //! 2. the same with the agent's programs attached (what every non-provider
 //!    connection pays: one hash lookup);

@@ -4,6 +4,7 @@
 //! interception tool). Every system serves the same client, in the same
 //! pod, against the same mock provider, in the same run; each scenario runs
 //! on every system before the next scenario starts, so drift hits all alike.
+mod judge;
 mod measure;
 mod peers;
 
@@ -35,6 +36,9 @@ policy:
       headers: {remove: [openai-organization]}
       limits: {per: workload, requests_per_minute: 10000000, input_tokens_per_minute: 1000000000, output_tokens_per_minute: 1000000000, concurrent_requests: 5000}
       budget: {per: global, daily_usd: 1000000, monthly_usd: 10000000, soft_percent: 80}
+pricing:
+  models:
+    - {match: "mock-*", input: 0.15, output: 0.60}
 "#;
 
 /// One load shape.
@@ -154,41 +158,81 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
             .is_none_or(|o| o.split(',').any(|k| k.trim() == key))
     };
     // Latency rows: several rounds, systems interleaved within each, so a
-    // slow spell of this shared machine hits every system alike; the
-    // per-field median is kept.
-    let rounds = if quick { 1 } else { 3 };
+    // slow spell of this shared machine hits every system alike; each
+    // comparison is made within a round, then summarised over rounds
+    // (`judge`).
+    let rounds = if quick { 1 } else { 5 };
+    let mut measured = Vec::new();
     for sc in scenarios(quick).into_iter().filter(|sc| wanted(sc.key)) {
         let n = match sc.load {
             Load::Rate { .. } | Load::Stream { .. } | Load::Saturate { .. } => rounds,
             Load::Idle { .. } => 1,
         };
-        let mut per_system = vec![Vec::new(); systems.len()];
+        let mut all_rounds = Vec::new();
         let mut profiled = None;
         for _ in 0..n {
-            for (i, s) in systems.iter().enumerate() {
+            let mut round = Vec::new();
+            for s in &systems {
                 let profile = (s.name == "tollgate" && profiled.is_none())
                     .then(|| measure::Profile::start(s.pid, sc.key));
-                per_system[i].push(one(node, s, &sc.load));
+                round.push(one(node, s, &sc.load));
                 if let Some(p) = profile.flatten() {
                     profiled = Some(p.finish());
                 }
                 // Let a backlog (an overloaded peer) drain before the next system.
                 std::thread::sleep(Duration::from_millis(500));
             }
+            all_rounds.push(round);
         }
-        let mut rows: Vec<Value> = per_system.iter().map(|r| crate::median(r)).collect();
-        for r in &mut rows {
-            r["rounds"] = n.into();
+        let r = judge::Rounds {
+            scenario: sc.key,
+            rounds: all_rounds,
+        };
+        let rows: Vec<Value> = systems
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let own: Vec<Value> = r.rounds.iter().map(|round| round[i].clone()).collect();
+                let mut row = crate::median(&own);
+                row["rounds"] = n.into();
+                row["vs"] = r.derived(s.name);
+                row
+            })
+            .collect();
+        print_table(&sc, &rows, &r);
+        if rows
+            .iter()
+            .any(|row| row["system"] == "tollgate" && row["errors"].as_u64().unwrap_or(0) > 0)
+        {
+            // Say why, not only how many.
+            for row in rows.iter().filter(|r| r["system"] == "tollgate") {
+                if let Some(e) = row["first_error"].as_str() {
+                    println!("Tollgate's first error: {e}");
+                }
+            }
         }
-        added_vs_direct(&mut rows);
-        print_table(&sc, &rows);
         if let Some(p) = profiled {
             println!("profile of Tollgate during this scenario: {p}");
         }
-        results.push(json!({"scenario": sc.key, "title": sc.title, "rows": rows}));
+        results
+            .push(json!({"scenario": sc.key, "title": sc.title, "rows": rows, "rounds": r.rounds}));
+        measured.push(r);
     }
-    let targets = targets(&results);
-    json!({"systems": about, "unavailable": unavailable, "scenarios": results, "targets": targets})
+    let verdicts = judge::judge(&measured);
+    judge::print(&verdicts);
+    if let Some(s) = measured
+        .iter()
+        .find(|r| r.scenario == "rate_200")
+        .and_then(|r| {
+            r.spread(|x| Some(x.added("tollgate", "/p50_ns")? - x.added("floor", "/p50_ns")?))
+        })
+    {
+        println!(
+            "\nWhat LLM awareness costs on top of interception (rate_200, Tollgate's added p50 minus the floor's): {}",
+            judge::added(Some(s))
+        );
+    }
+    json!({"systems": about, "unavailable": unavailable, "scenarios": results, "targets": verdicts})
 }
 
 /// One scenario on one system, with its CPU and peak memory.
@@ -233,39 +277,15 @@ fn one(node: &TestNode, s: &peers::System, load: &Load) -> Value {
     r
 }
 
-/// Each row's added p50/p99 against the direct row of the same scenario.
-fn added_vs_direct(rows: &mut [Value]) {
-    let Some(direct) = rows.iter().find(|r| r["system"] == "direct").cloned() else {
-        return;
-    };
-    for r in rows.iter_mut() {
-        for k in ["p50", "p99"] {
-            let (Some(t), Some(d)) = (
-                r[format!("{k}_ns")].as_i64(),
-                direct[format!("{k}_ns")].as_i64(),
-            ) else {
-                continue;
-            };
-            r[format!("added_{k}_us")] = ((t - d) as f64 / 1000.0).into();
-        }
-    }
-}
-
-fn ms(v: &Value) -> String {
-    match v.as_f64() {
-        Some(ns) if ns >= 10_000_000.0 => format!("{:.0}ms", ns / 1e6),
-        Some(ns) if ns >= 1_000_000.0 => format!("{:.1}ms", ns / 1e6),
-        Some(ns) => format!("{:.0}µs", ns / 1e3),
-        None => "—".into(),
-    }
-}
-
-fn print_table(sc: &Scenario, rows: &[Value]) {
-    let rounds = rows.first().and_then(|r| r["rounds"].as_u64()).unwrap_or(1);
+fn print_table(sc: &Scenario, rows: &[Value], r: &judge::Rounds) {
+    let rounds = r.rounds.len();
     if rounds > 1 {
-        println!("\n{} (median of {rounds} interleaved rounds)\n", sc.title);
+        println!(
+            "\n{} ({rounds} interleaved rounds: each system's median; ×/+ figures per round vs the same round's direct/nginx, median [range])\n",
+            sc.title
+        );
     } else {
-        println!("\n{}\n", sc.title);
+        println!("\n{} (1 round: no interval)\n", sc.title);
     }
     if let Load::Idle { .. } = sc.load {
         println!(
@@ -286,53 +306,75 @@ fn print_table(sc: &Scenario, rows: &[Value]) {
         }
         return;
     }
+    let stream = matches!(sc.load, Load::Stream { .. });
     println!(
-        "{:<10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6}",
+        "{:<10} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>24} {:>8} {:>8} {:>6} {:>8}",
         "system",
         "req/s",
         "p50",
-        "p90",
         "p99",
         "max",
-        "+p50",
-        "+p99",
+        "p50/dir",
+        "p50/ngx",
+        "p99/ngx",
+        if stream {
+            "+p50 per chunk"
+        } else {
+            "+p50 vs direct"
+        },
         "CPU s/1k",
         "peak RSS",
-        "errors"
+        "errors",
+        if stream { "TTFT" } else { "behind" },
     );
-    for r in rows {
-        let added = |k: &str| {
-            r[k].as_f64()
-                .map_or("—".into(), |us| ms(&json!(us * 1000.0)))
+    for row in rows {
+        let name = row["system"].as_str().unwrap_or("");
+        let spread = |k: &str| {
+            let v = &row["vs"][k];
+            Some(judge::Spread {
+                median: v["median"].as_f64()?,
+                lo: v["lo"].as_f64()?,
+                hi: v["hi"].as_f64()?,
+                rounds: v["rounds"].as_u64()? as usize,
+            })
+        };
+        let ns = |k: &str| row[k].as_f64().map_or("—".into(), judge::dur);
+        let last = if stream {
+            row["ttft"]["p50_ns"]
+                .as_f64()
+                .map_or("—".into(), judge::dur)
+        } else {
+            // How late the client's sends ran against the schedule (p99).
+            row["behind_p99_ns"].as_f64().map_or("—".into(), judge::dur)
         };
         println!(
-            "{:<10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9.3} {:>6.0}MiB {:>6}{}",
-            r["system"].as_str().unwrap_or(""),
-            r["rps"].as_f64().map_or("—".into(), |v| format!("{v:.0}")),
-            ms(&r["p50_ns"]),
-            ms(&r["p90_ns"]),
-            ms(&r["p99_ns"]),
-            ms(&r["max_ns"]),
-            added("added_p50_us"),
-            added("added_p99_us"),
-            r["cpu_s_per_1000"].as_f64().unwrap_or(0.0),
-            r["peak_rss_mib"].as_f64().unwrap_or(0.0),
-            r["errors"].as_u64().unwrap_or(0),
-            failure(r),
+            "{:<10} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>24} {:>8.3} {:>5.0}MiB {:>6} {:>8}{}",
+            name,
+            row["rps"]
+                .as_f64()
+                .map_or("—".into(), |v| format!("{v:.0}")),
+            ns("p50_ns"),
+            ns("p99_ns"),
+            ns("max_ns"),
+            judge::times(spread("p50_x_direct")),
+            judge::times(spread("p50_x_nginx")),
+            judge::times(spread("p99_x_nginx")),
+            if name == "direct" {
+                String::new()
+            } else {
+                judge::added(spread("added_p50_ns"))
+            },
+            row["cpu_s_per_1000"].as_f64().unwrap_or(0.0),
+            row["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            row["errors"].as_u64().unwrap_or(0),
+            last,
+            failure(row),
         );
     }
-    if let Load::Stream { .. } = sc.load {
-        let ttft: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "{} {}",
-                    r["system"].as_str().unwrap_or(""),
-                    ms(&r["ttft"]["p50_ns"])
-                )
-            })
-            .collect();
-        println!("time to first token, p50: {}", ttft.join(", "));
+    if !stream {
+        println!(
+            "latency from each call's scheduled send (no coordinated omission); behind = how late the client sent, p99"
+        );
     }
 }
 
@@ -340,178 +382,4 @@ fn failure(r: &Value) -> String {
     r["failed"]
         .as_str()
         .map_or(String::new(), |f| format!("  FAILED: {f}"))
-}
-
-/// A target: Tollgate's `key` in `scenario` against `factor` × the peer's
-/// (or `factor` itself when there is no peer).
-struct Target {
-    scenario: &'static str,
-    key: &'static str,
-    peer: Option<&'static str>,
-    factor: f64,
-    at_most: bool,
-    unit: &'static str,
-    text: &'static str,
-}
-
-const TARGETS: &[Target] = &[
-    Target {
-        scenario: "rate_200",
-        key: "added_p50_us",
-        peer: Some("nginx"),
-        factor: 1.3,
-        at_most: true,
-        unit: "µs",
-        text: "Tollgate added p50 ≤ 1.3 × nginx added p50",
-    },
-    Target {
-        scenario: "rate_1000",
-        key: "added_p50_us",
-        peer: Some("nginx"),
-        factor: 1.3,
-        at_most: true,
-        unit: "µs",
-        text: "Tollgate added p50 ≤ 1.3 × nginx added p50",
-    },
-    Target {
-        scenario: "saturation",
-        key: "rps",
-        peer: Some("nginx"),
-        factor: 0.7,
-        at_most: false,
-        unit: "req/s",
-        text: "Tollgate throughput ≥ 0.7 × nginx",
-    },
-    Target {
-        scenario: "saturation",
-        key: "rps",
-        peer: Some("litellm"),
-        factor: 10.0,
-        at_most: false,
-        unit: "req/s",
-        text: "Tollgate throughput ≥ 10 × LiteLLM",
-    },
-    Target {
-        scenario: "rate_200",
-        key: "added_p99_us",
-        peer: Some("litellm"),
-        factor: 0.1,
-        at_most: true,
-        unit: "µs",
-        text: "Tollgate added p99 ≤ 1/10 of LiteLLM added p99",
-    },
-    Target {
-        scenario: "streaming",
-        key: "added_p50_us",
-        peer: None,
-        factor: 50.0,
-        at_most: true,
-        unit: "µs",
-        text: "Tollgate per-chunk delay added ≤ 50 µs p50",
-    },
-];
-
-/// The issue's targets, each with its measured value and whether it is met.
-fn targets(results: &[Value]) -> Vec<Value> {
-    let get = |scenario: &str, system: &str, key: &str| -> Option<f64> {
-        results.iter().find(|s| s["scenario"] == scenario)?["rows"]
-            .as_array()?
-            .iter()
-            .find(|r| r["system"] == system)?[key]
-            .as_f64()
-    };
-    let mut out = Vec::new();
-    for t in TARGETS {
-        let value = get(t.scenario, "tollgate", t.key);
-        let limit = match t.peer {
-            Some(peer) => get(t.scenario, peer, t.key).map(|v| v * t.factor),
-            None => Some(t.factor),
-        };
-        let name = format!("{}: {}", t.scenario, t.text);
-        let (Some(v), Some(l)) = (value, limit) else {
-            out.push(json!({"target": name, "met": null, "why": "a system or number is missing"}));
-            continue;
-        };
-        let met = if t.at_most { v <= l } else { v >= l };
-        out.push(json!({"target": name, "value": v, "limit": l, "met": met, "unit": t.unit}));
-    }
-    println!("\nTargets (printed, not asserted)\n");
-    for t in &out {
-        let name = t["target"].as_str().unwrap_or("");
-        match (t["met"].as_bool(), t["value"].as_f64(), t["limit"].as_f64()) {
-            (Some(true), Some(v), Some(l)) => {
-                println!(
-                    "  met     {name}: {v:.0} vs {l:.0} {}",
-                    t["unit"].as_str().unwrap_or("")
-                )
-            }
-            (Some(false), Some(v), Some(l)) => println!(
-                "  MISSED  {name}: {v:.0} vs {l:.0} {} (by {:.0}%)",
-                t["unit"].as_str().unwrap_or(""),
-                ((v - l) / l.abs().max(1e-9) * 100.0).abs()
-            ),
-            _ => println!("  n/a     {name}: {}", t["why"].as_str().unwrap_or("")),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(system: &str, p50_us: i64, p99_us: i64, rps: f64) -> Value {
-        json!({"system": system, "p50_ns": p50_us * 1000, "p99_ns": p99_us * 1000, "rps": rps})
-    }
-
-    #[test]
-    fn added_latency_is_relative_to_the_direct_row() {
-        let mut rows = vec![row("direct", 300, 900, 0.0), row("nginx", 550, 1400, 0.0)];
-        added_vs_direct(&mut rows);
-        assert_eq!(rows[0]["added_p50_us"], 0.0);
-        assert_eq!(rows[1]["added_p50_us"], 250.0);
-        assert_eq!(rows[1]["added_p99_us"], 500.0);
-    }
-
-    #[test]
-    fn targets_say_met_missed_or_why_not() {
-        let scenario = |key: &str, rows: Vec<Value>| {
-            let mut rows = rows;
-            added_vs_direct(&mut rows);
-            json!({"scenario": key, "rows": rows})
-        };
-        let results = vec![
-            scenario(
-                "rate_200",
-                vec![
-                    row("direct", 300, 900, 200.0),
-                    row("tollgate", 700, 1500, 200.0),
-                    row("nginx", 500, 1900, 200.0),
-                ],
-            ),
-            scenario(
-                "saturation",
-                vec![
-                    row("direct", 1, 1, 9000.0),
-                    row("tollgate", 1, 1, 6000.0),
-                    row("nginx", 1, 1, 7000.0),
-                ],
-            ),
-        ];
-        let t = targets(&results);
-        let get = |prefix: &str| {
-            t.iter()
-                .find(|t| t["target"].as_str().unwrap().starts_with(prefix))
-                .unwrap()
-        };
-        // Tollgate adds 400 µs, nginx 200 µs: 400 > 1.3 × 200.
-        let p50 = get("rate_200: Tollgate added p50");
-        assert_eq!(p50["met"], false);
-        assert_eq!(p50["limit"], 260.0);
-        // 6000 ≥ 0.7 × 7000.
-        assert_eq!(get("saturation: Tollgate throughput ≥ 0.7")["met"], true);
-        // No LiteLLM row: not judged, and said so.
-        let litellm = get("saturation: Tollgate throughput ≥ 10");
-        assert!(litellm["met"].is_null() && litellm["why"].is_string());
-    }
 }

@@ -79,6 +79,7 @@ pub fn peers_dir() -> PathBuf {
 const NGINX_PORT: u16 = 9443;
 const LITELLM_PORT: u16 = 9444;
 const MITM_PORT: u16 = 9445;
+const FLOOR_PORT: u16 = 9446;
 
 /// Every system, in table order; `Err` carries why a peer is not measured.
 pub fn all(node: &TestNode, ungoverned: &Path) -> Vec<Result<System, (&'static str, String)>> {
@@ -113,6 +114,9 @@ pub fn all(node: &TestNode, ungoverned: &Path) -> Vec<Result<System, (&'static s
     ];
     let mut all: Vec<Result<System, (&'static str, String)>> = all;
     all.retain(|s| s.as_ref().is_ok_and(|s| selected(s.name)));
+    if selected("floor") {
+        all.push(floor(node, ungoverned, &upstream_ca).map_err(|e| ("floor", e)));
+    }
     if selected("nginx") {
         all.push(nginx(node, ungoverned, &upstream_ca, nginx_v).map_err(|e| ("nginx", e)));
     }
@@ -215,6 +219,38 @@ fn listens(pid: u32, port: u16) -> bool {
 /// (signed by the test upstream CA), so one client config fits all.
 fn provider_cert(node: &TestNode) -> (PathBuf, PathBuf) {
     (node.dir.join("upstream.crt"), node.dir.join("upstream.key"))
+}
+
+/// The physical floor: `tollgate-bench-floor`, a rustls TLS-terminating
+/// byte relay (one upstream TLS connection per client connection).
+fn floor(node: &TestNode, cgroup: &Path, upstream_ca: &Path) -> Result<System, String> {
+    let (cert, key) = provider_cert(node);
+    let bin = crate::sibling("tollgate-bench-floor");
+    let args = [
+        format!("127.0.0.1:{FLOOR_PORT}"),
+        cert.display().to_string(),
+        key.display().to_string(),
+        format!("{UPSTREAM_V4}:{TLS_PORT}"),
+        PROVIDER_HOST.to_string(),
+        upstream_ca.display().to_string(),
+    ];
+    let peer = start(
+        node,
+        cgroup,
+        "floor",
+        (bin.to_str().unwrap_or_default(), &args),
+        &[],
+        FLOOR_PORT,
+        Duration::from_secs(10),
+    )?;
+    Ok(System::peer(
+        "floor",
+        FLOOR_PORT,
+        upstream_ca.to_path_buf(),
+        cgroup,
+        peer,
+        "rustls TLS-terminating byte relay (tokio, one upstream TLS connection per client connection, no HTTP parse, no policy): what any Rust interceptor pays".into(),
+    ))
 }
 
 /// nginx (Debian) as a TLS-terminating, re-encrypting reverse proxy with a
