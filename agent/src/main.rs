@@ -5,6 +5,13 @@ use anyhow::Context as _;
 use clap::Parser;
 use tollgate_agent::cli::{CaCommand, Cli, Command, LogFormat, PolicyCommand, load_config};
 
+/// mimalloc instead of glibc's malloc: a call allocates and frees many
+/// small buffers across threads (hyper, rustls, serde), where glibc's
+/// arenas spent about 15 % of the agent's CPU at saturation (`cargo xtask
+/// bench`, README "Performance").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
