@@ -127,18 +127,29 @@ impl Journal {
     /// Call `id` is accounted (its record is in the audit log). Nothing is
     /// written for a call that never began (one refused at admission).
     pub fn end(&self, id: &str) {
+        self.end_all(std::iter::once(id));
+    }
+
+    /// `end` for several calls at once: one write for all of them.
+    pub fn end_all<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.open.remove(id).is_none() {
-            return;
+        let mut bytes = Vec::new();
+        for id in ids {
+            if g.open.remove(id).is_none() {
+                continue;
+            }
+            let line = Line::<()> {
+                b: None,
+                e: Some(id),
+                v: None,
+            };
+            if serde_json::to_writer(&mut bytes, &line).is_ok() {
+                bytes.push(b'\n');
+            }
         }
-        let line = Line::<()> {
-            b: None,
-            e: Some(id),
-            v: None,
-        };
-        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-        bytes.push(b'\n');
-        g.append(&bytes, &self.path);
+        if !bytes.is_empty() {
+            g.append(&bytes, &self.path);
+        }
     }
 
     /// Calls begun and not ended.

@@ -44,6 +44,13 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
     /// A complete JSON response body.
     fn on_json(&self, state: &mut ParseState, v: &Value);
 
+    /// The members of a JSON response object `on_json` reads, when it reads
+    /// only some: the others are skipped unparsed (an answer's text is most
+    /// of its bytes). None: the whole body is parsed.
+    fn json_members(&self) -> Option<&'static [&'static str]> {
+        None
+    }
+
     /// One server-sent event of a streamed response.
     fn on_event(&self, state: &mut ParseState, e: &SseEvent);
 

@@ -35,6 +35,10 @@ impl Adapter for Anthropic {
         model_and_usage(state, v, usage)
     }
 
+    fn json_members(&self) -> Option<&'static [&'static str]> {
+        Some(&["model", "usage"])
+    }
+
     fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
         let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
             return;

@@ -228,7 +228,11 @@ impl ResponseParser {
     pub fn finish(mut self) -> ResponseInfo {
         if self.sse.is_none()
             && !self.skip_json
-            && let Ok(v) = serde_json::from_slice::<Value>(&self.json)
+            && let Some(v) = self
+                .adapter
+                .json_members()
+                .and_then(|keys| members(&self.json, keys))
+                .or_else(|| serde_json::from_slice::<Value>(&self.json).ok())
         {
             self.state.complete = true;
             self.adapter.on_json(&mut self.state, &v);
@@ -252,6 +256,41 @@ impl ResponseParser {
             complete: self.state.complete,
         }
     }
+}
+
+/// The members `keys` of the JSON object `json`, parsed; the others are
+/// skipped without being built. None when `json` is not one object (or
+/// has a key with escapes, which no provider sends): parse it whole then.
+fn members(json: &[u8], keys: &[&str]) -> Option<Value> {
+    use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+    struct Pick<'k>(&'k [&'k str]);
+    impl<'de> Visitor<'de> for Pick<'_> {
+        type Value = serde_json::Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(k) = m.next_key::<&'de str>()? {
+                if self.0.contains(&k) {
+                    out.insert(k.to_string(), m.next_value::<Value>()?);
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(out)
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Pick<'_> {
+        type Value = serde_json::Map<String, Value>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let picked = Pick(keys).deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    Some(Value::Object(picked))
 }
 
 /// Whether the provider's usage object states the normalised input and
@@ -384,6 +423,19 @@ mod tests {
         assert_eq!(num(&v, &["big"]), u64::MAX);
         assert_eq!(num(&v, &["s"]), 0);
         assert_eq!(num(&v, &["missing", "x"]), 0);
+    }
+
+    #[test]
+    fn only_the_members_read_are_parsed() {
+        let body = br#"{"id":"x","choices":[{"message":{"content":"long \" text"}}],"model":"m","usage":{"prompt_tokens":3}}"#;
+        assert_eq!(
+            members(body, &["model", "usage"]),
+            Some(serde_json::json!({"model": "m", "usage": {"prompt_tokens": 3}}))
+        );
+        // Not one object, or broken: the caller parses it whole (and fails).
+        assert_eq!(members(b"[1,2]", &["model"]), None);
+        assert_eq!(members(br#"{"model":"m"} trailing"#, &["model"]), None);
+        assert_eq!(members(br#"{"mo\u0064el":"m"}"#, &["model"]), None);
     }
 
     #[test]

@@ -79,6 +79,10 @@ impl Adapter for OpenAi {
         model_and_usage(state, v, usage)
     }
 
+    fn json_members(&self) -> Option<&'static [&'static str]> {
+        Some(&["model", "usage"])
+    }
+
     fn on_event(&self, state: &mut ParseState, e: &SseEvent) {
         if e.data == "[DONE]" {
             state.complete = true;
