@@ -308,3 +308,88 @@ impl Profile {
         }
     }
 }
+
+/// With TOLLGATE_BENCH_SYSCALLS=1: `strace -c` on a system's whole process
+/// tree during one extra round of a scenario (strace slows what it traces,
+/// so that round's figures are not used): system calls per call, and the
+/// most frequent ones.
+pub struct Syscalls {
+    strace: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl Syscalls {
+    pub fn wanted() -> bool {
+        std::env::var_os("TOLLGATE_BENCH_SYSCALLS").is_some()
+    }
+
+    pub fn start(root: u32, name: &str, scenario: &str) -> Option<Self> {
+        let out = super::peers_dir().join(format!("syscalls-{scenario}-{name}.txt"));
+        let mut c = std::process::Command::new("strace");
+        c.args(["-f", "-c", "-q", "-o"]).arg(&out);
+        for pid in tree(root) {
+            c.args(["-p", &pid.to_string()]);
+        }
+        let strace = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                eprintln!("TOLLGATE_BENCH_SYSCALLS: cannot run strace ({e}); install strace")
+            })
+            .ok()?;
+        std::thread::sleep(Duration::from_millis(500)); // attached to every thread
+        Some(Self { strace, out })
+    }
+
+    /// Stop tracing; (system calls in all, the five most frequent with their counts).
+    pub fn finish(mut self) -> Option<(u64, Vec<(String, u64)>)> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.strace.id() as i32, libc::SIGINT) };
+        let _ = self.strace.wait();
+        parse_strace_summary(&fs::read_to_string(&self.out).ok()?)
+    }
+}
+
+/// `strace -c`'s table: `% time seconds usecs/call calls [errors] syscall`
+/// rows, then a `total` row.
+fn parse_strace_summary(text: &str) -> Option<(u64, Vec<(String, u64)>)> {
+    let mut rows = Vec::new();
+    let mut total = None;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 5 || f[0].parse::<f64>().is_err() {
+            continue;
+        }
+        let calls = f[3].parse::<u64>().ok()?;
+        let name = f[f.len() - 1];
+        if name == "total" {
+            total = Some(calls);
+        } else {
+            rows.push((name.to_string(), calls));
+        }
+    }
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1));
+    rows.truncate(5);
+    Some((total?, rows))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_strace_summary_is_read() {
+        let text = "% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 45.10    0.120000          30      4000           writev
+ 30.00    0.080000          20      4000      1000 read
+ 24.90    0.066000          33      2000           epoll_wait
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.266000          26     10000      1000 total
+";
+        let (total, top) = super::parse_strace_summary(text).unwrap();
+        assert_eq!(total, 10000);
+        assert_eq!(top[0], ("writev".to_string(), 4000));
+        assert_eq!(top.len(), 3);
+        assert!(super::parse_strace_summary("no table").is_none());
+    }
+}

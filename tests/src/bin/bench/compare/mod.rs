@@ -184,6 +184,9 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
             }
             all_rounds.push(round);
         }
+        if measure::Syscalls::wanted() && !matches!(sc.load, Load::Idle { .. }) {
+            syscalls_round(node, &systems, &sc);
+        }
         let r = judge::Rounds {
             scenario: sc.key,
             rounds: all_rounds,
@@ -233,6 +236,41 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
         );
     }
     json!({"systems": about, "unavailable": unavailable, "scenarios": results, "targets": verdicts})
+}
+
+/// One more round of `sc` with each system (but direct) under `strace -c`:
+/// system calls per call, printed; the round's own figures are not used.
+fn syscalls_round(node: &TestNode, systems: &[&peers::System], sc: &Scenario) {
+    println!(
+        "\nsystem calls per call ({}; an extra round under strace -c, figures unused)",
+        sc.key
+    );
+    for s in systems.iter().filter(|s| s.name != "direct") {
+        let Some(trace) = measure::Syscalls::start(s.pid, s.name, sc.key) else {
+            return;
+        };
+        let r = one(node, s, &sc.load);
+        let calls = match sc.load {
+            Load::Stream { count, .. } => count as u64,
+            _ => r["count"].as_u64().unwrap_or(0),
+        };
+        match trace.finish() {
+            Some((total, top)) if calls > 0 => {
+                let top: Vec<String> = top
+                    .iter()
+                    .map(|(n, c)| format!("{n} {:.1}", *c as f64 / calls as f64))
+                    .collect();
+                println!(
+                    "  {:<10} {:>6.1} per call ({calls} calls): {}",
+                    s.name,
+                    total as f64 / calls as f64,
+                    top.join(", ")
+                );
+            }
+            _ => println!("  {:<10} no strace summary", s.name),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// One scenario on one system, with its CPU and peak memory.
