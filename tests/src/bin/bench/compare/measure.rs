@@ -278,9 +278,7 @@ impl Profile {
 
     /// Stop recording; write the report; its path, or why there is none.
     pub fn finish(mut self) -> String {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.perf.id() as i32, libc::SIGINT) };
-        let _ = self.perf.wait();
+        interrupt(&mut self.perf);
         // Self time per symbol, then inclusive time (callers included): the
         // second shows which stage of a call the time goes to.
         let report = |extra: &str| {
@@ -344,11 +342,16 @@ impl Syscalls {
 
     /// Stop tracing; (system calls in all, the five most frequent with their counts).
     pub fn finish(mut self) -> Option<(u64, Vec<(String, u64)>)> {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.strace.id() as i32, libc::SIGINT) };
-        let _ = self.strace.wait();
+        interrupt(&mut self.strace);
         parse_strace_summary(&fs::read_to_string(&self.out).ok()?)
     }
+}
+
+/// Stops a recorder (perf, strace) the way it writes its output: SIGINT, then wait.
+fn interrupt(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
 }
 
 /// `strace -c`'s table: `% time seconds usecs/call calls [errors] syscall`
