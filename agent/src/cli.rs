@@ -27,8 +27,16 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `tollgate_agent=debug`.
     #[arg(long, env = "TOLLGATE_LOG", default_value = "info", global = true)]
     pub log: String,
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text", global = true)]
+    /// Log format: `text` for people, `json` (one object per line) for log
+    /// collectors; `auto` is text on a terminal and json otherwise. Colours
+    /// only ever go to a terminal.
+    #[arg(
+        long,
+        value_enum,
+        env = "TOLLGATE_LOG_FORMAT",
+        default_value = "auto",
+        global = true
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -36,8 +44,21 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
+    Auto,
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// The format in force, `auto` decided by whether stderr (where logs
+    /// go) is a terminal.
+    pub fn resolve(self, stderr_is_terminal: bool) -> LogFormat {
+        match self {
+            LogFormat::Auto if stderr_is_terminal => LogFormat::Text,
+            LogFormat::Auto => LogFormat::Json,
+            other => other,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -136,11 +136,15 @@ fn init_logging(cli: &Cli) {
         // reports failures itself, once per outage, with a hint.
         filter = filter.add_directive("kube_client=off".parse().expect("valid directive"));
     }
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
+        .with_writer(std::io::stderr)
+        // Escape codes only where a person reads them: never into a file,
+        // a pipe or a container runtime's log.
+        .with_ansi(terminal);
+    match cli.log_format.resolve(terminal) {
         LogFormat::Json => builder.json().init(),
+        LogFormat::Text | LogFormat::Auto => builder.init(),
     }
 }

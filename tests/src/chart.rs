@@ -3,9 +3,10 @@
 //!
 //! The chart is kept to Helm's core: Go templates (rendered by the `gtmpl`
 //! crate, a port of Go's text/template) over `.Values`, `.Release` and
-//! `.Chart`, plus the four Helm functions it uses — `toYaml`, `nindent`,
-//! `quote`, `default` — implemented here with Helm's semantics (toYaml
-//! trims the final newline; nindent prefixes a newline). Output is the
+//! `.Chart` and `.Files` (read as `index .Files "files/x" | toString`, which
+//! needs no method calls), plus the five Helm functions it uses — `toYaml`,
+//! `nindent`, `quote`, `default`, `toString` — implemented here with Helm's
+//! semantics (toYaml trims the final newline; nindent prefixes a newline). Output is the
 //! multi-document YAML `helm template` prints, without its `# Source:`
 //! comments. `deploy/manifests/tollgate.yaml` is this output for the default
 //! values, so the plain manifests and the chart cannot drift apart.
@@ -39,7 +40,17 @@ pub fn render(dir: &Path, name: &str, namespace: &str, overrides: &str) -> Resul
         serde_yaml::from_str(&values_text).map_err(|e| format!("values.yaml: {e}"))?;
     let chart: serde_yaml::Value = serde_yaml::from_str(&read(dir.join("Chart.yaml"))?)
         .map_err(|e| format!("Chart.yaml: {e}"))?;
+    // Helm's `.Files`: every file of the chart outside templates/, by path
+    // relative to the chart (only files/ holds any here).
+    let mut files = serde_json::Map::new();
+    if let Ok(entries) = std::fs::read_dir(dir.join("files")) {
+        for e in entries.filter_map(Result::ok) {
+            let name = format!("files/{}", e.file_name().to_string_lossy());
+            files.insert(name, read(e.path())?.into());
+        }
+    }
     let ctx = serde_json::json!({
+        "Files": files,
         "Values": values,
         "Release": {"Name": name, "Namespace": namespace, "Service": "Helm"},
         "Chart": {
@@ -77,6 +88,7 @@ pub fn render(dir: &Path, name: &str, namespace: &str, overrides: &str) -> Resul
             ("nindent", nindent as Func),
             ("quote", quote as Func),
             ("default", default as Func),
+            ("toString", to_string as Func),
         ]);
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
         t.parse(read(path.clone())?)
@@ -170,6 +182,10 @@ fn nindent(args: &[Value]) -> Result<Value, FuncError> {
 fn quote(args: &[Value]) -> Result<Value, FuncError> {
     let s = text(arg(args, 0, "quote")?);
     Ok(Value::from(serde_json::Value::from(s).to_string()))
+}
+
+fn to_string(args: &[Value]) -> Result<Value, FuncError> {
+    Ok(Value::from(text(arg(args, 0, "toString")?)))
 }
 
 fn default(args: &[Value]) -> Result<Value, FuncError> {

@@ -22,6 +22,7 @@ mod observed;
 pub mod pod;
 pub mod privileged;
 pub mod process;
+pub mod prometheus;
 pub mod redis;
 pub mod yaml;
 

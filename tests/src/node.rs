@@ -73,6 +73,9 @@ pub struct TestNode {
     pub bpffs_dir: PathBuf,
     /// DNS TTL dnsmasq gives its answers.
     pub dns_ttl: u32,
+    /// `--log-format` the agent is started with: `text`, so that failure
+    /// output is readable; a test of the default sets `auto`.
+    pub log_format: &'static str,
 }
 
 impl TestNode {
@@ -156,6 +159,7 @@ impl TestNode {
             dir,
             id,
             dns_ttl: 2,
+            log_format: "text",
         };
         n.set_dns(&[UPSTREAM_V4, UPSTREAM_V6]);
         for _ in 0..pods {
@@ -312,7 +316,7 @@ impl TestNode {
         };
         let proc = Proc::spawn(
             "tollgate",
-            cmd.args(["run", "--config"])
+            cmd.args(["--log-format", self.log_format, "run", "--config"])
                 .arg(&cfg)
                 // Tests read the debug lines; the benchmarks set `info`, as production runs.
                 .env(

@@ -66,13 +66,16 @@ fn validate_schemas(yaml: &str, name: &str) {
         out.status.success(),
         "{name} fails the Kubernetes schemas:\n{report}"
     );
-    // The only kind without a bundled schema is the PodMonitor CRD,
-    // checked by hand below.
+    // The only kinds without a bundled schema are the Prometheus
+    // Operator's CRDs, checked by hand below.
     for line in report
         .lines()
         .filter(|l| l.contains("Couldn't find schema"))
     {
-        assert!(line.contains("PodMonitor"), "{line}");
+        assert!(
+            line.contains("PodMonitor") || line.contains("PrometheusRule"),
+            "{line}"
+        );
     }
 }
 
@@ -218,7 +221,9 @@ fn manifests_pass_the_schemas_and_grant_only_what_the_agent_needs() {
 #[test]
 fn chart_options_render_valid_manifests() {
     let overrides = r#"
-podMonitor: {enabled: true, interval: 15s}
+podMonitor: {enabled: true, interval: 15s, labels: {release: kps}}
+prometheusRule: {enabled: true, labels: {release: kps}}
+grafanaDashboard: {enabled: true, namespace: monitoring}
 providerKeysSecretName: tollgate-provider-keys
 trustBundle:
   certificate: "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----"
@@ -237,6 +242,28 @@ cgroup: {podsSubtree: kubepods}
     );
     assert_eq!(pm[0]["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
     assert_eq!(pm[0]["metadata"]["namespace"], "ops");
+    assert_eq!(pm[0]["metadata"]["labels"]["release"], "kps");
+    // The PrometheusRule carries files/alerts.yaml as it is (the file the
+    // observability test loads into a real Prometheus).
+    let rules = find(&d, "PrometheusRule");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0]["metadata"]["labels"]["release"], "kps");
+    let file: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(chart_dir().join("files/alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rules[0]["spec"], file);
+    assert!(file["groups"][0]["rules"].as_sequence().unwrap().len() >= 5);
+    // The dashboard ConfigMap, labelled for Grafana's sidecar, holds the JSON.
+    let dash = find(&d, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "tollgate-dashboard")
+        .expect("dashboard ConfigMap");
+    assert_eq!(dash["metadata"]["namespace"], "monitoring");
+    assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json: serde_json::Value =
+        serde_json::from_str(dash["data"]["tollgate.json"].as_str().unwrap()).unwrap();
+    assert_eq!(json["uid"], "tollgate-overview");
     // The scraper presents the token the agent requires (the default).
     let auth = &pm[0]["spec"]["podMetricsEndpoints"][0]["authorization"];
     assert_eq!(auth["type"], "Bearer");

@@ -19,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "nodejs",          // the npm SDK client
     "bpftool",         // the tests count the programs attached to a cgroup
     "nftables",        // the egress test's drop rule inside a pod's namespace
+    "prometheus",      // the observability test scrapes the agent with it (and promtool)
 ];
 
 /// The official SDKs the end-to-end tests drive, pinned. Installed into

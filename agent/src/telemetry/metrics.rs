@@ -68,6 +68,8 @@ pub struct Metrics {
     models: std::sync::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Set once programs are attached and the first DNS round is done.
     pub ready: AtomicBool,
+    /// `ready` as a metric (1 or 0, set at scrape time), for alerts.
+    ready_gauge: IntGauge,
 }
 
 /// Models named in metric labels per provider. The model is whatever a
@@ -232,6 +234,11 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        // Both series from the start, at 0: an alert on `increase(…)` sees
+        // the first rejection (a series born at 1 has no increase).
+        for result in ["applied", "rejected"] {
+            config_reloads.with_label_values(&[result]);
+        }
         let policy_rules = IntGauge::new("tollgate_policy_rules", "Rules of the policy in force")
             .expect("valid metric");
         let budget_spent = prometheus::GaugeVec::new(
@@ -270,8 +277,14 @@ impl Metrics {
             "Failed list/watch calls to the Kubernetes API; each is retried with backoff",
         )
         .expect("valid metric");
+        let ready_gauge = IntGauge::new(
+            "tollgate_ready",
+            "1 once programs are attached and the first DNS round is done (what /readyz answers), else 0",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ready_gauge.clone()),
             Box::new(kubernetes_pods.clone()),
             Box::new(dns_learned.clone()),
             Box::new(kubernetes_watch_errors.clone()),
@@ -326,6 +339,7 @@ impl Metrics {
             dns_learned,
             models: Default::default(),
             ready: AtomicBool::new(false),
+            ready_gauge,
         })
     }
 
@@ -348,6 +362,8 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        self.ready_gauge
+            .set(i64::from(self.ready.load(Ordering::Relaxed)));
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buf)

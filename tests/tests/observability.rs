@@ -1,0 +1,255 @@
+//! What a platform team plugs into the agent: a real Prometheus (Debian's)
+//! scraping it in the test node, loaded with the shipped alert rules
+//! (deploy/helm/tollgate/files/alerts.yaml), queried with every query of the
+//! shipped Grafana dashboard (files/dashboard.json) after real traffic; and
+//! the agent's logs as a log collector reads them.
+use std::{path::PathBuf, time::Duration};
+
+use tollgate_tests::{
+    TestNode,
+    chart::chart_dir,
+    node::PROVIDER_HOST,
+    process::wait_until,
+    prometheus::{PROMETHEUS_BIN, PROMTOOL_BIN, Prometheus, metric_names_in},
+    require_privileged,
+};
+
+fn alerts_file() -> PathBuf {
+    chart_dir().join("files/alerts.yaml")
+}
+
+fn dashboard() -> serde_json::Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("files/dashboard.json")).unwrap(),
+    )
+    .expect("dashboard.json is JSON")
+}
+
+/// Prometheus's binaries, or None (skip) when they are missing outside CI.
+fn prometheus_installed(test: &str) -> bool {
+    let missing: Vec<_> = [PROMETHEUS_BIN, PROMTOOL_BIN]
+        .into_iter()
+        .filter(|p| !std::path::Path::new(p).exists())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("TOLLGATE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{test}: {missing:?} missing: run `cargo xtask setup` (Debian's prometheus)");
+    }
+    eprintln!("SKIPPED {test}: {missing:?} missing (run `cargo xtask setup`)");
+    false
+}
+
+/// A dashboard query as Grafana sends it over a short range: its
+/// variables at "All", its range and rate interval at one minute.
+fn as_grafana_sends_it(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$__range", "5m")
+        .replace("$namespace", ".*")
+        .replace("$workload", ".*")
+}
+
+fn post(node: &TestNode, pod: usize, body: &str) -> String {
+    let out = node.pods[pod]
+        .https_post_command(
+            &node.node_ca_cert(),
+            PROVIDER_HOST,
+            "/v1/chat/completions",
+            body,
+        )
+        .arg("-i")
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    if !prometheus_installed("alert_rules_pass_promtool") {
+        return;
+    }
+    let out = std::process::Command::new(PROMTOOL_BIN)
+        .args(["check", "rules"])
+        .arg(alerts_file())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_real_prometheus_answers_every_dashboard_query_and_alert_from_the_agent() {
+    const NAME: &str = "a_real_prometheus_answers_every_dashboard_query_and_alert_from_the_agent";
+    if !require_privileged(NAME) || !prometheus_installed(NAME) {
+        return;
+    }
+    let mut node = TestNode::new(2);
+    // The default format: json, since the log is a file.
+    node.log_format = "auto";
+    let state = node.dir.join("state/budgets.json");
+    // A mock chat call costs 7.275e-6 USD; the budget's soft share (1 % of
+    // 0.001 USD) is passed on the second call, its limit never.
+    node.start_agent(&format!(
+        r#"budget_state_file: {state}
+policy:
+  default: allow
+  rules:
+    - name: no-frontier
+      match: {{pod_uids: ["{p1}"]}}
+      models: ["gpt-4o"]
+      action: deny
+    - name: team-budget
+      match: {{pod_uids: ["{p0}"]}}
+      action: allow
+      budget: {{daily_usd: 0.001, soft_percent: 1}}
+"#,
+        state = state.display(),
+        p0 = node.pods[0].uid,
+        p1 = node.pods[1].uid,
+    ));
+    let prom = Prometheus::start(
+        &node.node,
+        &node.dir.join("prometheus"),
+        "127.0.0.1:9464",
+        &[&alerts_file()],
+    );
+
+    // Traffic that every panel has something to show for: plain and
+    // streamed calls, an upstream 500, a refusal.
+    for _ in 0..3 {
+        let out = post(&node, 0, r#"{"model":"gpt-4o-mini","messages":[]}"#);
+        assert!(
+            out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/2 200"),
+            "{out}"
+        );
+    }
+    let out = post(
+        &node,
+        0,
+        r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#,
+    );
+    assert!(out.contains("data: [DONE]"), "{out}");
+    // (From the pod without a budget: a budget refuses unpriced models.)
+    let out = post(&node, 1, r#"{"model":"mock-500","messages":[]}"#);
+    assert!(out.contains(" 500"), "{out}");
+    let out = post(&node, 1, r#"{"model":"gpt-4o","messages":[]}"#);
+    assert!(out.contains(" 403"), "{out}");
+
+    // Scraped: the last call's refusal and the stream's first token are in.
+    let scraped = wait_until(Duration::from_secs(30), || {
+        (!prom
+            .query("tollgate_decisions_total{decision=\"deny\"}")
+            .is_empty()
+            && !prom
+                .query("gen_ai_server_time_to_first_token_seconds_count")
+                .is_empty())
+        .then_some(())
+    });
+    assert!(scraped.is_some(), "the calls never reached Prometheus");
+    // Rates over a minute need two samples after the calls.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Every dashboard query returns series from the scrape.
+    let dash = dashboard();
+    let mut empty = Vec::new();
+    let mut queries = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = as_grafana_sends_it(target["expr"].as_str().unwrap());
+            queries += 1;
+            if prom.query(&expr).is_empty() {
+                empty.push(format!("{}: {expr}", panel["title"]));
+            }
+        }
+    }
+    // The variables' `label_values(selector, label)` find values.
+    for var in dash["templating"]["list"].as_array().unwrap() {
+        let Some(q) = var["query"]["query"].as_str() else {
+            continue;
+        };
+        let inner = q
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("variable query {q} is not label_values(…)"));
+        let (selector, label) = inner.rsplit_once(',').unwrap();
+        let expr = as_grafana_sends_it(&format!("count by ({}) ({selector})", label.trim()));
+        queries += 1;
+        if prom.query(&expr).is_empty() {
+            empty.push(format!("variable {}: {expr}", var["name"]));
+        }
+    }
+    assert!(queries >= 15, "{queries} queries");
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without series:\n{}",
+        empty.join("\n")
+    );
+
+    // Every alert is evaluated without error, reading metrics the agent exports.
+    let names = prom.metric_names();
+    let evaluated = wait_until(Duration::from_secs(20), || {
+        let v = prom.api("/api/v1/rules", &[])?;
+        let rules: Vec<serde_json::Value> = v["data"]["groups"]
+            .as_array()?
+            .iter()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        rules.iter().all(|r| r["health"] == "ok").then_some(rules)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "alert rules unhealthy: {:?}",
+            prom.api("/api/v1/rules", &[])
+        )
+    });
+    assert!(evaluated.len() >= 9, "{} rules", evaluated.len());
+    for rule in &evaluated {
+        for metric in metric_names_in(rule["query"].as_str().unwrap()) {
+            assert!(
+                names.contains(&metric),
+                "alert {} reads {metric}, which the agent does not export",
+                rule["name"]
+            );
+        }
+    }
+    assert_eq!(prom.query("tollgate_ready")[0]["value"][1], "1");
+
+    // The budget passed its soft share: that alert fires, from the real counter.
+    let fired = wait_until(Duration::from_secs(20), || {
+        prom.alerts()
+            .contains(&("TollgateBudgetSoftLimitReached".into(), "firing".into()))
+            .then_some(())
+    });
+    assert!(fired.is_some(), "alerts: {:?}", prom.alerts());
+
+    // Logs: one JSON object per line into the file, no terminal escapes.
+    let log = node.agent_log();
+    assert!(!log.contains('\u{1b}'), "escape codes in the log file");
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines > 3, "{log}");
+
+    // The agent goes away: its down alert becomes pending (2 minutes before firing).
+    // (Dropping the agent's process guard SIGKILLs and reaps it.)
+    drop(node.agent.take());
+    let pending = wait_until(Duration::from_secs(20), || {
+        prom.alerts()
+            .iter()
+            .any(|(n, s)| n == "TollgateAgentDown" && (s == "pending" || s == "firing"))
+            .then_some(())
+    });
+    assert!(pending.is_some(), "alerts: {:?}", prom.alerts());
+}
