@@ -280,3 +280,27 @@ fn status(code: StatusCode, message: &str) -> Response<Body> {
                 "message": message, "code": code.as_u16()}),
     )
 }
+
+/// A Pod object as the API server serves it: metadata (owner reference
+/// when `owner` is given), node and service account.
+pub fn pod_object(
+    uid: &str,
+    ns: &str,
+    name: &str,
+    node: &str,
+    sa: &str,
+    owner: Option<(&str, &str)>,
+    labels: Value,
+) -> Value {
+    let mut p = json!({
+        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app"}]},
+    });
+    if let Some((kind, owner)) = owner {
+        p["metadata"]["ownerReferences"] = json!([{
+            "apiVersion": "apps/v1", "kind": kind, "name": owner,
+            "uid": format!("{kind}-{owner}"), "controller": true
+        }]);
+    }
+    p
+}

@@ -506,6 +506,10 @@ pub fn bench_bin() -> String {
     sibling_bin("tollgate-bench", "TOLLGATE_BENCH_BIN")
 }
 
+pub fn demo_bin() -> String {
+    sibling_bin("tollgate-demo", "TOLLGATE_DEMO_BIN")
+}
+
 pub fn mock_upstream_bin() -> String {
     sibling_bin("tollgate-mock-upstream", "TOLLGATE_MOCK_UPSTREAM_BIN")
 }

@@ -6,32 +6,14 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tollgate_tests::{
-    TestNode, kube_api::FixtureApi, node::PROVIDER_HOST, process::wait_until, require_privileged,
+    TestNode,
+    kube_api::{FixtureApi, pod_object},
+    node::PROVIDER_HOST,
+    process::wait_until,
+    require_privileged,
 };
 
 const NODE: &str = "tollgate-test-node";
-
-fn pod_object(
-    uid: &str,
-    ns: &str,
-    name: &str,
-    node: &str,
-    sa: &str,
-    owner: Option<(&str, &str)>,
-    labels: Value,
-) -> Value {
-    let mut p = json!({
-        "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels},
-        "spec": {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app"}]},
-    });
-    if let Some((kind, owner)) = owner {
-        p["metadata"]["ownerReferences"] = json!([{
-            "apiVersion": "apps/v1", "kind": kind, "name": owner,
-            "uid": format!("{kind}-{owner}"), "controller": true
-        }]);
-    }
-    p
-}
 
 fn call(node: &TestNode, pod: usize) -> String {
     node.pods[pod].chat(

@@ -3,7 +3,7 @@
 //! * `setup` — install every prerequisite, idempotently (apt packages, the
 //!   nightly `rust-src` component, bpf-linker built against LLVM 22).
 //! * `test`  — setup, build, then every test (unit, real-kernel, end-to-end).
-//! * `demo`  — setup, build, then a miniature node with the agent governing a pod.
+//! * `demo`  — setup, build, then a miniature node whose four SDK apps the agent governs.
 //! * `bench` — setup, build (release), then the benchmarks, baseline beside each number.
 mod setup;
 
@@ -30,7 +30,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run the demo: a miniature node whose pod calls a mock provider through the agent.
+    /// Run the demo: four pods' SDK apps under a demo policy; per workload: calls, tokens, cost, decisions.
     Demo,
     /// Fuzz the parsers of untrusted input (libFuzzer through cargo fuzz, on
     /// nightly): ClientHello, SSE, provider requests and responses, DNS
