@@ -4,7 +4,7 @@
 //! and the pod metadata reaches audit records, metrics and policy selectors.
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tollgate_tests::{
     TestNode,
     kube_api::{FixtureApi, pod_object},
