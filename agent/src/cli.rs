@@ -21,7 +21,7 @@ In a cluster (a DaemonSet: deploy/helm/tollgate) pods are named by namespace, ow
 labels from the API server. Prometheus metrics on `metrics.listen`.\n\n\
 Needs: Linux ≥ 5.15 with BTF, cgroup v2 mounted (hybrid hosts are fine), root or \
 CAP_BPF+CAP_PERFMON+CAP_NET_ADMIN+CAP_SYS_ADMIN.",
-    after_help = "Examples:\n  tollgate ca init --dir /var/lib/tollgate/ca   # once per node (or mount a Secret)\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate status   # budget spend of the running agent\n  tollgate detach   # remove programs a fail-closed agent left pinned\n\nKubernetes: helm install tollgate deploy/helm/tollgate (or kubectl apply -f deploy/manifests/tollgate.yaml)\n\nDocumentation: README.md (deploying, configuration reference, audit record, metrics, reliability, limits)."
+    after_help = "Examples:\n  tollgate ca init --dir /var/lib/tollgate/ca   # once per node (or mount a Secret)\n  tollgate run --config /etc/tollgate/config.yaml\n  tollgate check-config config.yaml\n  tollgate status   # budget spend of the running agent\n  tollgate top      # live calls, tokens, spend and refusals per workload\n  tollgate detach   # remove programs a fail-closed agent left pinned\n\nKubernetes: helm install tollgate deploy/helm/tollgate (or kubectl apply -f deploy/manifests/tollgate.yaml)\n\nDocumentation: README.md (deploying, configuration reference, audit record, metrics, reliability, limits)."
 )]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `tollgate_agent=debug`.
@@ -91,6 +91,24 @@ pub enum Command {
         /// The agent's `metrics.bearer_token_file`, when it requires a token.
         #[arg(long)]
         token_file: Option<PathBuf>,
+    },
+    /// A live view of a running agent, redrawn every second: per
+    /// namespace/workload calls/s, tokens/s, calls and spend, refusals by
+    /// reason, active streams (from its metrics endpoint).
+    Top {
+        /// The agent's `metrics.listen` address.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        addr: std::net::SocketAddr,
+        /// The agent's `metrics.bearer_token_file`, when it requires a token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Time between scrapes (the rates are over it).
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Print one view (two scrapes one interval apart) and exit, without
+        /// clearing the screen: for scripts.
+        #[arg(long)]
+        once: bool,
     },
     /// The price table in force (shipped entries and the config's), or how
     /// one model is priced.

@@ -26,3 +26,4 @@ pub mod run;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod top;

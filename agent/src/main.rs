@@ -85,13 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
             token_file,
         } => {
-            let token = token_file
-                .map(|p| {
-                    std::fs::read_to_string(&p)
-                        .map(|t| t.trim().to_string())
-                        .with_context(|| format!("reading the token file {}", p.display()))
-                })
-                .transpose()?;
+            let token = read_token(token_file)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -101,6 +95,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", tollgate_agent::status::render(&body)?);
             }
+            Ok(())
+        }
+        Command::Top {
+            addr,
+            token_file,
+            interval,
+            once,
+        } => {
+            let token = read_token(token_file)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(tollgate_agent::top::run(
+                addr,
+                token.as_deref(),
+                interval,
+                once,
+            ))?;
             Ok(())
         }
         Command::Pricing {
@@ -126,6 +138,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The bearer token in `file`, trimmed.
+fn read_token(file: Option<std::path::PathBuf>) -> anyhow::Result<Option<String>> {
+    file.map(|p| {
+        std::fs::read_to_string(&p)
+            .map(|t| t.trim().to_string())
+            .with_context(|| format!("reading the token file {}", p.display()))
+    })
+    .transpose()
 }
 
 fn init_logging(cli: &Cli) {

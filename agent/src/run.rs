@@ -101,7 +101,26 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
             (Some(j), u)
         }
     };
-    let events = EventLog::open(&config.audit, &config.node_name(), journal.clone())?;
+    let spans = match config.otlp.enabled() {
+        false => None,
+        true => {
+            // An https collector is verified as providers are: the system's
+            // roots, or `otlp.ca_file` alone.
+            let ca: Vec<std::path::PathBuf> = (!config.otlp.ca_file.is_empty())
+                .then(|| config.otlp.ca_file.clone().into())
+                .into_iter()
+                .collect();
+            let tls = upstream::client_config(ca.is_empty(), &ca)
+                .context("otlp.ca_file: the collector's CA")?;
+            Some(crate::telemetry::otlp::Spans::start(
+                &config.otlp,
+                &config.node_name(),
+                (*tls).clone(),
+            )?)
+        }
+    };
+    let events = EventLog::open(&config.audit, &config.node_name(), journal.clone())?
+        .with_spans(spans.clone());
     let pods = Arc::new(crate::pods::PodDirectory::new());
     let mut identity = IdentityCache::new(&root.path, &mount);
     let kube_on = config.kubernetes.enabled();
@@ -228,6 +247,17 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         let hooks = Arc::new(crate::telemetry::metrics::Hooks {
             before_scrape: Box::new(move || {
                 mt.audit_dropped.set(ev.dropped() as i64);
+                if let Some(s) = ev.spans() {
+                    for (result, n) in [
+                        ("exported", &s.counts.exported),
+                        ("failed", &s.counts.failed),
+                        ("dropped", &s.counts.dropped),
+                    ] {
+                        mt.otlp_spans
+                            .with_label_values(&[result])
+                            .set(n.load(Ordering::Relaxed) as i64);
+                    }
+                }
                 mt.kubernetes_pods.set(pods1.len() as i64);
                 mt.dns_learned
                     .set(m.learned(crate::bpf::monotonic_ns()).len() as i64);
@@ -311,6 +341,10 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     let left = namespaces::drain(&connections, DRAIN_TIMEOUT).await;
     if left > 0 {
         tracing::warn!(connections = left, after = ?DRAIN_TIMEOUT, "connections still open at shutdown; detaching anyway");
+    }
+    if let Some(s) = spans {
+        // Export what is queued (bounded by otlp.timeout); blocking, so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
     }
     if let Some(path) = &budget_file
         && let Err(e) = budgets.local.save(path)

@@ -15,13 +15,22 @@ pub enum StatusError {
     #[error("the agent at {0} answered something that is not its status (an older agent?)")]
     Unexpected(SocketAddr),
     #[error(
-        "the agent at {0} requires a token for /status\nhint: pass --token-file with the agent's metrics.bearer_token_file"
+        "the agent at {0} requires a token for /status and /metrics\nhint: pass --token-file with the agent's metrics.bearer_token_file"
     )]
     Unauthorized(SocketAddr),
 }
 
 /// GET `/status` from the agent at `addr`, with the bearer token if given.
 pub async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<String, StatusError> {
+    fetch_path(addr, "/status", token).await
+}
+
+/// GET `path` (`/status`, `/metrics`) of the agent's metrics endpoint.
+pub async fn fetch_path(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<String, StatusError> {
     let unreachable = |e: &dyn std::fmt::Display| StatusError::Unreachable {
         addr,
         message: e.to_string(),
@@ -34,7 +43,7 @@ pub async fn fetch(addr: SocketAddr, token: Option<&str>) -> Result<String, Stat
             .await
             .map_err(|e| unreachable(&e))?;
         tokio::spawn(conn);
-        let mut req = hyper::Request::get("/status").header("host", addr.to_string());
+        let mut req = hyper::Request::get(path).header("host", addr.to_string());
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }

@@ -52,31 +52,11 @@ impl FixtureApi {
     /// Serve on `listener` (e.g. bound in the test node's namespace).
     pub fn start(listener: std::net::TcpListener) -> Self {
         let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let state: Arc<Mutex<State>> = Arc::default();
         let st = state.clone();
-        runtime.spawn(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
-                };
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let st = st.clone();
-                        async move { Ok::<_, Infallible>(answer(&st, req)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
-                });
-            }
+        let runtime = crate::http_fixture::serve_http1(listener, move |req| {
+            let answer = answer(&st, req);
+            async move { answer }
         });
         Self {
             addr,

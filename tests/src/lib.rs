@@ -14,11 +14,13 @@
 pub mod cgroups;
 pub mod chart;
 mod dns;
+pub mod http_fixture;
 pub mod kube_api;
 pub mod mock_llm;
 pub mod netns;
 pub mod node;
 mod observed;
+pub mod otlp_receiver;
 pub mod pod;
 pub mod privileged;
 pub mod process;

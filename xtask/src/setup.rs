@@ -20,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",         // the tests count the programs attached to a cgroup
     "nftables",        // the egress test's drop rule inside a pod's namespace
     "prometheus",      // the observability test scrapes the agent with it (and promtool)
+    "tmux",            // the `tollgate top` test reads its screen from a tmux pane
 ];
 
 /// The official SDKs the end-to-end tests drive, pinned. Installed into

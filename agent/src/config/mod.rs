@@ -69,6 +69,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub tls: TlsConfig,
     pub audit: AuditConfig,
+    /// OpenTelemetry: one span per call to an OTLP/HTTP collector (off by default).
+    pub otlp: crate::telemetry::otlp::OtlpConfig,
     /// Prices for the `cost_usd` of audit records and the cost metric.
     pub pricing: crate::pricing::PricingConfig,
     /// Who may call what (README "Policy"). Reloaded on change and SIGHUP.
@@ -102,6 +104,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             tls: TlsConfig::default(),
             audit: AuditConfig::default(),
+            otlp: Default::default(),
             pricing: crate::pricing::PricingConfig::default(),
             policy: crate::policy::PolicyConfig::default(),
             node_name: String::new(),
@@ -233,6 +236,9 @@ impl Config {
         }
         if self.audit.max_files == 0 {
             return err("audit.max_files", "must be at least 1".into());
+        }
+        if let Err((field, message)) = self.otlp.validate() {
+            return err(&format!("otlp.{field}"), message);
         }
         if let Err((i, e)) = crate::pricing::PriceTable::new(&self.pricing) {
             return err(&format!("pricing.models[{i}]"), e.to_string());

@@ -104,7 +104,7 @@ pub(super) fn account(
                 .inc_by(n);
         }
     }
-    call.events.record_call(&record, &record.id);
+    call.events.record_request(&record);
 }
 
 /// How a budget's soft limit crossed is reported: a warning and a counter.

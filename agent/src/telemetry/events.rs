@@ -36,6 +36,8 @@ pub struct EventLog {
     dropped: Arc<AtomicU64>,
     /// `{"node":"<name>",` — every record starts with the node's name.
     prefix: Arc<[u8]>,
+    /// Where calls also go as OpenTelemetry spans, when configured.
+    spans: Option<Arc<super::otlp::Spans>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +185,28 @@ impl EventLog {
             journal,
             dropped,
             prefix: prefix.into_bytes().into(),
+            spans: None,
         })
+    }
+
+    /// Also export every call as an OpenTelemetry span.
+    pub fn with_spans(mut self, spans: Option<Arc<super::otlp::Spans>>) -> Self {
+        self.spans = spans;
+        self
+    }
+
+    /// Record one finished call: its audit line (see `record_call`) and,
+    /// when OTLP export is on, its span.
+    pub fn record_request(&self, rec: &super::records::RequestRecord) {
+        self.record_call(rec, &rec.id);
+        if let Some(s) = &self.spans {
+            s.record(rec);
+        }
+    }
+
+    /// The span exporter, when OTLP export is on.
+    pub fn spans(&self) -> Option<&Arc<super::otlp::Spans>> {
+        self.spans.as_ref()
     }
 
     /// Queue one record (serialised here, written by the log thread).

@@ -70,6 +70,8 @@ pub struct Metrics {
     pub ready: AtomicBool,
     /// `ready` as a metric (1 or 0, set at scrape time), for alerts.
     ready_gauge: IntGauge,
+    /// OTLP spans by result: exported, failed, dropped (set at scrape time).
+    pub otlp_spans: IntGaugeVec,
 }
 
 /// Models named in metric labels per provider. The model is whatever a
@@ -282,8 +284,17 @@ impl Metrics {
             "1 once programs are attached and the first DNS round is done (what /readyz answers), else 0",
         )
         .expect("valid metric");
+        let otlp_spans = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_otlp_spans_total",
+                "OpenTelemetry spans (one per call) by result: exported, failed (collector refused or unreachable), dropped (queue full)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(otlp_spans.clone()),
             Box::new(ready_gauge.clone()),
             Box::new(kubernetes_pods.clone()),
             Box::new(dns_learned.clone()),
@@ -340,6 +351,7 @@ impl Metrics {
             models: Default::default(),
             ready: AtomicBool::new(false),
             ready_gauge,
+            otlp_spans,
         })
     }
 
