@@ -15,6 +15,7 @@ pub mod cgroups;
 pub mod chart;
 mod dns;
 pub mod http_fixture;
+pub mod image;
 pub mod kube_api;
 pub mod mock_llm;
 pub mod netns;

@@ -4,6 +4,7 @@
 //!   nightly `rust-src` component, bpf-linker built against LLVM 22).
 //! * `test`  — setup, build, then every test (unit, real-kernel, end-to-end).
 //! * `demo`  — setup, build, then a miniature node whose four SDK apps the agent governs.
+//! * `image` — the agent's container image (buildah, deploy/image/Containerfile).
 //! * `bench` — setup, build (release), then the benchmarks, baseline beside each number.
 mod setup;
 
@@ -51,6 +52,15 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },
+    /// Build the agent's container image from deploy/image/Containerfile
+    /// with buildah (FROM scratch: the release binary, the libraries it
+    /// links, the CA bundle; nothing is pulled). Push it with
+    /// `buildah push <tag> docker://<registry>/tollgate:<version>`.
+    Image {
+        /// Image name and tag.
+        #[arg(long, default_value = concat!("localhost/tollgate:", env!("CARGO_PKG_VERSION")))]
+        tag: String,
+    },
     /// Render the Helm chart (deploy/helm/tollgate) with its default values
     /// into deploy/manifests/tollgate.yaml, the plain manifests.
     Manifests,
@@ -81,6 +91,7 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::run(),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::Image { tag } => image(&tag),
         Cmd::Manifests => manifests(),
         Cmd::Soak { seconds } => {
             setup::run()?;
@@ -326,6 +337,23 @@ fn demo() -> Result<()> {
     require_root("the demo")?;
     setup::sweep_leftovers();
     run(Command::new("target/debug/tollgate-demo").env("PATH", setup::path_with_tools()))
+}
+
+fn image(tag: &str) -> Result<()> {
+    setup::run()?;
+    build_bins(true)?;
+    require_root("building the image (buildah)")?;
+    run(Command::new("target/release/tollgate-build-image").args([
+        "target/release/tollgate",
+        tag,
+        "target/image",
+    ]))?;
+    eprintln!(
+        "image {tag} built; run it as the chart does (deploy/helm/tollgate), or push it:\n  \
+         buildah push {tag} docker://<registry>/tollgate:<version>\n  \
+         then helm install … --set image.repository=<registry>/tollgate --set image.tag=<version>"
+    );
+    Ok(())
 }
 
 fn bench(quick: bool, which: &[String]) -> Result<()> {

@@ -21,6 +21,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",        // the egress test's drop rule inside a pod's namespace
     "prometheus",      // the observability test scrapes the agent with it (and promtool)
     "tmux",            // the `tollgate top` test reads its screen from a tmux pane
+    "buildah",         // `cargo xtask image` and the image test build the agent's image
+    "podman",          // the image test runs it as the DaemonSet would
+    "runc",            // …with runc: crun refuses hybrid cgroup hosts
 ];
 
 /// The official SDKs the end-to-end tests drive, pinned. Installed into
