@@ -168,6 +168,11 @@ fn a_model_rule_is_not_bypassed_by_hiding_the_model() {
             .iter()
             .all(|r| r["reason"] == "rule:minis:model_unreadable")
     );
+    // Recorded as what they are: batch calls, not `other`.
+    assert!(
+        refused.iter().all(|r| r["operation"] == "batch"),
+        "{refused:?}"
+    );
 }
 
 /// Run `DODGING_CLIENT` in `mode` as an application of pod 0 (its netns

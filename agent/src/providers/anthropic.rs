@@ -23,6 +23,10 @@ impl Adapter for Anthropic {
         RequestInfo {
             operation: if path.ends_with("/v1/messages") {
                 "messages"
+            } else if path.contains("/v1/messages/batches") {
+                "batch"
+            } else if path.contains("/v1/files") {
+                "files"
             } else {
                 "other"
             },
@@ -248,5 +252,17 @@ mod tests {
             parse_request(Api::Anthropic, "/v1/messages/count_tokens", b"{}").operation,
             "other"
         );
+        for (path, op) in [
+            ("/v1/messages/batches", "batch"),
+            ("/v1/messages/batches/msgbatch_01/results", "batch"),
+            ("/v1/files", "files"),
+            ("/v1/files/file_011/content", "files"),
+        ] {
+            assert_eq!(
+                parse_request(Api::Anthropic, path, b"").operation,
+                op,
+                "{path}"
+            );
+        }
     }
 }

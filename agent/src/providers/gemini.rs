@@ -24,6 +24,9 @@ impl Adapter for Gemini {
         let operation = match method {
             Some("generateContent") | Some("streamGenerateContent") => "generate_content",
             Some("embedContent") | Some("batchEmbedContents") => "embeddings",
+            Some("batchGenerateContent") => "batch",
+            _ if path.contains("/batches") => "batch",
+            _ if path.contains("/files") => "files",
             _ => "other",
         };
         RequestInfo {
@@ -293,5 +296,20 @@ mod tests {
             parse_request(Api::Gemini, "/v1beta/models", b"").operation,
             "other"
         );
+        for (path, op) in [
+            (
+                "/v1beta/models/gemini-2.5-flash:batchGenerateContent",
+                "batch",
+            ),
+            ("/v1beta/batches/abc123", "batch"),
+            ("/upload/v1beta/files", "files"),
+            ("/v1beta/files/abc-123", "files"),
+        ] {
+            assert_eq!(
+                parse_request(Api::Gemini, path, b"").operation,
+                op,
+                "{path}"
+            );
+        }
     }
 }

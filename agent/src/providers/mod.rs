@@ -360,6 +360,12 @@ pub(crate) fn model_and_usage(state: &mut ParseState, v: &Value, usage: fn(&Valu
     }
 }
 
+/// Whether `/`-separated `path` has the segment `segment` (`/v1/files/f-1`
+/// has `files`; `/v1/profiles` has not).
+pub(crate) fn has_segment(path: &str, segment: &str) -> bool {
+    path.split('/').any(|s| s == segment)
+}
+
 pub(crate) fn string(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(Value::as_str).map(str::to_owned)
 }

@@ -58,6 +58,12 @@ impl Adapter for OpenAi {
             "completions"
         } else if path.ends_with("/embeddings") {
             "embeddings"
+        } else if super::has_segment(path, "batches") {
+            "batch"
+        } else if super::has_segment(path, "files") || super::has_segment(path, "uploads") {
+            "files"
+        } else if super::has_segment(path, "realtime") {
+            "realtime"
         } else {
             "other"
         };
@@ -570,5 +576,24 @@ mod tests {
             parse_request(Api::Openai, "/v1/models", b"").operation,
             "other"
         );
+        // Batch, files and Realtime are their own operations (OpenAI and Azure paths).
+        for (path, op) in [
+            ("/v1/batches", "batch"),
+            ("/v1/batches/batch_abc123/cancel", "batch"),
+            ("/openai/batches", "batch"),
+            ("/v1/files", "files"),
+            ("/v1/files/file-abc123/content", "files"),
+            ("/v1/uploads/upload_abc/parts", "files"),
+            ("/v1/realtime", "realtime"),
+            ("/v1/realtime/sessions", "realtime"),
+            ("/v1/fine_tuning/jobs", "other"),
+            ("/v1/profiles", "other"),
+        ] {
+            assert_eq!(
+                parse_request(Api::Openai, path, b"").operation,
+                op,
+                "{path}"
+            );
+        }
     }
 }
