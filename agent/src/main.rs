@@ -86,9 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             token_file,
         } => {
             let token = read_token(token_file)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = current_thread()?;
             let body = rt.block_on(tollgate_agent::status::fetch(addr, token.as_deref()))?;
             if json {
                 println!("{body}");
@@ -104,9 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             once,
         } => {
             let token = read_token(token_file)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = current_thread()?;
             rt.block_on(tollgate_agent::top::run(
                 addr,
                 token.as_deref(),
@@ -138,6 +134,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A one-thread runtime for the commands that ask a running agent.
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// The bearer token in `file`, trimmed.

@@ -31,4 +31,14 @@ pub mod yaml;
 
 pub use node::TestNode;
 pub use pod::Pod;
-pub use privileged::require_privileged;
+pub use privileged::{require_installed, require_privileged};
+
+/// target/e2e, where `cargo xtask setup` installs the pinned SDKs and tools.
+pub fn e2e_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e")
+}
+
+/// tests/clients: the apps the end-to-end tests and the demo run in pods.
+pub fn clients_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients")
+}

@@ -30,6 +30,22 @@ pub fn require_privileged(test: &str) -> bool {
     }
 }
 
+/// Returns true when every one of `paths` (programs, installed SDKs) is
+/// there. When one is missing, says which and skips; with
+/// `TOLLGATE_REQUIRE_PRIVILEGED=1` (CI) it panics instead, since `cargo xtask
+/// setup` installs them all.
+pub fn require_installed(test: &str, paths: &[&std::path::Path]) -> bool {
+    let missing: Vec<_> = paths.iter().filter(|p| !p.exists()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("TOLLGATE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{test}: {missing:?} missing: run `cargo xtask setup`");
+    }
+    eprintln!("SKIPPED {test}: {missing:?} missing (run `cargo xtask setup`)");
+    false
+}
+
 fn which(tool: &str) -> Result<(), String> {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))

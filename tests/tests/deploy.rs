@@ -33,19 +33,8 @@ fn strs(v: &Value) -> Vec<String> {
 
 /// kubernetes-validate from the test virtualenv, or None (skip) outside CI.
 fn validator() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/e2e/venv/bin/kubernetes-validate");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("TOLLGATE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{} is missing: run `cargo xtask setup`", p.display());
-    }
-    eprintln!(
-        "SKIPPED schema validation: {} is missing (run `cargo xtask setup`)",
-        p.display()
-    );
-    None
+    let p = tollgate_tests::e2e_dir().join("venv/bin/kubernetes-validate");
+    tollgate_tests::require_installed("schema validation", &[&p]).then_some(p)
 }
 
 fn validate_schemas(yaml: &str, name: &str) {

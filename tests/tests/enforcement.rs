@@ -10,17 +10,7 @@ use tollgate_tests::{
 /// curl's output with response headers; the workload sends its own key
 /// (`Bearer sk-test-secret`).
 fn post(node: &TestNode, pod: usize, body: &str) -> String {
-    let out = node.pods[pod]
-        .https_post_command(
-            &node.node_ca_cert(),
-            PROVIDER_HOST,
-            "/v1/chat/completions",
-            body,
-        )
-        .arg("-i")
-        .output()
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    node.pods[pod].chat(&node.node_ca_cert(), body, &[])
 }
 
 /// The credential header the answering provider echoed (empty: none came).

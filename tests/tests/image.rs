@@ -13,7 +13,7 @@ use tollgate_tests::{
     chart::{chart_dir, render},
     node::{PROVIDER_HOST, agent_bin},
     process::wait_until,
-    require_privileged,
+    require_installed, require_privileged,
     yaml::merge_yaml,
 };
 
@@ -37,18 +37,14 @@ fn chart_config() -> String {
 }
 
 fn tools_present(test: &str) -> bool {
-    let missing: Vec<_> = ["/usr/bin/podman", "/usr/bin/buildah", "/usr/sbin/runc"]
-        .into_iter()
-        .filter(|p| !std::path::Path::new(p).exists())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("TOLLGATE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{test}: {missing:?} missing: run `cargo xtask setup`");
-    }
-    eprintln!("SKIPPED {test}: {missing:?} missing (run `cargo xtask setup`)");
-    false
+    require_installed(
+        test,
+        &[
+            "/usr/bin/podman".as_ref(),
+            "/usr/bin/buildah".as_ref(),
+            "/usr/sbin/runc".as_ref(),
+        ],
+    )
 }
 
 /// Removes the container on drop (also after a panic).

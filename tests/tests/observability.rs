@@ -10,11 +10,10 @@ use tollgate_tests::{
     TestNode,
     chart::chart_dir,
     kube_api::{FixtureApi, pod_object},
-    node::PROVIDER_HOST,
     otlp_receiver::OtlpReceiver,
     process::wait_until,
     prometheus::{PROMETHEUS_BIN, PROMTOOL_BIN, Prometheus, metric_names_in},
-    require_privileged,
+    require_installed, require_privileged,
 };
 
 fn alerts_file() -> PathBuf {
@@ -28,20 +27,9 @@ fn dashboard() -> serde_json::Value {
     .expect("dashboard.json is JSON")
 }
 
-/// Prometheus's binaries, or None (skip) when they are missing outside CI.
+/// Prometheus's binaries are installed (else skip, or fail in CI).
 fn prometheus_installed(test: &str) -> bool {
-    let missing: Vec<_> = [PROMETHEUS_BIN, PROMTOOL_BIN]
-        .into_iter()
-        .filter(|p| !std::path::Path::new(p).exists())
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var("TOLLGATE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!("{test}: {missing:?} missing: run `cargo xtask setup` (Debian's prometheus)");
-    }
-    eprintln!("SKIPPED {test}: {missing:?} missing (run `cargo xtask setup`)");
-    false
+    require_installed(test, &[PROMETHEUS_BIN.as_ref(), PROMTOOL_BIN.as_ref()])
 }
 
 /// A dashboard query as Grafana sends it over a short range: its
@@ -53,18 +41,9 @@ fn as_grafana_sends_it(expr: &str) -> String {
         .replace("$workload", ".*")
 }
 
+/// A chat call from pod `pod`, trusting the node CA: curl's `-i` output.
 fn post(node: &TestNode, pod: usize, body: &str) -> String {
-    let out = node.pods[pod]
-        .https_post_command(
-            &node.node_ca_cert(),
-            PROVIDER_HOST,
-            "/v1/chat/completions",
-            body,
-        )
-        .arg("-i")
-        .output()
-        .expect("run curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    node.pods[pod].chat(&node.node_ca_cert(), body, &[])
 }
 
 #[test]

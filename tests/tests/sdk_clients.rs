@@ -6,41 +6,20 @@
 use std::{path::PathBuf, time::Duration};
 
 use tollgate_tests::{
-    TestNode,
+    TestNode, clients_dir, e2e_dir,
     mock_llm::{self, ANTHROPIC_USAGE, OPENAI_USAGE, STREAM_WORDS},
     process::wait_until,
-    require_privileged,
+    require_installed, require_privileged,
 };
 
-/// target/e2e, where `cargo xtask setup` installs the pinned SDKs.
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e")
-}
-
-fn clients_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients")
-}
-
-/// The SDK installation, or None (skip) when it is missing outside CI.
+/// The SDK installation under target/e2e, or None (skip) when it is
+/// missing outside CI.
 fn sdk(test: &str, path: &str) -> Option<PathBuf> {
     if !require_privileged(test) {
         return None;
     }
     let p = e2e_dir().join(path);
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("TOLLGATE_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
-        panic!(
-            "{test}: {} is missing: run `cargo xtask setup`",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED {test}: {} is missing (run `cargo xtask setup`)",
-        p.display()
-    );
-    None
+    require_installed(test, &[&p]).then_some(p)
 }
 
 fn run_app(node: &TestNode, mut cmd: std::process::Command) -> serde_json::Value {

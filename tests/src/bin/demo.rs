@@ -8,11 +8,11 @@
 //! provider reports); pod metadata comes from a fixture API server through
 //! the agent's real Kubernetes watch. Everything lives in network namespaces
 //! and cgroups that are removed on exit.
-use std::{collections::BTreeMap, path::PathBuf, process::Command};
+use std::{collections::BTreeMap, process::Command};
 
 use serde_json::{Value, json};
 use tollgate_tests::{
-    TestNode,
+    TestNode, clients_dir, e2e_dir,
     kube_api::{FixtureApi, pod_object},
     node::{PROVIDER_HOST, UPSTREAM_V4},
     require_privileged,
@@ -79,14 +79,6 @@ const POLICY: &str = r#"policy:
       action: allow
       max_output_tokens: 256
 "#;
-
-fn e2e_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e")
-}
-
-fn clients_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients")
-}
 
 fn main() {
     if !require_privileged("demo") {
