@@ -29,8 +29,6 @@ impl TestNode {
         })
     }
 
-    /// Fetch the agent's /metrics (it listens on the node namespace's loopback).
-    /// The audit log's request records, once there are at least `n`.
     /// Every request the mock provider received, as it recorded them
     /// (`request`, `peer`, `local`, `host`, `sni`, `credential`, `model`).
     pub fn mock_requests(&self) -> Vec<serde_json::Value> {
@@ -59,6 +57,7 @@ impl TestNode {
             .collect()
     }
 
+    /// The audit log's request records, once there are at least `n`.
     pub fn wait_requests(&self, n: usize) -> Vec<serde_json::Value> {
         self.wait_requests_within(n, Duration::from_secs(5))
     }
@@ -78,6 +77,7 @@ impl TestNode {
         })
     }
 
+    /// Fetch the agent's /metrics (it listens on the node namespace's loopback).
     pub fn metrics(&self) -> String {
         let out = self
             .node

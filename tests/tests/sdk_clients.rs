@@ -177,6 +177,61 @@ fn python_openai_sdk_obeys_policy() {
     assert_eq!(limited[0]["status"], 429);
 }
 
+/// A rule that allows chat only: the SDK's chat call goes through, its file
+/// upload and batch creation raise the SDK's PermissionDeniedError naming
+/// the kind of call, and the provider receives the chat call alone.
+#[test]
+fn python_openai_sdk_batch_and_files_refused_by_a_chat_only_rule() {
+    let Some(python) = sdk(
+        "python_openai_sdk_batch_and_files_refused_by_a_chat_only_rule",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent(
+        "policy:\n  default: deny\n  rules:\n    - {name: chat-only, operations: [chat], action: allow}\n",
+    );
+    let got = run_python(&node, &python, "openai_batch_client.py");
+    assert_eq!(got["chat"], STREAM_WORDS.concat(), "{got}");
+    for (call, op) in [("upload", "files"), ("batch", "batch")] {
+        let r = &got[call];
+        assert_eq!(r["class"], "PermissionDeniedError", "{call}: {got}");
+        assert_eq!(r["status"], 403, "{call}: {got}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("no policy rule allows this `{op}` call")),
+            "{call}: {got}"
+        );
+    }
+    let recs = node.wait_requests(3);
+    let ops: Vec<(&str, &str)> = recs
+        .iter()
+        .map(|r| {
+            (
+                r["operation"].as_str().unwrap(),
+                r["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [("chat", "ok"), ("files", "denied"), ("batch", "denied")],
+        "{recs:?}"
+    );
+    // What the provider received over TLS: the chat call, nothing of the batch.
+    let seen: Vec<String> = node
+        .mock_requests()
+        .iter()
+        .filter(|r| r["sni"].is_string())
+        .map(|r| r["request"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].starts_with("POST /v1/chat/completions"), "{seen:?}");
+}
+
 #[test]
 fn python_anthropic_sdk() {
     let Some(python) = sdk("python_anthropic_sdk", "venv/bin/python") else {

@@ -230,7 +230,12 @@ impl Enforcer {
             .and_then(|j| adapter.stream_usage(to, path, query, j));
         drop(json);
 
-        let caps = match policy.request(subject, to.provider, seen.info.model.as_deref()) {
+        let caps = match policy.request(
+            subject,
+            to.provider,
+            seen.info.operation,
+            seen.info.model.as_deref(),
+        ) {
             RequestDecision::Deny { reason, message } => {
                 seen.reason = reason.clone();
                 return Err(Refusal::Denied {

@@ -41,7 +41,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::identity::Workload;
+use crate::{identity::Workload, providers::Operation};
 
 /// What the rules look at: the workload and, for host mode, its process.
 #[derive(Debug, Clone, Copy)]
@@ -108,8 +108,8 @@ impl Policy {
                 continue;
             }
             let unterminated = r.rule.unterminated();
-            if r.has_models() {
-                // The model decides: terminate to see it.
+            if r.decides_per_request() {
+                // The model or the kind of call decides: terminate to see it.
                 return ConnectionDecision::Terminate {
                     reason: r.reason(),
                     unterminated,
@@ -125,25 +125,26 @@ impl Policy {
         ConnectionDecision::for_action(self.default, "default".into(), None, Unterminated::Relay)
     }
 
-    /// The decision for one request asking `model` of `provider`.
+    /// The decision for one `operation` request asking `model` of `provider`.
     pub fn request(
         &self,
         subject: Subject<'_>,
         provider: &str,
+        operation: Operation,
         model: Option<&str>,
     ) -> RequestDecision {
         for &i in self.candidates(subject).iter() {
             let r = &self.rules[i as usize];
-            if !r.matches_provider(provider) {
+            if !r.matches_provider(provider) || !r.matches_operation(operation) {
                 continue;
             }
             match r.model_match(model) {
-                rules::ModelMatch::Decides => return r.decide(model),
+                rules::ModelMatch::Decides => return r.decide(operation, model),
                 rules::ModelMatch::No => {}
                 rules::ModelMatch::Unreadable => return r.refuse_unreadable(),
             }
         }
-        RequestDecision::for_default(self.default)
+        RequestDecision::for_default(self.default, operation)
     }
 
     /// The rules whose selector matches `subject`, in order (memoised).

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use globset::GlobSet;
 use serde::{Deserialize, Serialize};
 
+use crate::providers::Operation;
+
 use super::{
     Subject,
     budgets::BudgetConfig,
@@ -66,6 +68,15 @@ pub struct Rule {
     /// with models is decided per request, so its connections are terminated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
+    /// The kinds of call the rule decides (`chat`, `responses`,
+    /// `completions`, `embeddings`, `messages`, `generate_content`, `batch`,
+    /// `files`, `realtime`, `other`); any when empty. Calls of other kinds
+    /// go on to later rules. A rule with operations is decided per request,
+    /// so its connections are terminated: `operations: [batch, files]`
+    /// with `action: deny` refuses batch jobs and uploads and leaves chat
+    /// to the next rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<Operation>,
     pub action: Action,
     /// Shown to the workload when the rule denies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +140,7 @@ impl Rule {
     /// Does the rule act per request (so relaying would skip it)?
     pub fn has_request_controls(&self) -> bool {
         !self.models.is_empty()
+            || !self.operations.is_empty()
             || self.max_output_tokens.is_some()
             || !self.model_aliases.is_empty()
             || self.limits.is_some()
@@ -301,11 +313,11 @@ pub enum RequestDecision {
 }
 
 impl RequestDecision {
-    pub(super) fn for_default(action: Action) -> Self {
+    pub(super) fn for_default(action: Action, operation: Operation) -> Self {
         match action {
             Action::Deny => Self::Deny {
                 reason: "default".into(),
-                message: "no policy rule allows this call".into(),
+                message: format!("no policy rule allows this `{operation}` call"),
             },
             // Observe by default yet terminated (a model rule of another
             // workload asked for it): forward as allowed.
@@ -346,8 +358,15 @@ impl Compiled {
         self.selector.matches(s)
     }
 
-    pub fn has_models(&self) -> bool {
-        self.models.is_some()
+    /// Is the rule decided per request (by model or operation), so a
+    /// connection must be terminated to apply it?
+    pub fn decides_per_request(&self) -> bool {
+        self.models.is_some() || !self.rule.operations.is_empty()
+    }
+
+    /// Does the rule decide calls of this kind?
+    pub fn matches_operation(&self, op: Operation) -> bool {
+        self.rule.operations.is_empty() || self.rule.operations.contains(&op)
     }
 
     /// Whether the rule decides a request asking `model` (None: the model
@@ -386,19 +405,19 @@ impl Compiled {
         self.rule.message.clone()
     }
 
-    pub fn decide(&self, model: Option<&str>) -> RequestDecision {
+    pub fn decide(&self, operation: Operation, model: Option<&str>) -> RequestDecision {
         let r = &self.rule;
         match r.action {
             Action::Deny => RequestDecision::Deny {
                 reason: self.reason(),
                 message: r.message.clone().unwrap_or_else(|| {
-                    format!(
-                        "denied by policy rule `{}`{}",
-                        r.name,
-                        model
-                            .map(|m| format!(" for model `{m}`"))
-                            .unwrap_or_default()
-                    )
+                    let what = match model {
+                        Some(m) => format!(" for model `{m}`"),
+                        // Say what was refused when the kind of call decided it.
+                        None if !r.operations.is_empty() => format!(" for `{operation}` calls"),
+                        None => String::new(),
+                    };
+                    format!("denied by policy rule `{}`{what}", r.name)
                 }),
             },
             Action::Allow | Action::Observe => RequestDecision::Allow {

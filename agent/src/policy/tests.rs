@@ -47,7 +47,12 @@ rules:
 fn first_matching_rule_decides_requests() {
     let p = policy(RULES);
     let batch = pod("batch");
-    let d = p.request(subject(&batch), "openai", Some("gpt-4.1-mini"));
+    let d = p.request(
+        subject(&batch),
+        "openai",
+        Operation::Chat,
+        Some("gpt-4.1-mini"),
+    );
     assert_eq!(
         d,
         RequestDecision::Deny {
@@ -56,7 +61,7 @@ fn first_matching_rule_decides_requests() {
         }
     );
     // Not a denied model: the next rule caps and rewrites.
-    let d = p.request(subject(&batch), "openai", Some("fast"));
+    let d = p.request(subject(&batch), "openai", Operation::Chat, Some("fast"));
     assert_eq!(
         d,
         RequestDecision::Allow {
@@ -76,7 +81,7 @@ fn first_matching_rule_decides_requests() {
     // Another pod: the default.
     let other = pod("web");
     assert_eq!(
-        p.request(subject(&other), "openai", Some("gpt-4o")),
+        p.request(subject(&other), "openai", Operation::Chat, Some("gpt-4o")),
         RequestDecision::Allow {
             reason: "default".into(),
             caps: Caps::default()
@@ -141,7 +146,7 @@ fn default_deny_denies_what_no_rule_allows() {
         ConnectionDecision::Deny { ref reason, .. } if reason == "default"
     ));
     assert!(matches!(
-        p.request(subject(&b), "openai", Some("m")),
+        p.request(subject(&b), "openai", Operation::Chat, Some("m")),
         RequestDecision::Deny { .. }
     ));
 }
@@ -178,7 +183,7 @@ fn a_model_rule_does_not_apply_to_calls_without_a_model_when_it_skips_them() {
     let p = policy("rules:\n  - {name: r, models: [\"*\"], action: deny, without_model: skip}\n");
     let w = pod("x");
     assert!(matches!(
-        p.request(subject(&w), "openai", None),
+        p.request(subject(&w), "openai", Operation::Batch, None),
         RequestDecision::Allow { .. }
     ));
 }
@@ -191,7 +196,7 @@ fn a_model_rule_refuses_what_it_cannot_read_unless_told_otherwise() {
     let p = policy(
         "default: allow\nrules:\n  - {name: minis, models: [\"*-mini\"], action: allow}\n  - {name: rest, action: deny}\n",
     );
-    match p.request(subject(&w), "openai", None) {
+    match p.request(subject(&w), "openai", Operation::Batch, None) {
         RequestDecision::Deny { reason, message } => {
             assert_eq!(reason, "rule:minis:model_unreadable");
             assert!(message.contains("without_model"), "{message}");
@@ -201,14 +206,14 @@ fn a_model_rule_refuses_what_it_cannot_read_unless_told_otherwise() {
     // A deny rule refuses it too (the batch may ask for the denied model).
     let p = policy("rules:\n  - {name: no-4o, models: [\"gpt-4o\"], action: deny}\n");
     assert!(matches!(
-        p.request(subject(&w), "openai", None),
+        p.request(subject(&w), "openai", Operation::Batch, None),
         RequestDecision::Deny { reason, .. } if reason == "rule:no-4o:model_unreadable"
     ));
     // `apply`: the rule's own action, with its caps.
     let p = policy(
         "default: deny\nrules:\n  - {name: minis, models: [\"*-mini\"], action: allow, max_output_tokens: 9, without_model: apply}\n",
     );
-    match p.request(subject(&w), "openai", None) {
+    match p.request(subject(&w), "openai", Operation::Batch, None) {
         RequestDecision::Allow { reason, caps } => {
             assert_eq!(
                 (reason.as_str(), caps.max_output_tokens),
@@ -219,7 +224,7 @@ fn a_model_rule_refuses_what_it_cannot_read_unless_told_otherwise() {
     }
     // A model that is read and not listed still falls through as before.
     assert!(matches!(
-        p.request(subject(&w), "openai", Some("gpt-4o")),
+        p.request(subject(&w), "openai", Operation::Chat, Some("gpt-4o")),
         RequestDecision::Deny { reason, .. } if reason == "default"
     ));
 }
@@ -282,7 +287,7 @@ rules:
     action: allow
 "#,
     );
-    let decide = |w: &Workload| match p.request(subject(w), "openai", Some("m")) {
+    let decide = |w: &Workload| match p.request(subject(w), "openai", Operation::Chat, Some("m")) {
         RequestDecision::Allow { reason, .. } => reason,
         RequestDecision::Deny { reason, .. } => format!("deny:{reason}"),
     };
@@ -330,12 +335,12 @@ rules:
     );
     let unknown = pod("u1");
     assert!(matches!(
-        p.request(subject(&unknown), "openai", None),
+        p.request(subject(&unknown), "openai", Operation::Batch, None),
         RequestDecision::Deny { .. }
     ));
     let known = kube_pod("u1", "team-a", "Deployment/chat", "default", &[]);
     assert!(matches!(
-        p.request(subject(&known), "openai", None),
+        p.request(subject(&known), "openai", Operation::Batch, None),
         RequestDecision::Allow { .. }
     ));
 }
@@ -347,4 +352,95 @@ fn bad_label_glob_names_its_field() {
             .unwrap();
     let e = Policy::new(&cfg, &["openai".into()]).err().unwrap();
     assert_eq!(e.field, "rules[0].match.labels.app");
+}
+
+#[test]
+fn operations_select_the_calls_a_rule_decides() {
+    // Chat only for the batch team: everything else of theirs is refused,
+    // with the kind of call named; another team is untouched.
+    let p = policy(
+        r#"
+default: allow
+rules:
+  - name: chat-only
+    match: {pod_uids: [team]}
+    operations: [chat, responses]
+    action: allow
+  - name: nothing-else
+    match: {pod_uids: [team]}
+    action: deny
+  - name: no-batch
+    operations: [batch, files]
+    action: deny
+"#,
+    );
+    let team = pod("team");
+    let other = pod("other");
+    let cases = [
+        (&team, Operation::Chat, Some("gpt-4o"), Ok("rule:chat-only")),
+        (
+            &team,
+            Operation::Responses,
+            Some("o4-mini"),
+            Ok("rule:chat-only"),
+        ),
+        (&team, Operation::Batch, None, Err("rule:nothing-else")),
+        (
+            &team,
+            Operation::Embeddings,
+            Some("e"),
+            Err("rule:nothing-else"),
+        ),
+        (&other, Operation::Chat, Some("gpt-4o"), Ok("default")),
+        (&other, Operation::Batch, None, Err("rule:no-batch")),
+        (&other, Operation::Files, None, Err("rule:no-batch")),
+        (
+            &other,
+            Operation::Realtime,
+            Some("gpt-realtime"),
+            Ok("default"),
+        ),
+    ];
+    for (w, op, model, want) in cases {
+        let got = match p.request(subject(w), "openai", op, model) {
+            RequestDecision::Allow { reason, .. } => Ok(reason),
+            RequestDecision::Deny { reason, .. } => Err(reason),
+        };
+        assert_eq!(
+            got.as_ref().map(String::as_str).map_err(String::as_str),
+            want,
+            "{op} {model:?} from {:?}",
+            w.pod_uid
+        );
+    }
+    // The refusal names the kind of call.
+    match p.request(subject(&other), "openai", Operation::Batch, None) {
+        RequestDecision::Deny { message, .. } => {
+            assert_eq!(
+                message,
+                "denied by policy rule `no-batch` for `batch` calls"
+            )
+        }
+        d => panic!("{d:?}"),
+    }
+    // A rule with operations is decided per request: its connections are
+    // terminated, and refused when they cannot be.
+    assert_eq!(
+        p.connection(subject(&other), "openai"),
+        ConnectionDecision::Terminate {
+            reason: "rule:no-batch".into(),
+            unterminated: Unterminated::Refuse,
+        }
+    );
+}
+
+#[test]
+fn an_unknown_operation_is_refused_with_the_known_ones() {
+    let err = serde_yaml::from_str::<PolicyConfig>(
+        "rules:\n  - {name: r, operations: [chat, batches], action: deny}\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown variant `batches`"), "{err}");
+    assert!(err.contains("`batch`") && err.contains("`files`"), "{err}");
 }

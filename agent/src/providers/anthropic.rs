@@ -4,7 +4,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Api, ParseState, RequestInfo, Usage,
+    Api, Operation, ParseState, RequestInfo, Usage,
     adapter::{Adapter, RateLimitHint, Upstream, cap_fields, set_body_model},
     model_and_usage, num,
     sse::SseEvent,
@@ -22,13 +22,13 @@ impl Adapter for Anthropic {
     fn request(&self, path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
         RequestInfo {
             operation: if path.ends_with("/v1/messages") {
-                "messages"
+                Operation::Messages
             } else if path.contains("/v1/messages/batches") {
-                "batch"
+                Operation::Batch
             } else if path.contains("/v1/files") {
-                "files"
+                Operation::Files
             } else {
-                "other"
+                Operation::Other
             },
             model: body.and_then(|b| string(b, "model")),
             stream: stream_flag(body),
@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(
             r,
             RequestInfo {
-                operation: "messages",
+                operation: Operation::Messages,
                 model: Some("claude-sonnet-4-5".into()),
                 stream: true
             }

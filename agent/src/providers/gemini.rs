@@ -4,7 +4,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Api, ParseState, RequestInfo, Usage,
+    Api, Operation, ParseState, RequestInfo, Usage,
     adapter::{Adapter, RateLimitHint, Upstream, lower},
     num,
     sse::SseEvent,
@@ -22,12 +22,12 @@ impl Adapter for Gemini {
     fn request(&self, path: &str, _query: &str, _body: Option<&Value>) -> RequestInfo {
         let (model, method) = model_and_method(path).unzip();
         let operation = match method {
-            Some("generateContent") | Some("streamGenerateContent") => "generate_content",
-            Some("embedContent") | Some("batchEmbedContents") => "embeddings",
-            Some("batchGenerateContent") => "batch",
-            _ if path.contains("/batches") => "batch",
-            _ if path.contains("/files") => "files",
-            _ => "other",
+            Some("generateContent") | Some("streamGenerateContent") => Operation::GenerateContent,
+            Some("embedContent") | Some("batchEmbedContents") => Operation::Embeddings,
+            Some("batchGenerateContent") => Operation::Batch,
+            _ if path.contains("/batches") => Operation::Batch,
+            _ if path.contains("/files") => Operation::Files,
+            _ => Operation::Other,
         };
         RequestInfo {
             operation,
@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(
             r,
             RequestInfo {
-                operation: "generate_content",
+                operation: Operation::GenerateContent,
                 model: Some("gemini-2.5-flash".into()),
                 stream: true
             }
@@ -287,7 +287,7 @@ mod tests {
         assert_eq!(
             r,
             RequestInfo {
-                operation: "generate_content",
+                operation: Operation::GenerateContent,
                 model: Some("gemini-2.5-pro".into()),
                 stream: false
             }

@@ -13,6 +13,7 @@ pub mod adapter;
 pub mod anthropic;
 pub mod gemini;
 pub mod openai;
+pub mod operation;
 pub mod rewrite;
 pub mod sse;
 pub mod stream_usage;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use adapter::{Adapter, RateLimitHint, Upstream};
+pub use operation::Operation;
 
 /// API family of a provider.
 #[derive(
@@ -58,9 +60,7 @@ pub fn adapter(api: Api) -> &'static dyn Adapter {
 /// What the request asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct RequestInfo {
-    /// `chat`, `responses`, `completions`, `embeddings`, `messages`,
-    /// `generate_content`, or `other`.
-    pub operation: &'static str,
+    pub operation: Operation,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     pub stream: bool,

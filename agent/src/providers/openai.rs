@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::{
-    Api, ParseState, RequestInfo, Usage,
+    Api, Operation, ParseState, RequestInfo, Usage,
     adapter::{Adapter, RateLimitHint, Upstream, cap_fields, set_body_model},
     model_and_usage, num,
     sse::SseEvent,
@@ -51,21 +51,21 @@ impl Adapter for OpenAi {
 
     fn request(&self, path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
         let operation = if path.ends_with("/chat/completions") {
-            "chat"
+            Operation::Chat
         } else if path.ends_with("/responses") {
-            "responses"
+            Operation::Responses
         } else if path.ends_with("/completions") {
-            "completions"
+            Operation::Completions
         } else if path.ends_with("/embeddings") {
-            "embeddings"
+            Operation::Embeddings
         } else if super::has_segment(path, "batches") {
-            "batch"
+            Operation::Batch
         } else if super::has_segment(path, "files") || super::has_segment(path, "uploads") {
-            "files"
+            Operation::Files
         } else if super::has_segment(path, "realtime") {
-            "realtime"
+            Operation::Realtime
         } else {
-            "other"
+            Operation::Other
         };
         // Azure OpenAI names the deployment in the path and omits `model`:
         // /openai/deployments/{deployment}/chat/completions?api-version=…
@@ -542,7 +542,7 @@ mod tests {
         assert_eq!(
             r,
             RequestInfo {
-                operation: "chat",
+                operation: Operation::Chat,
                 model: Some("gpt-4o".into()),
                 stream: true
             }
@@ -555,7 +555,7 @@ mod tests {
         assert_eq!(
             r,
             RequestInfo {
-                operation: "chat",
+                operation: Operation::Chat,
                 model: Some("my-gpt4o".into()),
                 stream: false
             }

@@ -338,7 +338,7 @@ fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> Requ
         method: req.method().to_string(),
         // Redacted: Gemini accepts the API key as `?key=`.
         path: redact::path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
-        operation: "other",
+        operation: crate::providers::Operation::Other,
         model: None,
         response_model: None,
         stream: false,

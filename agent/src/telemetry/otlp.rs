@@ -327,7 +327,7 @@ fn http_client(
 fn span_name(r: &RequestRecord) -> String {
     match &r.model {
         Some(m) => format!("{} {m}", r.operation),
-        None => r.operation.to_string(),
+        None => r.operation.as_str().to_owned(),
     }
 }
 
@@ -336,7 +336,7 @@ fn span_name(r: &RequestRecord) -> String {
 /// attributes, not the resource's), and Tollgate's own.
 fn attributes(r: &RequestRecord) -> Vec<KeyValue> {
     let mut a = vec![
-        KeyValue::new("gen_ai.operation.name", r.operation),
+        KeyValue::new("gen_ai.operation.name", r.operation.as_str()),
         KeyValue::new("gen_ai.provider.name", r.provider.clone()),
         KeyValue::new("server.address", r.host.clone()),
         KeyValue::new("server.port", i64::from(r.upstream.port())),

@@ -249,7 +249,7 @@ pub struct RequestRecord {
     pub method: String,
     pub path: String,
     /// `chat`, `responses`, `embeddings`, `messages`, `generate_content`, …
-    pub operation: &'static str,
+    pub operation: crate::providers::Operation,
     /// Model the request asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,

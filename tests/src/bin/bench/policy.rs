@@ -86,6 +86,7 @@ pub fn run(quick: bool) {
                 comm: "python3",
             },
             "openai",
+            tollgate_agent::providers::Operation::Chat,
             Some("gpt-4o"),
         ));
         cold.push(t.elapsed().as_nanos() as u64);
@@ -114,6 +115,7 @@ pub fn run(quick: bool) {
                 comm: "python3",
             },
             provider,
+            tollgate_agent::providers::Operation::Chat,
             Some(model),
         ));
         warm.push(t.elapsed().as_nanos() as u64);
