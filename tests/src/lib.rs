@@ -18,6 +18,7 @@ pub mod http_fixture;
 pub mod image;
 pub mod kube_api;
 pub mod mock_llm;
+pub mod mock_realtime;
 pub mod netns;
 pub mod node;
 mod observed;

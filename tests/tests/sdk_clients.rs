@@ -232,6 +232,131 @@ fn python_openai_sdk_batch_and_files_refused_by_a_chat_only_rule() {
     assert!(seen[0].starts_with("POST /v1/chat/completions"), "{seen:?}");
 }
 
+/// The OpenAI Python SDK's Realtime client through termination: the
+/// WebSocket upgrade passes, frames flow both ways, and one record per
+/// session carries the usage of each `response.done` the provider sent.
+/// A session under a budget too small for a second response is ended with
+/// a Realtime `error` event (code `budget_exhausted`) and a close frame; a
+/// denied one is refused at the handshake.
+#[test]
+fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
+    let Some(python) = sdk(
+        "python_openai_sdk_realtime_sessions_are_metered_and_budgeted",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent(
+        "policy:\n  rules:\n    - {name: no-preview, models: [\"*-preview\"], action: deny}\n    - name: voice-budget\n      models: [gpt-realtime-mini]\n      action: allow\n      budget: {daily_usd: 0.003}\n    - {name: voice, operations: [realtime], action: allow}\n",
+    );
+    let mut cmd = node.pods[0].app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[
+            clients_dir()
+                .join("openai_realtime_client.py")
+                .to_str()
+                .unwrap(),
+            "gpt-realtime:2",
+            "gpt-realtime-mini:3",
+            "gpt-4o-realtime-preview:1",
+        ],
+    );
+    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    let got = run_app(&node, cmd);
+    let words = tollgate_tests::mock_realtime::RESPONSE_WORDS.concat();
+    let s = &got["sessions"];
+    assert_eq!(
+        s[0]["texts"],
+        serde_json::json!([words, words]),
+        "{got}\nrecords: {:?}\nprovider: {:?}",
+        node.connections(),
+        node.mock_requests()
+    );
+    assert_eq!(s[0]["errors"], serde_json::json!([]), "{got}");
+    assert_eq!(s[0]["session_model"], "gpt-realtime", "{got}");
+    // The budgeted session: two responses (the budget is not reached after
+    // the first: 0.0018 of 0.003 USD), then the budget ends it before a third.
+    assert_eq!(s[1]["texts"], serde_json::json!([words, words]), "{got}");
+    assert_eq!(s[1]["errors"][0]["code"], "budget_exhausted", "{got}");
+    assert!(
+        s[1]["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("voice-budget"),
+        "{got}"
+    );
+
+    // A denied session is refused at the handshake: the SDK raises.
+    assert!(
+        s[2]["closed"].as_str().unwrap().contains("HTTP 403"),
+        "{got}"
+    );
+
+    let recs = node.wait_requests(3);
+    assert_eq!(recs[2]["reason"], "rule:no-preview", "{:?}", recs[2]);
+    assert_eq!(recs[2]["result"], "denied", "{:?}", recs[2]);
+    let usage = tollgate_agent_usage();
+    let free = &recs[0];
+    assert_eq!(free["operation"], "realtime", "{free}");
+    assert_eq!(free["model"], "gpt-realtime", "{free}");
+    assert_eq!(free["reason"], "rule:voice", "{free}");
+    assert_eq!(free["status"], 101, "{free}");
+    assert_eq!(free["result"], "ok", "{free}");
+    assert_eq!(free["realtime"]["responses"], 2, "{free}");
+    assert_eq!(free["realtime"]["ended_by"], "client", "{free}");
+    for u in free["realtime"]["response_usage"].as_array().unwrap() {
+        assert_eq!(u, &usage, "{free}");
+    }
+    assert_eq!(free["usage"]["input_tokens"], 2 * 180, "{free}");
+    assert_eq!(free["usage"]["output_tokens"], 2 * 73, "{free}");
+    assert_eq!(free["usage"]["audio_output_tokens"], 2 * 60, "{free}");
+    assert!(free["cost_usd"].as_f64().unwrap() > 0.0, "{free}");
+    assert!(!free.to_string().contains("sk-test-python-realtime"));
+    let budgeted = &recs[1];
+    assert_eq!(
+        budgeted["reason"], "rule:voice-budget:budget_daily",
+        "{budgeted}"
+    );
+    assert_eq!(budgeted["result"], "budget_exhausted", "{budgeted}");
+    assert_eq!(budgeted["realtime"]["responses"], 2, "{budgeted}");
+    assert_eq!(budgeted["realtime"]["ended_by"], "budget", "{budgeted}");
+    assert_eq!(budgeted["usage"]["input_tokens"], 2 * 180, "{budgeted}");
+
+    // The provider's own record: two upgrades (with the workload's key, no
+    // rule injects one), four response.done sent: no third response was
+    // asked for in the budgeted session.
+    let log = node.mock_requests();
+    let upgrades: Vec<_> = log.iter().filter(|r| r["upgrade"] == "websocket").collect();
+    assert_eq!(
+        upgrades.len(),
+        2,
+        "the denied session never reached it: {log:?}"
+    );
+    assert!(
+        upgrades[0]["request"]
+            .as_str()
+            .unwrap()
+            .starts_with("GET /v1/realtime?model=gpt-realtime ")
+    );
+    assert_eq!(upgrades[0]["credential"], "Bearer sk-test-python-realtime");
+    let done = log
+        .iter()
+        .filter(|r| r["realtime_response_done"].is_string())
+        .count();
+    assert_eq!(done, 4, "{log:?}");
+}
+
+/// The usage Tollgate records for one mock Realtime response.
+fn tollgate_agent_usage() -> serde_json::Value {
+    serde_json::json!({
+        "input_tokens": 180, "output_tokens": 73, "cached_input_tokens": 64,
+        "reasoning_tokens": 0, "audio_input_tokens": 56, "audio_output_tokens": 60,
+        "estimated": false
+    })
+}
+
 #[test]
 fn python_anthropic_sdk() {
     let Some(python) = sdk("python_anthropic_sdk", "venv/bin/python") else {

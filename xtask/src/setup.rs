@@ -33,6 +33,7 @@ const APT_PACKAGES: &[&str] = &[
 const PY_CLIENTS: &[&str] = &[
     "openai==3.57.0",
     "anthropic==2.13.0",
+    "websockets==15.0.1", // the OpenAI SDK's Realtime client (`openai[realtime]`)
     "kubernetes-validate==1.37.0",
 ];
 const NPM_CLIENTS: &[&str] = &["openai@7.57.0"];

@@ -47,6 +47,26 @@ impl BudgetHold {
     }
 }
 
+impl BudgetHold {
+    /// For a call that spends in parts (a Realtime session, response by
+    /// response): settle what the part just ended cost, then reserve as
+    /// much again for the next part — refused when the budget is spent.
+    /// `part` names the new reservation (unique within the call).
+    pub async fn renew(
+        self,
+        cost: Option<f64>,
+        warn: SoftWarn,
+        part: u64,
+    ) -> Result<BudgetHold, Exhausted> {
+        let (store, key, usd) = (self.store.clone(), self.key.clone(), self.reserved_usd);
+        let id = format!("{}/{part}", self.id.split('/').next().unwrap_or_default());
+        self.settle(cost, warn);
+        store
+            .reserve(&key, &id, usd, OffsetDateTime::now_utc())
+            .await
+    }
+}
+
 impl Drop for BudgetHold {
     fn drop(&mut self) {
         if !self.settled {

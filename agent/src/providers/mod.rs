@@ -14,6 +14,7 @@ pub mod anthropic;
 pub mod gemini;
 pub mod openai;
 pub mod operation;
+pub mod realtime;
 pub mod rewrite;
 pub mod sse;
 pub mod stream_usage;

@@ -49,7 +49,7 @@ impl Adapter for OpenAi {
         Api::Openai
     }
 
-    fn request(&self, path: &str, _query: &str, body: Option<&Value>) -> RequestInfo {
+    fn request(&self, path: &str, query: &str, body: Option<&Value>) -> RequestInfo {
         let operation = if path.ends_with("/chat/completions") {
             Operation::Chat
         } else if path.ends_with("/responses") {
@@ -76,7 +76,15 @@ impl Adapter for OpenAi {
             .map(str::to_owned);
         RequestInfo {
             operation,
-            model: body.and_then(|b| string(b, "model")).or(azure_deployment),
+            model: body
+                .and_then(|b| string(b, "model"))
+                .or(azure_deployment)
+                // A Realtime session names its model in the URL.
+                .or_else(|| {
+                    (operation == Operation::Realtime)
+                        .then(|| super::realtime::model_in_query(query))
+                        .flatten()
+                }),
             stream: stream_flag(body),
         }
     }
@@ -236,7 +244,7 @@ impl Adapter for OpenAi {
 /// responses and images APIs (input_/output_, `input_tokens_details`), or
 /// of the Realtime API (`input_token_details`, with the cached share of
 /// each modality in `cached_tokens_details`).
-fn usage(u: &Value) -> Usage {
+pub(super) fn usage(u: &Value) -> Usage {
     let (input, output, input_details, output_details) = if u.get("input_tokens").is_some() {
         let details = if u.get("input_token_details").is_some() {
             "input_token_details"

@@ -11,7 +11,7 @@ use super::{
     buffered::Reservation,
     context::Call,
     metered::{Finish, Metered},
-    rescue, restart,
+    realtime, rescue, restart,
     send::{self, Sent},
     upstream::{BoxError, ProxyBody},
 };
@@ -33,6 +33,9 @@ pub(super) async fn forward(
     let started = Instant::now();
     let workload = call.meta.workload_now();
     let mut record = new_record(&call, &workload, &req);
+    if realtime::is_upgrade(&req) {
+        return Ok(realtime::session(call, req, &workload, record, started).await);
+    }
     // The unredacted target goes upstream; the record keeps the redacted one.
     let target = req
         .uri()
@@ -364,6 +367,7 @@ fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> Requ
             .then(|| redact::headers(req.headers())),
         request_body: None,
         response_body: None,
+        realtime: None,
     }
 }
 

@@ -4,7 +4,8 @@
 //! (TLS, HTTP) → `forward` (one request: read, admit, send) → `send`
 //! (attempts, failover) over `upstream` (pooled provider connections) →
 //! `metered` (the response on its way back) → `account` (price, metrics,
-//! audit). `rescue` answers what the proxy refuses itself; `restart`
+//! audit); a WebSocket upgrade (the Realtime API) is a `realtime` session
+//! instead of a request. `rescue` answers what the proxy refuses itself; `restart`
 //! records the calls a killed run left unfinished (the call journal);
 //! `context` holds what they share.
 pub mod accept;
@@ -16,6 +17,7 @@ pub mod dial;
 mod forward;
 mod metered;
 pub mod plan;
+mod realtime;
 pub mod relay;
 mod rescue;
 pub mod restart;

@@ -1,6 +1,7 @@
 //! TLS termination for governed provider hosts: the workload's TLS ends here
 //! (leaf certificate from the node CA) and its HTTP requests (h1 or h2) are
-//! served, each by `forward`, until the client closes the connection.
+//! served, each by `forward`, until the client closes the connection (or
+//! upgrades it: a Realtime WebSocket session).
 use std::sync::Arc;
 
 use hyper_util::{
@@ -68,7 +69,10 @@ pub async fn serve(
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
         .max_concurrent_streams(MAX_STREAMS);
-    if let Err(e) = server.serve_connection(TokioIo::new(stream), svc).await {
+    if let Err(e) = server
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await
+    {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
     ConnectionResult::Terminated

@@ -122,14 +122,19 @@ struct Pooled {
 
 pub struct UpstreamPool {
     tls: TlsConnector,
+    /// ALPN http/1.1 only: for connections that upgrade (Realtime WebSockets).
+    tls_http1: TlsConnector,
     dialer: Arc<Dialer>,
     clients: Mutex<HashMap<PoolKey, Pooled>>,
 }
 
 impl UpstreamPool {
     pub fn new(tls: Arc<rustls::ClientConfig>, dialer: Arc<Dialer>) -> Self {
+        let mut http1 = (*tls).clone();
+        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self {
             tls: TlsConnector::from(tls),
+            tls_http1: TlsConnector::from(Arc::new(http1)),
             dialer,
             clients: Mutex::new(HashMap::new()),
         }
@@ -170,6 +175,25 @@ impl UpstreamPool {
         });
         pooled.last_used = Instant::now();
         Ok(pooled.client.clone())
+    }
+
+    /// A connection of its own (never pooled) to `host` at `addr` from
+    /// `netns`, speaking HTTP/1.1: for a request that upgrades it.
+    pub async fn connect_http1(
+        &self,
+        netns: &Arc<WorkloadNetns>,
+        host: &str,
+        addr: SocketAddr,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let name = ServerName::try_from(host.to_string()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                InvalidHost {
+                    host: host.to_string(),
+                },
+            )
+        })?;
+        dial_tls(&self.dialer, netns, addr, name, &self.tls_http1).await
     }
 
     /// Drop the clients of a namespace that is gone (and its handle with them).
@@ -227,23 +251,7 @@ impl tower_service::Service<Uri> for FixedConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let tcp = this
-                .dialer
-                .dial(&this.netns, this.addr)
-                .await
-                .map_err(|e| {
-                    std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string())
-                })?;
-            let _ = tcp.set_nodelay(true);
-            let timeout = this.dialer.timeout();
-            let tls = tokio::time::timeout(timeout, this.tls.connect(this.host.clone(), tcp))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "provider TLS handshake timed out",
-                    )
-                })??;
+            let tls = dial_tls(&this.dialer, &this.netns, this.addr, this.host, &this.tls).await?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             Ok(UpstreamConn {
                 io: TokioIo::new(tls),
@@ -251,6 +259,30 @@ impl tower_service::Service<Uri> for FixedConnector {
             })
         })
     }
+}
+
+/// Dial `addr` from `netns` and complete TLS for `host`, both within the
+/// dialer's timeout each.
+async fn dial_tls(
+    dialer: &Dialer,
+    netns: &Arc<WorkloadNetns>,
+    addr: SocketAddr,
+    host: ServerName<'static>,
+    tls: &TlsConnector,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = dialer
+        .dial(netns, addr)
+        .await
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    tokio::time::timeout(dialer.timeout(), tls.connect(host, tcp))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "provider TLS handshake timed out",
+            )
+        })?
 }
 
 /// A provider connection, telling hyper whether ALPN chose h2.

@@ -301,4 +301,27 @@ pub struct RequestRecord {
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_body: Option<String>,
+    /// A Realtime session (`operation: realtime`): its responses; `usage`
+    /// is their sum.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub realtime: Option<RealtimeSession>,
+}
+
+/// What a Realtime session's record adds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RealtimeSession {
+    /// `response.done` events seen.
+    pub responses: u64,
+    /// Each response's usage, in order (the first `MAX_LISTED`).
+    pub response_usage: Vec<crate::providers::Usage>,
+    /// Frames relayed, each way.
+    pub client_frames: u64,
+    pub server_frames: u64,
+    /// Who ended the session: `client`, `provider`, `budget`, `error`.
+    pub ended_by: &'static str,
+}
+
+impl RealtimeSession {
+    /// Responses listed one by one in a record; beyond, only counted.
+    pub const MAX_LISTED: usize = 256;
 }

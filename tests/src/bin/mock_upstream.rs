@@ -150,7 +150,7 @@ where
 {
     let svc = hyper::service::service_fn(move |req| answer(req, peer, local, sni.clone()));
     let _ = auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), svc)
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
         .await;
 }
 
@@ -160,6 +160,9 @@ async fn answer(
     local: SocketAddr,
     sni: Option<String>,
 ) -> Result<Response<Body>, Infallible> {
+    if req.uri().path().starts_with("/v1/realtime") && req.headers().contains_key("upgrade") {
+        return Ok(realtime(req, peer, local, sni));
+    }
     let line = format!(
         "{} {} {:?}",
         req.method(),
@@ -252,6 +255,63 @@ async fn answer(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(echo)).map_err(|n| match n {}).boxed())
         .unwrap())
+}
+
+/// A Realtime session: the WebSocket handshake's answer, and the session
+/// served on the upgraded connection (`mock_realtime`).
+fn realtime(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    sni: Option<String>,
+) -> Response<Body> {
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    log_request(&serde_json::json!({
+        "request": format!("{} {path} {:?}", req.method(), req.version()),
+        "peer": peer.to_string(),
+        "local": local.to_string(),
+        "host": header("host"),
+        "sni": sni,
+        "credential": header("authorization"),
+        "upgrade": header("upgrade"),
+    }));
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+        header("sec-websocket-key").as_bytes(),
+    );
+    let model = req
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("model="))
+        .unwrap_or(tollgate_tests::mock_realtime::REALTIME_MODEL)
+        .to_string();
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(io) = upgrade.await {
+            tollgate_tests::mock_realtime::serve(TokioIo::new(io), model, |e| log_request(&e))
+                .await;
+        }
+    });
+    Response::builder()
+        .status(101)
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-accept", accept)
+        .header("x-request-id", "req_mock_realtime")
+        .body(Full::new(Bytes::new()).map_err(|n| match n {}).boxed())
+        .unwrap()
 }
 
 /// An LLM answer, written piece by piece as the provider would stream it

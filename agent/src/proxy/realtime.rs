@@ -1,0 +1,378 @@
+//! A Realtime session: a WebSocket upgrade of a terminated HTTP/1.1
+//! request (OpenAI `/v1/realtime`, Azure `/openai/realtime`). The upgrade
+//! is admitted like any call (rule, operation `realtime`, model from the
+//! URL, credential, limits, budget), sent on a provider connection of its
+//! own, and once both sides have switched protocols its frames are relayed
+//! both ways as they come, each flushed at once. Each `response.done`
+//! adds its usage to the session and, under a budget, settles that
+//! response's cost and reserves for the next: a budget spent mid-session
+//! ends the session with a Realtime `error` event and a close frame. One
+//! audit record per session, with every response's usage.
+use std::{sync::Arc, time::Instant};
+
+use futures::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, Version, header};
+use http_body_util::BodyExt;
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::{
+    WebSocketStream,
+    tungstenite::{
+        Message,
+        protocol::{CloseFrame, Role, frame::coding::CloseCode},
+    },
+};
+
+use super::{
+    account,
+    context::Call,
+    rescue, restart,
+    upstream::{BoxError, ProxyBody},
+};
+use crate::{
+    identity::Workload,
+    policy::{BudgetHold, Candidate, Hold, Seen, Subject},
+    providers::realtime::{ServerEvent, error_event, server_event},
+    telemetry::records::{Outcome, RealtimeSession, RequestRecord},
+};
+
+/// Is this request a WebSocket upgrade (RFC 6455: GET, `Upgrade: websocket`)?
+pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.method() == http::Method::GET
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Admit the upgrade, make it upstream, and hand the workload the
+/// provider's answer: its `101 Switching Protocols` (the session then runs
+/// on a task of its own), its refusal, or the proxy's own.
+pub(super) async fn session(
+    call: Arc<Call>,
+    mut req: Request<Incoming>,
+    workload: &Workload,
+    mut record: RequestRecord,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let target = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let (mut parts, _) = req.into_parts();
+    // SDKs send their default `content-type: application/json` on the
+    // handshake too; it has no body to be JSON, so admission does not see it.
+    let content_type = parts.headers.remove(header::CONTENT_TYPE);
+    let rules = call.tls.live.load_full();
+    let mut seen = Seen::default();
+    let candidate = Candidate {
+        id: &record.id,
+        subject: Subject {
+            workload,
+            comm: &call.meta.comm,
+        },
+        to: call.meta.to(),
+        adapter: call.meta.adapter,
+        asks_stream_usage: false,
+        target,
+        headers: std::mem::take(&mut parts.headers),
+        body: Bytes::new(),
+    };
+    let verdict = call
+        .tls
+        .enforcer
+        .admit(&rules.policy, &rules.prices, candidate, &mut seen)
+        .await;
+    drop(rules);
+    record.operation = seen.info.operation;
+    record.model = seen.info.model;
+    record.reason = seen.reason;
+    let admitted = match verdict {
+        Ok(a) => a,
+        Err(refusal) => return rescue::refused(&call, &refusal, record, started),
+    };
+    record.routed_model = admitted.routed_model;
+    record.credential_injected = admitted.credential_injected;
+    let (budget, hold) = (admitted.budget, admitted.hold);
+    // Journaled like any admitted call: a session the agent is killed in
+    // is recorded when it starts again (its usage so far unknown).
+    if let Some(j) = call.events.journal() {
+        let begun = restart::Begun {
+            record: &record,
+            model: record.routed_model.as_deref().or(record.model.as_deref()),
+            input_tokens: 0,
+            budget: budget.as_ref().map(|b| &b.key),
+        };
+        j.begin(&record.id, &begun);
+    }
+
+    // A connection of its own: an upgraded connection is never pooled.
+    let meta = &call.meta;
+    record.upstream = meta.upstream;
+    let io = match call
+        .tls
+        .upstreams
+        .pool
+        .connect_http1(&meta.netns, &meta.host, meta.upstream)
+        .await
+    {
+        Ok(io) => io,
+        Err(e) => return upstream_failed(&call, record, started, e.to_string()),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
+        Ok(c) => c,
+        Err(e) => return upstream_failed(&call, record, started, e.to_string()),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "realtime provider connection ended with an error");
+        }
+    });
+    let mut upstream_req = Request::new(
+        http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *upstream_req.method_mut() = http::Method::GET;
+    *upstream_req.uri_mut() = match admitted.target.parse() {
+        Ok(u) => u,
+        Err(e) => return upstream_failed(&call, record, started, format!("target: {e}")),
+    };
+    *upstream_req.headers_mut() = admitted.headers;
+    if let Some(ct) = content_type {
+        upstream_req.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    let mut resp = match sender.send_request(upstream_req).await {
+        Ok(r) => r,
+        Err(e) => return upstream_failed(&call, record, started, e.to_string()),
+    };
+    record.ttfb_ms = started.elapsed().as_millis() as u64;
+    record.status = resp.status().as_u16();
+    record.provider_request_id = ["x-request-id", "request-id", "apim-request-id"]
+        .iter()
+        .find_map(|h| resp.headers().get(*h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Ok(id) = http::HeaderValue::from_str(&record.id) {
+        resp.headers_mut().insert("x-tollgate-request-id", id);
+    }
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The provider refused the session (a bad key, an unknown model):
+        // its answer goes to the workload as it is, recorded.
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        finish(&call, record, budget, hold, started);
+        let (parts, body) = resp.into_parts();
+        return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let (parts, _) = resp.into_parts();
+    let session = Session {
+        call: call.clone(),
+        record,
+        budget,
+        hold,
+        started,
+    };
+    tokio::spawn(async move {
+        match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok((client, provider)) => session.relay(client, provider).await,
+            Err(e) => session.end(Outcome::ClientError, "error", Some(e.to_string())),
+        }
+    });
+    Response::from_parts(
+        parts,
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    )
+}
+
+fn upstream_failed(
+    call: &Call,
+    record: RequestRecord,
+    started: Instant,
+    message: String,
+) -> Response<ProxyBody> {
+    rescue::failed(
+        call,
+        StatusCode::BAD_GATEWAY,
+        Outcome::UpstreamError,
+        format!("the Realtime session could not be opened at the provider: {message}"),
+        record,
+        started,
+    )
+}
+
+/// A session whose upgrade went through on both sides.
+struct Session {
+    call: Arc<Call>,
+    record: RequestRecord,
+    budget: Option<BudgetHold>,
+    hold: Option<Hold>,
+    started: Instant,
+}
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+impl Session {
+    async fn relay(mut self, client: hyper::upgrade::Upgraded, provider: hyper::upgrade::Upgraded) {
+        let mut client = Ws::from_raw_socket(TokioIo::new(client), Role::Server, None).await;
+        let mut provider = Ws::from_raw_socket(TokioIo::new(provider), Role::Client, None).await;
+        let mut tally = RealtimeSession::default();
+        let (result, ended_by, error) = loop {
+            tokio::select! {
+                m = client.next() => match m {
+                    Some(Ok(Message::Close(frame))) => {
+                        let _ = provider.send(Message::Close(frame)).await;
+                        break (Outcome::Ok, "client", None);
+                    }
+                    // Each leg keeps its own connection alive.
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(m)) => {
+                        tally.client_frames += 1;
+                        self.record.request_bytes += m.len() as u64;
+                        if let Err(e) = provider.send(m).await {
+                            break (Outcome::UpstreamError, "provider", Some(e.to_string()));
+                        }
+                    }
+                    Some(Err(e)) => break (Outcome::ClientError, "client", Some(e.to_string())),
+                    None => break (Outcome::Ok, "client", None),
+                },
+                m = provider.next() => match m {
+                    Some(Ok(Message::Close(frame))) => {
+                        let _ = client.send(Message::Close(frame)).await;
+                        break (Outcome::Ok, "provider", None);
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(m)) => {
+                        tally.server_frames += 1;
+                        self.record.response_bytes += m.len() as u64;
+                        let event = match &m {
+                            Message::Text(t) => server_event(t.as_str()),
+                            _ => ServerEvent::Other,
+                        };
+                        if let Err(e) = client.send(m).await {
+                            break (Outcome::ClientDisconnected, "client", Some(e.to_string()));
+                        }
+                        if let Some(refused) = self.saw(event, &mut tally).await {
+                            end_for_budget(&mut client, &mut provider, &refused).await;
+                            break (Outcome::BudgetExhausted, "budget", Some(refused));
+                        }
+                    }
+                    Some(Err(e)) => break (Outcome::UpstreamError, "provider", Some(e.to_string())),
+                    None => break (Outcome::Ok, "provider", None),
+                },
+            }
+        };
+        // Let the closing handshakes finish (bounded: a peer may be gone).
+        let close = async {
+            let _ = tokio::join!(client.close(None), provider.close(None));
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
+        self.record.realtime = Some(tally);
+        self.end(result, ended_by, error);
+    }
+
+    /// Take in one server event; under a budget, a finished response is
+    /// settled and the next reserved — Some(why) when the budget refuses it.
+    async fn saw(&mut self, event: ServerEvent, tally: &mut RealtimeSession) -> Option<String> {
+        match event {
+            ServerEvent::Session { model: Some(m) } => self.record.response_model = Some(m),
+            ServerEvent::ResponseDone { usage, .. } => {
+                tally.responses += 1;
+                if tally.response_usage.len() < RealtimeSession::MAX_LISTED {
+                    tally.response_usage.push(usage);
+                }
+                let u = &mut self.record.usage;
+                u.input_tokens += usage.input_tokens;
+                u.output_tokens += usage.output_tokens;
+                u.cached_input_tokens += usage.cached_input_tokens;
+                u.reasoning_tokens += usage.reasoning_tokens;
+                u.audio_input_tokens += usage.audio_input_tokens;
+                u.image_input_tokens += usage.image_input_tokens;
+                u.audio_output_tokens += usage.audio_output_tokens;
+                let hold = self.budget.take()?;
+                let cost = self.price(&usage);
+                let warn = account::soft_warn(&self.call.metrics);
+                match hold.renew(cost, warn, tally.responses).await {
+                    Ok(next) => self.budget = Some(next),
+                    Err(spent) => {
+                        self.record.reason =
+                            format!("{}:budget_{}", self.record.reason, spent.period);
+                        return Some(format!(
+                            "the {} budget of policy rule `{}` is spent ({:.4} of {:.4} USD): Tollgate ends this Realtime session",
+                            spent.period,
+                            self.record.reason.split(':').nth(1).unwrap_or_default(),
+                            spent.spent,
+                            spent.limit
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn price(&self, usage: &crate::providers::Usage) -> Option<f64> {
+        let model = self
+            .record
+            .response_model
+            .as_deref()
+            .or(self.record.routed_model.as_deref())
+            .or(self.record.model.as_deref())?;
+        self.call
+            .tls
+            .live
+            .load()
+            .prices
+            .cost(&self.record.provider, model, usage)
+    }
+
+    /// The session's record: its responses' usage, priced and counted.
+    /// What the budget has not been charged already (responses settle one
+    /// by one) is settled here.
+    fn end(mut self, result: Outcome, ended_by: &'static str, error: Option<String>) {
+        if let Some(t) = self.record.realtime.as_mut() {
+            t.ended_by = ended_by;
+        }
+        self.record.result = result;
+        self.record.error = error;
+        self.record.duration_ms = self.started.elapsed().as_millis() as u64;
+        if let Some(b) = self.budget.take() {
+            // Every finished response was settled as it ended.
+            b.settle(Some(0.0), account::soft_warn(&self.call.metrics));
+        }
+        finish(&self.call, self.record, None, self.hold, self.started);
+    }
+}
+
+/// Tell the workload why its session ends, in the Realtime API's own
+/// terms, then close both legs (1008: policy violation).
+async fn end_for_budget(client: &mut Ws, provider: &mut Ws, why: &str) {
+    let _ = client
+        .send(Message::text(error_event("budget_exhausted", why)))
+        .await;
+    let frame = || CloseFrame {
+        code: CloseCode::Policy,
+        reason: "budget exhausted".into(),
+    };
+    let _ = client.send(Message::Close(Some(frame()))).await;
+    let _ = provider.send(Message::Close(Some(frame()))).await;
+}
+
+fn finish(
+    call: &Call,
+    record: RequestRecord,
+    budget: Option<BudgetHold>,
+    hold: Option<Hold>,
+    started: Instant,
+) {
+    if let Some(h) = hold {
+        h.settle(record.usage.input_tokens, record.usage.output_tokens);
+    }
+    account::account(call, record, budget, started, None);
+}
