@@ -232,6 +232,67 @@ fn python_openai_sdk_batch_and_files_refused_by_a_chat_only_rule() {
     assert!(seen[0].starts_with("POST /v1/chat/completions"), "{seen:?}");
 }
 
+/// Model rules decide a batch upload by the models its JSONL names: an
+/// input of mini models is uploaded, one line asking for gpt-4o refuses the
+/// whole file with the rule's message, and the provider never receives it.
+#[test]
+fn python_openai_sdk_batch_uploads_are_decided_by_the_models_inside() {
+    let Some(python) = sdk(
+        "python_openai_sdk_batch_uploads_are_decided_by_the_models_inside",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent(
+        "policy:\n  rules:\n    - {name: minis, models: [\"*-mini\"], action: allow}\n    - {name: no-frontier, models: [\"*\"], action: deny, message: batch jobs use mini models}\n",
+    );
+    let got = run_python(&node, &python, "openai_batch_upload_client.py");
+    assert_eq!(got["minis"], serde_json::Value::Null, "{got}");
+    assert_eq!(got["frontier"]["class"], "PermissionDeniedError", "{got}");
+    assert!(
+        got["frontier"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("batch jobs use mini models"),
+        "{got}"
+    );
+    let recs = node.wait_requests(2);
+    let (ok, refused) = (&recs[0], &recs[1]);
+    assert_eq!(ok["operation"], "files", "{ok}");
+    assert_eq!(ok["reason"], "rule:minis", "{ok}");
+    assert_eq!(ok["batch_input"]["purpose"], "batch", "{ok}");
+    assert_eq!(ok["batch_input"]["filename"], "minis.jsonl", "{ok}");
+    assert_eq!(ok["batch_input"]["lines"], 2, "{ok}");
+    assert_eq!(
+        ok["batch_input"]["models"],
+        serde_json::json!(["gpt-4o-mini"]),
+        "{ok}"
+    );
+    assert_eq!(refused["reason"], "rule:no-frontier", "{refused}");
+    assert_eq!(refused["result"], "denied", "{refused}");
+    assert_eq!(
+        refused["batch_input"]["models"],
+        serde_json::json!(["gpt-4o-mini", "gpt-4o"]),
+        "{refused}"
+    );
+    // What the provider received: the mini upload, whole, and nothing else.
+    let seen: Vec<_> = node
+        .mock_requests()
+        .into_iter()
+        .filter(|r| r["sni"].is_string())
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(
+        seen[0]["request"]
+            .as_str()
+            .unwrap()
+            .starts_with("POST /v1/files "),
+        "{seen:?}"
+    );
+    assert_eq!(seen[0]["body_bytes"], ok["request_bytes"], "{seen:?}");
+}
+
 /// The OpenAI Python SDK's Realtime client through termination: the
 /// WebSocket upgrade passes, frames flow both ways, and one record per
 /// session carries the usage of each `response.done` the provider sent.

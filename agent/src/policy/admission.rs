@@ -67,6 +67,9 @@ pub struct Seen {
     /// The deciding rule (`rule:<name>`, `default`); empty when the request
     /// was refused before a rule was consulted.
     pub reason: String,
+    /// A file upload's form (`/v1/files`): its purpose, size and the models
+    /// its JSONL names, which model rules decide it by.
+    pub batch_input: Option<providers::batch_input::BatchInput>,
 }
 
 /// A request to send: rewritten, with its credential, and holding its
@@ -228,14 +231,31 @@ impl Enforcer {
             .as_ref()
             .filter(|_| asks_stream_usage)
             .and_then(|j| adapter.stream_usage(to, path, query, j));
+        let upload = json.is_none() && seen.info.operation == providers::Operation::Files;
         drop(json);
-
-        let caps = match policy.request(
-            subject,
-            to.provider,
-            seen.info.operation,
-            seen.info.model.as_deref(),
-        ) {
+        if upload {
+            let ct = headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            seen.batch_input = providers::batch_input::read(ct, body.clone()).await;
+        }
+        // An upload whose lines all name a model is decided by those models.
+        let models = seen
+            .batch_input
+            .as_ref()
+            .and_then(|b| b.decidable_models())
+            .filter(|_| seen.info.model.is_none());
+        let decision = match models {
+            Some(models) => policy.request_each(subject, to.provider, seen.info.operation, models),
+            None => policy.request(
+                subject,
+                to.provider,
+                seen.info.operation,
+                seen.info.model.as_deref(),
+            ),
+        };
+        let caps = match decision {
             RequestDecision::Deny { reason, message } => {
                 seen.reason = reason.clone();
                 return Err(Refusal::Denied {

@@ -147,6 +147,27 @@ impl Policy {
         RequestDecision::for_default(self.default, operation)
     }
 
+    /// The decision for a request that will ask for each of `models` (a
+    /// batch input): refused if any of them is, else the first model's.
+    pub fn request_each(
+        &self,
+        subject: Subject<'_>,
+        provider: &str,
+        operation: Operation,
+        models: &[String],
+    ) -> RequestDecision {
+        let mut first = None;
+        for m in models {
+            match self.request(subject, provider, operation, Some(m)) {
+                d @ RequestDecision::Deny { .. } => return d,
+                d => {
+                    first.get_or_insert(d);
+                }
+            }
+        }
+        first.unwrap_or_else(|| self.request(subject, provider, operation, None))
+    }
+
     /// The rules whose selector matches `subject`, in order (memoised).
     fn candidates(&self, subject: Subject<'_>) -> Arc<[u32]> {
         let serial = subject.workload.kubernetes.as_ref().map_or(0, |k| k.serial);

@@ -444,3 +444,29 @@ fn an_unknown_operation_is_refused_with_the_known_ones() {
     assert!(err.contains("unknown variant `batches`"), "{err}");
     assert!(err.contains("`batch`") && err.contains("`files`"), "{err}");
 }
+
+#[test]
+fn a_batch_input_is_decided_by_every_model_it_names() {
+    let p = policy(
+        "rules:\n  - {name: minis, models: [\"*-mini\"], action: allow}\n  - {name: rest, models: [\"*\"], action: deny}\n",
+    );
+    let w = pod("x");
+    let each = |models: &[&str]| {
+        let models: Vec<String> = models.iter().map(|m| m.to_string()).collect();
+        match p.request_each(subject(&w), "openai", Operation::Files, &models) {
+            RequestDecision::Allow { reason, .. } => Ok(reason),
+            RequestDecision::Deny { reason, message } => Err((reason, message)),
+        }
+    };
+    assert_eq!(each(&["gpt-4o-mini", "o4-mini"]), Ok("rule:minis".into()));
+    // One frontier line refuses the whole upload, naming it.
+    assert_eq!(
+        each(&["gpt-4o-mini", "gpt-4o"]),
+        Err((
+            "rule:rest".into(),
+            "denied by policy rule `rest` for model `gpt-4o`".into()
+        ))
+    );
+    // No models: as a request whose model cannot be read.
+    assert!(matches!(each(&[]), Err((r, _)) if r == "rule:minis:model_unreadable"));
+}

@@ -11,6 +11,7 @@
 //! chunk): SSE incrementally, JSON bodies once complete (bounded).
 pub mod adapter;
 pub mod anthropic;
+pub mod batch_input;
 pub mod gemini;
 pub mod openai;
 pub mod operation;

@@ -91,6 +91,7 @@ pub(super) async fn forward(
     record.model = seen.info.model;
     record.stream = seen.info.stream;
     record.reason = seen.reason;
+    record.batch_input = seen.batch_input;
     let admitted = match verdict {
         Ok(a) => a,
         Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
@@ -368,6 +369,7 @@ fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> Requ
         request_body: None,
         response_body: None,
         realtime: None,
+        batch_input: None,
     }
 }
 

@@ -301,6 +301,10 @@ pub struct RequestRecord {
     pub request_body: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub response_body: Option<String>,
+    /// A file upload (`operation: files`, multipart): purpose, file name
+    /// and size, JSONL lines and the models they name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_input: Option<crate::providers::batch_input::BatchInput>,
     /// A Realtime session (`operation: realtime`): its responses; `usage`
     /// is their sum.
     #[serde(skip_serializing_if = "Option::is_none")]
