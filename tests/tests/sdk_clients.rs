@@ -297,8 +297,9 @@ fn python_openai_sdk_batch_uploads_are_decided_by_the_models_inside() {
 /// WebSocket upgrade passes, frames flow both ways, and one record per
 /// session carries the usage of each `response.done` the provider sent.
 /// A session under a budget too small for a second response is ended with
-/// a Realtime `error` event (code `budget_exhausted`) and a close frame; a
-/// denied one is refused at the handshake.
+/// a Realtime `error` event (code `budget_exhausted`) and a close frame, one
+/// over its rule's requests a minute likewise (`rate_limited`); a denied
+/// one is refused at the handshake.
 #[test]
 fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
     let Some(python) = sdk(
@@ -309,7 +310,7 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
     };
     let mut node = TestNode::new(1);
     node.start_agent(
-        "policy:\n  rules:\n    - {name: no-preview, models: [\"*-preview\"], action: deny}\n    - name: voice-budget\n      models: [gpt-realtime-mini]\n      action: allow\n      budget: {daily_usd: 0.003}\n    - {name: voice, operations: [realtime], action: allow}\n",
+        "policy:\n  rules:\n    - {name: no-preview, models: [\"*-preview\"], action: deny}\n    - name: voice-budget\n      models: [gpt-realtime-mini]\n      action: allow\n      budget: {daily_usd: 0.003}\n    - name: voice-limited\n      models: [gpt-realtime-1.5]\n      action: allow\n      limits: {requests_per_minute: 2}\n    - {name: voice, operations: [realtime], action: allow}\n",
     );
     let mut cmd = node.pods[0].app(
         &node.pod_hosts_file(),
@@ -322,6 +323,7 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
             "gpt-realtime:2",
             "gpt-realtime-mini:3",
             "gpt-4o-realtime-preview:1",
+            "gpt-realtime-1.5:3",
         ],
     );
     cmd.env("SSL_CERT_FILE", node.node_ca_cert());
@@ -355,7 +357,20 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
         "{got}"
     );
 
-    let recs = node.wait_requests(3);
+    // The limited session: two requests a minute, the session's start and
+    // its first response's renewal; the second response's renewal is refused.
+    assert_eq!(s[3]["texts"], serde_json::json!([words, words]), "{got}");
+    assert_eq!(s[3]["errors"][0]["code"], "rate_limited", "{got}");
+
+    let recs = node.wait_requests(4);
+    let limited = &recs[3];
+    assert_eq!(
+        limited["reason"], "rule:voice-limited:requests",
+        "{limited}"
+    );
+    assert_eq!(limited["result"], "rate_limited", "{limited}");
+    assert_eq!(limited["realtime"]["responses"], 2, "{limited}");
+    assert!(limited["retry_after_ms"].as_u64().unwrap() > 0, "{limited}");
     assert_eq!(recs[2]["reason"], "rule:no-preview", "{:?}", recs[2]);
     assert_eq!(recs[2]["result"], "denied", "{:?}", recs[2]);
     let usage = tollgate_agent_usage();
@@ -382,17 +397,17 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
     );
     assert_eq!(budgeted["result"], "budget_exhausted", "{budgeted}");
     assert_eq!(budgeted["realtime"]["responses"], 2, "{budgeted}");
-    assert_eq!(budgeted["realtime"]["ended_by"], "budget", "{budgeted}");
+    assert_eq!(budgeted["realtime"]["ended_by"], "policy", "{budgeted}");
     assert_eq!(budgeted["usage"]["input_tokens"], 2 * 180, "{budgeted}");
 
-    // The provider's own record: two upgrades (with the workload's key, no
-    // rule injects one), four response.done sent: no third response was
-    // asked for in the budgeted session.
+    // The provider's own record: three upgrades (with the workload's key, no
+    // rule injects one), six response.done sent: no third response was
+    // asked for in the budgeted or the limited session.
     let log = node.mock_requests();
     let upgrades: Vec<_> = log.iter().filter(|r| r["upgrade"] == "websocket").collect();
     assert_eq!(
         upgrades.len(),
-        2,
+        3,
         "the denied session never reached it: {log:?}"
     );
     assert!(
@@ -406,7 +421,7 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
         .iter()
         .filter(|r| r["realtime_response_done"].is_string())
         .count();
-    assert_eq!(done, 4, "{log:?}");
+    assert_eq!(done, 6, "{log:?}");
 }
 
 /// The usage Tollgate records for one mock Realtime response.

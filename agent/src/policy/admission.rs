@@ -19,7 +19,7 @@ use super::{
     credentials::{self, Credentials},
     failover::FailoverChain,
     gate::{Hold, LimitStore},
-    limits::{Estimate, LimitKey, Limited},
+    limits::{Estimate, LimitKey, Limited, LimitsConfig},
     spend::{BudgetHold, BudgetStore},
 };
 use crate::{
@@ -91,6 +91,18 @@ pub struct Admitted {
     pub budget: Option<BudgetHold>,
     /// The call's hold on its rule's limits.
     pub hold: Option<Hold>,
+    /// How to admit the call again under its rule's limits, for a call
+    /// that spends in parts (a Realtime session, response by response).
+    pub renewal: Option<LimitRenewal>,
+}
+
+/// A rule's limits and the key a call counts under.
+#[derive(Debug, Clone)]
+pub struct LimitRenewal {
+    /// `rule:<name>`.
+    pub rule: String,
+    key: String,
+    limits: LimitsConfig,
 }
 
 /// Why a request is not sent. Each has one answer (`proxy::rescue`).
@@ -352,12 +364,19 @@ impl Enforcer {
                 }
             }
         };
-        let hold = match caps.limits {
-            None => None,
+        let (hold, renewal) = match caps.limits {
+            None => (None, None),
             Some(limits) => {
                 let key = Self::key_for(subject.workload, limits.per);
                 match self.limits.admit(rule, &key, &limits, est).await {
-                    Ok(hold) => Some(hold),
+                    Ok(hold) => (
+                        Some(hold),
+                        Some(LimitRenewal {
+                            rule: rule.clone(),
+                            key,
+                            limits,
+                        }),
+                    ),
                     Err(limited) => {
                         return Err(Refusal::RateLimited {
                             rule: rule.clone(),
@@ -378,7 +397,18 @@ impl Enforcer {
             failover: caps.failover,
             budget,
             hold,
+            renewal,
         })
+    }
+
+    /// Admit the next part of a call again under its rule's limits (one
+    /// more request; its output reserved as for a call that names none).
+    pub async fn readmit(&self, r: &LimitRenewal) -> Result<Hold, Limited> {
+        let est = Estimate {
+            input_tokens: 0,
+            output_tokens: DEFAULT_OUTPUT_ESTIMATE,
+        };
+        self.limits.admit(&r.rule, &r.key, &r.limits, est).await
     }
 }
 

@@ -22,7 +22,7 @@ pub mod spend;
 
 // What the proxy uses of the policy: the façade (admission and its
 // results), nothing of the parts behind it.
-pub use admission::{Admitted, Candidate, Enforcer, Refusal, Seen, Verdict};
+pub use admission::{Admitted, Candidate, Enforcer, LimitRenewal, Refusal, Seen, Verdict};
 pub use budgets::{BudgetKey, Exhausted};
 pub use credentials::remove as remove_credentials;
 pub use failover::FailoverChain;

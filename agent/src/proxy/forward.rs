@@ -198,6 +198,7 @@ async fn deliver(
         failover,
         budget,
         hold,
+        renewal: _,
     } = admitted;
     record.stream_usage_asked = asked_stream_usage;
     record.routed_model = routed_model;

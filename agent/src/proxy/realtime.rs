@@ -4,10 +4,11 @@
 //! URL, credential, limits, budget), sent on a provider connection of its
 //! own, and once both sides have switched protocols its frames are relayed
 //! both ways as they come, each flushed at once. Each `response.done`
-//! adds its usage to the session and, under a budget, settles that
-//! response's cost and reserves for the next: a budget spent mid-session
-//! ends the session with a Realtime `error` event and a close frame. One
-//! audit record per session, with every response's usage.
+//! adds its usage to the session and settles that response's share of the
+//! rule's budget and limits, taking the next one's: a budget spent or a
+//! limit reached mid-session ends the session with a Realtime `error`
+//! event and a close frame. One audit record per session, with every
+//! response's usage.
 use std::{sync::Arc, time::Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -31,7 +32,7 @@ use super::{
 };
 use crate::{
     identity::Workload,
-    policy::{BudgetHold, Candidate, Hold, Seen, Subject},
+    policy::{BudgetHold, Candidate, Hold, LimitRenewal, Seen, Subject},
     providers::realtime::{ServerEvent, error_event, server_event},
     telemetry::records::{Outcome, RealtimeSession, RequestRecord},
 };
@@ -96,7 +97,7 @@ pub(super) async fn session(
     };
     record.routed_model = admitted.routed_model;
     record.credential_injected = admitted.credential_injected;
-    let (budget, hold) = (admitted.budget, admitted.hold);
+    let (budget, hold, renewal) = (admitted.budget, admitted.hold, admitted.renewal);
     // Journaled like any admitted call: a session the agent is killed in
     // is recorded when it starts again (its usage so far unknown).
     if let Some(j) = call.events.journal() {
@@ -174,6 +175,7 @@ pub(super) async fn session(
         record,
         budget,
         hold,
+        renewal,
         started,
     };
     tokio::spawn(async move {
@@ -211,8 +213,19 @@ struct Session {
     call: Arc<Call>,
     record: RequestRecord,
     budget: Option<BudgetHold>,
+    /// The current response's hold on the rule's limits (the session's
+    /// first, then one per response), and how to take the next.
     hold: Option<Hold>,
+    renewal: Option<LimitRenewal>,
     started: Instant,
+}
+
+/// Why Tollgate ends a session: the Realtime `error` event's code, the
+/// record's result, and the message.
+struct Ended {
+    code: &'static str,
+    result: Outcome,
+    message: String,
 }
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -257,9 +270,9 @@ impl Session {
                         if let Err(e) = client.send(m).await {
                             break (Outcome::ClientDisconnected, "client", Some(e.to_string()));
                         }
-                        if let Some(refused) = self.saw(event, &mut tally).await {
-                            end_for_budget(&mut client, &mut provider, &refused).await;
-                            break (Outcome::BudgetExhausted, "budget", Some(refused));
+                        if let Some(ended) = self.saw(event, &mut tally).await {
+                            end_session(&mut client, &mut provider, &ended).await;
+                            break (ended.result, "policy", Some(ended.message));
                         }
                     }
                     Some(Err(e)) => break (Outcome::UpstreamError, "provider", Some(e.to_string())),
@@ -276,43 +289,70 @@ impl Session {
         self.end(result, ended_by, error);
     }
 
-    /// Take in one server event; under a budget, a finished response is
-    /// settled and the next reserved — Some(why) when the budget refuses it.
-    async fn saw(&mut self, event: ServerEvent, tally: &mut RealtimeSession) -> Option<String> {
-        match event {
-            ServerEvent::Session { model: Some(m) } => self.record.response_model = Some(m),
-            ServerEvent::ResponseDone { usage, .. } => {
-                tally.responses += 1;
-                if tally.response_usage.len() < RealtimeSession::MAX_LISTED {
-                    tally.response_usage.push(usage);
-                }
-                let u = &mut self.record.usage;
-                u.input_tokens += usage.input_tokens;
-                u.output_tokens += usage.output_tokens;
-                u.cached_input_tokens += usage.cached_input_tokens;
-                u.reasoning_tokens += usage.reasoning_tokens;
-                u.audio_input_tokens += usage.audio_input_tokens;
-                u.image_input_tokens += usage.image_input_tokens;
-                u.audio_output_tokens += usage.audio_output_tokens;
-                let hold = self.budget.take()?;
-                let cost = self.price(&usage);
-                let warn = account::soft_warn(&self.call.metrics);
-                match hold.renew(cost, warn, tally.responses).await {
-                    Ok(next) => self.budget = Some(next),
-                    Err(spent) => {
-                        self.record.reason =
-                            format!("{}:budget_{}", self.record.reason, spent.period);
-                        return Some(format!(
-                            "the {} budget of policy rule `{}` is spent ({:.4} of {:.4} USD): Tollgate ends this Realtime session",
-                            spent.period,
-                            self.record.reason.split(':').nth(1).unwrap_or_default(),
-                            spent.spent,
-                            spent.limit
-                        ));
-                    }
+    /// Take in one server event. A finished response settles its share of
+    /// the budget and the limits and takes the next one's: Some(why) when
+    /// either refuses it.
+    async fn saw(&mut self, event: ServerEvent, tally: &mut RealtimeSession) -> Option<Ended> {
+        let usage = match event {
+            ServerEvent::Session { model: Some(m) } => {
+                self.record.response_model = Some(m);
+                return None;
+            }
+            ServerEvent::ResponseDone { usage, .. } => usage,
+            _ => return None,
+        };
+        tally.responses += 1;
+        if tally.response_usage.len() < RealtimeSession::MAX_LISTED {
+            tally.response_usage.push(usage);
+        }
+        let u = &mut self.record.usage;
+        u.input_tokens += usage.input_tokens;
+        u.output_tokens += usage.output_tokens;
+        u.cached_input_tokens += usage.cached_input_tokens;
+        u.reasoning_tokens += usage.reasoning_tokens;
+        u.audio_input_tokens += usage.audio_input_tokens;
+        u.image_input_tokens += usage.image_input_tokens;
+        u.audio_output_tokens += usage.audio_output_tokens;
+        let rule = self.record.reason.clone();
+        if let Some(hold) = self.budget.take() {
+            let cost = self.price(&usage);
+            let warn = account::soft_warn(&self.call.metrics);
+            match hold.renew(cost, warn, tally.responses).await {
+                Ok(next) => self.budget = Some(next),
+                Err(spent) => {
+                    self.record.reason = format!("{rule}:budget_{}", spent.period);
+                    return Some(Ended {
+                        code: "budget_exhausted",
+                        result: Outcome::BudgetExhausted,
+                        message: format!(
+                            "the {} budget of policy {rule} is spent ({:.4} of {:.4} USD): Tollgate ends this Realtime session",
+                            spent.period, spent.spent, spent.limit
+                        ),
+                    });
                 }
             }
-            _ => {}
+        }
+        if let Some(hold) = self.hold.take() {
+            hold.settle(usage.input_tokens, usage.output_tokens);
+        }
+        if let Some(r) = &self.renewal {
+            match self.call.tls.enforcer.readmit(r).await {
+                Ok(next) => self.hold = Some(next),
+                Err(limited) => {
+                    self.record.reason = format!("{rule}:{}", limited.which);
+                    self.record.retry_after_ms = Some(limited.retry_after.as_millis() as u64);
+                    return Some(Ended {
+                        code: "rate_limited",
+                        result: Outcome::RateLimited,
+                        message: format!(
+                            "the {} limit of policy {rule} is reached ({} a minute; retry in {:.1} s): Tollgate ends this Realtime session",
+                            limited.which,
+                            limited.limit,
+                            limited.retry_after.as_secs_f64()
+                        ),
+                    });
+                }
+            }
         }
         None
     }
@@ -342,23 +382,27 @@ impl Session {
         self.record.result = result;
         self.record.error = error;
         self.record.duration_ms = self.started.elapsed().as_millis() as u64;
+        // Every finished response was settled as it ended: what is held
+        // now is the reservation for one that never finished.
         if let Some(b) = self.budget.take() {
-            // Every finished response was settled as it ended.
             b.settle(Some(0.0), account::soft_warn(&self.call.metrics));
         }
-        finish(&self.call, self.record, None, self.hold, self.started);
+        if let Some(h) = self.hold.take() {
+            h.settle(0, 0);
+        }
+        finish(&self.call, self.record, None, None, self.started);
     }
 }
 
 /// Tell the workload why its session ends, in the Realtime API's own
 /// terms, then close both legs (1008: policy violation).
-async fn end_for_budget(client: &mut Ws, provider: &mut Ws, why: &str) {
+async fn end_session(client: &mut Ws, provider: &mut Ws, ended: &Ended) {
     let _ = client
-        .send(Message::text(error_event("budget_exhausted", why)))
+        .send(Message::text(error_event(ended.code, &ended.message)))
         .await;
     let frame = || CloseFrame {
         code: CloseCode::Policy,
-        reason: "budget exhausted".into(),
+        reason: ended.code.replace('_', " ").into(),
     };
     let _ = client.send(Message::Close(Some(frame()))).await;
     let _ = provider.send(Message::Close(Some(frame()))).await;

@@ -321,7 +321,8 @@ pub struct RealtimeSession {
     /// Frames relayed, each way.
     pub client_frames: u64,
     pub server_frames: u64,
-    /// Who ended the session: `client`, `provider`, `budget`, `error`.
+    /// Who ended the session: `client`, `provider`, `policy` (a budget or
+    /// limit), `error`.
     pub ended_by: &'static str,
 }
 
