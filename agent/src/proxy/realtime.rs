@@ -20,7 +20,7 @@ use tokio_tungstenite::{
     WebSocketStream,
     tungstenite::{
         Message,
-        protocol::{CloseFrame, Role, frame::coding::CloseCode},
+        protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
     },
 };
 
@@ -230,10 +230,24 @@ struct Ended {
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// Each frame written as soon as it is sent (no write buffer: nothing is
+/// held back), a small read buffer (tungstenite's default is 128 KiB per
+/// direction per leg, idle sessions would keep half a MiB each), and
+/// tungstenite's own bounds on messages (64 MiB) and frames (16 MiB):
+/// above the Realtime API's 15 MiB audio appends.
+fn ws_config() -> Option<WebSocketConfig> {
+    Some(
+        WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(0),
+    )
+}
+
 impl Session {
     async fn relay(mut self, client: hyper::upgrade::Upgraded, provider: hyper::upgrade::Upgraded) {
-        let mut client = Ws::from_raw_socket(TokioIo::new(client), Role::Server, None).await;
-        let mut provider = Ws::from_raw_socket(TokioIo::new(provider), Role::Client, None).await;
+        let mut client = Ws::from_raw_socket(TokioIo::new(client), Role::Server, ws_config()).await;
+        let mut provider =
+            Ws::from_raw_socket(TokioIo::new(provider), Role::Client, ws_config()).await;
         let mut tally = RealtimeSession::default();
         let (result, ended_by, error) = loop {
             tokio::select! {
