@@ -194,15 +194,32 @@ impl PolicyConfig {
     /// Warnings for a valid policy (`tollgate check-config` prints them, the
     /// agent logs them at start): field path below `policy`, and message.
     pub fn warnings(&self) -> Vec<(String, String)> {
-        self.failover
-            .iter()
-            .enumerate()
-            .flat_map(|(i, c)| {
-                c.warnings()
-                    .into_iter()
-                    .map(move |(f, m)| (format!("failover[{i}].{f}"), m))
+        let chains = self.failover.iter().enumerate().flat_map(|(i, c)| {
+            c.warnings()
+                .into_iter()
+                .map(move |(f, m)| (format!("failover[{i}].{f}"), m))
+        });
+        // What a rule for Realtime sessions says that a session cannot do.
+        let sessions = self.rules.iter().enumerate().flat_map(|(i, r)| {
+            let realtime = r.operations.contains(&Operation::Realtime);
+            [
+                ("max_output_tokens", r.max_output_tokens.is_some()),
+                ("model_aliases", !r.model_aliases.is_empty()),
+                ("failover", r.failover.is_some()),
+            ]
+            .into_iter()
+            .filter(move |(_, set)| realtime && *set)
+            .map(move |(f, _)| {
+                (
+                    format!("rules[{i}].{f}"),
+                    "does not apply to Realtime sessions (the model is in the session URL, the \
+                     output limit in session.update; a session is not failed over): only the \
+                     rule's other calls get it"
+                        .to_string(),
+                )
             })
-            .collect()
+        });
+        chains.chain(sessions).collect()
     }
 }
 

@@ -470,3 +470,16 @@ fn a_batch_input_is_decided_by_every_model_it_names() {
     // No models: as a request whose model cannot be read.
     assert!(matches!(each(&[]), Err((r, _)) if r == "rule:minis:model_unreadable"));
 }
+
+#[test]
+fn a_realtime_rule_is_warned_of_what_sessions_ignore() {
+    let cfg: PolicyConfig = serde_yaml::from_str(
+        "rules:\n  - {name: voice, operations: [chat, realtime], action: allow, max_output_tokens: 9, model_aliases: {fast: gpt-realtime-mini}}\n  - {name: chat, operations: [chat], action: allow, max_output_tokens: 9}\n",
+    )
+    .unwrap();
+    let fields: Vec<String> = cfg.warnings().into_iter().map(|(f, _)| f).collect();
+    assert_eq!(
+        fields,
+        ["rules[0].max_output_tokens", "rules[0].model_aliases"]
+    );
+}
