@@ -100,6 +100,20 @@ pub struct Usage {
     pub estimated_with: Option<&'static str>,
 }
 
+impl Usage {
+    /// Add another call's (or response's) tokens to these.
+    pub fn add(&mut self, other: &Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cached_input_tokens += other.cached_input_tokens;
+        self.cache_write_input_tokens += other.cache_write_input_tokens;
+        self.reasoning_tokens += other.reasoning_tokens;
+        self.audio_input_tokens += other.audio_input_tokens;
+        self.image_input_tokens += other.image_input_tokens;
+        self.audio_output_tokens += other.audio_output_tokens;
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     identity::Workload,
-    policy::{Admitted, Candidate, Refusal, Seen, Subject},
+    policy::{Admitted, BudgetHold, Candidate, Refusal, Seen, Subject, Verdict},
     providers::{Api, ResponseParser, stream_usage::UsageChunkFilter, tokenizer},
     telemetry::{
         events::now_rfc3339,
@@ -66,53 +66,25 @@ pub(super) async fn forward(
     }
 
     // 2. Admission: parse, rule, rewrites, credential, budget, limits.
-    let rules = call.tls.live.load_full();
-    let mut seen = Seen::default();
-    let request = Candidate {
-        id: &record.id,
-        subject: Subject {
-            workload: &workload,
-            comm: &call.meta.comm,
-        },
-        to: call.meta.to(),
-        adapter: call.meta.adapter,
-        asks_stream_usage: call.meta.asks_stream_usage,
-        target,
-        headers: std::mem::take(&mut parts.headers),
-        body,
-    };
-    let verdict = call
-        .tls
-        .enforcer
-        .admit(&rules.policy, &rules.prices, request, &mut seen)
-        .await;
-    drop(rules);
-    record.operation = seen.info.operation;
-    record.model = seen.info.model;
-    record.stream = seen.info.stream;
-    record.reason = seen.reason;
-    record.batch_input = seen.batch_input;
+    let headers = std::mem::take(&mut parts.headers);
+    let asks = call.meta.asks_stream_usage;
+    let (verdict, input_chars) =
+        admit(&call, &workload, &mut record, target, headers, body, asks).await;
     let admitted = match verdict {
         Ok(a) => a,
         Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
     };
-    // The call is admitted: journaled before anything is sent, so a crash
-    // from here on cannot leave it unrecorded (`restart`).
-    if let Some(j) = call.events.journal() {
-        let model = admitted.routed_model.as_deref().or(record.model.as_deref());
-        let begun = restart::Begun {
-            record: &record,
-            model,
-            input_tokens: crate::providers::estimated_tokens(seen.input_chars),
-            budget: admitted.budget.as_ref().map(|b| &b.key),
-        };
-        j.begin(&record.id, &begun);
-    }
+    journal_begin(
+        &call,
+        &record,
+        admitted.routed_model.as_deref(),
+        crate::providers::estimated_tokens(input_chars),
+        admitted.budget.as_ref(),
+    );
     // 3-4 run on a task of their own: a client that goes away before the
     // response headers (hyper drops this future) does not cancel a call
     // the provider is already serving; it is still read, recorded and charged.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let input_chars = seen.input_chars;
     tokio::spawn(async move {
         let mut tx = tx;
         let sending = Sending {
@@ -281,14 +253,7 @@ async fn deliver(
     record.status = resp.status().as_u16();
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    record.provider_request_id = ["x-request-id", "request-id", "apim-request-id"]
-        .iter()
-        .find_map(|h| parts.headers.get(*h))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    if let Ok(id) = HeaderValue::from_str(&record.id) {
-        parts.headers.insert("x-tollgate-request-id", id);
-    }
+    response_ids(&mut record, &mut parts.headers);
     let content_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -318,6 +283,81 @@ async fn deliver(
         },
     );
     Delivery::Relay(parts, Box::new(body), left)
+}
+
+/// Step 2, for a request and a Realtime session alike: admit the request
+/// under the live rules, and note in its record what it turned out to be
+/// (operation, model, stream, deciding rule, upload). Also returns the
+/// characters of input text, for estimates.
+pub(super) async fn admit(
+    call: &Call,
+    workload: &Workload,
+    record: &mut RequestRecord,
+    target: String,
+    headers: HeaderMap,
+    body: Bytes,
+    asks_stream_usage: bool,
+) -> (Verdict, u64) {
+    let rules = call.tls.live.load_full();
+    let mut seen = Seen::default();
+    let request = Candidate {
+        id: &record.id,
+        subject: Subject {
+            workload,
+            comm: &call.meta.comm,
+        },
+        to: call.meta.to(),
+        adapter: call.meta.adapter,
+        asks_stream_usage,
+        target,
+        headers,
+        body,
+    };
+    let verdict = call
+        .tls
+        .enforcer
+        .admit(&rules.policy, &rules.prices, request, &mut seen)
+        .await;
+    drop(rules);
+    record.operation = seen.info.operation;
+    record.model = seen.info.model;
+    record.stream = seen.info.stream;
+    record.reason = seen.reason;
+    record.batch_input = seen.batch_input;
+    (verdict, seen.input_chars)
+}
+
+/// An admitted call is journaled before anything is sent, so a crash from
+/// here on cannot leave it unrecorded (`restart`).
+pub(super) fn journal_begin(
+    call: &Call,
+    record: &RequestRecord,
+    routed_model: Option<&str>,
+    input_tokens: u64,
+    budget: Option<&BudgetHold>,
+) {
+    if let Some(j) = call.events.journal() {
+        let begun = restart::Begun {
+            record,
+            model: routed_model.or(record.model.as_deref()),
+            input_tokens,
+            budget: budget.map(|b| &b.key),
+        };
+        j.begin(&record.id, &begun);
+    }
+}
+
+/// The provider's id of the call into the record; the record's id to the
+/// workload (`x-tollgate-request-id`).
+pub(super) fn response_ids(record: &mut RequestRecord, headers: &mut HeaderMap) {
+    record.provider_request_id = ["x-request-id", "request-id", "apim-request-id"]
+        .iter()
+        .find_map(|h| headers.get(*h))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Ok(id) = HeaderValue::from_str(&record.id) {
+        headers.insert("x-tollgate-request-id", id);
+    }
 }
 
 /// The record of a request as it arrives; the steps fill in the rest.

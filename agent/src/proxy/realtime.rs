@@ -27,12 +27,12 @@ use tokio_tungstenite::{
 use super::{
     account,
     context::Call,
-    rescue, restart,
+    forward, rescue,
     upstream::{BoxError, ProxyBody},
 };
 use crate::{
     identity::Workload,
-    policy::{BudgetHold, Candidate, Hold, LimitRenewal, Seen, Subject},
+    policy::{BudgetHold, Hold, LimitRenewal},
     providers::realtime::{ServerEvent, error_event, server_event},
     telemetry::records::{Outcome, RealtimeSession, RequestRecord},
 };
@@ -67,30 +67,17 @@ pub(super) async fn session(
     // SDKs send their default `content-type: application/json` on the
     // handshake too; it has no body to be JSON, so admission does not see it.
     let content_type = parts.headers.remove(header::CONTENT_TYPE);
-    let rules = call.tls.live.load_full();
-    let mut seen = Seen::default();
-    let candidate = Candidate {
-        id: &record.id,
-        subject: Subject {
-            workload,
-            comm: &call.meta.comm,
-        },
-        to: call.meta.to(),
-        adapter: call.meta.adapter,
-        asks_stream_usage: false,
+    let headers = std::mem::take(&mut parts.headers);
+    let (verdict, _) = forward::admit(
+        &call,
+        workload,
+        &mut record,
         target,
-        headers: std::mem::take(&mut parts.headers),
-        body: Bytes::new(),
-    };
-    let verdict = call
-        .tls
-        .enforcer
-        .admit(&rules.policy, &rules.prices, candidate, &mut seen)
-        .await;
-    drop(rules);
-    record.operation = seen.info.operation;
-    record.model = seen.info.model;
-    record.reason = seen.reason;
+        headers,
+        Bytes::new(),
+        false,
+    )
+    .await;
     let admitted = match verdict {
         Ok(a) => a,
         Err(refusal) => return rescue::refused(&call, &refusal, record, started),
@@ -98,17 +85,9 @@ pub(super) async fn session(
     record.routed_model = admitted.routed_model;
     record.credential_injected = admitted.credential_injected;
     let (budget, hold, renewal) = (admitted.budget, admitted.hold, admitted.renewal);
-    // Journaled like any admitted call: a session the agent is killed in
-    // is recorded when it starts again (its usage so far unknown).
-    if let Some(j) = call.events.journal() {
-        let begun = restart::Begun {
-            record: &record,
-            model: record.routed_model.as_deref().or(record.model.as_deref()),
-            input_tokens: 0,
-            budget: budget.as_ref().map(|b| &b.key),
-        };
-        j.begin(&record.id, &begun);
-    }
+    // Its usage so far is unknown if the agent is killed during it.
+    let routed = record.routed_model.as_deref();
+    forward::journal_begin(&call, &record, routed, 0, budget.as_ref());
 
     // A connection of its own: an upgraded connection is never pooled.
     let meta = &call.meta;
@@ -152,14 +131,7 @@ pub(super) async fn session(
     };
     record.ttfb_ms = started.elapsed().as_millis() as u64;
     record.status = resp.status().as_u16();
-    record.provider_request_id = ["x-request-id", "request-id", "apim-request-id"]
-        .iter()
-        .find_map(|h| resp.headers().get(*h))
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    if let Ok(id) = http::HeaderValue::from_str(&record.id) {
-        resp.headers_mut().insert("x-tollgate-request-id", id);
-    }
+    forward::response_ids(&mut record, resp.headers_mut());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The provider refused the session (a bad key, an unknown model):
         // its answer goes to the workload as it is, recorded.
@@ -319,14 +291,7 @@ impl Session {
         if tally.response_usage.len() < RealtimeSession::MAX_LISTED {
             tally.response_usage.push(usage);
         }
-        let u = &mut self.record.usage;
-        u.input_tokens += usage.input_tokens;
-        u.output_tokens += usage.output_tokens;
-        u.cached_input_tokens += usage.cached_input_tokens;
-        u.reasoning_tokens += usage.reasoning_tokens;
-        u.audio_input_tokens += usage.audio_input_tokens;
-        u.image_input_tokens += usage.image_input_tokens;
-        u.audio_output_tokens += usage.audio_output_tokens;
+        self.record.usage.add(&usage);
         let rule = self.record.reason.clone();
         if let Some(hold) = self.budget.take() {
             let cost = self.price(&usage);
