@@ -37,11 +37,20 @@ fn run_app(node: &TestNode, mut cmd: std::process::Command) -> serde_json::Value
 /// Run `tests/clients/<script>` with the pinned Python SDKs as an app of
 /// pod 0, trusting the node CA only through SSL_CERT_FILE.
 fn run_python(node: &TestNode, python: &std::path::Path, script: &str) -> serde_json::Value {
-    let mut cmd = node.pods[0].app(
-        &node.pod_hosts_file(),
-        python.to_str().unwrap(),
-        &[clients_dir().join(script).to_str().unwrap()],
-    );
+    run_python_with(node, python, script, &[])
+}
+
+/// `run_python` with arguments for the script.
+fn run_python_with(
+    node: &TestNode,
+    python: &std::path::Path,
+    script: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let script = clients_dir().join(script);
+    let mut argv = vec![script.to_str().unwrap()];
+    argv.extend_from_slice(args);
+    let mut cmd = node.pods[0].app(&node.pod_hosts_file(), python.to_str().unwrap(), &argv);
     cmd.env("SSL_CERT_FILE", node.node_ca_cert());
     run_app(node, cmd)
 }
@@ -312,22 +321,17 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
     node.start_agent(
         "policy:\n  rules:\n    - {name: no-preview, models: [\"*-preview\"], action: deny}\n    - name: voice-budget\n      models: [gpt-realtime-mini]\n      action: allow\n      budget: {daily_usd: 0.003}\n    - name: voice-limited\n      models: [gpt-realtime-1.5]\n      action: allow\n      limits: {requests_per_minute: 2}\n    - {name: voice, operations: [realtime], action: allow}\n",
     );
-    let mut cmd = node.pods[0].app(
-        &node.pod_hosts_file(),
-        python.to_str().unwrap(),
+    let got = run_python_with(
+        &node,
+        &python,
+        "openai_realtime_client.py",
         &[
-            clients_dir()
-                .join("openai_realtime_client.py")
-                .to_str()
-                .unwrap(),
             "gpt-realtime:2",
             "gpt-realtime-mini:3",
             "gpt-4o-realtime-preview:1",
             "gpt-realtime-1.5:3",
         ],
     );
-    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
-    let got = run_app(&node, cmd);
     let words = tollgate_tests::mock_realtime::RESPONSE_WORDS.concat();
     let s = &got["sessions"];
     assert_eq!(
