@@ -30,7 +30,8 @@ impl Rules {
     pub fn new(cfg: &Config) -> Self {
         let names: Vec<String> = cfg.providers.iter().map(|p| p.name.clone()).collect();
         Self {
-            policy: Policy::new(&cfg.policy, &names).expect("validated with the config"),
+            policy: Policy::with_mcp(&cfg.policy, &names, &cfg.mcp_server_names())
+                .expect("validated with the config"),
             prices: PriceTable::new(&cfg.pricing).expect("validated with the config"),
         }
     }

@@ -64,6 +64,15 @@ pub struct Config {
     pub dns: DnsConfig,
     /// LLM providers to redirect. Replaces the built-in list when given.
     pub providers: Vec<ProviderConfig>,
+    /// Remote MCP servers to govern (README "MCP"): their hosts are
+    /// redirected and terminated like providers', their JSON-RPC calls
+    /// decided by rules' `mcp` and recorded one by one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mcp_servers: Vec<McpServerConfig>,
+    /// Where each MCP server of `providers` was listed (`mcp_servers[i]`).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub(crate) mcp_origin: std::collections::HashMap<String, usize>,
     pub opt_out: OptOutConfig,
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
@@ -99,6 +108,8 @@ impl Default for Config {
             heartbeat: HeartbeatConfig::default(),
             dns: DnsConfig::default(),
             providers: default_providers(),
+            mcp_servers: Vec::new(),
+            mcp_origin: Default::default(),
             opt_out: OptOutConfig::default(),
             discovery: DiscoveryConfig::default(),
             metrics: MetricsConfig::default(),
@@ -172,6 +183,8 @@ impl Config {
                 message,
             }
         })?;
+        let mut config = config;
+        config.adopt_mcp_servers();
         if let Err((field, message)) = config.validate() {
             let location = line_of(text, &field)
                 .map(|l| format!("line {l}: "))
@@ -249,7 +262,9 @@ impl Config {
             return err("state.redis_url", e.to_string());
         }
         let names: Vec<String> = self.providers.iter().map(|p| p.name.clone()).collect();
-        if let Err(e) = crate::policy::Policy::new(&self.policy, &names) {
+        if let Err(e) =
+            crate::policy::Policy::with_mcp(&self.policy, &names, &self.mcp_server_names())
+        {
             return err(&format!("policy.{}", e.field), e.message);
         }
         for (i, chain) in self.policy.failover.iter().enumerate() {
@@ -302,37 +317,21 @@ impl Config {
         }
         let mut names = HashSet::new();
         for (i, p) in self.providers.iter().enumerate() {
-            if p.name.trim().is_empty() {
-                return err(&format!("providers[{i}].name"), "must not be empty".into());
-            }
+            // MCP servers were checked under their own section (`adopt_mcp_servers`).
+            let at = match self.mcp_origin.get(&p.name) {
+                Some(j) => format!("mcp_servers[{j}]"),
+                None => format!("providers[{i}]"),
+            };
             if !names.insert(&p.name) {
                 return err(
-                    &format!("providers[{i}].name"),
-                    format!("`{}` is listed twice", p.name),
+                    &format!("{at}.name"),
+                    format!(
+                        "`{}` is listed twice (providers and mcp_servers share names)",
+                        p.name
+                    ),
                 );
             }
-            if p.hosts.is_empty() && p.addresses.is_empty() {
-                return err(
-                    &format!("providers[{i}]"),
-                    "needs `hosts` or `addresses`".into(),
-                );
-            }
-            for (j, h) in p.hosts.iter().enumerate() {
-                if !valid_host_name(h) {
-                    return err(
-                        &format!("providers[{i}].hosts[{j}]"),
-                        format!(
-                            "`{h}` is not a DNS host name (wildcards cannot be resolved; list each host)"
-                        ),
-                    );
-                }
-            }
-            if p.ports.is_empty() || p.ports.contains(&0) {
-                return err(
-                    &format!("providers[{i}].ports"),
-                    "needs at least one port, each 1-65535".into(),
-                );
-            }
+            check_governed(p, &at)?;
         }
         let static_entries: usize = self
             .providers
@@ -358,6 +357,28 @@ impl Config {
         }
         Ok(())
     }
+
+    /// `mcp_servers` become governed hosts like providers (API `mcp`): the
+    /// same redirection, termination and rules. Moved into `providers`
+    /// once parsed, remembering where each came from for error messages.
+    fn adopt_mcp_servers(&mut self) {
+        for (j, m) in std::mem::take(&mut self.mcp_servers)
+            .into_iter()
+            .enumerate()
+        {
+            self.mcp_origin.insert(m.name.clone(), j);
+            self.providers.push(m.into_provider());
+        }
+    }
+
+    /// The names of the MCP servers among the providers.
+    pub fn mcp_server_names(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter(|p| p.api() == crate::providers::Api::Mcp)
+            .map(|p| p.name.clone())
+            .collect()
+    }
 }
 
 /// Parse `ip` or `ip:port` (`[v6]:port`), defaulting to port 53.
@@ -366,6 +387,32 @@ pub fn parse_dns_server(s: &str) -> Option<SocketAddr> {
         return Some(sa);
     }
     s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+}
+
+/// The checks every governed host entry (provider or MCP server) passes;
+/// `at` is its field path.
+fn check_governed(p: &ProviderConfig, at: &str) -> Result<(), (String, String)> {
+    let err = |f: &str, m: String| Err((format!("{at}{f}"), m));
+    if p.name.trim().is_empty() {
+        return err(".name", "must not be empty".into());
+    }
+    if p.hosts.is_empty() && p.addresses.is_empty() {
+        return err("", "needs `hosts` or `addresses`".into());
+    }
+    for (j, h) in p.hosts.iter().enumerate() {
+        if !valid_host_name(h) {
+            return err(
+                &format!(".hosts[{j}]"),
+                format!(
+                    "`{h}` is not a DNS host name (wildcards cannot be resolved; list each host)"
+                ),
+            );
+        }
+    }
+    if p.ports.is_empty() || p.ports.contains(&0) {
+        return err(".ports", "needs at least one port, each 1-65535".into());
+    }
+    Ok(())
 }
 
 fn valid_host_name(h: &str) -> bool {

@@ -128,6 +128,35 @@ pub struct ProviderConfig {
     pub stream_usage: Option<StreamUsage>,
 }
 
+/// One remote MCP server (`mcp_servers`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    /// What rules (`mcp.servers`), records and metrics call it.
+    pub name: String,
+    /// Host names to resolve and redirect (`api.githubcopilot.com`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Fixed addresses (no DNS).
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+}
+
+impl McpServerConfig {
+    pub fn into_provider(self) -> ProviderConfig {
+        ProviderConfig {
+            name: self.name,
+            hosts: self.hosts,
+            addresses: self.addresses,
+            ports: self.ports,
+            api: Some(crate::providers::Api::Mcp),
+            stream_usage: Some(StreamUsage::Leave),
+        }
+    }
+}
+
 /// `providers[].stream_usage`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]

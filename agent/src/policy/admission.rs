@@ -55,6 +55,10 @@ pub struct Candidate<'a> {
     pub target: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// A message to an MCP server: the tools its `tools/call`s name (none
+    /// for other messages). The rules' `mcp` decide it, and a rule's limits
+    /// count each tool's calls on their own.
+    pub mcp_tools: Option<Vec<String>>,
 }
 
 /// What the request turned out to be, known whether it is admitted or not
@@ -223,6 +227,7 @@ impl Enforcer {
             mut target,
             mut headers,
             mut body,
+            mcp_tools,
         } = req;
         // Parsed once: the adapter, the input size and the output limit read it.
         let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
@@ -258,9 +263,12 @@ impl Enforcer {
             .as_ref()
             .and_then(|b| b.decidable_models())
             .filter(|_| seen.info.model.is_none());
-        let decision = match models {
-            Some(models) => policy.request_each(subject, to.provider, seen.info.operation, models),
-            None => policy.request(
+        let decision = match (&mcp_tools, models) {
+            (Some(tools), _) => mcp_decision(policy, subject, to.provider, tools),
+            (None, Some(models)) => {
+                policy.request_each(subject, to.provider, seen.info.operation, models)
+            }
+            (None, None) => policy.request(
                 subject,
                 to.provider,
                 seen.info.operation,
@@ -320,12 +328,22 @@ impl Enforcer {
         // What the call may use: its input from the text size, its output
         // up to the limit it asks for (a cap the policy applied replaces
         // what the request asked). Limits and budgets reserve this.
-        let est = Estimate {
-            input_tokens: providers::estimated_tokens(seen.input_chars),
-            output_tokens: changed
-                .capped_output_tokens
-                .or(asked_output)
-                .unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
+        let est = match &mcp_tools {
+            // An MCP call spends no tokens; its limits count calls.
+            Some(_) => Estimate::default(),
+            None => Estimate {
+                input_tokens: providers::estimated_tokens(seen.input_chars),
+                output_tokens: changed
+                    .capped_output_tokens
+                    .or(asked_output)
+                    .unwrap_or(DEFAULT_OUTPUT_ESTIMATE),
+            },
+        };
+        // An MCP rule's limits count tool calls, each tool on its own;
+        // the protocol's other messages (listings, notifications) are free.
+        let limits = match &mcp_tools {
+            Some(tools) if tools.is_empty() => None,
+            _ => caps.limits,
         };
         let budget = match caps.budget {
             None => None,
@@ -364,10 +382,14 @@ impl Enforcer {
                 }
             }
         };
-        let (hold, renewal) = match caps.limits {
+        let (hold, renewal) = match limits {
             None => (None, None),
             Some(limits) => {
-                let key = Self::key_for(subject.workload, limits.per);
+                let mut key = Self::key_for(subject.workload, limits.per);
+                if let Some(tools) = &mcp_tools {
+                    key.push_str("\u{1f}tool:");
+                    key.push_str(&tools.join(","));
+                }
                 match self.limits.admit(rule, &key, &limits, est).await {
                     Ok(hold) => (
                         Some(hold),
@@ -413,6 +435,22 @@ impl Enforcer {
 }
 
 pub type Verdict = Result<Admitted, Refusal>;
+
+/// The decision for an MCP message naming `tools` (its `tools/call`s):
+/// refused when any tool is; the rule that decides does not depend on the
+/// tool, so any allowed answer is the same.
+fn mcp_decision(
+    policy: &Policy,
+    subject: Subject<'_>,
+    server: &str,
+    tools: &[String],
+) -> RequestDecision {
+    tools
+        .iter()
+        .map(|t| policy.mcp(subject, server, Some(t)))
+        .find(|d| matches!(d, RequestDecision::Deny { .. }))
+        .unwrap_or_else(|| policy.mcp(subject, server, None))
+}
 
 #[cfg(test)]
 #[path = "admission_tests.rs"]

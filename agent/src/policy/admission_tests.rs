@@ -43,6 +43,7 @@ struct Req {
     target: &'static str,
     body: String,
     headers: HeaderMap,
+    mcp_tools: Option<Vec<String>>,
 }
 
 fn chat(body: &str) -> Req {
@@ -59,7 +60,35 @@ fn chat(body: &str) -> Req {
         target: "/v1/chat/completions",
         body: body.into(),
         headers,
+        mcp_tools: None,
     }
+}
+
+/// A `tools/call` of `tool` (None: another MCP message) to MCP server `tools`.
+fn mcp_call(tool: Option<&str>) -> Req {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let body = match tool {
+        Some(t) => format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"{t}","arguments":{{}}}}}}"#
+        ),
+        None => r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#.to_string(),
+    };
+    Req {
+        api: Api::Mcp,
+        provider: "tools",
+        host: "mcp.tools.test",
+        target: "/mcp",
+        body,
+        headers,
+        mcp_tools: Some(tool.map(String::from).into_iter().collect()),
+    }
+}
+
+fn mcp_policy(yaml: &str) -> Policy {
+    let cfg: PolicyConfig = serde_yaml::from_str(yaml).unwrap();
+    let providers = ["openai", "tools", "other"].map(String::from);
+    Policy::with_mcp(&cfg, &providers, &["tools".into(), "other".into()]).unwrap()
 }
 
 async fn admit(e: &Enforcer, p: &Policy, r: Req) -> (Seen, Verdict) {
@@ -80,6 +109,7 @@ async fn admit(e: &Enforcer, p: &Policy, r: Req) -> (Seen, Verdict) {
         target: r.target.into(),
         headers: r.headers,
         body: Bytes::from(r.body),
+        mcp_tools: r.mcp_tools,
     };
     let prices = PriceTable::new(&Default::default()).unwrap();
     let v = e.admit(p, &prices, c, &mut seen).await;
@@ -414,4 +444,49 @@ fn keys_per_workload_pod_namespace_and_global() {
     );
     assert_eq!(Enforcer::key_for(&w, LimitKey::Namespace), "uid-a");
     assert_eq!(Enforcer::key_for(&w, LimitKey::Global), "");
+}
+
+#[tokio::test]
+async fn mcp_calls_are_decided_by_tool_and_limited_per_tool() {
+    let e = enforcer();
+    let p = mcp_policy(
+        "default: deny\nrules:\n  - name: tools\n    mcp: {servers: [tools], tools: {allow: [\"read_*\", add], deny: [read_secrets]}}\n    action: allow\n    limits: {requests_per_minute: 2}\n",
+    );
+    let refused = |v: &Verdict| match v {
+        Err(Refusal::Denied { rule, message }) => Some((rule.clone(), message.clone())),
+        _ => None,
+    };
+    // Listing is not a tool call: allowed, and not counted.
+    for _ in 0..5 {
+        let (seen, v) = admit(&e, &p, mcp_call(None)).await;
+        assert_eq!(seen.info.operation, "mcp");
+        assert!(v.unwrap().hold.is_none(), "a listing holds no limit");
+    }
+    let (_, v) = admit(&e, &p, mcp_call(Some("delete_repo"))).await;
+    assert_eq!(
+        refused(&v),
+        Some((
+            "rule:tools".into(),
+            "tool `delete_repo` is not allowed by policy rule `tools`".into()
+        ))
+    );
+    let (_, v) = admit(&e, &p, mcp_call(Some("read_secrets"))).await;
+    assert!(refused(&v).is_some(), "deny wins over allow");
+    // Two calls a minute of each tool: the third `add` waits, `read_file` does not.
+    for _ in 0..2 {
+        assert!(admit(&e, &p, mcp_call(Some("add"))).await.1.is_ok());
+    }
+    let (seen, v) = admit(&e, &p, mcp_call(Some("add"))).await;
+    assert!(
+        matches!(v, Err(Refusal::RateLimited { .. })),
+        "{:?}",
+        seen.reason
+    );
+    assert!(admit(&e, &p, mcp_call(Some("read_file"))).await.1.is_ok());
+    // Another server is not this rule's: the default denies it.
+    let mut other = mcp_call(Some("add"));
+    other.provider = "other";
+    let (seen, v) = admit(&e, &p, other).await;
+    assert_eq!(seen.reason, "default");
+    assert!(refused(&v).unwrap().1.contains("`mcp` call"));
 }

@@ -30,8 +30,8 @@ pub use gate::Hold;
 pub use globs::PolicyError;
 pub use limits::Limited;
 pub use rules::{
-    Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, RequestDecision, Rule,
-    Unterminated, WithoutModel,
+    Action, Caps, ConnectionDecision, HeaderRules, McpRule, PolicyConfig, RequestDecision, Rule,
+    ToolRules, Unterminated, WithoutModel,
 };
 pub use selector::Selector;
 pub use spend::{BudgetHold, SoftWarn};
@@ -74,8 +74,18 @@ impl Policy {
     /// Compile `cfg`; `providers` are the configured provider names (rules
     /// may only name those). Errors carry the field path.
     pub fn new(cfg: &PolicyConfig, providers: &[String]) -> Result<Self, PolicyError> {
+        Self::with_mcp(cfg, providers, &[])
+    }
+
+    /// `new`, where `mcp_servers` (among `providers`) are the MCP servers
+    /// rules' `mcp` may name.
+    pub fn with_mcp(
+        cfg: &PolicyConfig,
+        providers: &[String],
+        mcp_servers: &[String],
+    ) -> Result<Self, PolicyError> {
         Ok(Self {
-            rules: rules::compile(cfg, providers)?,
+            rules: rules::compile(cfg, providers, mcp_servers)?,
             default: cfg.default,
             foreign_hosts: globs::globs(&cfg.foreign_hosts, "foreign_hosts")?,
             by_subject: Mutex::default(),
@@ -145,6 +155,18 @@ impl Policy {
             }
         }
         RequestDecision::for_default(self.default, operation)
+    }
+
+    /// The decision for a message to MCP server `server`: a `tools/call`
+    /// of `tool`, or another message (None).
+    pub fn mcp(&self, subject: Subject<'_>, server: &str, tool: Option<&str>) -> RequestDecision {
+        for &i in self.candidates(subject).iter() {
+            let r = &self.rules[i as usize];
+            if r.matches_provider(server) && r.matches_operation(Operation::Mcp) {
+                return r.decide_mcp(tool);
+            }
+        }
+        RequestDecision::for_default(self.default, Operation::Mcp)
     }
 
     /// The decision for a request that will ask for each of `models` (a

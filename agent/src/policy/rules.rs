@@ -126,6 +126,41 @@ pub struct Rule {
     /// `relay` (the default for a plain allow rule: relayed and audited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unterminated: Option<Unterminated>,
+    /// Makes the rule one for MCP servers: it decides only calls to the
+    /// `mcp_servers` it lists (any when `servers` is empty), and on an
+    /// allow rule `tools` says which tools may be called; the others are
+    /// refused with a JSON-RPC error and left out of the server's tool
+    /// lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpRule>,
+}
+
+/// A rule's `mcp`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpRule {
+    /// `mcp_servers[].name`s; every MCP server when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
+    pub tools: ToolRules,
+}
+
+/// Which tools an MCP rule lets a workload call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolRules {
+    /// Globs over tool names; when given, only matching tools may be called.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    /// Globs over tool names that may not be called (wins over `allow`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+}
+
+impl ToolRules {
+    fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
 }
 
 /// A rule's answer to a provider connection it cannot terminate.
@@ -149,6 +184,7 @@ impl Rule {
             || self.failover.is_some()
             || self.headers.is_some()
             || self.max_request_bytes.is_some()
+            || self.mcp.is_some()
     }
 
     /// `unterminated`, or its default for this rule.
@@ -362,11 +398,30 @@ pub(super) struct Compiled {
     failover: Option<std::sync::Arc<FailoverChain>>,
     selector: CompiledSelector,
     models: Option<GlobSet>,
+    mcp: Option<CompiledMcp>,
+}
+
+/// A rule's `mcp`, its server list resolved and its globs compiled.
+struct CompiledMcp {
+    servers: Vec<String>,
+    allow: Option<GlobSet>,
+    deny: Option<GlobSet>,
+}
+
+impl CompiledMcp {
+    fn allows_tool(&self, tool: &str) -> bool {
+        self.allow.as_ref().is_none_or(|g| g.is_match(tool))
+            && !self.deny.as_ref().is_some_and(|g| g.is_match(tool))
+    }
 }
 
 impl Compiled {
     pub fn matches_provider(&self, provider: &str) -> bool {
-        self.rule.providers.is_empty() || self.rule.providers.iter().any(|p| p == provider)
+        (self.rule.providers.is_empty() || self.rule.providers.iter().any(|p| p == provider))
+            && self
+                .mcp
+                .as_ref()
+                .is_none_or(|m| m.servers.iter().any(|s| s == provider))
     }
 
     /// The workload part of the match (the costly part: globs), cached per
@@ -378,12 +433,53 @@ impl Compiled {
     /// Is the rule decided per request (by model or operation), so a
     /// connection must be terminated to apply it?
     pub fn decides_per_request(&self) -> bool {
-        self.models.is_some() || !self.rule.operations.is_empty()
+        self.models.is_some() || !self.rule.operations.is_empty() || self.mcp.is_some()
     }
 
-    /// Does the rule decide calls of this kind?
+    /// Does the rule decide calls of this kind? An MCP rule decides only
+    /// MCP calls; a model rule none (they have no model).
     pub fn matches_operation(&self, op: Operation) -> bool {
-        self.rule.operations.is_empty() || self.rule.operations.contains(&op)
+        let kind = match op {
+            Operation::Mcp => self.models.is_none(),
+            _ => self.mcp.is_none(),
+        };
+        kind && (self.rule.operations.is_empty() || self.rule.operations.contains(&op))
+    }
+
+    /// The decision for an MCP call naming `tool` (a `tools/call`), or
+    /// another MCP message (None).
+    pub fn decide_mcp(&self, tool: Option<&str>) -> RequestDecision {
+        let r = &self.rule;
+        if r.action == Action::Deny {
+            return RequestDecision::Deny {
+                reason: self.reason(),
+                message: r
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("denied by policy rule `{}` for MCP calls", r.name)),
+            };
+        }
+        if let (Some(t), Some(m)) = (tool, &self.mcp)
+            && !m.allows_tool(t)
+        {
+            return RequestDecision::Deny {
+                reason: self.reason(),
+                message: r.message.clone().unwrap_or_else(|| {
+                    format!("tool `{t}` is not allowed by policy rule `{}`", r.name)
+                }),
+            };
+        }
+        // What applies to a call without a model or tokens.
+        RequestDecision::Allow {
+            reason: self.reason(),
+            caps: Caps {
+                limits: r.limits.clone(),
+                credential_file: r.credential_file.clone(),
+                headers: r.headers.clone(),
+                max_request_bytes: r.max_request_bytes,
+                ..Caps::default()
+            },
+        }
     }
 
     /// Whether the rule decides a request asking `model` (None: the model
@@ -457,6 +553,7 @@ impl Compiled {
 pub(super) fn compile(
     cfg: &PolicyConfig,
     providers: &[String],
+    mcp_servers: &[String],
 ) -> Result<Vec<Compiled>, PolicyError> {
     let mut chains = std::collections::HashMap::new();
     for (i, c) in cfg.failover.iter().enumerate() {
@@ -541,12 +638,75 @@ pub(super) fn compile(
                     )
                 })?),
             };
+            let mcp = match &r.mcp {
+                None => None,
+                Some(m) => Some(compile_mcp(r, m, mcp_servers, &at)?),
+            };
             Ok(Compiled {
                 failover,
                 selector: r.selector.compile(&at("match"))?,
                 models: globs(&r.models, &at("models"))?,
+                mcp,
                 rule: r.clone(),
             })
         })
         .collect()
+}
+
+/// A rule's `mcp`, checked against the configured `mcp_servers`.
+fn compile_mcp(
+    r: &Rule,
+    m: &McpRule,
+    mcp_servers: &[String],
+    at: &dyn Fn(&str) -> String,
+) -> Result<CompiledMcp, PolicyError> {
+    let err = |field: String, message: String| PolicyError { field, message };
+    if mcp_servers.is_empty() {
+        return Err(err(
+            at("mcp"),
+            "no `mcp_servers` are configured: list the MCP servers to govern first".into(),
+        ));
+    }
+    for (j, s) in m.servers.iter().enumerate() {
+        if !mcp_servers.contains(s) {
+            return Err(err(
+                at(&format!("mcp.servers[{j}]")),
+                format!(
+                    "`{s}` is not one of the mcp_servers (known: {})",
+                    mcp_servers.join(", ")
+                ),
+            ));
+        }
+    }
+    if r.action == Action::Deny && !m.tools.is_empty() {
+        return Err(err(
+            at("mcp.tools"),
+            "a deny rule refuses every call to its servers: list tools on an allow rule".into(),
+        ));
+    }
+    // What an MCP call does not have: a model, an output length, a price.
+    for (field, set) in [
+        ("models", !r.models.is_empty()),
+        ("max_output_tokens", r.max_output_tokens.is_some()),
+        ("model_aliases", !r.model_aliases.is_empty()),
+        ("budget", r.budget.is_some()),
+        ("failover", r.failover.is_some()),
+    ] {
+        if set {
+            return Err(err(
+                at(field),
+                "does not apply to MCP calls (no model, tokens or price): put it on a rule of its own"
+                    .into(),
+            ));
+        }
+    }
+    Ok(CompiledMcp {
+        servers: if m.servers.is_empty() {
+            mcp_servers.to_vec()
+        } else {
+            m.servers.clone()
+        },
+        allow: globs(&m.tools.allow, &at("mcp.tools.allow"))?,
+        deny: globs(&m.tools.deny, &at("mcp.tools.deny"))?,
+    })
 }

@@ -6,6 +6,7 @@
 //!   embeddings.
 //! * `anthropic` — messages.
 //! * `gemini` — generateContent / streamGenerateContent.
+//! * `mcp` — MCP servers' JSON-RPC (tools, resources, prompts).
 //!
 //! Responses are parsed as they are relayed (`ResponseParser::feed` per
 //! chunk): SSE incrementally, JSON bodies once complete (bounded).
@@ -13,6 +14,8 @@ pub mod adapter;
 pub mod anthropic;
 pub mod batch_input;
 pub mod gemini;
+pub mod mcp;
+pub mod mcp_response;
 pub mod openai;
 pub mod operation;
 pub mod realtime;
@@ -37,6 +40,8 @@ pub enum Api {
     Openai,
     Anthropic,
     Gemini,
+    /// An MCP server (`mcp_servers`): JSON-RPC over streamable HTTP.
+    Mcp,
 }
 
 impl Api {
@@ -56,6 +61,7 @@ pub fn adapter(api: Api) -> &'static dyn Adapter {
         Api::Openai => &openai::OpenAi,
         Api::Anthropic => &anthropic::Anthropic,
         Api::Gemini => &gemini::Gemini,
+        Api::Mcp => &mcp::Mcp,
     }
 }
 

@@ -27,13 +27,15 @@ pub enum Operation {
     Files,
     /// Realtime sessions (OpenAI/Azure `/realtime`).
     Realtime,
+    /// MCP (Model Context Protocol) messages to an `mcp_servers` host.
+    Mcp,
     /// Anything else of a provider's API (model listings, token counts, …).
     #[default]
     Other,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 10] = [
+    pub const ALL: [Operation; 11] = [
         Self::Chat,
         Self::Responses,
         Self::Completions,
@@ -43,6 +45,7 @@ impl Operation {
         Self::Batch,
         Self::Files,
         Self::Realtime,
+        Self::Mcp,
         Self::Other,
     ];
 
@@ -57,6 +60,7 @@ impl Operation {
             Self::Batch => "batch",
             Self::Files => "files",
             Self::Realtime => "realtime",
+            Self::Mcp => "mcp",
             Self::Other => "other",
         }
     }

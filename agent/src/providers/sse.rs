@@ -88,6 +88,17 @@ impl SseParser {
     }
 }
 
+/// Ends (exclusive) of the complete events in `b`: each just after the
+/// blank line (`\n\n` or `\n\r\n`) that ends it. For filters that pass
+/// events on as they came and edit only some.
+pub fn event_ends(b: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    (1..b.len()).filter_map(move |i| {
+        let blank = b[i] == b'\n'
+            && (b[i - 1] == b'\n' || (i >= 2 && b[i - 1] == b'\r' && b[i - 2] == b'\n'));
+        blank.then_some(i + 1)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,7 +123,7 @@ impl UsageChunkFilter {
     fn filter_events(&mut self, events: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(events.len());
         let mut start = 0;
-        for end in boundaries(events) {
+        for end in super::sse::event_ends(events) {
             let block = &events[start..end];
             start = end;
             match edit_event(block) {
@@ -144,18 +144,8 @@ fn mentions_usage(b: &[u8]) -> bool {
     b.windows(7).any(|w| w == b"\"usage\"")
 }
 
-/// Ends (exclusive) of complete events: each just after the blank line
-/// (`\n\n` or `\n\r\n`) that ends it.
-fn boundaries(b: &[u8]) -> impl Iterator<Item = usize> + '_ {
-    (1..b.len()).filter_map(move |i| {
-        let blank = b[i] == b'\n'
-            && (b[i - 1] == b'\n' || (i >= 2 && b[i - 1] == b'\r' && b[i - 2] == b'\n'));
-        blank.then_some(i + 1)
-    })
-}
-
 fn last_boundary(b: &[u8]) -> Option<usize> {
-    boundaries(b).last()
+    super::sse::event_ends(b).last()
 }
 
 #[derive(Debug, PartialEq, Eq)]

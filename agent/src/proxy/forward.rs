@@ -68,8 +68,14 @@ pub(super) async fn forward(
     // 2. Admission: parse, rule, rewrites, credential, budget, limits.
     let headers = std::mem::take(&mut parts.headers);
     let asks = call.meta.asks_stream_usage;
-    let (verdict, input_chars) =
-        admit(&call, &workload, &mut record, target, headers, body, asks).await;
+    let proposed = Proposed {
+        target,
+        headers,
+        body,
+        asks_stream_usage: asks,
+        mcp_tools: None,
+    };
+    let (verdict, input_chars) = admit(&call, &workload, &mut record, proposed).await;
     let admitted = match verdict {
         Ok(a) => a,
         Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
@@ -285,19 +291,34 @@ async fn deliver(
     Delivery::Relay(parts, Box::new(body), left)
 }
 
-/// Step 2, for a request and a Realtime session alike: admit the request
-/// under the live rules, and note in its record what it turned out to be
-/// (operation, model, stream, deciding rule, upload). Also returns the
-/// characters of input text, for estimates.
+/// What a request, a Realtime session or an MCP message asks to send.
+pub(super) struct Proposed {
+    /// Path and query, unredacted.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub asks_stream_usage: bool,
+    /// See `Candidate::mcp_tools`.
+    pub mcp_tools: Option<Vec<String>>,
+}
+
+/// Step 2, for a request, a Realtime session and an MCP message alike:
+/// admit it under the live rules, and note in its record what it turned
+/// out to be (operation, model, stream, deciding rule, upload). Also
+/// returns the characters of input text, for estimates.
 pub(super) async fn admit(
     call: &Call,
     workload: &Workload,
     record: &mut RequestRecord,
-    target: String,
-    headers: HeaderMap,
-    body: Bytes,
-    asks_stream_usage: bool,
+    proposed: Proposed,
 ) -> (Verdict, u64) {
+    let Proposed {
+        target,
+        headers,
+        body,
+        asks_stream_usage,
+        mcp_tools,
+    } = proposed;
     let rules = call.tls.live.load_full();
     let mut seen = Seen::default();
     let request = Candidate {
@@ -312,6 +333,7 @@ pub(super) async fn admit(
         target,
         headers,
         body,
+        mcp_tools,
     };
     let verdict = call
         .tls

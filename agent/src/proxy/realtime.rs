@@ -68,16 +68,14 @@ pub(super) async fn session(
     // handshake too; it has no body to be JSON, so admission does not see it.
     let content_type = parts.headers.remove(header::CONTENT_TYPE);
     let headers = std::mem::take(&mut parts.headers);
-    let (verdict, _) = forward::admit(
-        &call,
-        workload,
-        &mut record,
+    let proposed = forward::Proposed {
         target,
         headers,
-        Bytes::new(),
-        false,
-    )
-    .await;
+        body: Bytes::new(),
+        asks_stream_usage: false,
+        mcp_tools: None,
+    };
+    let (verdict, _) = forward::admit(&call, workload, &mut record, proposed).await;
     let admitted = match verdict {
         Ok(a) => a,
         Err(refusal) => return rescue::refused(&call, &refusal, record, started),
