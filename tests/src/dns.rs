@@ -5,7 +5,10 @@ use std::{fs, process::Stdio, time::Duration};
 
 use crate::{
     TestNode,
-    node::{ANTHROPIC_HOST, BACKUP_HOST, GEMINI_HOST, PROVIDER_HOST, UPSTREAM_V4_BACKUP},
+    node::{
+        ANTHROPIC_HOST, BACKUP_HOST, GEMINI_HOST, MCP_HOST, PROVIDER_HOST, UPSTREAM_V4_ALT,
+        UPSTREAM_V4_BACKUP,
+    },
     process::Proc,
 };
 
@@ -17,7 +20,7 @@ impl TestNode {
             .iter()
             .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n"))
             .chain(std::iter::once(format!(
-                "{UPSTREAM_V4_BACKUP} {BACKUP_HOST}\n"
+                "{UPSTREAM_V4_BACKUP} {BACKUP_HOST}\n{UPSTREAM_V4_ALT} {MCP_HOST}\n"
             )))
             .collect();
         fs::write(&hosts, body).unwrap();

@@ -28,6 +28,7 @@ pub mod privileged;
 pub mod process;
 pub mod prometheus;
 pub mod redis;
+pub mod sdk;
 pub mod yaml;
 
 pub use node::TestNode;

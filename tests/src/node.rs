@@ -43,6 +43,10 @@ pub const ANTHROPIC_HOST: &str = "api.anthropic.com";
 pub const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
 /// An OpenAI-compatible provider on its own address: a failover target.
 pub const BACKUP_HOST: &str = "api.backup.test";
+/// A remote MCP server (`mcp_servers`), at UPSTREAM_V4_ALT:MCP_PORT when a
+/// test runs one (`tests/clients/mcp_server.py`).
+pub const MCP_HOST: &str = "mcp.tools.test";
+pub const MCP_PORT: u16 = 9443;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -271,7 +275,10 @@ impl TestNode {
         let p = self.dir.join("pod-hosts");
         fs::write(
             &p,
-            format!("127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n"),
+            format!(
+                "127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n\
+                 {UPSTREAM_V4_ALT} {MCP_HOST}\n"
+            ),
         )
         .unwrap();
         p
@@ -453,6 +460,7 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
         ANTHROPIC_HOST.to_string(),
         GEMINI_HOST.to_string(),
         BACKUP_HOST.to_string(),
+        MCP_HOST.to_string(),
     ])
     .unwrap()
     .signed_by(&leaf_key, &issuer)

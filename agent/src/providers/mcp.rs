@@ -280,6 +280,48 @@ pub(crate) fn bounded(s: &str) -> String {
     s[..end].to_string()
 }
 
+/// The `method` label of `tollgate_mcp_calls_total`: the protocol's own
+/// methods by name, any other `other`, so a workload cannot grow the
+/// label set. `http` is the HTTP method, for what has no JSON-RPC method.
+pub fn method_label(method: Option<&str>, http: &str) -> &'static str {
+    const KNOWN: [&str; 18] = [
+        "initialize",
+        "ping",
+        "server/discover",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "tasks/get",
+        "tasks/list",
+        "tasks/result",
+        "tasks/cancel",
+    ];
+    match method {
+        Some(m) => {
+            KNOWN
+                .iter()
+                .copied()
+                .find(|k| *k == m)
+                .unwrap_or(if m.starts_with("notifications/") {
+                    "notification"
+                } else {
+                    "other"
+                })
+        }
+        None if http == "GET" => "stream",
+        None if http == "DELETE" => "session_end",
+        None => "response",
+    }
+}
+
 /// A JSON-RPC id as the record shows it.
 pub fn id_text(id: &Value) -> String {
     match id {
@@ -294,8 +336,14 @@ mod tests {
 
     #[test]
     fn requests_are_read_for_what_they_name() {
-        let table: &[(&str, Option<&str>, Option<&str>, Option<&str>)] = &[
-            // body, method, tool, resource-or-prompt
+        // body, method, tool, resource-or-prompt
+        type Row = (
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+            Option<&'static str>,
+        );
+        let table: &[Row] = &[
             (
                 r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"add","arguments":{"a":1}}}"#,
                 Some("tools/call"),

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 use super::context::Call;
 use crate::{
     policy::BudgetHold,
-    telemetry::records::{Decision, RequestRecord},
+    providers::{Operation, mcp, mcp_response},
+    telemetry::records::{Decision, Outcome, RequestRecord},
 };
 
 /// Price, charge, count and log one finished request. `budget`: what its
@@ -17,6 +18,9 @@ pub(super) fn account(
     started: Instant,
     ttft: Option<Duration>,
 ) {
+    if record.operation == Operation::Mcp {
+        return account_mcp(call, record, started);
+    }
     let m = &call.metrics;
     // The model that answered is what is billed; the requested one otherwise.
     let billed_model = record
@@ -103,6 +107,40 @@ pub(super) fn account(
                 .with_label_values(&[&ns, &workload, &pod, &record.provider, &model, kind])
                 .inc_by(n);
         }
+    }
+    call.events.record_request(&record);
+}
+
+/// The end of a message to an MCP server: its metrics and its record (it
+/// has no price and no tokens).
+fn account_mcp(call: &Call, record: RequestRecord, started: Instant) {
+    let m = &call.metrics;
+    let [ns, workload, pod] = record.workload.metric_labels();
+    let exchange = record.mcp.as_ref();
+    let method = mcp::method_label(exchange.and_then(|x| x.method.as_deref()), &record.method);
+    // Tool names are the workload's to choose: bounded per server like models.
+    let tool = exchange
+        .and_then(|x| x.tool.as_deref())
+        .map(|t| m.model_label(&format!("mcp:{}", record.provider), Some(t)))
+        .unwrap_or_default();
+    let result = match (record.result, exchange.and_then(|x| x.answered.outcome)) {
+        (Outcome::Ok, _) if record.status >= 400 => "http_error",
+        (Outcome::Ok, Some(mcp_response::Outcome::Error)) => "error",
+        (Outcome::Ok, Some(mcp_response::Outcome::ToolError)) => "tool_error",
+        (o, _) => o.as_str(),
+    };
+    let server = record.provider.as_str();
+    m.mcp_calls
+        .with_label_values(&[&ns, &workload, &pod, server, method, &tool, result])
+        .inc();
+    m.mcp_call_duration
+        .with_label_values(&[&ns, &workload, &pod, server, method])
+        .observe(started.elapsed().as_secs_f64());
+    m.decisions
+        .with_label_values(&[server, record.decision.as_str(), &record.reason])
+        .inc();
+    if let Some(kind) = upstream_error_kind(&record) {
+        m.upstream_errors.with_label_values(&[server, kind]).inc();
     }
     call.events.record_request(&record);
 }

@@ -10,6 +10,7 @@ use hyper::body::{Bytes, Incoming};
 use super::{
     buffered::Reservation,
     context::Call,
+    mcp,
     metered::{Finish, Metered},
     realtime, rescue, restart,
     send::{self, Sent},
@@ -36,6 +37,9 @@ pub(super) async fn forward(
     if realtime::is_upgrade(&req) {
         return Ok(realtime::session(call, req, &workload, record, started).await);
     }
+    if call.meta.adapter.api() == Api::Mcp {
+        return Ok(mcp::exchange(call, req, workload, record, started).await);
+    }
     // The unredacted target goes upstream; the record keeps the redacted one.
     let target = req
         .uri()
@@ -46,24 +50,11 @@ pub(super) async fn forward(
     // 1. The whole body: the adapter needs it (model, stream flag), and LLM
     //    requests are bounded JSON documents. What it holds counts against
     //    the node's bound until the provider has answered.
-    let settings = &call.tls.settings;
     let mut held = call.tls.bodies.reservation();
-    let read = read_body(body, settings.max_request_body, &mut held);
-    let body = match tokio::time::timeout(settings.request_body_timeout, read).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(refusal)) => return Ok(rescue::refused(&call, &refusal, record, started)),
-        Err(_) => {
-            let refusal = Refusal::BodyTimeout {
-                after: settings.request_body_timeout,
-            };
-            return Ok(rescue::refused(&call, &refusal, record, started));
-        }
+    let body = match read_request_body(&call, body, &mut held, &mut record).await {
+        Ok(b) => b,
+        Err(refusal) => return Ok(rescue::refused(&call, &refusal, record, started)),
     };
-    record.request_bytes = body.len() as u64;
-    let capture = &call.tls.capture;
-    if capture.bodies {
-        record.request_body = Some(redact::body(&body, capture.max_body_bytes));
-    }
 
     // 2. Admission: parse, rule, rewrites, credential, budget, limits.
     let headers = std::mem::take(&mut parts.headers);
@@ -433,7 +424,33 @@ fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> Requ
         response_body: None,
         realtime: None,
         batch_input: None,
+        mcp: None,
     }
+}
+
+/// Step 1, for a request and an MCP message alike: the whole body, within
+/// `tls.max_request_body` and `tls.request_body_timeout`, its bytes held in
+/// `held` (the node's bound), its size (and with `audit.capture.bodies`
+/// its redacted text) in the record.
+pub(super) async fn read_request_body(
+    call: &Call,
+    body: Incoming,
+    held: &mut Reservation,
+    record: &mut RequestRecord,
+) -> Result<Bytes, Refusal> {
+    let settings = &call.tls.settings;
+    let read = read_body(body, settings.max_request_body, held);
+    let body = tokio::time::timeout(settings.request_body_timeout, read)
+        .await
+        .map_err(|_| Refusal::BodyTimeout {
+            after: settings.request_body_timeout,
+        })??;
+    record.request_bytes = body.len() as u64;
+    let capture = &call.tls.capture;
+    if capture.bodies {
+        record.request_body = Some(redact::body(&body, capture.max_body_bytes));
+    }
+    Ok(body)
 }
 
 /// Read the body frame by frame, at most `max` bytes, each frame reserved
@@ -499,7 +516,7 @@ const HOP_BY_HOP: [&str; 7] = [
     "trailer",
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named by Connection are hop-by-hop too.
     let named: Vec<String> = h
         .get_all(header::CONNECTION)

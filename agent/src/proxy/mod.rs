@@ -15,6 +15,7 @@ pub mod client_hello;
 pub mod context;
 pub mod dial;
 mod forward;
+mod mcp;
 mod metered;
 pub mod plan;
 mod realtime;

@@ -11,7 +11,7 @@ use hyper::body::Bytes;
 use super::{account::account, context::Call, upstream::ProxyBody};
 use crate::{
     policy::Refusal,
-    providers::{Adapter, RateLimitHint},
+    providers::{Adapter, RateLimitHint, mcp},
     telemetry::records::{Decision, Outcome, RequestRecord},
 };
 
@@ -234,6 +234,65 @@ pub(super) fn refused(
     respond(call, answer, record, started)
 }
 
+/// Answer a refused message to an MCP server, as the JSON-RPC error of
+/// each request in it (`ids`), so the client raises it as the call's
+/// error. What the policy decided (a rule, a limit) is answered with HTTP
+/// 200, as a server answers a call it refuses; what the proxy could not
+/// do keeps its HTTP status.
+pub(super) fn refused_mcp(
+    call: &Call,
+    refusal: &Refusal,
+    record: RequestRecord,
+    started: Instant,
+    ids: &[serde_json::Value],
+) -> Response<ProxyBody> {
+    let mut answer = answer(refusal, &record.reason, call.meta.adapter);
+    if ids.is_empty() {
+        return respond(call, answer, record, started);
+    }
+    let code = match refusal {
+        Refusal::Denied { .. } => Some(mcp::DENIED),
+        Refusal::RateLimited { .. } => Some(mcp::RATE_LIMITED),
+        _ => None,
+    };
+    if code.is_some() {
+        answer.status = StatusCode::OK;
+    }
+    let ids = ids.to_vec();
+    let body = move |message: &str, reason: &str, retry| {
+        mcp::error_response(&ids, code.unwrap_or(mcp::REFUSED), message, reason, retry)
+    };
+    respond_shaped(call, answer, record, started, &body)
+}
+
+/// Answer an MCP message that cannot be decided (not JSON-RPC, or routing
+/// headers that say otherwise than its body): 400, a JSON-RPC error.
+pub(super) fn unreadable_mcp(
+    call: &Call,
+    why: &mcp::Unreadable,
+    record: RequestRecord,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let answer = Answer {
+        status: StatusCode::BAD_REQUEST,
+        decision: Decision::Deny,
+        outcome: Outcome::ClientError,
+        reason: "mcp_unreadable".into(),
+        message: format!("{why}: an MCP message the policy cannot read is not forwarded"),
+        retry: None,
+        retry_after_ms: None,
+        headers: Vec::new(),
+    };
+    let code = match why {
+        mcp::Unreadable::NotJson => mcp::PARSE_ERROR,
+        _ => mcp::INVALID_REQUEST,
+    };
+    let body = move |message: &str, reason: &str, retry| {
+        mcp::error_response(&[serde_json::Value::Null], code, message, reason, retry)
+    };
+    respond_shaped(call, answer, record, started, &body)
+}
+
 /// Answer a request whose provider leg failed (no response to relay).
 pub(super) fn failed(
     call: &Call,
@@ -261,8 +320,26 @@ pub(super) fn failed(
 fn respond(
     call: &Call,
     answer: Answer,
+    record: RequestRecord,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let adapter = call.meta.adapter;
+    let status = answer.status.as_u16();
+    let body =
+        move |message: &str, code: &str, retry| adapter.error_body(status, message, code, retry);
+    respond_shaped(call, answer, record, started, &body)
+}
+
+/// The body of an answer: from its message, reason code and retry.
+type Shape<'a> = &'a dyn Fn(&str, &str, Option<Duration>) -> String;
+
+/// `respond`, with the body shaped by `shape`.
+fn respond_shaped(
+    call: &Call,
+    answer: Answer,
     mut record: RequestRecord,
     started: Instant,
+    shape: Shape<'_>,
 ) -> Response<ProxyBody> {
     record.decision = answer.decision;
     record.result = answer.outcome;
@@ -275,10 +352,7 @@ fn respond(
         _ => record.result.as_str().to_string(),
     };
     let message = format!("tollgate: {}", answer.message);
-    let body = call
-        .meta
-        .adapter
-        .error_body(answer.status.as_u16(), &message, &code, answer.retry);
+    let body = shape(&message, &code, answer.retry);
     record.error = Some(answer.message);
     let mut response = Response::builder()
         .status(answer.status)

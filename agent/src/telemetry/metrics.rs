@@ -41,6 +41,10 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// USD spent, from the price table.
     pub cost: CounterVec,
+    /// MCP messages by server, method, tool and result.
+    pub mcp_calls: IntCounterVec,
+    /// How long MCP calls took, answer included.
+    pub mcp_call_duration: HistogramVec,
     /// Responses streaming to workloads now.
     pub active_streams: IntGauge,
     /// Failed provider calls by kind (transport failures, 429, 5xx).
@@ -199,6 +203,33 @@ impl Metrics {
             ],
         )
         .expect("valid metric");
+        let mcp_calls = IntCounterVec::new(
+            Opts::new(
+                "tollgate_mcp_calls_total",
+                "MCP messages of workloads, by server, method, tool and result",
+            ),
+            &[
+                "namespace",
+                "workload",
+                "pod",
+                "server",
+                "method",
+                "tool",
+                "result",
+            ],
+        )
+        .expect("valid metric");
+        let mcp_call_duration = HistogramVec::new(
+            prometheus::HistogramOpts::new(
+                "tollgate_mcp_call_duration_seconds",
+                "Duration of MCP calls, from the request to the end of the answer",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["namespace", "workload", "pod", "server", "method"],
+        )
+        .expect("valid metric");
         let cost = CounterVec::new(
             Opts::new(
                 "tollgate_cost_usd_total",
@@ -311,6 +342,8 @@ impl Metrics {
             Box::new(tokens.clone()),
             Box::new(requests.clone()),
             Box::new(cost.clone()),
+            Box::new(mcp_calls.clone()),
+            Box::new(mcp_call_duration.clone()),
             Box::new(active_streams.clone()),
             Box::new(upstream_errors.clone()),
             Box::new(decisions.clone()),
@@ -337,6 +370,8 @@ impl Metrics {
             tokens,
             requests,
             cost,
+            mcp_calls,
+            mcp_call_duration,
             active_streams,
             upstream_errors,
             decisions,

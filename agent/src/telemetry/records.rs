@@ -309,6 +309,83 @@ pub struct RequestRecord {
     /// is their sum.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub realtime: Option<RealtimeSession>,
+    /// A message to an MCP server (`operation: mcp`): what it asked and
+    /// what the server answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpExchange>,
+}
+
+/// What an MCP message's record adds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct McpExchange {
+    /// The JSON-RPC method (`tools/call`, `notifications/initialized`);
+    /// absent for the event stream a GET opens and a session's DELETE.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// The request's JSON-RPC id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Bytes of a `tools/call`'s arguments (the arguments are not kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub argument_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<crate::providers::mcp::Peer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// `sha256:` and the first 16 hex digits of the `Mcp-Session-Id`: the
+    /// calls of one session share it, and the id itself (which a server
+    /// may accept as proof of the session) is not written down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    /// JSON-RPC messages in the body; more than one is a batch, recorded
+    /// by its first request.
+    #[serde(skip_serializing_if = "is_one")]
+    pub messages: u32,
+    #[serde(flatten)]
+    pub answered: crate::providers::mcp_response::Answered,
+}
+
+fn is_one(n: &u32) -> bool {
+    *n <= 1
+}
+
+impl McpExchange {
+    /// The record of `messages` (the first request's names; a
+    /// notification's or response's when there is no request).
+    pub fn of(messages: &[crate::providers::mcp::Message]) -> Self {
+        let Some(m) = messages
+            .iter()
+            .find(|m| m.is_request())
+            .or_else(|| messages.first())
+        else {
+            return Self::default();
+        };
+        Self {
+            method: m.method.clone(),
+            id: m.id.as_ref().map(crate::providers::mcp::id_text),
+            tool: m.tool.clone(),
+            resource: m.resource.clone(),
+            prompt: m.prompt.clone(),
+            argument_bytes: m.argument_bytes,
+            client: m.client.clone(),
+            protocol_version: m.protocol_version.clone(),
+            messages: messages.len() as u32,
+            ..Default::default()
+        }
+    }
+
+    /// `session` for a `Mcp-Session-Id` value.
+    pub fn session_of(id: &str) -> String {
+        let d = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
+        let hex: String = d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    }
 }
 
 /// What a Realtime session's record adds.

@@ -54,6 +54,8 @@ impl GonePods {
             drop_pods(&m.tokens, &gone);
             drop_pods(&m.requests, &gone);
             drop_pods(&m.cost, &gone);
+            drop_pods(&m.mcp_calls, &gone);
+            drop_pods(&m.mcp_call_duration, &gone);
         }
         gone.len()
     }
