@@ -3,9 +3,10 @@ use tollgate_agent::providers::Api;
 
 /// The provider API a fuzz input's selector byte picks.
 pub fn api(selector: u8) -> Api {
-    match selector % 3 {
+    match selector % 4 {
         0 => Api::Openai,
         1 => Api::Anthropic,
-        _ => Api::Gemini,
+        2 => Api::Gemini,
+        _ => Api::Mcp,
     }
 }

@@ -161,7 +161,7 @@ fn build_bins(release: bool) -> Result<()> {
 /// Seconds per fuzz target within `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
-const FUZZ_TARGETS: [&str; 7] = [
+const FUZZ_TARGETS: [&str; 8] = [
     "client_hello",
     "sse",
     "stream_usage",
@@ -169,6 +169,7 @@ const FUZZ_TARGETS: [&str; 7] = [
     "provider_request",
     "dns_answer",
     "config",
+    "mcp",
 ];
 
 /// Run each fuzz target for `seconds`, from the committed seeds

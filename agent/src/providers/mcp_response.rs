@@ -217,22 +217,24 @@ impl ResponseReader {
                 changed
             }
             Value::Object(o) => {
-                if o.contains_key("method") {
+                // A request or notification of the server's own. Its tool
+                // list, if it (invalidly) has one, is filtered all the
+                // same: a client may read any message with a result as one.
+                let servers = o.contains_key("method");
+                if servers {
                     self.answered.server_messages += 1;
-                    return false;
                 }
-                let ours = o.get("id").is_some_and(|id| self.ids.contains(id));
-                if let Some(e) = o.get("error") {
-                    if ours {
-                        self.answered.outcome = Some(Outcome::Error);
-                        self.answered.error_code = e.get("code").and_then(Value::as_i64);
-                    }
-                    return false;
+                let ours = !servers && o.get("id").is_some_and(|id| self.ids.contains(id));
+                if let Some(e) = o.get("error")
+                    && ours
+                {
+                    self.answered.outcome = Some(Outcome::Error);
+                    self.answered.error_code = e.get("code").and_then(Value::as_i64);
                 }
                 let Some(result) = o.get_mut("result") else {
                     return false;
                 };
-                if ours {
+                if ours && self.answered.outcome.is_none() {
                     let tool_failed = result.get("isError").and_then(Value::as_bool) == Some(true);
                     self.answered.outcome = Some(if tool_failed {
                         Outcome::ToolError
@@ -420,6 +422,15 @@ mod tests {
             r.feed(Bytes::from_static(b"x")).unwrap(),
             Bytes::from_static(b"x")
         );
+    }
+
+    #[test]
+    fn a_tool_list_in_any_message_is_filtered() {
+        // Found by fuzzing: a message with both `method` and `result`.
+        let odd = r#"{"jsonrpc":"2.0","method":"notifications/x","id":"a","result":{"tools":[{"name":"delete_repo"},{"name":"add"}]}}"#;
+        let mut r = ResponseReader::new("application/json", vec![json!("a")], only_add());
+        let out = String::from_utf8(run(&mut r, &[odd.as_bytes()])).unwrap();
+        assert!(!out.contains("delete_repo"), "{out}");
     }
 
     #[test]
