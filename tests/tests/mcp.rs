@@ -212,7 +212,8 @@ out = {
     "batch": post(json.dumps([call(1, "add"), call(2, "delete_repo")])),
     "header": post(json.dumps(call(3, "delete_repo")), {"mcp-method": "tools/call", "mcp-name": "add"}),
     "garbage": post('{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"delete_repo"'),
-    "plain": post(json.dumps(call(5, "delete_repo"))),
+    "plain": post(json.dumps(call(5, "delete_repo")), {"mcp-session-id": "s-123"}),
+    "session": "sha256:" + __import__("hashlib").sha256(b"s-123").hexdigest()[:16],
 }
 print(json.dumps(out))
 "#;
@@ -274,4 +275,8 @@ print(json.dumps(out))
         .filter(|r| r["reason"] == "mcp_unreadable")
         .count();
     assert_eq!(unreadable, 2, "{recs:?}");
+    // The session is recorded by a digest of its id, never the id itself.
+    let plain = recs.iter().find(|r| r["mcp"]["id"] == "5").unwrap();
+    assert_eq!(plain["mcp"]["session"], got["session"], "{plain}");
+    assert!(!plain.to_string().contains("s-123"), "{plain}");
 }

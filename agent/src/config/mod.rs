@@ -469,6 +469,34 @@ mod tests {
     }
 
     #[test]
+    fn mcp_servers_are_governed_hosts_checked_under_their_own_name() {
+        let c = Config::parse(
+            "mcp_servers:\n  - name: github\n    hosts: [api.githubcopilot.com]\n",
+            "c",
+        )
+        .unwrap();
+        let gh = c.providers.iter().find(|p| p.name == "github").unwrap();
+        assert_eq!(gh.api(), crate::providers::Api::Mcp);
+        assert_eq!(gh.ports, [443]);
+        assert!(c.providers.len() > 1, "the built-in providers stay");
+        assert_eq!(c.mcp_server_names(), ["github"]);
+        for (yaml, field) in [
+            (
+                "mcp_servers:\n  - name: x\n    hosts: [\"*.example.com\"]\n",
+                "mcp_servers[0].hosts[0]",
+            ),
+            (
+                "mcp_servers:\n  - name: openai\n    hosts: [mcp.example.com]\n",
+                "mcp_servers[0].name",
+            ),
+            ("mcp_servers:\n  - name: x\n", "mcp_servers[0]"),
+        ] {
+            let e = Config::parse(yaml, "c").unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
+
+    #[test]
     fn type_error_names_field() {
         let e = Config::parse("proxy:\n  port: lots\n", "c")
             .unwrap_err()

@@ -691,6 +691,18 @@ fn compile_mcp(
         ("model_aliases", !r.model_aliases.is_empty()),
         ("budget", r.budget.is_some()),
         ("failover", r.failover.is_some()),
+        (
+            "limits.input_tokens_per_minute",
+            r.limits
+                .as_ref()
+                .is_some_and(|l| l.input_tokens_per_minute.is_some()),
+        ),
+        (
+            "limits.output_tokens_per_minute",
+            r.limits
+                .as_ref()
+                .is_some_and(|l| l.output_tokens_per_minute.is_some()),
+        ),
     ] {
         if set {
             return Err(err(

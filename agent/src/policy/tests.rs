@@ -483,3 +483,84 @@ fn a_realtime_rule_is_warned_of_what_sessions_ignore() {
         ["rules[0].max_output_tokens", "rules[0].model_aliases"]
     );
 }
+
+#[test]
+fn mcp_rules_are_checked_against_the_mcp_servers() {
+    let bad = |yaml: &str, mcp: &[&str]| {
+        let cfg: PolicyConfig = serde_yaml::from_str(yaml).unwrap();
+        let mcp: Vec<String> = mcp.iter().map(|s| s.to_string()).collect();
+        let mut providers = vec!["openai".to_string()];
+        providers.extend(mcp.iter().cloned());
+        Policy::with_mcp(&cfg, &providers, &mcp).err().unwrap()
+    };
+    let e = bad("rules: [{name: m, mcp: {}, action: allow}]", &[]);
+    assert_eq!(e.field, "rules[0].mcp");
+    assert!(e.message.contains("no `mcp_servers`"), "{e}");
+    let e = bad(
+        "rules: [{name: m, mcp: {servers: [gh, openai]}, action: allow}]",
+        &["gh"],
+    );
+    assert_eq!(e.field, "rules[0].mcp.servers[1]");
+    assert!(e.message.contains("known: gh"), "{e}");
+    let e = bad(
+        "rules: [{name: m, mcp: {tools: {deny: [x]}}, action: deny}]",
+        &["gh"],
+    );
+    assert_eq!(e.field, "rules[0].mcp.tools");
+    for (field, yaml) in [
+        ("budget", "budget: {daily_usd: 1}"),
+        ("models", "models: [gpt-4o]"),
+        (
+            "limits.input_tokens_per_minute",
+            "limits: {input_tokens_per_minute: 5}",
+        ),
+    ] {
+        let e = bad(
+            &format!("rules: [{{name: m, mcp: {{}}, action: allow, {yaml}}}]"),
+            &["gh"],
+        );
+        assert_eq!(e.field, format!("rules[0].{field}"), "{e}");
+    }
+    let e = bad(
+        "rules: [{name: m, mcp: {tools: {allow: [\"[\"]}}, action: allow}]",
+        &["gh"],
+    );
+    assert_eq!(e.field, "rules[0].mcp.tools.allow[0]");
+}
+
+#[test]
+fn mcp_rules_decide_only_mcp_calls_and_model_rules_none() {
+    let cfg: PolicyConfig = serde_yaml::from_str(
+        "default: deny\nrules:\n  - {name: models, models: [\"gpt-*\"], action: allow}\n  - {name: gh, mcp: {servers: [gh], tools: {deny: [\"delete_*\"]}}, action: allow}\n  - {name: rest, action: allow}\n",
+    )
+    .unwrap();
+    let providers = ["openai".to_string(), "gh".into(), "jira".into()];
+    let p = Policy::with_mcp(&cfg, &providers, &["gh".into(), "jira".into()]).unwrap();
+    let w = crate::identity::Workload::default();
+    let s = Subject {
+        workload: &w,
+        comm: "app",
+    };
+    let reason = |d: RequestDecision| match d {
+        RequestDecision::Allow { reason, .. } => format!("allow {reason}"),
+        RequestDecision::Deny { reason, .. } => format!("deny {reason}"),
+    };
+    // A model rule does not see MCP calls; the MCP rule decides its server's.
+    assert_eq!(reason(p.mcp(s, "gh", Some("list_issues"))), "allow rule:gh");
+    assert_eq!(reason(p.mcp(s, "gh", Some("delete_repo"))), "deny rule:gh");
+    assert_eq!(reason(p.mcp(s, "gh", None)), "allow rule:gh");
+    // Another server is not the MCP rule's.
+    assert_eq!(
+        reason(p.mcp(s, "jira", Some("delete_repo"))),
+        "allow rule:rest"
+    );
+    // An LLM call is not the MCP rule's either.
+    assert_eq!(
+        reason(p.request(s, "openai", Operation::Chat, Some("o3"))),
+        "allow rule:rest"
+    );
+    assert_eq!(
+        reason(p.request(s, "openai", Operation::Chat, Some("gpt-4o"))),
+        "allow rule:models"
+    );
+}
