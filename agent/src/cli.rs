@@ -17,6 +17,7 @@ inside each workload's network namespace and attributed to the workload. With a 
 (`tollgate ca init`, `tls.ca_dir`) the proxy terminates TLS for provider hosts, parses each API \
 call (model, stream, token usage, cost) and writes one audit line per call; without one, or for \
 workloads that do not trust it, connections are relayed and audited by server name and bytes. \
+Remote MCP servers listed in `mcp_servers` are governed the same way, call by call and tool by tool. \
 In a cluster (a DaemonSet: deploy/helm/tollgate) pods are named by namespace, owner workload and \
 labels from the API server. Prometheus metrics on `metrics.listen`.\n\n\
 Needs: Linux ≥ 5.15 with BTF, cgroup v2 mounted (hybrid hosts are fine), root or \
