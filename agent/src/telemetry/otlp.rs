@@ -29,7 +29,8 @@ use opentelemetry_sdk::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::records::{Decision, Outcome, RequestRecord};
+use super::records::{Decision, McpExchange, Outcome, RequestRecord};
+use crate::providers::mcp_response::Outcome as McpOutcome;
 
 /// `otlp:` in the config.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -324,7 +325,15 @@ fn http_client(
 }
 
 /// `{gen_ai.operation.name} {gen_ai.request.model}`, as the conventions name spans.
+/// An MCP call's span is `{mcp.method.name} {tool or prompt}` (the MCP conventions).
 fn span_name(r: &RequestRecord) -> String {
+    if let Some(x) = &r.mcp {
+        let method = x.method.as_deref().unwrap_or(r.method.as_str());
+        return match x.tool.as_deref().or(x.prompt.as_deref()) {
+            Some(target) => format!("{method} {target}"),
+            None => method.to_owned(),
+        };
+    }
     match &r.model {
         Some(m) => format!("{} {m}", r.operation),
         None => r.operation.as_str().to_owned(),
@@ -335,8 +344,12 @@ fn span_name(r: &RequestRecord) -> String {
 /// (of the calling pod: one agent serves many pods, so these are span
 /// attributes, not the resource's), and Tollgate's own.
 fn attributes(r: &RequestRecord) -> Vec<KeyValue> {
+    let operation = match r.mcp.as_ref().and_then(|x| x.method.as_deref()) {
+        Some("tools/call") => "execute_tool",
+        _ => r.operation.as_str(),
+    };
     let mut a = vec![
-        KeyValue::new("gen_ai.operation.name", r.operation.as_str()),
+        KeyValue::new("gen_ai.operation.name", operation),
         KeyValue::new("gen_ai.provider.name", r.provider.clone()),
         KeyValue::new("server.address", r.host.clone()),
         KeyValue::new("server.port", i64::from(r.upstream.port())),
@@ -354,7 +367,9 @@ fn attributes(r: &RequestRecord) -> Vec<KeyValue> {
     if let Some(m) = &r.response_model {
         a.push(KeyValue::new("gen_ai.response.model", m.clone()));
     }
-    if r.decision == Decision::Allow && r.result == Outcome::Ok {
+    if let Some(x) = &r.mcp {
+        mcp_attributes(x, &mut a);
+    } else if r.decision == Decision::Allow && r.result == Outcome::Ok {
         let u = &r.usage;
         a.push(KeyValue::new(
             "gen_ai.usage.input_tokens",
@@ -380,8 +395,17 @@ fn attributes(r: &RequestRecord) -> Vec<KeyValue> {
     if r.stream && r.ttft_ms > 0 {
         a.push(KeyValue::new("tollgate.ttft_ms", r.ttft_ms as i64));
     }
+    let tool_failed = r.mcp.as_ref().and_then(|x| x.answered.outcome);
     if r.result != Outcome::Ok {
         a.push(KeyValue::new("error.type", r.result.as_str()));
+    } else if let Some(o @ (McpOutcome::Error | McpOutcome::ToolError)) = tool_failed {
+        a.push(KeyValue::new(
+            "error.type",
+            match o {
+                McpOutcome::ToolError => "tool_error",
+                _ => "jsonrpc_error",
+            },
+        ));
     } else if r.status >= 400 {
         a.push(KeyValue::new("error.type", r.status.to_string()));
     }
@@ -396,6 +420,28 @@ fn attributes(r: &RequestRecord) -> Vec<KeyValue> {
         a.push(KeyValue::new("k8s.pod.uid", uid.clone()));
     }
     a
+}
+
+/// The MCP conventions' attributes of a call (the session as Tollgate
+/// records it, a digest, under a name of its own: it is not the id).
+fn mcp_attributes(x: &McpExchange, a: &mut Vec<KeyValue>) {
+    let text = |k: &'static str, v: &Option<String>| v.clone().map(|v| KeyValue::new(k, v));
+    a.extend(
+        [
+            text("mcp.method.name", &x.method),
+            text("gen_ai.tool.name", &x.tool),
+            text("gen_ai.prompt.name", &x.prompt),
+            text("mcp.resource.uri", &x.resource),
+            text("mcp.protocol.version", &x.protocol_version),
+            text("jsonrpc.request.id", &x.id),
+            text("tollgate.mcp.session", &x.session),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    if let Some(code) = x.answered.error_code {
+        a.push(KeyValue::new("rpc.jsonrpc.error_code", code));
+    }
 }
 
 /// The conventions' attribute for a pod's owner workload.
@@ -459,6 +505,33 @@ mod tests {
         let mut c = cfg("http://collector:4318");
         c.timeout = Duration::ZERO;
         assert_eq!(c.validate().unwrap_err().0, "timeout");
+    }
+
+    #[test]
+    fn mcp_calls_carry_the_mcp_conventions() {
+        let x = McpExchange {
+            method: Some("tools/call".into()),
+            id: Some("3".into()),
+            tool: Some("add".into()),
+            protocol_version: Some("2026-07-28".into()),
+            answered: crate::providers::mcp_response::Answered {
+                error_code: Some(-32602),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut a = Vec::new();
+        mcp_attributes(&x, &mut a);
+        let get = |k: &str| {
+            a.iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(get("mcp.method.name").as_deref(), Some("tools/call"));
+        assert_eq!(get("gen_ai.tool.name").as_deref(), Some("add"));
+        assert_eq!(get("jsonrpc.request.id").as_deref(), Some("3"));
+        assert_eq!(get("rpc.jsonrpc.error_code").as_deref(), Some("-32602"));
+        assert_eq!(get("gen_ai.prompt.name"), None);
     }
 
     #[test]
