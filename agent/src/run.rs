@@ -436,6 +436,7 @@ fn termination(
         enforcer,
         bodies: crate::proxy::buffered::BodyBudget::new(config.tls.max_buffered_bytes),
         abandoned: Arc::new(tokio::sync::Semaphore::new(config.tls.max_abandoned_calls)),
+        mcp_streams: Default::default(),
         upstreams: Upstreams {
             pool,
             endpoints,

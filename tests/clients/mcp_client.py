@@ -4,6 +4,10 @@ SSL_CERT_FILE. It lists the server's tools, calls each tool named on the
 command line, reads a resource and gets a prompt, and prints one JSON line
 of what it saw (errors included: a refused call raises `MCPError`).
 
+A URL ending in /sse is the older HTTP+SSE transport. The whole run is
+bounded (60 s): a call whose answer never comes fails the test instead of
+hanging it.
+
 usage: mcp_client.py URL TOOL[:TIMES]...
 """
 import asyncio
@@ -11,12 +15,14 @@ import json
 import sys
 
 from mcp import Client
+from mcp.client.sse import sse_client
 
 
 async def main():
     url, calls = sys.argv[1], sys.argv[2:]
     out = {"calls": []}
-    async with Client(url) as client:
+    transport = sse_client(url) if url.endswith("/sse") else url
+    async with Client(transport) as client:
         tools = await client.list_tools()
         out["tools"] = sorted(t.name for t in tools.tools)
         for spec in calls:
@@ -41,4 +47,4 @@ async def main():
     print(json.dumps(out))
 
 
-asyncio.run(main())
+asyncio.run(asyncio.wait_for(main(), 60))

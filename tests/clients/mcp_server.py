@@ -3,7 +3,9 @@ PyPI), serving streamable HTTP over TLS, for the MCP tests: three tools,
 one resource and one prompt. Every tool it runs is appended to the log
 file (one JSON line per call): the server's own record of what reached it.
 
-usage: mcp_server.py HOST PORT CERT KEY LOG
+usage: mcp_server.py HOST PORT CERT KEY LOG [streamable-http|sse]
+
+`sse` serves the older HTTP+SSE transport (GET /sse, POST /messages/).
 """
 import json
 import sys
@@ -12,6 +14,7 @@ import uvicorn
 from mcp.server import MCPServer
 
 host, port, cert, key, log = sys.argv[1:6]
+transport = sys.argv[6] if len(sys.argv) > 6 else "streamable-http"
 server = MCPServer("tollgate-test-tools")
 
 
@@ -56,7 +59,7 @@ def review(code: str) -> str:
 uvicorn.run(
     # Bound to a test address, not loopback: the SDK's DNS-rebinding guard
     # (Host must be localhost) is for local servers.
-    server.streamable_http_app(host=host),
+    server.sse_app(host=host) if transport == "sse" else server.streamable_http_app(host=host),
     host=host,
     port=int(port),
     ssl_certfile=cert,

@@ -16,8 +16,13 @@ use tollgate_tests::{
 const CONFIG: &str = "mcp_servers:\n  - name: tools\n    hosts: [mcp.tools.test]\n    ports: [9443]\n\
 policy:\n  default: deny\n  rules:\n    - name: tools\n      mcp: {servers: [tools], tools: {allow: [add, \"read_*\"]}}\n      action: allow\n      limits: {requests_per_minute: 2}\n";
 
-/// The SDK's MCP server, in the upstream namespace at MCP_HOST's address.
-fn start_server(node: &TestNode, python: &std::path::Path) -> (Proc, std::path::PathBuf) {
+/// The SDK's MCP server, in the upstream namespace at MCP_HOST's address,
+/// serving `transport` (`streamable-http` or `sse`).
+fn start_server(
+    node: &TestNode,
+    python: &std::path::Path,
+    transport: &str,
+) -> (Proc, std::path::PathBuf) {
     let log = node.dir.join("mcp-server-ran.jsonl");
     let dir = node.dir.display().to_string();
     let server = Proc::spawn(
@@ -29,6 +34,7 @@ fn start_server(node: &TestNode, python: &std::path::Path) -> (Proc, std::path::
             &format!("{dir}/upstream.crt"),
             &format!("{dir}/upstream.key"),
             log.to_str().unwrap(),
+            transport,
         ]),
     );
     let up = wait_until(Duration::from_secs(20), || {
@@ -39,6 +45,7 @@ fn start_server(node: &TestNode, python: &std::path::Path) -> (Proc, std::path::
             .upstream
             .command("python3")
             .args(["-c", &probe])
+            .stderr(std::process::Stdio::null())
             .status()
             .ok()?;
         ok.success().then_some(())
@@ -68,7 +75,7 @@ fn mcp_sdk_client_sees_only_allowed_tools_and_denied_calls_fail() {
         return;
     };
     let mut node = TestNode::new(1);
-    let (_server, log) = start_server(&node, &python);
+    let (_server, log) = start_server(&node, &python, "streamable-http");
     node.start_agent(CONFIG);
     let url = format!("https://{MCP_HOST}:{MCP_PORT}/mcp");
     let got = run_python_with(
@@ -191,7 +198,7 @@ fn mcp_denied_tools_stay_denied_however_the_call_is_dressed() {
         return;
     };
     let mut node = TestNode::new(1);
-    let (_server, log) = start_server(&node, &python);
+    let (_server, log) = start_server(&node, &python, "streamable-http");
     node.start_agent(CONFIG);
     let script = r#"
 import http.client, json, ssl, sys
@@ -279,4 +286,49 @@ print(json.dumps(out))
     let plain = recs.iter().find(|r| r["mcp"]["id"] == "5").unwrap();
     assert_eq!(plain["mcp"]["session"], got["session"], "{plain}");
     assert!(!plain.to_string().contains("s-123"), "{plain}");
+}
+
+/// The older HTTP+SSE transport (answers on the event stream a GET opened,
+/// POSTs answered 202): the tool list on the stream is filtered, and a
+/// refused call's error reaches the client on its stream, so the SDK
+/// raises it instead of waiting out its timeout.
+#[test]
+fn mcp_sdk_client_over_the_older_sse_transport_is_governed_too() {
+    let test = "mcp_sdk_client_over_the_older_sse_transport_is_governed_too";
+    let Some(python) = sdk(test, "venv/bin/python") else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    let (_server, log) = start_server(&node, &python, "sse");
+    node.start_agent(CONFIG);
+    let url = format!("https://{MCP_HOST}:{MCP_PORT}/sse");
+    let got = run_python_with(
+        &node,
+        &python,
+        "mcp_client.py",
+        &[&url, "add", "delete_repo"],
+    );
+    assert_eq!(
+        got["tools"],
+        serde_json::json!(["add", "read_file"]),
+        "{got}"
+    );
+    assert_eq!(got["calls"][0]["text"], "3", "{got}");
+    assert_eq!(got["calls"][1]["error"], "MCPError", "{got}");
+    assert!(
+        got["calls"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tool `delete_repo` is not allowed"),
+        "{got}"
+    );
+    assert_eq!(got["resource"], "note today", "{got}");
+    assert_eq!(ran(&log), ["add"]);
+    let recs = node.wait_requests(1);
+    let denied = recs
+        .iter()
+        .find(|r| r["mcp"]["tool"] == "delete_repo")
+        .unwrap_or_else(|| panic!("{recs:?}"));
+    assert_eq!(denied["decision"], "deny", "{denied}");
+    assert_eq!(denied["status"], 202, "answered on the stream: {denied}");
 }

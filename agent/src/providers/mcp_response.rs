@@ -58,6 +58,10 @@ pub struct Answered {
     /// Requests and notifications of the server's own in the answer.
     #[serde(skip_serializing_if = "is_zero")]
     pub server_messages: u32,
+    /// The older HTTP+SSE transport: where its event stream's `endpoint`
+    /// event tells the client to POST its messages.
+    #[serde(skip)]
+    pub endpoint: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -194,12 +198,17 @@ impl ResponseReader {
 
     /// One event: read; Some when it had to be rewritten.
     fn event(&mut self, block: &[u8]) -> Option<Vec<u8>> {
-        let mut data = None;
+        let mut event = None;
         let mut p = sse::SseParser::default();
-        p.feed(block, |e| data = Some(e.data));
+        p.feed(block, |e| event = Some(e));
         // An event without its blank line yet (the stream's last).
-        p.feed(b"\n\n", |e| data = Some(e.data));
-        let mut v: Value = serde_json::from_str(&data?).ok()?;
+        p.feed(b"\n\n", |e| event = Some(e));
+        let event = event?;
+        if event.event == "endpoint" {
+            self.answered.endpoint = Some(super::mcp::bounded(event.data.trim()));
+            return None;
+        }
+        let mut v: Value = serde_json::from_str(&event.data).ok()?;
         if !self.read(&mut v) {
             return None;
         }
@@ -421,6 +430,17 @@ mod tests {
         assert_eq!(
             r.feed(Bytes::from_static(b"x")).unwrap(),
             Bytes::from_static(b"x")
+        );
+    }
+
+    #[test]
+    fn the_older_transport_names_its_endpoint() {
+        let mut r = ResponseReader::new("text/event-stream", vec![], only_add());
+        let stream = b"event: endpoint\r\ndata: /messages/?session_id=ab12\r\n\r\n";
+        assert_eq!(run(&mut r, &[stream]), stream, "passed as it came");
+        assert_eq!(
+            r.answered.endpoint.as_deref(),
+            Some("/messages/?session_id=ab12")
         );
     }
 

@@ -95,6 +95,9 @@ pub struct Termination {
     pub abandoned: Arc<tokio::sync::Semaphore>,
     /// Where requests go.
     pub upstreams: Upstreams,
+    /// MCP event streams of the older HTTP+SSE transport, where refusals
+    /// of the calls POSTed to them are answered.
+    pub mcp_streams: super::mcp::EventStreams,
 }
 
 /// The provider side of terminated calls: pooled connections, and the

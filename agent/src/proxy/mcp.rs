@@ -9,9 +9,17 @@
 //! The answer is relayed by a task of its own through a channel: however
 //! the exchange ends — the answer's end, the server's failure, the client
 //! leaving — the task sees it and records the call exactly once.
+//!
+//! The older HTTP+SSE transport answers a POSTed message on the event
+//! stream the client opened with a GET, not in the POST's response: such
+//! a stream, once its `endpoint` event has named where messages go, is
+//! registered (`EventStreams`), and the refusal of a message POSTed there
+//! is sent down the stream, between two of the server's events, where the
+//! client reads its answers.
 use std::{
+    collections::HashMap,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Instant,
 };
@@ -43,6 +51,57 @@ use crate::{
 /// Frames of an answer queued for a slow client before the relay waits.
 const QUEUED_FRAMES: usize = 16;
 
+/// Refusals queued for one event stream; beyond, the POST's own answer
+/// carries the refusal.
+const QUEUED_REFUSALS: usize = 16;
+
+/// The HTTP+SSE transport's event streams being relayed, by workload
+/// (cgroup), server and the endpoint its `endpoint` event named.
+#[derive(Default)]
+pub struct EventStreams {
+    streams: Mutex<HashMap<StreamKey, mpsc::Sender<Bytes>>>,
+}
+
+type StreamKey = (String, String, String);
+
+impl EventStreams {
+    /// Where refusals of messages POSTed to `key`'s endpoint go, if a
+    /// stream is open for it.
+    fn sink(&self, key: &StreamKey) -> Option<mpsc::Sender<Bytes>> {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.get(key).filter(|tx| !tx.is_closed()).cloned()
+    }
+
+    fn open(&self, key: StreamKey) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(QUEUED_REFUSALS);
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.insert(key, tx);
+        rx
+    }
+
+    fn close(&self, key: &StreamKey) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.remove(key);
+    }
+}
+
+/// The stream key of a message POSTed to `target`, or of a stream whose
+/// endpoint event named `target` (a path, or an absolute URL of the same
+/// origin: the client refuses another).
+fn stream_key(call: &Call, target: &str) -> StreamKey {
+    let path = match target.parse::<http::Uri>() {
+        Ok(u) if u.scheme().is_some() => u
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string()),
+        _ => target.to_string(),
+    };
+    (
+        call.meta.workload.cgroup.clone(),
+        call.meta.provider.clone(),
+        path,
+    )
+}
+
 pub(super) async fn exchange(
     call: Arc<Call>,
     req: Request<Incoming>,
@@ -55,6 +114,7 @@ pub(super) async fn exchange(
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+    let stream = stream_key(&call, &target);
     let (mut parts, body) = req.into_parts();
     let mut held = call.tls.bodies.reservation();
     let body = match forward::read_request_body(&call, body, &mut held, &mut record).await {
@@ -100,7 +160,10 @@ pub(super) async fn exchange(
     record.operation = Operation::Mcp;
     let admitted = match verdict {
         Ok(a) => a,
-        Err(refusal) => return rescue::refused_mcp(&call, &refusal, record, started, &ids),
+        Err(refusal) => {
+            let sink = call.tls.mcp_streams.sink(&stream);
+            return rescue::refused_mcp(&call, &refusal, record, started, &ids, sink);
+        }
     };
     forward::journal_begin(&call, &record, None, 0, None);
     record.credential_injected = admitted.credential_injected;
@@ -238,6 +301,8 @@ impl Relay {
     ) {
         let idle = self.call.tls.settings.stream_idle_timeout;
         let mut bytes = 0u64;
+        // The HTTP+SSE transport's stream, once it named its endpoint.
+        let mut refusals: Option<(StreamKey, mpsc::Receiver<Bytes>)> = None;
         let result = loop {
             let next = async {
                 if self.idle {
@@ -246,8 +311,22 @@ impl Relay {
                     Some(body.frame().await)
                 }
             };
+            let refused = async {
+                match refusals.as_mut() {
+                    Some((_, rx)) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let frame = tokio::select! {
                 f = next => f,
+                Some(event) = refused => {
+                    // Between two of the server's events: what the reader
+                    // passed on always ends at an event's end.
+                    if tx.send(Ok(Frame::data(event))).await.is_err() {
+                        break Outcome::ClientDisconnected;
+                    }
+                    continue;
+                }
                 () = tx.closed() => break Outcome::ClientDisconnected,
             };
             let out = match frame {
@@ -270,7 +349,15 @@ impl Relay {
                 Some(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         bytes += data.len() as u64;
-                        match reader.feed(data) {
+                        let fed = reader.feed(data);
+                        if refusals.is_none()
+                            && let Some(endpoint) = reader.answered.endpoint.as_deref()
+                        {
+                            let key = stream_key(&self.call, endpoint);
+                            let rx = self.call.tls.mcp_streams.open(key.clone());
+                            refusals = Some((key, rx));
+                        }
+                        match fed {
                             Ok(out) if out.is_empty() => continue,
                             Ok(out) => Ok(Frame::data(out)),
                             Err(e) => {
@@ -287,6 +374,9 @@ impl Relay {
                 break Outcome::ClientDisconnected;
             }
         };
+        if let Some((key, _)) = &refusals {
+            self.call.tls.mcp_streams.close(key);
+        }
         let record = &mut self.record;
         record.result = result;
         record.response_bytes = bytes;

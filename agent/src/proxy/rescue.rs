@@ -238,13 +238,17 @@ pub(super) fn refused(
 /// each request in it (`ids`), so the client raises it as the call's
 /// error. What the policy decided (a rule, a limit) is answered with HTTP
 /// 200, as a server answers a call it refuses; what the proxy could not
-/// do keeps its HTTP status.
+/// do keeps its HTTP status. With `stream` (the HTTP+SSE transport's
+/// event stream the message was POSTed for), the error goes down that
+/// stream as a `message` event, and the POST is answered 202 as the
+/// server would.
 pub(super) fn refused_mcp(
     call: &Call,
     refusal: &Refusal,
     record: RequestRecord,
     started: Instant,
     ids: &[serde_json::Value],
+    stream: Option<tokio::sync::mpsc::Sender<Bytes>>,
 ) -> Response<ProxyBody> {
     let mut answer = answer(refusal, &record.reason, call.meta.adapter);
     if ids.is_empty() {
@@ -258,9 +262,23 @@ pub(super) fn refused_mcp(
     if code.is_some() {
         answer.status = StatusCode::OK;
     }
+    if stream.is_some() {
+        answer.status = StatusCode::ACCEPTED;
+    }
     let ids = ids.to_vec();
     let body = move |message: &str, reason: &str, retry| {
-        mcp::error_response(&ids, code.unwrap_or(mcp::REFUSED), message, reason, retry)
+        let error = mcp::error_response(&ids, code.unwrap_or(mcp::REFUSED), message, reason, retry);
+        match &stream {
+            Some(events) => {
+                let event = format!("event: message\ndata: {error}\n\n");
+                match events.try_send(Bytes::from(event)) {
+                    Ok(()) => String::new(),
+                    // The stream is gone or far behind: the POST says it.
+                    Err(_) => error,
+                }
+            }
+            None => error,
+        }
     };
     respond_shaped(call, answer, record, started, &body)
 }
