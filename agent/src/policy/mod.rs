@@ -15,6 +15,7 @@ pub mod failover;
 pub mod gate;
 mod globs;
 pub mod limits;
+mod mcp_rules;
 mod rules;
 mod selector;
 pub mod shared;
@@ -29,9 +30,10 @@ pub use failover::FailoverChain;
 pub use gate::Hold;
 pub use globs::PolicyError;
 pub use limits::Limited;
+pub use mcp_rules::{McpRule, ToolRules};
 pub use rules::{
-    Action, Caps, ConnectionDecision, HeaderRules, McpRule, PolicyConfig, RequestDecision, Rule,
-    ToolRules, Unterminated, WithoutModel,
+    Action, Caps, ConnectionDecision, HeaderRules, PolicyConfig, RequestDecision, Rule,
+    Unterminated, WithoutModel,
 };
 pub use selector::Selector;
 pub use spend::{BudgetHold, SoftWarn};
