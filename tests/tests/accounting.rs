@@ -33,7 +33,9 @@ const SLOW_RESERVATION: f64 = (25.0 * 0.15 + 10.0 * 0.6) / 1e6;
 /// half price, 7 output).
 const CALL_COST: f64 = (18.0 * 0.15 + 5.0 * 0.075 + 7.0 * 0.6) / 1e6;
 
-/// Start `n` calls from pod 0 of `node` at once; wait for all to end.
+/// Start `n` calls from pod 0 of `node` at once; wait for all to end and
+/// for each node's audit log to hold their `n` records (a record is written
+/// after the client got its last byte, so curl's exit alone is not enough).
 fn concurrent_calls(nodes: &[(&TestNode, usize)], body: &str) {
     let mut children = Vec::new();
     for (node, n) in nodes {
@@ -54,6 +56,9 @@ fn concurrent_calls(nodes: &[(&TestNode, usize)], body: &str) {
     }
     for mut c in children {
         let _ = c.wait();
+    }
+    for (node, n) in nodes {
+        node.wait_requests_within(*n, Duration::from_secs(15));
     }
 }
 
