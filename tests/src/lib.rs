@@ -29,6 +29,7 @@ pub mod process;
 pub mod prometheus;
 pub mod redis;
 pub mod sdk;
+pub mod tls_client;
 pub mod yaml;
 
 pub use node::TestNode;

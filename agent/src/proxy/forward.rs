@@ -34,8 +34,23 @@ pub(super) async fn forward(
     let started = Instant::now();
     let workload = call.meta.workload_now();
     let mut record = new_record(&call, &workload, &req);
-    if realtime::is_upgrade(&req) {
-        return Ok(realtime::session(call, req, &workload, record, started).await);
+    if let Some(kind) = realtime::handshake(&req) {
+        return Ok(realtime::session(call, req, kind, &workload, record, started).await);
+    }
+    if req.method() == http::Method::CONNECT {
+        // A tunnel through a terminated connection would carry what no
+        // adapter reads: only a WebSocket's extended CONNECT is taken.
+        let why = "Tollgate does not tunnel CONNECT to a provider host (only an HTTP/2 \
+                   extended CONNECT with :protocol websocket, a Realtime session, is taken)";
+        let (status, outcome) = (http::StatusCode::METHOD_NOT_ALLOWED, Outcome::ClientError);
+        return Ok(rescue::failed(
+            &call,
+            status,
+            outcome,
+            why.into(),
+            record,
+            started,
+        ));
     }
     if call.meta.adapter.api() == Api::Mcp {
         return Ok(mcp::exchange(call, req, workload, record, started).await);

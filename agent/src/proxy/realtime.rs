@@ -1,6 +1,6 @@
-//! A Realtime session: a WebSocket upgrade of a terminated HTTP/1.1
-//! request (OpenAI `/v1/realtime`, Azure `/openai/realtime`). The upgrade
-//! is admitted like any call (rule, operation `realtime`, model from the
+//! A Realtime session: a WebSocket opened on a terminated connection
+//! (OpenAI `/v1/realtime`, Azure `/openai/realtime`), by an HTTP/1.1
+//! upgrade or an HTTP/2 extended CONNECT. The handshake is admitted like any call (rule, operation `realtime`, model from the
 //! URL, credential, limits, budget), sent on a provider connection of its
 //! own, and once both sides have switched protocols its frames are relayed
 //! both ways as they come, each flushed at once. Each `response.done`
@@ -12,7 +12,7 @@
 use std::{sync::Arc, time::Instant};
 
 use futures::{SinkExt, StreamExt};
-use http::{Request, Response, StatusCode, Version, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version, header};
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
@@ -37,28 +37,95 @@ use crate::{
     telemetry::records::{Outcome, RealtimeSession, RequestRecord},
 };
 
-/// Is this request a WebSocket upgrade (RFC 6455: GET, `Upgrade: websocket`)?
-pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
+/// How the workload opens its WebSocket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Handshake {
+    /// HTTP/1.1 `GET` with `Upgrade: websocket` (RFC 6455), answered 101.
+    Upgrade,
+    /// HTTP/2 extended CONNECT with `:protocol = websocket` (RFC 8441) on a
+    /// stream of the workload's h2 connection, answered 200.
+    ExtendedConnect,
+}
+
+/// Is this request a WebSocket handshake, and of which kind?
+pub(super) fn handshake<B>(req: &Request<B>) -> Option<Handshake> {
+    let upgrade = req.version() == Version::HTTP_11
         && req.method() == http::Method::GET
         && req
             .headers()
             .get(header::UPGRADE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let connect = req.version() == Version::HTTP_2
+        && req.method() == http::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    match (upgrade, connect) {
+        (true, _) => Some(Handshake::Upgrade),
+        (_, true) => Some(Handshake::ExtendedConnect),
+        _ => None,
+    }
 }
 
-/// Admit the upgrade, make it upstream, and hand the workload the
-/// provider's answer: its `101 Switching Protocols` (the session then runs
-/// on a task of its own), its refusal, or the proxy's own.
+/// The provider is always asked with an HTTP/1.1 upgrade (what every
+/// Realtime endpoint takes). A workload's own upgrade goes as it came; for
+/// an extended CONNECT Tollgate makes the upgrade's headers, with a key of
+/// its own whose accept it checks (returned). Extensions are never offered
+/// upstream: frames are relayed decoded, and the framing crate speaks none
+/// (permessage-deflate would leave compressed frames it cannot read), so
+/// none is negotiated and the workload's answer names none (RFC 6455 §9.1).
+fn upstream_headers(kind: Handshake, headers: &mut HeaderMap, host: &str) -> Option<String> {
+    headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    if kind == Handshake::Upgrade {
+        return None;
+    }
+    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+    if let (false, Ok(h)) = (
+        headers.contains_key(header::HOST),
+        HeaderValue::from_str(host),
+    ) {
+        headers.insert(header::HOST, h);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        header::SEC_WEBSOCKET_VERSION,
+        HeaderValue::from_static("13"),
+    );
+    if let Ok(k) = HeaderValue::from_str(&key) {
+        headers.insert(header::SEC_WEBSOCKET_KEY, k);
+    }
+    Some(key)
+}
+
+/// The provider's `101` as the workload's answer: as it came for an
+/// upgrade; for an extended CONNECT a `200` without the upgrade's own
+/// headers (hyper drops the connection-specific ones on h2).
+fn client_answer(kind: Handshake, parts: &mut http::response::Parts) {
+    if kind == Handshake::ExtendedConnect {
+        parts.status = StatusCode::OK;
+        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        forward::strip_hop_by_hop(&mut parts.headers);
+    }
+}
+
+/// Admit the handshake, make it upstream, and hand the workload the
+/// provider's answer: its `101 Switching Protocols` (`200` to an extended
+/// CONNECT; the session then runs on a task of its own), its refusal, or
+/// the proxy's own.
 pub(super) async fn session(
     call: Arc<Call>,
     mut req: Request<Incoming>,
+    kind: Handshake,
     workload: &Workload,
     mut record: RequestRecord,
     started: Instant,
 ) -> Response<ProxyBody> {
     let client_upgrade = hyper::upgrade::on(&mut req);
+    // An h2 request names its host in `:authority`, not in a Host header.
+    let authority = req.uri().authority().map(|a| a.as_str().to_string());
     let target = req
         .uri()
         .path_and_query()
@@ -119,7 +186,10 @@ pub(super) async fn session(
         Ok(u) => u,
         Err(e) => return upstream_failed(&call, record, started, format!("target: {e}")),
     };
-    *upstream_req.headers_mut() = admitted.headers;
+    let mut headers = admitted.headers;
+    let host = authority.as_deref().unwrap_or(&meta.host);
+    let our_key = upstream_headers(kind, &mut headers, host);
+    *upstream_req.headers_mut() = headers;
     if let Some(ct) = content_type {
         upstream_req.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
@@ -138,8 +208,18 @@ pub(super) async fn session(
         let (parts, body) = resp.into_parts();
         return Response::from_parts(parts, body.map_err(BoxError::from).boxed());
     }
+    if let Some(key) = our_key {
+        let accept = resp.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+        let expected = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        if accept.and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            let why = "its Sec-WebSocket-Accept does not answer Tollgate's key".to_string();
+            return upstream_failed(&call, record, started, why);
+        }
+    }
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
-    let (parts, _) = resp.into_parts();
+    let (mut parts, _) = resp.into_parts();
+    client_answer(kind, &mut parts);
+    record.status = parts.status.as_u16();
     let session = Session {
         call: call.clone(),
         record,
@@ -396,4 +476,131 @@ fn finish(
         h.settle(record.usage.input_tokens, record.usage.output_tokens);
     }
     account::account(call, record, budget, started, None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(
+        version: Version,
+        method: http::Method,
+        upgrade: Option<&str>,
+        protocol: Option<&'static str>,
+    ) -> Request<()> {
+        let mut r = Request::builder().version(version).method(method);
+        if let Some(u) = upgrade {
+            r = r.header(header::UPGRADE, u);
+        }
+        let mut r = r.body(()).unwrap();
+        if let Some(p) = protocol {
+            r.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static(p));
+        }
+        r
+    }
+
+    #[test]
+    fn handshakes_are_told_apart() {
+        use http::Method as M;
+        let h1 = Version::HTTP_11;
+        let h2 = Version::HTTP_2;
+        let cases = [
+            (
+                req(h1, M::GET, Some("websocket"), None),
+                Some(Handshake::Upgrade),
+            ),
+            (
+                req(h1, M::GET, Some("WebSocket"), None),
+                Some(Handshake::Upgrade),
+            ),
+            (req(h1, M::GET, Some("h2c"), None), None),
+            (req(h1, M::POST, Some("websocket"), None), None),
+            (req(h1, M::GET, None, None), None),
+            (
+                req(h2, M::CONNECT, None, Some("websocket")),
+                Some(Handshake::ExtendedConnect),
+            ),
+            // A plain CONNECT (a tunnel) or another protocol is no session.
+            (req(h2, M::CONNECT, None, None), None),
+            (req(h2, M::CONNECT, None, Some("webtransport")), None),
+            // An h1 Upgrade header means nothing on h2.
+            (req(h2, M::GET, Some("websocket"), None), None),
+            (req(h1, M::CONNECT, None, Some("websocket")), None),
+        ];
+        for (r, want) in cases {
+            assert_eq!(handshake(&r), want, "{} {:?}", r.method(), r.version());
+        }
+    }
+
+    #[test]
+    fn the_provider_is_asked_with_an_upgrade_and_never_offered_extensions() {
+        let mut client = HeaderMap::new();
+        client.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        client.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        client.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate; client_max_window_bits"),
+        );
+        let mut h1 = client.clone();
+        assert_eq!(
+            upstream_headers(Handshake::Upgrade, &mut h1, "api.openai.com"),
+            None
+        );
+        assert!(!h1.contains_key(header::SEC_WEBSOCKET_EXTENSIONS));
+        assert_eq!(
+            h1[header::SEC_WEBSOCKET_KEY],
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            "the client's own key"
+        );
+
+        let mut h2 = HeaderMap::new();
+        h2.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        h2.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h2.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        let key = upstream_headers(Handshake::ExtendedConnect, &mut h2, "api.openai.com").unwrap();
+        assert_eq!(h2[header::HOST], "api.openai.com");
+        assert_eq!(h2[header::UPGRADE], "websocket");
+        assert_eq!(h2[header::CONNECTION], "Upgrade");
+        assert_eq!(h2[header::SEC_WEBSOCKET_VERSION], "13");
+        assert_eq!(h2[header::SEC_WEBSOCKET_KEY].to_str().unwrap(), key);
+        assert_eq!(h2[header::AUTHORIZATION], "Bearer k");
+        assert!(!h2.contains_key(header::SEC_WEBSOCKET_EXTENSIONS));
+        // A fresh key each time (16 random bytes, base64).
+        let again =
+            upstream_headers(Handshake::ExtendedConnect, &mut HeaderMap::new(), "h").unwrap();
+        assert_ne!(key, again);
+        assert_eq!(key.len(), 24);
+    }
+
+    #[test]
+    fn an_extended_connect_is_answered_200_without_the_upgrade_headers() {
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::UPGRADE, "websocket")
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::SEC_WEBSOCKET_ACCEPT, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+            .header("x-request-id", "req_1")
+            .body(())
+            .unwrap();
+        let (parts, _) = resp.into_parts();
+        let mut h1 = parts.clone();
+        client_answer(Handshake::Upgrade, &mut h1);
+        assert_eq!(h1.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(h1.headers.len(), 4);
+        let mut h2 = parts;
+        client_answer(Handshake::ExtendedConnect, &mut h2);
+        assert_eq!(h2.status, StatusCode::OK);
+        let names: Vec<_> = h2.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-request-id"]);
+    }
 }

@@ -68,7 +68,9 @@ pub async fn serve(
     server
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS);
+        .max_concurrent_streams(MAX_STREAMS)
+        // RFC 8441: a WebSocket (a Realtime session) on an h2 stream.
+        .enable_connect_protocol();
     if let Err(e) = server
         .serve_connection_with_upgrades(TokioIo::new(stream), svc)
         .await

@@ -30,7 +30,7 @@ fn main() {
         .map(|c| c.expect("CERT PEM"))
         .collect();
     let key = PrivateKeyDer::from_pem_file(key).expect("KEY");
-    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
@@ -38,19 +38,8 @@ fn main() {
         .expect("certificate and key");
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
 
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("UPSTREAM_CA") {
-        roots.add(c.expect("CA PEM")).expect("CA certificate");
-    }
-    let mut client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    client.alpn_protocols = vec![b"http/1.1".to_vec()];
-
     let acceptor = TlsAcceptor::from(Arc::new(server));
-    let connector = TlsConnector::from(Arc::new(client));
+    let connector = tollgate_tests::tls_client::connector(ca, &[b"http/1.1"]);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

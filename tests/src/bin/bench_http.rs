@@ -39,7 +39,7 @@ use hyper_util::{
     },
     rt::{TokioExecutor, TokioIo},
 };
-use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tollgate_tests::mock_llm::{BENCH_CHAT, monotonic_ns};
@@ -55,7 +55,7 @@ async fn main() {
     let target = Target {
         addr: args[0].parse().expect("ADDR:PORT"),
         host: args[1].clone(),
-        tls: tls_connector(&args[2]),
+        tls: tollgate_tests::tls_client::connector(&args[2], &[b"http/1.1"]),
     };
     let n = |i: usize| -> u64 { args.get(i).and_then(|a| a.parse().ok()).expect(usage) };
     let out = match args[3].as_str() {
@@ -328,22 +328,6 @@ fn summary(mut v: Vec<u64>, errors: u64) -> serde_json::Value {
         "max_ns": v.last().copied().unwrap_or(0),
         "mean_ns": if v.is_empty() { 0 } else { v.iter().sum::<u64>() / v.len() as u64 },
     })
-}
-
-fn tls_connector(ca: &str) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).expect("CA file") {
-        roots.add(c.expect("CA PEM")).expect("CA certificate");
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    TlsConnector::from(Arc::new(cfg))
 }
 
 /// 1,000 held connections need more descriptors than the usual soft limit.

@@ -285,6 +285,7 @@ fn realtime(
         "sni": sni,
         "credential": header("authorization"),
         "upgrade": header("upgrade"),
+        "extensions": header("sec-websocket-extensions"),
     }));
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
         header("sec-websocket-key").as_bytes(),
