@@ -153,6 +153,7 @@ fn tollgate_agent_usage() -> serde_json::Value {
 /// The permessage-deflate the client offers is not passed on (frames are
 /// relayed decoded), so none is negotiated. A budget that the first response
 /// spends ends that session with an `error` event and a close frame 1008.
+/// A plain CONNECT (a tunnel) is refused with a 405 and reaches nothing.
 #[test]
 fn an_h2_client_opens_a_realtime_session_with_extended_connect() {
     if !require_privileged("an_h2_client_opens_a_realtime_session_with_extended_connect") {
@@ -212,7 +213,20 @@ fn an_h2_client_opens_a_realtime_session_with_extended_connect() {
         "a close frame 1008: {budgeted}"
     );
 
-    let recs = node.wait_requests(2);
+    // A plain CONNECT (a tunnel through the terminated connection) is refused.
+    let tunnel = client("--tunnel", "0");
+    assert_eq!(tunnel["status"], 405, "{tunnel}");
+    assert!(
+        tunnel["body"]
+            .as_str()
+            .unwrap()
+            .contains("does not tunnel CONNECT"),
+        "{tunnel}"
+    );
+
+    let recs = node.wait_requests(3);
+    assert_eq!(recs[2]["method"], "CONNECT", "{:?}", recs[2]);
+    assert_eq!(recs[2]["result"], "client_error", "{:?}", recs[2]);
     let usage = tollgate_agent_usage();
     let r = &recs[0];
     assert_eq!(r["operation"], "realtime", "{r}");
@@ -236,6 +250,7 @@ fn an_h2_client_opens_a_realtime_session_with_extended_connect() {
     let log = node.mock_requests();
     let upgrades: Vec<_> = log.iter().filter(|r| r["upgrade"] == "websocket").collect();
     assert_eq!(upgrades.len(), 2, "{log:?}");
+    assert!(!format!("{log:?}").contains("CONNECT"), "{log:?}");
     for u in &upgrades {
         assert!(u["request"].as_str().unwrap().ends_with("HTTP/1.1"), "{u}");
         assert_eq!(u["extensions"], "", "{u}");

@@ -8,6 +8,7 @@
 //! how it ended.
 //!
 //! Usage: tollgate-realtime-h2-client CA HOST MODEL RESPONSES
+//! (MODEL `--tunnel`: a plain CONNECT to HOST:443 instead, printing its answer)
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -48,6 +49,9 @@ async fn session(
     responses: usize,
     seen: &mut Value,
 ) -> Result<(), Error> {
+    // `--tunnel` for MODEL: a plain CONNECT to the host (no :protocol), a
+    // tunnel the proxy must refuse.
+    let tunnel = model == "--tunnel";
     let tcp = tokio::net::TcpStream::connect((host, 443)).await?;
     let name = ServerName::try_from(host.to_string())?;
     let tls = tollgate_tests::tls_client::connector(ca, &[b"h2"])
@@ -67,10 +71,14 @@ async fn session(
     // locally, and the client tries again as one waiting for them would.
     let mut tries = 0;
     let resp = loop {
+        let uri = match tunnel {
+            true => format!("{host}:443"),
+            false => format!("https://{host}/v1/realtime?model={model}"),
+        };
         let mut req = hyper::Request::builder()
             .method(hyper::Method::CONNECT)
             .version(hyper::Version::HTTP_2)
-            .uri(format!("https://{host}/v1/realtime?model={model}"))
+            .uri(uri)
             .header("authorization", "Bearer sk-test-h2-realtime")
             .header("sec-websocket-version", "13")
             .header(
@@ -78,8 +86,10 @@ async fn session(
                 "permessage-deflate; client_max_window_bits",
             )
             .body(Empty::<Bytes>::new())?;
-        req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
+        if !tunnel {
+            req.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static("websocket"));
+        }
         match sender.send_request(req).await {
             Ok(r) => break r,
             Err(_) if tries < 50 => {
