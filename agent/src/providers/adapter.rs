@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{Api, ParseState, RequestInfo, sse::SseEvent, stream_usage::Ask};
+use super::{
+    Api, ParseState, RequestInfo, Usage, event_stream::Event, sse::SseEvent, stream_usage::Ask,
+};
 
 /// Where a request goes, as far as an adapter cares: OpenAI and Azure
 /// OpenAI name some things their own way within the OpenAI family.
@@ -53,6 +55,14 @@ pub trait Adapter: Send + Sync + std::fmt::Debug {
 
     /// One server-sent event of a streamed response.
     fn on_event(&self, state: &mut ParseState, e: &SseEvent);
+
+    /// One AWS event-stream message of a streamed response (Bedrock).
+    fn on_binary_event(&self, _state: &mut ParseState, _e: &Event<'_>) {}
+
+    /// Usage the response headers state, for a body that reports none.
+    fn usage_from_headers(&self, _headers: &http::HeaderMap) -> Option<Usage> {
+        None
+    }
 
     /// How to make a streamed request report its usage when, as sent, it
     /// would not (OpenAI's `stream_options.include_usage`). None when usage

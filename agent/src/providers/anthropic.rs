@@ -143,7 +143,7 @@ impl Adapter for Anthropic {
 
 /// Anthropic reports cache reads and writes apart from `input_tokens`;
 /// normalised here so `input_tokens` counts every input token.
-fn usage(u: &Value) -> Usage {
+pub(super) fn usage(u: &Value) -> Usage {
     let cache_read = num(u, &["cache_read_input_tokens"]);
     let cache_write = num(u, &["cache_creation_input_tokens"]);
     Usage {

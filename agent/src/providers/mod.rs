@@ -6,13 +6,17 @@
 //!   embeddings.
 //! * `anthropic` — messages.
 //! * `gemini` — generateContent / streamGenerateContent.
+//! * `bedrock` — AWS Bedrock runtime: Converse, InvokeModel and their streams.
 //! * `mcp` — MCP servers' JSON-RPC (tools, resources, prompts).
 //!
 //! Responses are parsed as they are relayed (`ResponseParser::feed` per
-//! chunk): SSE incrementally, JSON bodies once complete (bounded).
+//! chunk): SSE and AWS event-stream frames incrementally, JSON bodies once
+//! complete (bounded).
 pub mod adapter;
 pub mod anthropic;
 pub mod batch_input;
+pub mod bedrock;
+pub mod event_stream;
 pub mod gemini;
 pub mod mcp;
 pub mod mcp_response;
@@ -40,6 +44,8 @@ pub enum Api {
     Openai,
     Anthropic,
     Gemini,
+    /// AWS Bedrock runtime (`bedrock-runtime.<region>.amazonaws.com`).
+    Bedrock,
     /// An MCP server (`mcp_servers`): JSON-RPC over streamable HTTP.
     Mcp,
 }
@@ -50,6 +56,7 @@ impl Api {
         match name {
             "anthropic" => Api::Anthropic,
             "gemini" => Api::Gemini,
+            "bedrock" => Api::Bedrock,
             _ => Api::Openai,
         }
     }
@@ -61,6 +68,7 @@ pub fn adapter(api: Api) -> &'static dyn Adapter {
         Api::Openai => &openai::OpenAi,
         Api::Anthropic => &anthropic::Anthropic,
         Api::Gemini => &gemini::Gemini,
+        Api::Bedrock => &bedrock::Bedrock,
         Api::Mcp => &mcp::Mcp,
     }
 }
@@ -153,6 +161,8 @@ pub fn parse_request_json(api: Api, path: &str, json: Option<&Value>) -> Request
 pub struct ResponseParser {
     adapter: &'static dyn Adapter,
     sse: Option<sse::SseParser>,
+    /// AWS event-stream framing (Bedrock's streamed answers).
+    frames: Option<event_stream::EventStreamReader>,
     json: Vec<u8>,
     /// The body is not kept for parsing: not JSON, or over MAX_JSON_BODY.
     skip_json: bool,
@@ -178,6 +188,8 @@ pub struct ParseState {
     /// a final candidate, a complete JSON body): the call completed even if
     /// the client closes before the transport's end of body.
     pub complete: bool,
+    /// What the response's headers said of usage (`Adapter::usage_from_headers`).
+    pub header_usage: Option<Usage>,
 }
 
 /// The outcome of parsing one response.
@@ -210,10 +222,16 @@ impl ResponseParser {
             .then(sse::SseParser::default);
         // Only a JSON body (or one that does not say) is kept for parsing:
         // audio, images and file downloads pass without a copy.
-        let json = sse.is_none() && (content_type.is_empty() || content_type.contains("json"));
+        let frames = content_type
+            .starts_with("application/vnd.amazon.eventstream")
+            .then(event_stream::EventStreamReader::default);
+        let json = sse.is_none()
+            && frames.is_none()
+            && (content_type.is_empty() || content_type.contains("json"));
         Self {
             adapter: adapter(api),
             sse,
+            frames,
             json: Vec::new(),
             skip_json: !json,
             state: ParseState {
@@ -230,8 +248,19 @@ impl ResponseParser {
         self
     }
 
+    /// Usage the response's headers state (Bedrock's token counts), taken
+    /// when its body reports none.
+    pub fn with_headers(mut self, headers: &http::HeaderMap) -> Self {
+        self.state.header_usage = self.adapter.usage_from_headers(headers);
+        self
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) {
         let (adapter, state) = (self.adapter, &mut self.state);
+        if let Some(frames) = &mut self.frames {
+            frames.feed(chunk, |e| adapter.on_binary_event(state, &e));
+            return;
+        }
         match &mut self.sse {
             Some(sse) => sse.feed(chunk, |e| adapter.on_event(state, &e)),
             None => {
@@ -249,6 +278,7 @@ impl ResponseParser {
     /// (e.g. the client went away before the final event).
     pub fn finish(mut self) -> ResponseInfo {
         if self.sse.is_none()
+            && self.frames.is_none()
             && !self.skip_json
             && let Some(v) = self
                 .adapter
@@ -259,12 +289,16 @@ impl ResponseParser {
             self.state.complete = true;
             self.adapter.on_json(&mut self.state, &v);
         }
-        let usage = self.state.usage.unwrap_or(Usage {
-            input_tokens: estimated_tokens(self.state.input_chars),
-            output_tokens: estimated_tokens(self.state.text_chars),
-            estimated: true,
-            ..Default::default()
-        });
+        let usage = self
+            .state
+            .usage
+            .or(self.state.header_usage)
+            .unwrap_or(Usage {
+                input_tokens: estimated_tokens(self.state.input_chars),
+                output_tokens: estimated_tokens(self.state.text_chars),
+                estimated: true,
+                ..Default::default()
+            });
         ResponseInfo {
             response_model: self.state.response_model,
             provider_usage: self

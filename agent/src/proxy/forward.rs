@@ -271,7 +271,8 @@ async fn deliver(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mut parser = ResponseParser::new(api, content_type, input_chars);
+    let mut parser =
+        ResponseParser::new(api, content_type, input_chars).with_headers(&parts.headers);
     if texts.is_some() {
         parser = parser.keep_text();
     }
