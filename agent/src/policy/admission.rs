@@ -165,6 +165,13 @@ pub enum Refusal {
         rule: String,
         limited: Limited,
     },
+    /// The rule changes a call the workload signed with AWS SigV4 (Bedrock)
+    /// and holds no key to send instead: AWS would refuse the signature.
+    Unsignable {
+        rule: String,
+        /// What the rule would change (`routes it to model …`).
+        change: String,
+    },
 }
 
 impl Enforcer {
@@ -325,6 +332,34 @@ impl Enforcer {
                 }
             },
         };
+        // A Bedrock call the workload signed (SigV4) must reach AWS as it
+        // was signed: a rewrite of its path or body, or of a header the
+        // signature covers, would make AWS refuse it. Refused here with
+        // what to do, unless the rule's key replaced the signature.
+        if adapter.api() == providers::Api::Bedrock
+            && !credential_injected
+            && let Some(signed) = providers::bedrock::signed_headers(&headers)
+        {
+            let header_edit = caps.headers.as_ref().and_then(|h| {
+                h.remove
+                    .iter()
+                    .chain(h.set.keys())
+                    .map(|n| n.to_ascii_lowercase())
+                    .find(|n| signed.contains(n))
+            });
+            let change = match (&changed.model, changed.capped_output_tokens, header_edit) {
+                (Some(m), _, _) => Some(format!("routes it to model `{m}`")),
+                (_, Some(cap), _) => Some(format!("caps its output at {cap} tokens")),
+                (_, _, Some(h)) => Some(format!("edits its signed header `{h}`")),
+                _ => None,
+            };
+            if let Some(change) = change {
+                return Err(Refusal::Unsignable {
+                    rule: rule.clone(),
+                    change,
+                });
+            }
+        }
         // What the call may use: its input from the text size, its output
         // up to the limit it asks for (a cap the policy applied replaces
         // what the request asked). Limits and budgets reserve this.

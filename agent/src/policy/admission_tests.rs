@@ -490,3 +490,81 @@ async fn mcp_calls_are_decided_by_tool_and_limited_per_tool() {
     assert_eq!(seen.reason, "default");
     assert!(refused(&v).unwrap().1.contains("`mcp` call"));
 }
+
+/// A Converse call to Bedrock, signed by the workload (SigV4) or carrying
+/// a Bedrock API key.
+fn bedrock(sigv4: bool) -> Req {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    let auth = if sigv4 {
+        "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261203/us-east-1/bedrock/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token, Signature=0123"
+    } else {
+        "Bearer ABSK-workload-key"
+    };
+    headers.insert("authorization", HeaderValue::from_static(auth));
+    headers.insert(
+        "x-amz-security-token",
+        HeaderValue::from_static("session-token"),
+    );
+    Req {
+        api: Api::Bedrock,
+        provider: "bedrock",
+        host: "bedrock-runtime.us-east-1.amazonaws.com",
+        target: "/model/anthropic.claude-3-5-haiku-20241022-v1%3A0/converse",
+        body: r#"{"messages":[{"role":"user","content":[{"text":"hi"}]}]}"#.into(),
+        headers,
+        mcp_tools: None,
+    }
+}
+
+fn bedrock_policy(yaml: &str) -> Policy {
+    let cfg: PolicyConfig = serde_yaml::from_str(yaml).unwrap();
+    Policy::new(&cfg, &["bedrock".to_string()]).unwrap()
+}
+
+#[tokio::test]
+async fn a_bedrock_call_the_workload_signed_is_never_changed_under_its_signature() {
+    let key = std::env::temp_dir().join(format!("tollgate-bedrock-key-{}", std::process::id()));
+    std::fs::write(&key, "ABSK-node-held\n").unwrap();
+    let haiku45 = "us.anthropic.claude-haiku-4-5-20251001-v1:0";
+    let cases: Vec<(String, bool, Option<&str>)> = vec![
+        // Nothing changed: the signed call goes as it came.
+        ("default: allow".into(), true, None),
+        (format!("rules:\n  - {{name: r, action: allow, model_aliases: {{\"anthropic.claude-3-5-haiku-20241022-v1:0\": \"{haiku45}\"}}}}"), true, Some("routes it to model")),
+        ("rules:\n  - {name: r, action: allow, max_output_tokens: 100}".into(), true, Some("caps its output")),
+        ("rules:\n  - {name: r, action: allow, headers: {set: {x-amz-date: \"20200101T000000Z\"}}}".into(), true, Some("signed header `x-amz-date`")),
+        // A header the signature does not cover may change.
+        ("rules:\n  - {name: r, action: allow, headers: {set: {x-team: a}}}".into(), true, None),
+        // No signature to break: a Bedrock API key, or the rule's own key.
+        ("rules:\n  - {name: r, action: allow, max_output_tokens: 100}".into(), false, None),
+        (format!("rules:\n  - {{name: r, action: allow, max_output_tokens: 100, credential_file: {}}}", key.display()), true, None),
+    ];
+    for (yaml, sigv4, refused) in cases {
+        let (seen, v) = admit(&enforcer(), &bedrock_policy(&yaml), bedrock(sigv4)).await;
+        assert_eq!(
+            seen.info.model.as_deref(),
+            Some("anthropic.claude-3-5-haiku-20241022-v1:0")
+        );
+        match (refused, v) {
+            (None, Ok(_)) => {}
+            (Some(want), Err(Refusal::Unsignable { rule, change })) => {
+                assert_eq!(rule, "rule:r", "{yaml}");
+                assert!(change.contains(want), "{yaml}: {change}");
+            }
+            (want, got) => panic!(
+                "{yaml} (sigv4 {sigv4}): want refusal {want:?}, got {:?}",
+                got.err()
+            ),
+        }
+    }
+    // The rule's key replaces the signature and the workload's session token.
+    let yaml = format!(
+        "rules:\n  - {{name: r, action: allow, credential_file: {}}}",
+        key.display()
+    );
+    let (_, v) = admit(&enforcer(), &bedrock_policy(&yaml), bedrock(true)).await;
+    let a = v.unwrap();
+    assert_eq!(a.headers["authorization"], "Bearer ABSK-node-held");
+    assert!(!a.headers.contains_key("x-amz-security-token"));
+    let _ = std::fs::remove_file(&key);
+}

@@ -77,8 +77,15 @@ impl Credentials {
     }
 }
 
-/// Headers that carry a workload's own provider credentials.
-const CREDENTIAL_HEADERS: [&str; 4] = ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+/// Headers that carry a workload's own provider credentials (AWS's
+/// session token goes with the SigV4 signature in `authorization`).
+const CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "api-key",
+    "x-api-key",
+    "x-goog-api-key",
+    "x-amz-security-token",
+];
 
 /// Replace the workload's credentials in `headers` and `path` (Gemini's
 /// `?key=`) by `key`, in the header the provider expects (the adapter's

@@ -58,6 +58,24 @@ pub fn model_id(raw: &str) -> String {
     id.into_owned()
 }
 
+/// The headers a workload's AWS SigV4 signature covers (lowercase, from
+/// its `Authorization: AWS4-HMAC-SHA256 …, SignedHeaders=a;b, …`), or None
+/// when the request is not SigV4-signed (a Bedrock API key, nothing).
+pub fn signed_headers(headers: &HeaderMap) -> Option<Vec<String>> {
+    let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let rest = auth.strip_prefix("AWS4-HMAC-SHA256")?;
+    let list = rest
+        .split(',')
+        .find_map(|p| p.trim().strip_prefix("SignedHeaders="))
+        .unwrap_or("");
+    Some(
+        list.split(';')
+            .filter(|h| !h.is_empty())
+            .map(str::to_ascii_lowercase)
+            .collect(),
+    )
+}
+
 fn is_embedding(model: &str) -> bool {
     model.contains("embed")
 }
@@ -625,6 +643,28 @@ mod tests {
         let r = parse(ES, &e, &HeaderMap::new());
         assert!(r.usage.estimated);
         assert_eq!(r.text_chars, 2);
+    }
+
+    #[test]
+    fn the_signed_headers_of_a_sigv4_request() {
+        let mut h = HeaderMap::new();
+        assert_eq!(signed_headers(&h), None);
+        h.insert("authorization", "Bearer ABSKbedrockkey".parse().unwrap());
+        assert_eq!(
+            signed_headers(&h),
+            None,
+            "a Bedrock API key is no signature"
+        );
+        h.insert(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20251203/us-east-1/bedrock/aws4_request, SignedHeaders=Content-Type;host;x-amz-date, Signature=abc"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(
+            signed_headers(&h).unwrap(),
+            ["content-type", "host", "x-amz-date"]
+        );
     }
 
     #[test]

@@ -176,6 +176,15 @@ pub(super) fn answer(refusal: &Refusal, rule: &str, adapter: &dyn Adapter) -> An
                 ),
             },
         ),
+        Refusal::Unsignable { rule, change } => simple(
+            StatusCode::FORBIDDEN,
+            Decision::Deny,
+            Outcome::Denied,
+            format!("{rule}:unsignable"),
+            format!(
+                "policy {rule} {change}, and this call is signed with the workload's AWS SigV4 credentials, which the change would invalidate: give the rule a `credential_file` with a Bedrock API key (Tollgate then sends it in place of the signature), or take the rewrite off the rule"
+            ),
+        ),
         Refusal::RateLimited { rule, limited } => {
             let wait = limited.retry_after;
             let secs = wait.as_secs_f64();
