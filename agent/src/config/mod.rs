@@ -185,6 +185,10 @@ impl Config {
         })?;
         let mut config = config;
         config.adopt_mcp_servers();
+        config.providers = std::mem::take(&mut config.providers)
+            .into_iter()
+            .map(ProviderConfig::with_region_hosts)
+            .collect();
         if let Err((field, message)) = config.validate() {
             let location = line_of(text, &field)
                 .map(|l| format!("line {l}: "))
@@ -396,8 +400,25 @@ fn check_governed(p: &ProviderConfig, at: &str) -> Result<(), (String, String)> 
     if p.name.trim().is_empty() {
         return err(".name", "must not be empty".into());
     }
+    for (j, r) in p.regions.iter().enumerate() {
+        if p.api() != crate::providers::Api::Bedrock {
+            return err(
+                ".regions",
+                "is for `api: bedrock` providers (their hosts follow from the region); list `hosts` instead".into(),
+            );
+        }
+        if !sections::valid_region(r) {
+            return err(
+                &format!(".regions[{j}]"),
+                format!("`{r}` is not an AWS region name like us-east-1"),
+            );
+        }
+    }
     if p.hosts.is_empty() && p.addresses.is_empty() {
-        return err("", "needs `hosts` or `addresses`".into());
+        return err(
+            "",
+            "needs `hosts`, `addresses` or (for bedrock) `regions`".into(),
+        );
     }
     for (j, h) in p.hosts.iter().enumerate() {
         if !valid_host_name(h) {
@@ -497,6 +518,64 @@ mod tests {
     }
 
     #[test]
+    fn bedrock_regions_become_its_runtime_hosts() {
+        let c = Config::parse(
+            "providers:\n  - name: aws\n    api: bedrock\n    regions: [us-east-1, eu-central-1]\n    hosts: [bedrock-runtime-fips.us-east-1.amazonaws.com]\n",
+            "c",
+        )
+        .unwrap();
+        assert_eq!(
+            c.providers[0].hosts,
+            [
+                "bedrock-runtime-fips.us-east-1.amazonaws.com",
+                "bedrock-runtime.us-east-1.amazonaws.com",
+                "bedrock-runtime.eu-central-1.amazonaws.com"
+            ]
+        );
+        assert_eq!(c.providers[0].api(), crate::providers::Api::Bedrock);
+        // The built-in provider governs the shipped regions.
+        let d = Config::default();
+        let b = d.providers.iter().find(|p| p.name == "bedrock").unwrap();
+        assert_eq!(b.api(), crate::providers::Api::Bedrock);
+        assert!(
+            b.hosts
+                .contains(&"bedrock-runtime.us-west-2.amazonaws.com".to_string())
+        );
+        assert_eq!(b.hosts.len(), sections::BEDROCK_REGIONS.len());
+        for (yaml, field, says) in [
+            (
+                "providers:\n  - name: bedrock\n    regions: [us-east-1, \"us east 2\"]\n",
+                "providers[0].regions[1]",
+                "not an AWS region",
+            ),
+            (
+                "providers:\n  - name: openai\n    regions: [us-east-1]\n    hosts: [api.openai.com]\n",
+                "providers[0].regions",
+                "api: bedrock",
+            ),
+            (
+                "providers:\n  - name: bedrock\n",
+                "providers[0]",
+                "`regions`",
+            ),
+        ] {
+            let e = Config::parse(yaml, "c").unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(says), "{yaml}: {e}");
+        }
+        for (r, ok) in [
+            ("us-east-1", true),
+            ("us-gov-west-1", true),
+            ("ap-southeast-2", true),
+            ("us-east", false),
+            ("US-EAST-1", false),
+            ("us--1", false),
+            ("useast-1-x", false),
+        ] {
+            assert_eq!(sections::valid_region(r), ok, "{r}");
+        }
+    }
+
+    #[test]
     fn type_error_names_field() {
         let e = Config::parse("proxy:\n  port: lots\n", "c")
             .unwrap_err()
@@ -569,7 +648,7 @@ mod tests {
             Config::parse(none, "c")
                 .unwrap_err()
                 .to_string()
-                .contains("hosts` or `addresses")
+                .contains("hosts`, `addresses`")
         );
     }
 }

@@ -112,8 +112,13 @@ pub struct ProviderConfig {
     pub addresses: Vec<IpAddr>,
     #[serde(default = "default_ports")]
     pub ports: Vec<u16>,
-    /// API family: openai (and OpenAI-compatible), anthropic, gemini.
-    /// Default: from the name (anthropic, gemini), else openai.
+    /// For `api: bedrock`: the AWS regions whose Bedrock runtime is governed;
+    /// each adds `bedrock-runtime.<region>.amazonaws.com` to `hosts`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// API family: openai (and OpenAI-compatible), anthropic, gemini,
+    /// bedrock. Default: from the name (anthropic, gemini, bedrock), else
+    /// openai.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<crate::providers::Api>,
     /// OpenAI-style streams that did not ask for usage
@@ -151,6 +156,7 @@ impl McpServerConfig {
             hosts: self.hosts,
             addresses: self.addresses,
             ports: self.ports,
+            regions: Vec::new(),
             api: Some(crate::providers::Api::Mcp),
             stream_usage: Some(StreamUsage::Leave),
         }
@@ -435,9 +441,15 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
         addresses: Vec::new(),
         ports: default_ports(),
+        regions: Vec::new(),
         api: None,
         stream_usage: None,
     };
+    let bedrock = ProviderConfig {
+        regions: BEDROCK_REGIONS.iter().map(|r| r.to_string()).collect(),
+        ..p("bedrock", &[])
+    }
+    .with_region_hosts();
     vec![
         p("openai", &["api.openai.com"]),
         p("anthropic", &["api.anthropic.com"]),
@@ -447,7 +459,56 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         p("deepseek", &["api.deepseek.com"]),
         p("openrouter", &["openrouter.ai"]),
         p("cohere", &["api.cohere.com", "api.cohere.ai"]),
+        bedrock,
     ]
+}
+
+/// The regions of the built-in `bedrock` provider: where Bedrock's runtime
+/// served on-demand models in 2025.
+pub const BEDROCK_REGIONS: [&str; 15] = [
+    "us-east-1",
+    "us-east-2",
+    "us-west-2",
+    "ca-central-1",
+    "sa-east-1",
+    "eu-central-1",
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "eu-north-1",
+    "ap-northeast-1",
+    "ap-northeast-2",
+    "ap-south-1",
+    "ap-southeast-1",
+    "ap-southeast-2",
+];
+
+impl ProviderConfig {
+    /// `hosts` with the Bedrock runtime host of each of `regions` added.
+    pub fn with_region_hosts(mut self) -> Self {
+        for r in &self.regions {
+            let h = format!("bedrock-runtime.{r}.amazonaws.com");
+            if !self.hosts.contains(&h) {
+                self.hosts.push(h);
+            }
+        }
+        self
+    }
+}
+
+/// An AWS region name: `us-east-1`, `us-gov-west-1`, `ap-southeast-2`.
+pub fn valid_region(r: &str) -> bool {
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+        && parts
+            .last()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        && parts[0].len() == 2
 }
 
 #[cfg(test)]

@@ -327,7 +327,8 @@ mod tests {
     fn every_shipped_entry_is_the_most_specific_match_for_its_models() {
         let t = PriceTable::new(&PricingConfig::default()).unwrap();
         for e in shipped() {
-            let stem = e.pattern.trim_end_matches('*');
+            // Bedrock's entries start with `*` (a cross-region prefix).
+            let stem = e.pattern.trim_matches('*');
             for model in [stem.to_string(), format!("{stem}-2099-01-01")] {
                 assert_eq!(
                     t.family("openai", &model),
@@ -342,6 +343,13 @@ mod tests {
             ("o1-pro", 150.0, 600.0),
             ("o3-2025-04-16", 2.0, 8.0),
             ("gpt-5.1", 1.25, 10.0),
+            ("anthropic.claude-3-5-haiku-20241022-v1:0", 0.80, 4.0),
+            ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", 3.0, 15.0),
+            ("global.anthropic.claude-opus-4-5-20251101-v1:0", 5.0, 25.0),
+            ("us.amazon.nova-pro-v1:0", 0.80, 3.20),
+            ("meta.llama3-1-8b-instruct-v1:0", 0.22, 0.22),
+            // Anthropic's own API names stay Anthropic's.
+            ("claude-3-5-haiku-20241022", 0.80, 4.0),
         ] {
             let p = t.price("openai", model).expect(model);
             assert_eq!((p.input, p.output), (input, output), "{model}");
