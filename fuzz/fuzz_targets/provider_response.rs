@@ -1,5 +1,6 @@
-//! Each provider's response parser (JSON bodies and SSE streams) over
-//! arbitrary bytes: never panics or overflows, whatever the token counts.
+//! Each provider's response parser (JSON bodies, SSE streams and AWS
+//! event-stream frames) over arbitrary bytes: never panics or overflows,
+//! whatever the token counts or frame lengths.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use tollgate_agent::providers::ResponseParser;
@@ -9,10 +10,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let api = tollgate_fuzz::api(sel);
-    let content_type = if sel & 0x80 != 0 {
-        "text/event-stream"
-    } else {
-        "application/json"
+    let content_type = match sel >> 6 {
+        3 => "application/vnd.amazon.eventstream",
+        2 => "text/event-stream",
+        _ => "application/json",
     };
     let mut p = ResponseParser::new(api, content_type, u64::from(sel) * 1000);
     for part in rest.chunks(usize::from(sel % 32) + 1) {

@@ -3,10 +3,11 @@ use tollgate_agent::providers::Api;
 
 /// The provider API a fuzz input's selector byte picks.
 pub fn api(selector: u8) -> Api {
-    match selector % 4 {
+    match selector % 5 {
         0 => Api::Openai,
         1 => Api::Anthropic,
         2 => Api::Gemini,
-        _ => Api::Mcp,
+        3 => Api::Mcp,
+        _ => Api::Bedrock,
     }
 }
