@@ -6,8 +6,8 @@ use std::{fs, process::Stdio, time::Duration};
 use crate::{
     TestNode,
     node::{
-        ANTHROPIC_HOST, BACKUP_HOST, GEMINI_HOST, MCP_HOST, PROVIDER_HOST, UPSTREAM_V4_ALT,
-        UPSTREAM_V4_BACKUP,
+        ANTHROPIC_HOST, BACKUP_HOST, BEDROCK_HOST, GEMINI_HOST, MCP_HOST, PROVIDER_HOST,
+        UPSTREAM_V4_ALT, UPSTREAM_V4_BACKUP,
     },
     process::Proc,
 };
@@ -18,7 +18,7 @@ impl TestNode {
         let hosts = self.dir.join("hosts");
         let body: String = addrs
             .iter()
-            .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n"))
+            .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST}\n"))
             .chain(std::iter::once(format!(
                 "{UPSTREAM_V4_BACKUP} {BACKUP_HOST}\n{UPSTREAM_V4_ALT} {MCP_HOST}\n"
             )))

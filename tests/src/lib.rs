@@ -17,6 +17,7 @@ mod dns;
 pub mod http_fixture;
 pub mod image;
 pub mod kube_api;
+pub mod mock_bedrock;
 pub mod mock_llm;
 pub mod mock_realtime;
 pub mod netns;

@@ -41,6 +41,9 @@ pub const PROVIDER_HOST: &str = "api.openai.com";
 pub const ANTHROPIC_HOST: &str = "api.anthropic.com";
 /// A third, with Gemini's API.
 pub const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
+/// AWS Bedrock's runtime in us-east-1 (`mock_bedrock`), on the same
+/// addresses, configured by `regions`.
+pub const BEDROCK_HOST: &str = crate::mock_bedrock::HOST;
 /// An OpenAI-compatible provider on its own address: a failover target.
 pub const BACKUP_HOST: &str = "api.backup.test";
 /// A remote MCP server (`mcp_servers`), at UPSTREAM_V4_ALT:MCP_PORT when a
@@ -248,6 +251,7 @@ impl TestNode {
              providers:\n  - name: openai\n    hosts: [{PROVIDER_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n  - name: anthropic\n    hosts: [{ANTHROPIC_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              \x20 - name: gemini\n    hosts: [{GEMINI_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              \x20 - name: backup\n    hosts: [{BACKUP_HOST}]\n    ports: [{TLS_PORT}]\n    api: openai\n\
+             \x20 - name: bedrock\n    regions: [us-east-1]\n    ports: [{TLS_PORT}]\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
              audit:\n  path: {}\n  journal: {}\nbpffs_dir: {}\n",
@@ -276,7 +280,7 @@ impl TestNode {
         fs::write(
             &p,
             format!(
-                "127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST}\n\
+                "127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST}\n\
                  {UPSTREAM_V4_ALT} {MCP_HOST}\n"
             ),
         )
@@ -459,6 +463,7 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
         PROVIDER_HOST.to_string(),
         ANTHROPIC_HOST.to_string(),
         GEMINI_HOST.to_string(),
+        BEDROCK_HOST.to_string(),
         BACKUP_HOST.to_string(),
         MCP_HOST.to_string(),
     ])

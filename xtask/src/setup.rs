@@ -35,6 +35,7 @@ const PY_CLIENTS: &[&str] = &[
     "anthropic==2.13.0",
     "websockets==15.0.1", // the OpenAI SDK's Realtime client (`openai[realtime]`)
     "mcp==2.3.0",         // the MCP tests' client and server (its own uvicorn serves TLS)
+    "boto3==1.44.8",      // the Bedrock tests' client (bedrock-runtime)
     "kubernetes-validate==1.37.0",
 ];
 const NPM_CLIENTS: &[&str] = &["openai@7.57.0"];

@@ -163,6 +163,9 @@ async fn answer(
     if req.uri().path().starts_with("/v1/realtime") && req.headers().contains_key("upgrade") {
         return Ok(realtime(req, peer, local, sni));
     }
+    if req.uri().path().starts_with("/model/") {
+        return Ok(bedrock(req, peer, sni).await);
+    }
     let line = format!(
         "{} {} {:?}",
         req.method(),
@@ -255,6 +258,122 @@ async fn answer(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(echo)).map_err(|n| match n {}).boxed())
         .unwrap())
+}
+
+/// The Bedrock runtime (`mock_bedrock`): the signature checked as AWS
+/// would, then Bedrock's answer for the action; recorded with the access key
+/// that signed it (or why the signature failed) and the model.
+async fn bedrock(req: Request<Incoming>, peer: SocketAddr, sni: Option<String>) -> Response<Body> {
+    use tollgate_tests::mock_bedrock as b;
+    let (parts, body) = req.into_parts();
+    let body = http_body_util::Limited::new(body, 64 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let authority = parts.uri.authority().map(|a| a.to_string());
+    let signed = b::verify(
+        parts.method.as_str(),
+        &path,
+        &parts.headers,
+        authority.as_deref(),
+        &body,
+    );
+    let header = |n: &str| {
+        parts
+            .headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let call = b::call(&path);
+    let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    log_request(&serde_json::json!({
+        "request": format!("{} {path} {:?}", parts.method, parts.version),
+        "peer": peer.to_string(),
+        "sni": sni,
+        "host": header("host").or(authority.clone()),
+        "bedrock": call.as_ref().map(|c| c.action),
+        "model": call.as_ref().map(|c| c.model.clone()),
+        "signed_by": signed.as_ref().ok(),
+        "signature_error": signed.as_ref().err(),
+        "credential": header("authorization").filter(|a| a.starts_with("Bearer ")),
+        "max_tokens": parsed.pointer("/inferenceConfig/maxTokens").or(parsed.get("max_tokens")),
+        "body_bytes": body.len(),
+    }));
+    let json = |status: u16, v: serde_json::Value, extra: &[(&str, String)]| {
+        let mut r = Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .header("x-amzn-requestid", "mock-bedrock-request-1");
+        for (k, v) in extra {
+            r = r.header(*k, v.as_str());
+        }
+        r.body(
+            Full::new(Bytes::from(v.to_string()))
+                .map_err(|n| match n {})
+                .boxed(),
+        )
+        .unwrap()
+    };
+    // A Bedrock API key (Bearer) is taken as it comes: the tests' keys.
+    let bearer = header("authorization").is_some_and(|a| a.starts_with("Bearer ABSK"));
+    if let (Err(why), false) = (&signed, bearer) {
+        let err = serde_json::json!({"message": why});
+        return json(403, err, &[("x-amzn-errortype", "InvalidSignatureException:http://internal.amazon.com/coral/com.amazon.coral.service/".into())]);
+    }
+    let Some(call) = call else {
+        return json(
+            404,
+            serde_json::json!({"message": "unknown operation"}),
+            &[],
+        );
+    };
+    let frames = match call.action {
+        "converse" => return json(200, b::converse_json(), &[]),
+        "invoke" => {
+            let counts = [
+                (
+                    "x-amzn-bedrock-input-token-count",
+                    b::INPUT_TOKENS.to_string(),
+                ),
+                (
+                    "x-amzn-bedrock-output-token-count",
+                    b::OUTPUT_TOKENS.to_string(),
+                ),
+                (
+                    "x-amzn-bedrock-cache-read-input-token-count",
+                    b::CACHED_TOKENS.to_string(),
+                ),
+            ];
+            return json(200, b::invoke_json(&call.model), &counts);
+        }
+        "converse-stream" => b::converse_stream(),
+        "invoke-with-response-stream" => b::invoke_stream(&call.model),
+        _ => {
+            return json(
+                404,
+                serde_json::json!({"message": "unknown operation"}),
+                &[],
+            );
+        }
+    };
+    let chunks = futures::stream::iter(
+        frames
+            .into_iter()
+            .map(|f| Ok::<_, std::io::Error>(Frame::data(Bytes::from(f)))),
+    );
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/vnd.amazon.eventstream")
+        .header("x-amzn-requestid", "mock-bedrock-request-1")
+        .body(http_body_util::StreamBody::new(chunks).boxed())
+        .unwrap()
 }
 
 /// A Realtime session: the WebSocket handshake's answer, and the session

@@ -1,0 +1,161 @@
+//! The clouds' model endpoints through Tollgate, with their official SDKs
+//! inside a pod: AWS Bedrock's runtime with boto3 (`bedrock-runtime`),
+//! against the mock runtime (`mock_bedrock`), which verifies every
+//! request's SigV4 signature as AWS would.
+use tollgate_tests::{
+    TestNode, mock_bedrock as bedrock,
+    sdk::{run_app, sdk},
+};
+
+const HAIKU: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
+const HAIKU_US: &str = "us.anthropic.claude-3-5-haiku-20241022-v1:0";
+
+/// Run `tests/clients/bedrock_client.py` in pod 0 with the workload's own
+/// AWS keys (test keys the mock knows), trusting the node CA through
+/// AWS_CA_BUNDLE only.
+fn boto3(node: &TestNode, python: &std::path::Path, calls: &[&str]) -> serde_json::Value {
+    let script = tollgate_tests::clients_dir().join("bedrock_client.py");
+    let mut argv = vec![script.to_str().unwrap()];
+    argv.extend_from_slice(calls);
+    let mut cmd = node.pods[0].app(&node.pod_hosts_file(), python.to_str().unwrap(), &argv);
+    let (key, secret) = bedrock::KEYS[0];
+    cmd.env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_CA_BUNDLE", node.node_ca_cert())
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    run_app(node, cmd)
+}
+
+/// boto3's Converse, ConverseStream, InvokeModel and
+/// InvokeModelWithResponseStream go through termination signed with the
+/// workload's own keys: the provider verifies each signature (so Tollgate
+/// changed nothing it covers), and the audit log counts each call's usage
+/// as the mock served it — from JSON, from Bedrock's token-count headers and
+/// from the event-stream frames boto3 itself read. A denied model is
+/// refused with AWS's error shape (boto3 raises AccessDeniedException with
+/// the rule's message); a rule that would reroute a signed call refuses it
+/// instead of breaking its signature. Neither reaches the provider.
+#[test]
+fn boto3_bedrock_calls_are_governed_and_counted_under_the_workloads_signature() {
+    let Some(python) = sdk(
+        "boto3_bedrock_calls_are_governed_and_counted_under_the_workloads_signature",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent(
+        "policy:\n  rules:\n    - {name: no-opus, models: [\"*claude-opus*\"], action: deny, message: opus is not for this team}\n    - name: reroute\n      models: [\"anthropic.claude-3-haiku-20240307-v1:0\"]\n      action: allow\n      model_aliases: {\"anthropic.claude-3-haiku-20240307-v1:0\": \"anthropic.claude-3-5-haiku-20241022-v1:0\"}\n    - {name: bedrock, providers: [bedrock], action: allow, budget: {daily_usd: 1.0}}\n",
+    );
+    let calls = [
+        format!("converse={HAIKU}"),
+        format!("converse_stream={HAIKU_US}"),
+        format!("invoke={HAIKU}"),
+        format!("invoke_stream={HAIKU_US}"),
+        "converse=us.anthropic.claude-opus-4-1-20250805-v1:0".to_string(),
+        "converse=anthropic.claude-3-haiku-20240307-v1:0".to_string(),
+    ];
+    let args: Vec<&str> = calls.iter().map(String::as_str).collect();
+    let got = boto3(&node, &python, &args);
+    let seen = got["calls"].as_array().unwrap();
+    let diag = || {
+        format!(
+            "{got}\nrecords: {:?}\nprovider: {:?}",
+            node.connections(),
+            node.mock_requests()
+        )
+    };
+    let words = bedrock::WORDS.concat();
+    for s in &seen[..4] {
+        assert_eq!(s["text"], words.as_str(), "{s}\n{}", diag());
+    }
+    // What boto3 parsed: the mock's usage, in each call's own terms.
+    assert_eq!(seen[0]["usage"]["inputTokens"], bedrock::INPUT_TOKENS);
+    assert_eq!(seen[1]["usage"]["outputTokens"], bedrock::OUTPUT_TOKENS);
+    assert_eq!(seen[2]["usage"]["input_tokens"], bedrock::INPUT_TOKENS);
+    assert_eq!(seen[3]["usage"]["outputTokenCount"], bedrock::OUTPUT_TOKENS);
+    assert_eq!(seen[4]["error"], "AccessDeniedException", "{}", diag());
+    assert_eq!(seen[4]["status"], 403);
+    assert!(
+        seen[4]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opus is not for this team")
+    );
+    assert_eq!(seen[5]["error"], "AccessDeniedException", "{}", diag());
+    assert!(
+        seen[5]["message"].as_str().unwrap().contains("SigV4"),
+        "{}",
+        seen[5]
+    );
+
+    let recs = node.wait_requests(6);
+    let cost = (21.0 * 0.80 + 4.0 * 0.08 + 7.0 * 4.0) / 1e6;
+    for (i, (model, stream)) in [
+        (HAIKU, false),
+        (HAIKU_US, true),
+        (HAIKU, false),
+        (HAIKU_US, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let r = &recs[i];
+        assert_eq!(r["provider"], "bedrock", "{r}");
+        assert_eq!(r["operation"], "chat", "{r}");
+        assert_eq!(r["model"], *model, "{r}");
+        assert_eq!(r["stream"], *stream, "{r}");
+        assert_eq!(r["decision"], "allow", "{r}");
+        assert_eq!(r["reason"], "rule:bedrock", "{r}");
+        assert_eq!(
+            r["usage"]["input_tokens"],
+            bedrock::INPUT_TOKENS + bedrock::CACHED_TOKENS,
+            "{r}"
+        );
+        assert_eq!(
+            r["usage"]["cached_input_tokens"],
+            bedrock::CACHED_TOKENS,
+            "{r}"
+        );
+        assert_eq!(r["usage"]["output_tokens"], bedrock::OUTPUT_TOKENS, "{r}");
+        assert_eq!(r["usage"]["estimated"], false, "{r}");
+        let c = r["cost_usd"].as_f64().unwrap();
+        assert!((c - cost).abs() < 1e-12, "{c} vs {cost}: {r}");
+        assert!(
+            !r.to_string().contains(bedrock::KEYS[0].1),
+            "no secret in the record"
+        );
+    }
+    assert_eq!(recs[4]["reason"], "rule:no-opus", "{:?}", recs[4]);
+    assert_eq!(
+        recs[5]["reason"], "rule:reroute:unsignable",
+        "{:?}",
+        recs[5]
+    );
+
+    // The provider's own record: the four allowed calls, each signature
+    // valid and made with the workload's key; nothing of the refused two.
+    let log: Vec<_> = node
+        .mock_requests()
+        .into_iter()
+        .filter(|r| r["bedrock"].is_string())
+        .collect();
+    let actions: Vec<_> = log.iter().map(|r| r["bedrock"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "converse",
+            "converse-stream",
+            "invoke",
+            "invoke-with-response-stream"
+        ],
+        "{log:?}"
+    );
+    for r in &log {
+        assert_eq!(r["signed_by"], bedrock::KEYS[0].0, "{r}");
+        assert_eq!(r["host"], bedrock::HOST, "{r}");
+    }
+    assert_eq!(log[1]["model"], HAIKU_US);
+}
