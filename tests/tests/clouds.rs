@@ -10,15 +10,18 @@ use tollgate_tests::{
 const HAIKU: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
 const HAIKU_US: &str = "us.anthropic.claude-3-5-haiku-20241022-v1:0";
 
-/// Run `tests/clients/bedrock_client.py` in pod 0 with the workload's own
-/// AWS keys (test keys the mock knows), trusting the node CA through
-/// AWS_CA_BUNDLE only.
-fn boto3(node: &TestNode, python: &std::path::Path, calls: &[&str]) -> serde_json::Value {
+/// Run `tests/clients/bedrock_client.py` in pod 0 with the AWS keys `keys`
+/// in its environment, trusting the node CA through AWS_CA_BUNDLE only.
+fn boto3(
+    node: &TestNode,
+    python: &std::path::Path,
+    calls: &[&str],
+    (key, secret): (&str, &str),
+) -> serde_json::Value {
     let script = tollgate_tests::clients_dir().join("bedrock_client.py");
     let mut argv = vec![script.to_str().unwrap()];
     argv.extend_from_slice(calls);
     let mut cmd = node.pods[0].app(&node.pod_hosts_file(), python.to_str().unwrap(), &argv);
-    let (key, secret) = bedrock::KEYS[0];
     cmd.env("AWS_ACCESS_KEY_ID", key)
         .env("AWS_SECRET_ACCESS_KEY", secret)
         .env("AWS_CA_BUNDLE", node.node_ca_cert())
@@ -58,7 +61,7 @@ fn boto3_bedrock_calls_are_governed_and_counted_under_the_workloads_signature() 
         "converse=anthropic.claude-3-haiku-20240307-v1:0".to_string(),
     ];
     let args: Vec<&str> = calls.iter().map(String::as_str).collect();
-    let got = boto3(&node, &python, &args);
+    let got = boto3(&node, &python, &args, bedrock::KEYS[0]);
     let seen = got["calls"].as_array().unwrap();
     let diag = || {
         format!(
@@ -158,4 +161,88 @@ fn boto3_bedrock_calls_are_governed_and_counted_under_the_workloads_signature() 
         assert_eq!(r["host"], bedrock::HOST, "{r}");
     }
     assert_eq!(log[1]["model"], HAIKU_US);
+}
+
+/// Pods hold no AWS keys: a rule whose `credential_file` holds the node's
+/// AWS keys (JSON) re-signs each call it allows with SigV4 after its
+/// rewrites (here an output cap), and one holding a Bedrock API key sends
+/// that instead. boto3 runs with placeholder keys the provider does not
+/// know; the provider verifies every signature it gets as made with the
+/// node's key, and receives the capped limits.
+#[test]
+fn bedrock_calls_are_re_signed_with_node_held_aws_keys() {
+    let Some(python) = sdk(
+        "bedrock_calls_are_re_signed_with_node_held_aws_keys",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    let (key, secret) = bedrock::KEYS[1];
+    let keys = node.dir.join("aws-keys.json");
+    std::fs::write(
+        &keys,
+        format!(
+            "{{\"Version\": 1, \"AccessKeyId\": \"{key}\", \"SecretAccessKey\": \"{secret}\"}}\n"
+        ),
+    )
+    .unwrap();
+    let api_key = node.dir.join("bedrock-api-key");
+    std::fs::write(&api_key, "ABSK-node-held-test-key\n").unwrap();
+    node.start_agent(&format!(
+        "policy:\n  rules:\n    - {{name: api-key, models: [\"*nova*\"], action: allow, credential_file: {}}}\n    - {{name: node-keys, providers: [bedrock], action: allow, max_output_tokens: 32, credential_file: {}}}\n",
+        api_key.display(),
+        keys.display()
+    ));
+    let calls = [
+        format!("converse={HAIKU}"),
+        format!("converse_stream={HAIKU_US}"),
+        format!("invoke={HAIKU}"),
+        format!("invoke_stream={HAIKU_US}"),
+        "converse=us.amazon.nova-pro-v1:0".to_string(),
+    ];
+    let args: Vec<&str> = calls.iter().map(String::as_str).collect();
+    let got = boto3(
+        &node,
+        &python,
+        &args,
+        ("AKIDPLACEHOLDER", "not-a-real-secret"),
+    );
+    let diag = || {
+        format!(
+            "{got}\nrecords: {:?}\nprovider: {:?}",
+            node.connections(),
+            node.mock_requests()
+        )
+    };
+    for s in got["calls"].as_array().unwrap() {
+        assert_eq!(s["text"], bedrock::WORDS.concat(), "{s}\n{}", diag());
+    }
+    let recs = node.wait_requests(5);
+    for r in &recs[..4] {
+        assert_eq!(r["reason"], "rule:node-keys", "{r}");
+        assert_eq!(r["credential_injected"], true, "{r}");
+        assert_eq!(r["usage"]["output_tokens"], bedrock::OUTPUT_TOKENS, "{r}");
+        assert!(!r.to_string().contains(secret), "no secret in the record");
+    }
+    assert_eq!(recs[4]["reason"], "rule:api-key", "{:?}", recs[4]);
+
+    let log: Vec<_> = node
+        .mock_requests()
+        .into_iter()
+        .filter(|r| r["bedrock"].is_string())
+        .collect();
+    assert_eq!(log.len(), 5, "{log:?}");
+    for r in &log[..4] {
+        // Signed with the node's key (the placeholder one would fail), and
+        // signed after the cap: the capped body is what the signature covers.
+        assert_eq!(r["signed_by"], key, "{r}");
+        assert_eq!(r["max_tokens"], 32, "{r}");
+    }
+    assert_eq!(
+        log[4]["credential"], "Bearer ABSK-node-held-test-key",
+        "{:?}",
+        log[4]
+    );
+    assert_eq!(log[4]["signed_by"], serde_json::Value::Null);
 }

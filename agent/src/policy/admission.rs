@@ -20,6 +20,7 @@ use super::{
     failover::FailoverChain,
     gate::{Hold, LimitStore},
     limits::{Estimate, LimitKey, Limited, LimitsConfig},
+    sigv4,
     spend::{BudgetHold, BudgetStore},
 };
 use crate::{
@@ -44,6 +45,8 @@ pub struct Enforcer {
 pub struct Candidate<'a> {
     /// The call's id (its audit record's): names its budget reservation.
     pub id: &'a str,
+    /// The HTTP method (a re-signed Bedrock call signs it).
+    pub method: &'a str,
     pub subject: Subject<'a>,
     /// Where it goes (provider name and TLS server name).
     pub to: Upstream<'a>,
@@ -227,6 +230,7 @@ impl Enforcer {
     ) -> Verdict {
         let Candidate {
             id,
+            method,
             subject,
             to,
             adapter,
@@ -321,16 +325,25 @@ impl Enforcer {
         }
         let credential_injected = match &caps.credential_file {
             None => false,
-            Some(file) => match self.inject(adapter, to, file, &mut headers, &target) {
-                Ok(t) => {
-                    target = t;
-                    true
-                }
-                Err(e) => {
+            Some(file) => {
+                let injected = self.credentials.get(file).map_err(|e| e.to_string()).and_then(|key| {
+                    if !sigv4::is_aws_keys(key.text()) {
+                        target = credentials::inject(adapter, to, &mut headers, &target, &key);
+                        return Ok(());
+                    }
+                    if adapter.api() != providers::Api::Bedrock {
+                        return Err(format!("{} holds AWS keys, which sign Bedrock calls only; this call goes to {}", file.display(), to.provider));
+                    }
+                    let keys = sigv4::parse(key.text()).map_err(|e| format!("{}: {e}", file.display()))?;
+                    sigv4::sign_request(&keys, to.host, method, &target, &mut headers, &body, std::time::SystemTime::now())
+                        .map_err(|e| e.to_string())
+                });
+                if let Err(e) = injected {
                     tracing::error!(rule = %rule, error = %e, "credential injection failed; the call is refused");
                     return Err(Refusal::CredentialUnavailable { rule: rule.clone() });
                 }
-            },
+                true
+            }
         };
         // A Bedrock call the workload signed (SigV4) must reach AWS as it
         // was signed: a rewrite of its path or body, or of a header the

@@ -96,6 +96,7 @@ async fn admit(e: &Enforcer, p: &Policy, r: Req) -> (Seen, Verdict) {
     let mut seen = Seen::default();
     let c = Candidate {
         id: "call-1",
+        method: "POST",
         subject: Subject {
             workload: &w,
             comm: "app",

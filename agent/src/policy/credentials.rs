@@ -19,8 +19,14 @@ use zeroize::Zeroizing;
 
 use crate::providers::{Adapter, Upstream};
 
-/// A provider key.
+/// A provider key (or, for Bedrock, AWS keys as JSON).
 pub struct Secret(Zeroizing<String>);
+
+impl Secret {
+    pub(super) fn text(&self) -> &str {
+        &self.0
+    }
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,9 +69,10 @@ impl Credentials {
         }
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(read)?);
         let key = text.trim();
+        // AWS keys (JSON) are read by `sigv4`, never sent as a header.
+        let aws = super::sigv4::is_aws_keys(key);
         if key.is_empty()
-            || HeaderValue::from_str(key).is_err()
-            || key.contains(char::is_whitespace)
+            || (!aws && (HeaderValue::from_str(key).is_err() || key.contains(char::is_whitespace)))
         {
             return Err(CredentialError::Invalid {
                 path: path.to_owned(),

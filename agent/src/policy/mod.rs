@@ -19,6 +19,7 @@ mod mcp_rules;
 mod rules;
 mod selector;
 pub mod shared;
+pub mod sigv4;
 pub mod spend;
 
 // What the proxy uses of the policy: the façade (admission and its

@@ -330,6 +330,7 @@ pub(super) async fn admit(
     let mut seen = Seen::default();
     let request = Candidate {
         id: &record.id,
+        method: &record.method,
         subject: Subject {
             workload,
             comm: &call.meta.comm,
