@@ -3,11 +3,12 @@ use tollgate_agent::providers::Api;
 
 /// The provider API a fuzz input's selector byte picks.
 pub fn api(selector: u8) -> Api {
-    match selector % 5 {
+    match selector % 6 {
         0 => Api::Openai,
         1 => Api::Anthropic,
         2 => Api::Gemini,
         3 => Api::Mcp,
-        _ => Api::Bedrock,
+        4 => Api::Bedrock,
+        _ => Api::Vertex,
     }
 }

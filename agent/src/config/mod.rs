@@ -401,23 +401,30 @@ fn check_governed(p: &ProviderConfig, at: &str) -> Result<(), (String, String)> 
         return err(".name", "must not be empty".into());
     }
     for (j, r) in p.regions.iter().enumerate() {
-        if p.api() != crate::providers::Api::Bedrock {
-            return err(
-                ".regions",
-                "is for `api: bedrock` providers (their hosts follow from the region); list `hosts` instead".into(),
-            );
-        }
-        if !sections::valid_region(r) {
-            return err(
-                &format!(".regions[{j}]"),
-                format!("`{r}` is not an AWS region name like us-east-1"),
-            );
+        let valid = match p.api() {
+            crate::providers::Api::Bedrock => sections::valid_region(r),
+            crate::providers::Api::Vertex => sections::valid_gcp_region(r),
+            _ => {
+                return err(
+                    ".regions",
+                    "is for `api: bedrock` and `api: vertex` providers (their hosts follow from the region); list `hosts` instead".into(),
+                );
+            }
+        };
+        if !valid {
+            let like = match p.api() {
+                crate::providers::Api::Vertex => {
+                    "a Google Cloud region name like us-central1 (or global)"
+                }
+                _ => "an AWS region name like us-east-1",
+            };
+            return err(&format!(".regions[{j}]"), format!("`{r}` is not {like}"));
         }
     }
     if p.hosts.is_empty() && p.addresses.is_empty() {
         return err(
             "",
-            "needs `hosts`, `addresses` or (for bedrock) `regions`".into(),
+            "needs `hosts`, `addresses` or (for bedrock and vertex) `regions`".into(),
         );
     }
     for (j, h) in p.hosts.iter().enumerate() {
@@ -551,7 +558,7 @@ mod tests {
             (
                 "providers:\n  - name: openai\n    regions: [us-east-1]\n    hosts: [api.openai.com]\n",
                 "providers[0].regions",
-                "api: bedrock",
+                "api: bedrock` and `api: vertex",
             ),
             (
                 "providers:\n  - name: bedrock\n",
@@ -561,6 +568,37 @@ mod tests {
         ] {
             let e = Config::parse(yaml, "c").unwrap_err().to_string();
             assert!(e.contains(field) && e.contains(says), "{yaml}: {e}");
+        }
+        let v = Config::parse(
+            "providers:\n  - name: gcp\n    api: vertex\n    regions: [global, europe-west4]\n",
+            "c",
+        )
+        .unwrap();
+        assert_eq!(
+            v.providers[0].hosts,
+            [
+                "aiplatform.googleapis.com",
+                "europe-west4-aiplatform.googleapis.com"
+            ]
+        );
+        let e = Config::parse(
+            "providers:\n  - name: vertex\n    regions: [us-east-1]\n",
+            "c",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("providers[0].regions[0]") && e.contains("Google Cloud region"),
+            "{e}"
+        );
+        for (r, ok) in [
+            ("us-central1", true),
+            ("global", true),
+            ("europe-west4", true),
+            ("us-east-1", false),
+            ("US1", false),
+        ] {
+            assert_eq!(sections::valid_gcp_region(r), ok, "{r}");
         }
         for (r, ok) in [
             ("us-east-1", true),

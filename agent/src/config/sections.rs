@@ -112,8 +112,10 @@ pub struct ProviderConfig {
     pub addresses: Vec<IpAddr>,
     #[serde(default = "default_ports")]
     pub ports: Vec<u16>,
-    /// For `api: bedrock`: the AWS regions whose Bedrock runtime is governed;
-    /// each adds `bedrock-runtime.<region>.amazonaws.com` to `hosts`.
+    /// For `api: bedrock`: the AWS regions whose Bedrock runtime is governed
+    /// (each adds `bedrock-runtime.<region>.amazonaws.com` to `hosts`); for
+    /// `api: vertex`, Google Cloud regions (`<region>-aiplatform.googleapis.com`;
+    /// `global`: `aiplatform.googleapis.com`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<String>,
     /// API family: openai (and OpenAI-compatible), anthropic, gemini,
@@ -450,6 +452,11 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         ..p("bedrock", &[])
     }
     .with_region_hosts();
+    let vertex = ProviderConfig {
+        regions: VERTEX_REGIONS.iter().map(|r| r.to_string()).collect(),
+        ..p("vertex", &[])
+    }
+    .with_region_hosts();
     vec![
         p("openai", &["api.openai.com"]),
         p("anthropic", &["api.anthropic.com"]),
@@ -460,8 +467,22 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         p("openrouter", &["openrouter.ai"]),
         p("cohere", &["api.cohere.com", "api.cohere.ai"]),
         bedrock,
+        vertex,
     ]
 }
+
+/// The regions of the built-in `vertex` provider: the global endpoint and
+/// the regions serving Gemini and Claude in 2025.
+pub const VERTEX_REGIONS: [&str; 8] = [
+    "global",
+    "us-central1",
+    "us-east5",
+    "us-east4",
+    "europe-west1",
+    "europe-west4",
+    "asia-northeast1",
+    "asia-southeast1",
+];
 
 /// The regions of the built-in `bedrock` provider: where Bedrock's runtime
 /// served on-demand models in 2025.
@@ -484,16 +505,35 @@ pub const BEDROCK_REGIONS: [&str; 15] = [
 ];
 
 impl ProviderConfig {
-    /// `hosts` with the Bedrock runtime host of each of `regions` added.
+    /// `hosts` with the endpoint of each of `regions` added (Bedrock's
+    /// runtime, Vertex AI's).
     pub fn with_region_hosts(mut self) -> Self {
+        let vertex = self.api() == crate::providers::Api::Vertex;
         for r in &self.regions {
-            let h = format!("bedrock-runtime.{r}.amazonaws.com");
+            let h = match (vertex, r.as_str()) {
+                (true, "global") => "aiplatform.googleapis.com".to_string(),
+                (true, r) => format!("{r}-aiplatform.googleapis.com"),
+                (false, r) => format!("bedrock-runtime.{r}.amazonaws.com"),
+            };
             if !self.hosts.contains(&h) {
                 self.hosts.push(h);
             }
         }
         self
     }
+}
+
+/// A Google Cloud region name (`us-central1`, `europe-west4`) or `global`.
+pub fn valid_gcp_region(r: &str) -> bool {
+    r == "global"
+        || r.split_once('-').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && a.bytes().all(|c| c.is_ascii_lowercase())
+                && b.bytes().last().is_some_and(|c| c.is_ascii_digit())
+                && b.bytes().next().is_some_and(|c| c.is_ascii_lowercase())
+                && b.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        })
 }
 
 /// An AWS region name: `us-east-1`, `us-gov-west-1`, `ap-southeast-2`.

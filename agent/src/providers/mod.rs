@@ -7,6 +7,7 @@
 //! * `anthropic` — messages.
 //! * `gemini` — generateContent / streamGenerateContent.
 //! * `bedrock` — AWS Bedrock runtime: Converse, InvokeModel and their streams.
+//! * `vertex` — Google Vertex AI publisher models (Gemini; Anthropic's Messages).
 //! * `mcp` — MCP servers' JSON-RPC (tools, resources, prompts).
 //!
 //! Responses are parsed as they are relayed (`ResponseParser::feed` per
@@ -27,6 +28,7 @@ pub mod rewrite;
 pub mod sse;
 pub mod stream_usage;
 pub mod tokenizer;
+pub mod vertex;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -46,6 +48,8 @@ pub enum Api {
     Gemini,
     /// AWS Bedrock runtime (`bedrock-runtime.<region>.amazonaws.com`).
     Bedrock,
+    /// Google Vertex AI (`<region>-aiplatform.googleapis.com`).
+    Vertex,
     /// An MCP server (`mcp_servers`): JSON-RPC over streamable HTTP.
     Mcp,
 }
@@ -57,6 +61,7 @@ impl Api {
             "anthropic" => Api::Anthropic,
             "gemini" => Api::Gemini,
             "bedrock" => Api::Bedrock,
+            "vertex" => Api::Vertex,
             _ => Api::Openai,
         }
     }
@@ -69,6 +74,7 @@ pub fn adapter(api: Api) -> &'static dyn Adapter {
         Api::Anthropic => &anthropic::Anthropic,
         Api::Gemini => &gemini::Gemini,
         Api::Bedrock => &bedrock::Bedrock,
+        Api::Vertex => &vertex::Vertex,
         Api::Mcp => &mcp::Mcp,
     }
 }
