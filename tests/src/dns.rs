@@ -7,7 +7,7 @@ use crate::{
     TestNode,
     node::{
         ANTHROPIC_HOST, BACKUP_HOST, BEDROCK_HOST, GEMINI_HOST, MCP_HOST, PROVIDER_HOST,
-        UPSTREAM_V4_ALT, UPSTREAM_V4_BACKUP,
+        UPSTREAM_V4_ALT, UPSTREAM_V4_BACKUP, VERTEX_HOSTS,
     },
     process::Proc,
 };
@@ -18,7 +18,12 @@ impl TestNode {
         let hosts = self.dir.join("hosts");
         let body: String = addrs
             .iter()
-            .map(|a| format!("{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST}\n"))
+            .map(|a| {
+                let [v1, v2] = VERTEX_HOSTS;
+                format!(
+                    "{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST} {v1} {v2}\n"
+                )
+            })
             .chain(std::iter::once(format!(
                 "{UPSTREAM_V4_BACKUP} {BACKUP_HOST}\n{UPSTREAM_V4_ALT} {MCP_HOST}\n"
             )))

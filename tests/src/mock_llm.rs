@@ -200,6 +200,23 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
             return Some(gemini_json());
         }
     }
+    // Vertex AI publisher models: Gemini's API for Google's, the Messages
+    // API (`rawPredict`) for Anthropic's.
+    if let Some((_, rest)) = path.split_once("/publishers/") {
+        let method = rest
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .rsplit(':')
+            .next();
+        return match method {
+            Some("generateContent") => Some(gemini_json()),
+            Some("streamGenerateContent") => Some(gemini_stream()),
+            Some("rawPredict") => Some(anthropic_json()),
+            Some("streamRawPredict") => Some(anthropic_stream()),
+            _ => None,
+        };
+    }
     None
 }
 

@@ -246,3 +246,124 @@ fn bedrock_calls_are_re_signed_with_node_held_aws_keys() {
     );
     assert_eq!(log[4]["signed_by"], serde_json::Value::Null);
 }
+
+/// Vertex AI with its official SDKs in a pod: google-genai (`vertexai=True`)
+/// calls Gemini, AnthropicVertex calls Claude, each on its regional
+/// endpoint with a placeholder OAuth token. Tollgate reads each publisher's
+/// API from the path (model, stream), counts what the mock served, puts the
+/// node-held token in place of the workload's, and refuses a denied model
+/// in Google's error shape (the Anthropic SDK raises PermissionDeniedError).
+#[test]
+fn vertex_ai_sdks_are_governed_with_a_node_held_token() {
+    use tollgate_tests::mock_llm::{ANTHROPIC_USAGE, GEMINI_THOUGHTS, GEMINI_USAGE, STREAM_WORDS};
+    let Some(python) = sdk(
+        "vertex_ai_sdks_are_governed_with_a_node_held_token",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    let token = node.dir.join("vertex-token");
+    std::fs::write(&token, "ya29.node-held-test-token\n").unwrap();
+    node.start_agent(&format!(
+        "policy:\n  rules:\n    - {{name: no-opus, models: [\"claude-opus*\"], action: deny, message: opus is not for this team}}\n    - {{name: vertex, providers: [vertex], action: allow, credential_file: {}}}\n",
+        token.display()
+    ));
+    let mut cmd = node.pods[0].app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[tollgate_tests::clients_dir()
+            .join("vertex_client.py")
+            .to_str()
+            .unwrap()],
+    );
+    cmd.env("SSL_CERT_FILE", node.node_ca_cert());
+    let got = run_app(&node, cmd);
+    let diag = || {
+        format!(
+            "{got}\nrecords: {:?}\nprovider: {:?}",
+            node.connections(),
+            node.mock_requests()
+        )
+    };
+    let words = STREAM_WORDS.concat();
+    for k in ["gemini", "gemini_stream", "claude", "claude_stream"] {
+        assert_eq!(got[k]["text"], words.as_str(), "{k}: {}", diag());
+    }
+    assert_eq!(got["gemini_stream"]["prompt_tokens"], GEMINI_USAGE.input);
+    assert_eq!(
+        got["claude_stream"]["output_tokens"],
+        ANTHROPIC_USAGE.output
+    );
+    assert_eq!(
+        got["denied"]["class"],
+        "PermissionDeniedError",
+        "{}",
+        diag()
+    );
+    assert!(
+        got["denied"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("opus is not for this team")
+    );
+
+    let recs = node.wait_requests(5);
+    let expect = [
+        ("gemini-2.5-flash", "generate_content", false),
+        ("gemini-2.5-flash", "generate_content", true),
+        ("claude-sonnet-4-5@20250929", "messages", false),
+        ("claude-sonnet-4-5@20250929", "messages", true),
+    ];
+    for (r, (model, op, stream)) in recs.iter().zip(expect) {
+        assert_eq!(r["provider"], "vertex", "{r}");
+        assert_eq!(r["model"], model, "{r}");
+        assert_eq!(r["operation"], op, "{r}");
+        assert_eq!(r["stream"], stream, "{r}");
+        assert_eq!(r["credential_injected"], true, "{r}");
+        assert_eq!(r["usage"]["estimated"], false, "{r}");
+        assert!(r["cost_usd"].as_f64().unwrap() > 0.0, "priced: {r}");
+    }
+    for r in &recs[..2] {
+        assert_eq!(r["usage"]["input_tokens"], GEMINI_USAGE.input, "{r}");
+        assert_eq!(
+            r["usage"]["output_tokens"],
+            GEMINI_USAGE.output + GEMINI_THOUGHTS,
+            "{r}"
+        );
+    }
+    for r in &recs[2..4] {
+        assert_eq!(
+            r["usage"]["input_tokens"],
+            ANTHROPIC_USAGE.input + ANTHROPIC_USAGE.cached,
+            "{r}"
+        );
+        assert_eq!(r["usage"]["output_tokens"], ANTHROPIC_USAGE.output, "{r}");
+    }
+    assert_eq!(recs[4]["reason"], "rule:no-opus", "{:?}", recs[4]);
+
+    // The provider's own record: four calls on the two regional hosts, each
+    // with the node's token, none with the workload's; the denied one absent.
+    let log: Vec<_> = node
+        .mock_requests()
+        .into_iter()
+        .filter(|r| {
+            r["request"]
+                .as_str()
+                .is_some_and(|l| l.contains("/publishers/"))
+        })
+        .collect();
+    assert_eq!(log.len(), 4, "{log:?}");
+    for r in &log {
+        assert_eq!(r["credential"], "Bearer ya29.node-held-test-token", "{r}");
+    }
+    let hosts: Vec<_> = log
+        .iter()
+        .map(|r| r["host"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        hosts[0].starts_with("us-central1-aiplatform")
+            && hosts[3].starts_with("us-east5-aiplatform"),
+        "{hosts:?}"
+    );
+}

@@ -32,10 +32,11 @@ const APT_PACKAGES: &[&str] = &[
 // Kubernetes JSON schemas it bundles (offline).
 const PY_CLIENTS: &[&str] = &[
     "openai==3.57.0",
-    "anthropic==2.13.0",
+    "anthropic[vertex]==2.13.0",
     "websockets==15.0.1", // the OpenAI SDK's Realtime client (`openai[realtime]`)
     "mcp==2.3.0",         // the MCP tests' client and server (its own uvicorn serves TLS)
     "boto3==1.44.8",      // the Bedrock tests' client (bedrock-runtime)
+    "google-genai==3.6.1", // the Vertex AI tests' Gemini client (Claude: anthropic[vertex])
     "kubernetes-validate==1.37.0",
 ];
 const NPM_CLIENTS: &[&str] = &["openai@7.57.0"];
