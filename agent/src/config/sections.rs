@@ -452,11 +452,7 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         ..p("bedrock", &[])
     }
     .with_region_hosts();
-    let vertex = ProviderConfig {
-        regions: VERTEX_REGIONS.iter().map(|r| r.to_string()).collect(),
-        ..p("vertex", &[])
-    }
-    .with_region_hosts();
+
     vec![
         p("openai", &["api.openai.com"]),
         p("anthropic", &["api.anthropic.com"]),
@@ -467,22 +463,12 @@ pub fn default_providers() -> Vec<ProviderConfig> {
         p("openrouter", &["openrouter.ai"]),
         p("cohere", &["api.cohere.com", "api.cohere.ai"]),
         bedrock,
-        vertex,
+        // Not built in: Vertex AI. Its endpoints share Google's front-end
+        // addresses with every googleapis.com service, so governing them
+        // by default would take in (and, under a terminating rule, refuse
+        // as foreign hosts) other Google API traffic landing on them.
     ]
 }
-
-/// The regions of the built-in `vertex` provider: the global endpoint and
-/// the regions serving Gemini and Claude in 2025.
-pub const VERTEX_REGIONS: [&str; 8] = [
-    "global",
-    "us-central1",
-    "us-east5",
-    "us-east4",
-    "europe-west1",
-    "europe-west4",
-    "asia-northeast1",
-    "asia-southeast1",
-];
 
 /// The regions of the built-in `bedrock` provider: where Bedrock's runtime
 /// served on-demand models in 2025.
