@@ -391,10 +391,22 @@ fn enforcer(
         .then(|| shared::SharedLimits::new(&config.state))
         .transpose()?;
     let errors = metrics.state_errors.clone();
-    Ok(Enforcer::new(
+    let mut enforcer = Enforcer::new(
         Arc::new(LimitStore::new(shared_limits, errors.clone())),
         Arc::new(BudgetStore::new(local, shared_budgets, errors)),
-    ))
+    );
+    // Token endpoints (service-account keys) are verified with the roots
+    // providers are; without any, such credential files fail with a reason.
+    match upstream::client_config(config.tls.system_roots, &config.tls.extra_roots) {
+        Ok(tls) => match crate::policy::token_exchange::TokenExchange::new((*tls).clone()) {
+            Ok(t) => enforcer.tokens = Arc::new(t),
+            Err(e) => {
+                tracing::warn!(error = %e, "no client for token endpoints; service-account credential files will fail")
+            }
+        },
+        Err(e) => tracing::debug!(error = %e, "no roots for token endpoints"),
+    }
+    Ok(enforcer)
 }
 
 /// TLS termination, when `tls.ca_dir` is set: the CA must load (a broken CA

@@ -147,6 +147,8 @@ impl TestNode {
                 key,
                 "--log".to_string(),
                 dir.join("mock-requests.jsonl").display().to_string(),
+                "--google-sa-key".to_string(),
+                dir.join("google-sa.pem").display().to_string(),
                 format!("tls:{UPSTREAM_V4}:{TLS_PORT}"),
                 format!("tls:[{UPSTREAM_V6}]:{TLS_PORT}"),
                 format!("tls:{UPSTREAM_V4_BACKUP}:{TLS_PORT}"),
@@ -469,6 +471,8 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
     let issuer = Issuer::new(ca_params, ca_key);
     let leaf_key = KeyPair::generate().unwrap();
     let leaf = CertificateParams::new(vec![
+        // The mock's token endpoint is reached by address (`mock_google`).
+        UPSTREAM_V4.to_string(),
         PROVIDER_HOST.to_string(),
         ANTHROPIC_HOST.to_string(),
         GEMINI_HOST.to_string(),

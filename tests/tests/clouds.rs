@@ -1,9 +1,12 @@
 //! The clouds' model endpoints through Tollgate, with their official SDKs
 //! inside a pod: AWS Bedrock's runtime with boto3 (`bedrock-runtime`),
 //! against the mock runtime (`mock_bedrock`), which verifies every
-//! request's SigV4 signature as AWS would.
+//! request's SigV4 signature as AWS would; Vertex AI with google-genai and
+//! AnthropicVertex, and service-account tokens from the mock's OAuth token
+//! endpoint (`mock_google`), which verifies the grant's signature.
 use tollgate_tests::{
     TestNode, mock_bedrock as bedrock,
+    node::VERTEX_HOSTS,
     sdk::{run_app, sdk},
 };
 
@@ -365,5 +368,114 @@ fn vertex_ai_sdks_are_governed_with_a_node_held_token() {
         hosts[0].starts_with("us-central1-aiplatform")
             && hosts[3].starts_with("us-east5-aiplatform"),
         "{hosts:?}"
+    );
+}
+
+/// A service-account key as the rule's credential: Tollgate signs the JWT
+/// bearer grant with the account's key, exchanges it at the key's
+/// `token_uri` (the mock's, which verifies the signature and issues tokens
+/// living 3 s) and sends the token in place of the workload's. Calls over
+/// 8 s see the token fetched again before it expires — every call the
+/// provider got carried a valid one — and not once per call.
+#[test]
+fn vertex_tokens_from_a_service_account_are_fetched_again_before_they_expire() {
+    use tollgate_tests::{mock_google, node::UPSTREAM_V4, require_privileged};
+    if !require_privileged(
+        "vertex_tokens_from_a_service_account_are_fetched_again_before_they_expire",
+    ) {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    let pem = node.dir.join("google-sa.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&pem)
+        .output()
+        .expect("run openssl (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = serde_json::json!({
+        "type": "service_account", "project_id": "tollgate-test", "private_key_id": "k1",
+        "private_key": std::fs::read_to_string(&pem).unwrap(),
+        "client_email": mock_google::ACCOUNT,
+        "token_uri": format!("https://{UPSTREAM_V4}/token"),
+    });
+    let sa = node.dir.join("service-account.json");
+    std::fs::write(&sa, key.to_string()).unwrap();
+    node.start_agent(&format!(
+        "policy:\n  rules:\n    - {{name: vertex, providers: [vertex], action: allow, credential_file: {}}}\n",
+        sa.display()
+    ));
+    let path = "/v1/projects/tollgate-test/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent";
+    let body = r#"{"contents":[{"role":"user","parts":[{"text":"Say hello"}]}]}"#;
+    let started = std::time::Instant::now();
+    for i in 0..8 {
+        let out = node.pods[0].https_post(&node.node_ca_cert(), VERTEX_HOSTS[0], path, body);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("usageMetadata"),
+            "call {i}: {text}\n{}\nprovider: {:?}",
+            node.agent_log(),
+            node.mock_requests()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+    }
+    let spent = started.elapsed();
+    let log = node.mock_requests();
+    let calls: Vec<_> = log
+        .iter()
+        .filter(|r| {
+            r["request"]
+                .as_str()
+                .is_some_and(|l| l.contains("/publishers/"))
+        })
+        .collect();
+    let grants: Vec<_> = log
+        .iter()
+        .filter(|r| r["request"] == "POST /token")
+        .collect();
+    assert_eq!(calls.len(), 8, "{log:?}");
+    for c in &calls {
+        assert_eq!(
+            c["token_valid"], true,
+            "an expired token reached the provider: {c}"
+        );
+    }
+    assert!(
+        grants.iter().all(|g| g["token_grant"] == true),
+        "{grants:?}"
+    );
+    let tokens: std::collections::BTreeSet<_> = calls
+        .iter()
+        .map(|c| c["credential"].as_str().unwrap())
+        .collect();
+    // Tokens live 3 s and are fetched again after 80 % of that: over ~8 s,
+    // at least three, and far fewer than one per call.
+    let lifetimes = spent.as_secs_f64() / mock_google::TOKEN_LIFETIME.as_secs_f64();
+    eprintln!(
+        "8 calls over {spent:?} ({lifetimes:.1} token lifetimes): {} grants, {} tokens",
+        grants.len(),
+        tokens.len()
+    );
+    assert!(
+        tokens.len() >= 3 && grants.len() <= 6,
+        "{} grants, {tokens:?} over {spent:?} ({lifetimes:.1} lifetimes)",
+        grants.len()
+    );
+    assert!(
+        !node
+            .connections()
+            .iter()
+            .any(|r| r.to_string().contains("PRIVATE KEY"))
     );
 }

@@ -24,6 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "buildah",         // `cargo xtask image` and the image test build the agent's image
     "podman",          // the image test runs it as the DaemonSet would
     "runc",            // …with runc: crun refuses hybrid cgroup hosts
+    "openssl",         // the Vertex test makes a service account's RSA key
 ];
 
 /// The official SDKs the end-to-end tests drive, pinned. Installed into

@@ -22,6 +22,7 @@ use super::{
     limits::{Estimate, LimitKey, Limited, LimitsConfig},
     sigv4,
     spend::{BudgetHold, BudgetStore},
+    token_exchange::{self, TokenExchange},
 };
 use crate::{
     identity::Workload,
@@ -39,6 +40,8 @@ pub struct Enforcer {
     pub limits: Arc<LimitStore>,
     pub budgets: Arc<BudgetStore>,
     pub credentials: Credentials,
+    /// Tokens for credential files that are exchanged (service accounts).
+    pub tokens: Arc<TokenExchange>,
 }
 
 /// One request up for admission.
@@ -183,6 +186,7 @@ impl Enforcer {
             limits,
             budgets,
             credentials: Credentials::default(),
+            tokens: Arc::default(),
         }
     }
 
@@ -217,6 +221,49 @@ impl Enforcer {
     ) -> Result<String, credentials::CredentialError> {
         let key = self.credentials.get(file)?;
         Ok(credentials::inject(adapter, to, headers, target, &key))
+    }
+
+    /// Put the credential of a rule's `credential_file` on a call in place
+    /// of the workload's: a key as the provider's header (`credentials`);
+    /// for Bedrock, AWS keys as a new SigV4 signature (`sigv4`); a Google
+    /// service-account key as its current access token (`token_exchange`).
+    #[allow(clippy::too_many_arguments)]
+    async fn credential(
+        &self,
+        adapter: &dyn Adapter,
+        to: Upstream<'_>,
+        file: &std::path::Path,
+        method: &str,
+        target: &mut String,
+        headers: &mut HeaderMap,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let key = self.credentials.get(file).map_err(|e| e.to_string())?;
+        let text = key.text();
+        if token_exchange::is_service_account(text) {
+            let token = self
+                .tokens
+                .google_token(file, text)
+                .await
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            *target = credentials::inject(adapter, to, headers, target, &token);
+            return Ok(());
+        }
+        if !sigv4::is_aws_keys(text) {
+            *target = credentials::inject(adapter, to, headers, target, &key);
+            return Ok(());
+        }
+        if adapter.api() != providers::Api::Bedrock {
+            return Err(format!(
+                "{} holds AWS keys, which sign Bedrock calls only; this call goes to {}",
+                file.display(),
+                to.provider
+            ));
+        }
+        let keys = sigv4::parse(text).map_err(|e| format!("{}: {e}", file.display()))?;
+        let now = std::time::SystemTime::now();
+        sigv4::sign_request(&keys, to.host, method, target, headers, body, now)
+            .map_err(|e| e.to_string())
     }
 
     /// Admit `req` under `policy`, pricing budgeted calls with `prices`.
@@ -326,18 +373,9 @@ impl Enforcer {
         let credential_injected = match &caps.credential_file {
             None => false,
             Some(file) => {
-                let injected = self.credentials.get(file).map_err(|e| e.to_string()).and_then(|key| {
-                    if !sigv4::is_aws_keys(key.text()) {
-                        target = credentials::inject(adapter, to, &mut headers, &target, &key);
-                        return Ok(());
-                    }
-                    if adapter.api() != providers::Api::Bedrock {
-                        return Err(format!("{} holds AWS keys, which sign Bedrock calls only; this call goes to {}", file.display(), to.provider));
-                    }
-                    let keys = sigv4::parse(key.text()).map_err(|e| format!("{}: {e}", file.display()))?;
-                    sigv4::sign_request(&keys, to.host, method, &target, &mut headers, &body, std::time::SystemTime::now())
-                        .map_err(|e| e.to_string())
-                });
+                let injected = self
+                    .credential(adapter, to, file, method, &mut target, &mut headers, &body)
+                    .await;
                 if let Err(e) = injected {
                     tracing::error!(rule = %rule, error = %e, "credential injection failed; the call is refused");
                     return Err(Refusal::CredentialUnavailable { rule: rule.clone() });

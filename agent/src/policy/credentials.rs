@@ -23,6 +23,10 @@ use crate::providers::{Adapter, Upstream};
 pub struct Secret(Zeroizing<String>);
 
 impl Secret {
+    pub(super) fn new(text: Zeroizing<String>) -> Self {
+        Self(text)
+    }
+
     pub(super) fn text(&self) -> &str {
         &self.0
     }

@@ -21,6 +21,7 @@ mod selector;
 pub mod shared;
 pub mod sigv4;
 pub mod spend;
+pub mod token_exchange;
 
 // What the proxy uses of the policy: the façade (admission and its
 // results), nothing of the parts behind it.

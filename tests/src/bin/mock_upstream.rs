@@ -35,6 +35,10 @@ use tollgate_tests::mock_llm::{self, Fault, SENT_NS};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 
+/// The test service account's key (`--google-sa-key`), read when a token
+/// is asked for (a test writes it after the mock started).
+static GOOGLE_SA_KEY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 /// The `--log` file: one JSON line per request received.
 static REQUEST_LOG: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> =
     std::sync::OnceLock::new();
@@ -55,6 +59,10 @@ async fn main() {
         match a.as_str() {
             "--cert" => cert = args.next(),
             "--key" => key = args.next(),
+            "--google-sa-key" => {
+                let path = args.next().expect("--google-sa-key takes a file");
+                let _ = GOOGLE_SA_KEY.set(path.into());
+            }
             "--log" => {
                 let path = args.next().expect("--log takes a file");
                 let f = std::fs::OpenOptions::new()
@@ -166,6 +174,9 @@ async fn answer(
     if req.uri().path().starts_with("/model/") {
         return Ok(bedrock(req, peer, sni).await);
     }
+    if req.uri().path() == "/token" && req.method() == hyper::Method::POST {
+        return Ok(google_token(req, peer, local).await);
+    }
     let line = format!(
         "{} {} {:?}",
         req.method(),
@@ -191,6 +202,8 @@ async fn answer(
         .find_map(|h| req.headers().get(*h)?.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_default();
+    // A token this mock issued must still be valid, as Google checks.
+    let token_valid = tollgate_tests::mock_google::valid(&credential);
     // 64 MiB bounds a misbehaving client (the abuse tests send 30 MiB).
     let body = http_body_util::Limited::new(req.into_body(), 64 << 20)
         .collect()
@@ -212,7 +225,21 @@ async fn answer(
         "model": model,
         "stream_options": stream_options,
         "body_bytes": body.len(),
+        "token_valid": token_valid,
     }));
+    if token_valid == Some(false) {
+        let e = serde_json::json!({"error": {"code": 401, "status": "UNAUTHENTICATED",
+            "message": "Request had invalid authentication credentials (the token expired)."}});
+        return Ok(Response::builder()
+            .status(401)
+            .header("content-type", "application/json")
+            .body(
+                Full::new(Bytes::from(e.to_string()))
+                    .map_err(|n| match n {})
+                    .boxed(),
+            )
+            .unwrap());
+    }
     if let Some(resp) = mock_llm::respond(&path, &body) {
         if resp.fault == mock_llm::Fault::LateHeaders {
             // `mock-late`: the response headers come only after a long think.
@@ -258,6 +285,39 @@ async fn answer(
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(echo)).map_err(|n| match n {}).boxed())
         .unwrap())
+}
+
+/// Google's OAuth token endpoint (`mock_google`): the service account's
+/// JWT bearer grant, answered with a short-lived token; recorded.
+async fn google_token(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Response<Body> {
+    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let key = GOOGLE_SA_KEY.get().and_then(|p| std::fs::read(p).ok());
+    let audience = format!("https://{}/token", local.ip());
+    let (status, answer) = tollgate_tests::mock_google::grant(&body, key.as_deref(), &audience);
+    log_request(&serde_json::json!({
+        "request": "POST /token",
+        "peer": peer.to_string(),
+        "token_grant": status == 200,
+        "issued": answer["access_token"],
+        "refused": answer["error_description"],
+    }));
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(answer.to_string()))
+                .map_err(|n| match n {})
+                .boxed(),
+        )
+        .unwrap()
 }
 
 /// The Bedrock runtime (`mock_bedrock`): the signature checked as AWS

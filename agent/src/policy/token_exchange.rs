@@ -1,0 +1,261 @@
+//! Node-held credentials that are exchanged for short-lived tokens: a
+//! rule's `credential_file` holding a Google service-account key (the JSON
+//! key file, `"type": "service_account"`) is turned into OAuth access
+//! tokens by the JWT bearer grant (RFC 7523) at the key's `token_uri`, and
+//! each call the rule allows carries the current token. Tokens are cached
+//! per file and fetched again once 80 % of their lifetime has passed, so a
+//! call never carries an expired one; the fetch is shared by the calls
+//! that need it at once (one request to the token endpoint).
+//!
+//! The token endpoint is called from the agent's own network (not a
+//! pod's), trusting the agent's roots (`tls.system_roots`,
+//! `tls.extra_roots`).
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use base64::Engine;
+use ring::{rand::SystemRandom, signature};
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::credentials::Secret;
+
+/// The scope Vertex AI (and every Google Cloud API) accepts.
+const CLOUD_PLATFORM: &str = "https://www.googleapis.com/auth/cloud-platform";
+/// Fetch again once this share of a token's lifetime has passed.
+const REFRESH_AT: f64 = 0.8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("the service-account key is not usable: {0}")]
+    Key(String),
+    #[error("the token endpoint {uri} failed: {message}")]
+    Endpoint { uri: String, message: String },
+    #[error("no token client: the agent was started without one (tests only)")]
+    NoClient,
+}
+
+/// Whether a credential file's text is a Google service-account key.
+pub fn is_service_account(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+        && serde_json::from_str::<serde_json::Value>(text)
+            .is_ok_and(|v| v["type"] == "service_account")
+}
+
+#[derive(Deserialize)]
+struct ServiceAccount {
+    client_email: String,
+    private_key: Zeroizing<String>,
+    #[serde(default)]
+    private_key_id: String,
+    #[serde(default = "default_token_uri")]
+    token_uri: String,
+}
+
+fn default_token_uri() -> String {
+    "https://oauth2.googleapis.com/token".into()
+}
+
+/// The signed JWT a service account presents (RS256), valid for an hour.
+fn assertion(sa: &ServiceAccount, now: SystemTime) -> Result<String, ExchangeError> {
+    use rustls::pki_types::{PrivatePkcs8KeyDer, pem::PemObject};
+    let der = PrivatePkcs8KeyDer::from_pem_slice(sa.private_key.as_bytes())
+        .map_err(|e| ExchangeError::Key(format!("private_key is not a PKCS#8 PEM key ({e:?})")))?;
+    let key = signature::RsaKeyPair::from_pkcs8(der.secret_pkcs8_der())
+        .map_err(|e| ExchangeError::Key(format!("private_key is not an RSA key ({e})")))?;
+    let iat = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let b64 = |v: &serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": sa.private_key_id});
+    let claims = serde_json::json!({
+        "iss": sa.client_email, "sub": sa.client_email, "aud": sa.token_uri,
+        "scope": CLOUD_PLATFORM, "iat": iat, "exp": iat + 3600,
+    });
+    let signing_input = format!("{}.{}", b64(&header), b64(&claims));
+    let mut sig = vec![0; key.public().modulus_len()];
+    key.sign(
+        &signature::RSA_PKCS1_SHA256,
+        &SystemRandom::new(),
+        signing_input.as_bytes(),
+        &mut sig,
+    )
+    .map_err(|_| ExchangeError::Key("signing the assertion failed".into()))?;
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig);
+    Ok(format!("{signing_input}.{sig}"))
+}
+
+struct Cached {
+    token: Arc<Secret>,
+    fetched: Instant,
+    lifetime: Duration,
+}
+
+impl Cached {
+    fn fresh(&self) -> bool {
+        self.fetched.elapsed() < self.lifetime.mul_f64(REFRESH_AT)
+    }
+}
+
+/// Tokens by credential file, and the client that fetches them.
+#[derive(Default)]
+pub struct TokenExchange {
+    client: Option<reqwest::Client>,
+    cache: Mutex<HashMap<PathBuf, Cached>>,
+    /// One fetch at a time per file; the others wait for its token.
+    fetching: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl TokenExchange {
+    /// An exchange whose token endpoints are verified with `tls`.
+    pub fn new(mut tls: rustls::ClientConfig) -> Result<Self, String> {
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client: Some(client),
+            ..Default::default()
+        })
+    }
+
+    fn cached(&self, file: &Path) -> Option<Arc<Secret>> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(file)
+            .filter(|c| c.fresh())
+            .map(|c| c.token.clone())
+    }
+
+    /// The current access token of the service-account key `text` (read
+    /// from `file`), fetched when there is none still fresh.
+    pub async fn google_token(
+        &self,
+        file: &Path,
+        text: &str,
+    ) -> Result<Arc<Secret>, ExchangeError> {
+        if let Some(t) = self.cached(file) {
+            return Ok(t);
+        }
+        let gate = {
+            let mut f = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+            f.entry(file.to_owned()).or_default().clone()
+        };
+        let _one = gate.lock().await;
+        // Another call may have fetched it while this one waited.
+        if let Some(t) = self.cached(file) {
+            return Ok(t);
+        }
+        let sa: ServiceAccount = serde_json::from_str(text)
+            .map_err(|e| ExchangeError::Key(format!("not a service-account key file: {e}")))?;
+        let (token, lifetime) = self.fetch(&sa).await?;
+        tracing::info!(file = %file.display(), account = %sa.client_email, lifetime_s = lifetime.as_secs(),
+            "fetched an access token for a service account");
+        let token = Arc::new(Secret::new(token));
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(
+            file.to_owned(),
+            Cached {
+                token: token.clone(),
+                fetched: Instant::now(),
+                lifetime,
+            },
+        );
+        Ok(token)
+    }
+
+    async fn fetch(
+        &self,
+        sa: &ServiceAccount,
+    ) -> Result<(Zeroizing<String>, Duration), ExchangeError> {
+        let client = self.client.as_ref().ok_or(ExchangeError::NoClient)?;
+        let endpoint = |message: String| ExchangeError::Endpoint {
+            uri: sa.token_uri.clone(),
+            message,
+        };
+        let jwt = Zeroizing::new(assertion(sa, SystemTime::now())?);
+        let form = Zeroizing::new(
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
+                .append_pair("assertion", &jwt)
+                .finish(),
+        );
+        let resp = client
+            .post(&sa.token_uri)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.to_string())
+            .send()
+            .await
+            .map_err(|e| endpoint(e.to_string()))?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| endpoint(e.to_string()))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            return Err(endpoint(format!("HTTP {status}: {text}")));
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            access_token: Zeroizing<String>,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let a: Answer = serde_json::from_slice(&body)
+            .map_err(|e| endpoint(format!("the answer is not a token: {e}")))?;
+        let lifetime = Duration::from_secs(a.expires_in.unwrap_or(3600).max(1));
+        Ok((a.access_token, lifetime))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_account_files_are_told_from_other_credentials() {
+        assert!(is_service_account(
+            r#"{"type": "service_account", "client_email": "a@b"}"#
+        ));
+        assert!(!is_service_account(
+            r#"{"AccessKeyId": "A", "SecretAccessKey": "s"}"#
+        ));
+        assert!(!is_service_account("ya29.token"));
+    }
+
+    #[test]
+    fn a_key_that_is_not_rsa_says_so() {
+        let sa = ServiceAccount {
+            client_email: "sa@p.iam.gserviceaccount.com".into(),
+            private_key: Zeroizing::new(
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into(),
+            ),
+            private_key_id: "k1".into(),
+            token_uri: default_token_uri(),
+        };
+        let e = assertion(&sa, SystemTime::now()).unwrap_err().to_string();
+        assert!(e.contains("not usable"), "{e}");
+    }
+
+    #[test]
+    fn a_cached_token_is_fresh_for_80_percent_of_its_lifetime() {
+        let c = Cached {
+            token: Arc::new(Secret::new(Zeroizing::new("t".into()))),
+            fetched: Instant::now() - Duration::from_secs(7),
+            lifetime: Duration::from_secs(10),
+        };
+        assert!(c.fresh());
+        let c = Cached {
+            fetched: Instant::now() - Duration::from_secs(9),
+            ..c
+        };
+        assert!(!c.fresh());
+    }
+}
