@@ -18,6 +18,7 @@ pub mod http_fixture;
 pub mod image;
 pub mod kube_api;
 pub mod mock_bedrock;
+pub mod mock_entra;
 pub mod mock_google;
 pub mod mock_llm;
 pub mod mock_realtime;

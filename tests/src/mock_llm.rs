@@ -174,7 +174,10 @@ pub fn respond(path: &str, body: &[u8]) -> Option<MockResponse> {
         r.fault = fault;
         return Some(r);
     }
-    if path.starts_with("/v1/chat/completions") {
+    // Azure OpenAI: `/openai/deployments/{deployment}/chat/completions`.
+    if path.starts_with("/v1/chat/completions")
+        || (path.starts_with("/openai/deployments/") && path.contains("/chat/completions"))
+    {
         let include_usage = req["stream_options"]["include_usage"]
             .as_bool()
             .unwrap_or(false);

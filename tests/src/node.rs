@@ -50,6 +50,8 @@ pub const VERTEX_HOSTS: [&str; 2] = [
     "us-central1-aiplatform.googleapis.com",
     "us-east5-aiplatform.googleapis.com",
 ];
+/// An Azure OpenAI resource (`<name>.openai.azure.com`).
+pub const AZURE_HOST: &str = "tollgate-test.openai.azure.com";
 /// An OpenAI-compatible provider on its own address: a failover target.
 pub const BACKUP_HOST: &str = "api.backup.test";
 /// A remote MCP server (`mcp_servers`), at UPSTREAM_V4_ALT:MCP_PORT when a
@@ -261,6 +263,7 @@ impl TestNode {
              \x20 - name: backup\n    hosts: [{BACKUP_HOST}]\n    ports: [{TLS_PORT}]\n    api: openai\n\
              \x20 - name: bedrock\n    regions: [us-east-1]\n    ports: [{TLS_PORT}]\n\
              \x20 - name: vertex\n    regions: [us-central1, us-east5]\n    ports: [{TLS_PORT}]\n\
+             \x20 - name: azure\n    hosts: [{AZURE_HOST}]\n    ports: [{TLS_PORT}]\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
              metrics:\n  listen: \"127.0.0.1:9464\"\n\
              audit:\n  path: {}\n  journal: {}\nbpffs_dir: {}\n",
@@ -289,7 +292,7 @@ impl TestNode {
         fs::write(
             &p,
             format!(
-                "127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST} {} {}\n\
+                "127.0.0.1 localhost\n{UPSTREAM_V4} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST} {AZURE_HOST} {} {}\n\
                  {UPSTREAM_V4_ALT} {MCP_HOST}\n",
                 VERTEX_HOSTS[0],
                 VERTEX_HOSTS[1]
@@ -479,6 +482,7 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
         BEDROCK_HOST.to_string(),
         VERTEX_HOSTS[0].to_string(),
         VERTEX_HOSTS[1].to_string(),
+        AZURE_HOST.to_string(),
         BACKUP_HOST.to_string(),
         MCP_HOST.to_string(),
     ])

@@ -479,3 +479,74 @@ fn vertex_tokens_from_a_service_account_are_fetched_again_before_they_expire() {
             .any(|r| r.to_string().contains("PRIVATE KEY"))
     );
 }
+
+/// Azure OpenAI with Entra ID: a rule's `credential_file` holding an
+/// application's client secret (as `az ad sp create-for-rbac` prints it)
+/// is exchanged at Entra's token endpoint (the mock's, which checks the
+/// secret and the Cognitive Services scope) for a bearer token, which each
+/// call carries in place of the workload's `api-key`; the token is fetched
+/// once for both calls.
+#[test]
+fn azure_openai_calls_carry_an_entra_token_in_place_of_the_api_key() {
+    use tollgate_tests::{
+        mock_entra as entra,
+        mock_llm::{OPENAI_USAGE, STREAM_WORDS},
+        node::UPSTREAM_V4,
+        sdk::run_python,
+    };
+    let Some(python) = sdk(
+        "azure_openai_calls_carry_an_entra_token_in_place_of_the_api_key",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    let app = node.dir.join("entra-app.json");
+    let secret = serde_json::json!({
+        "appId": entra::APP_ID, "displayName": "tollgate", "password": entra::SECRET,
+        "tenant": entra::TENANT, "authority": format!("https://{UPSTREAM_V4}"),
+    });
+    std::fs::write(&app, secret.to_string()).unwrap();
+    node.start_agent(&format!(
+        "policy:\n  rules:\n    - {{name: azure, providers: [azure], action: allow, credential_file: {}}}\n",
+        app.display()
+    ));
+    let got = run_python(&node, &python, "azure_client.py");
+    let diag = || {
+        format!(
+            "{got}\nrecords: {:?}\nprovider: {:?}",
+            node.connections(),
+            node.mock_requests()
+        )
+    };
+    assert_eq!(got["content"], STREAM_WORDS.concat(), "{}", diag());
+    assert_eq!(got["stream_text"], STREAM_WORDS.concat(), "{}", diag());
+    let recs = node.wait_requests(2);
+    for r in &recs {
+        assert_eq!(r["provider"], "azure", "{r}");
+        assert_eq!(r["credential_injected"], true, "{r}");
+        assert_eq!(r["usage"]["input_tokens"], OPENAI_USAGE.input, "{r}");
+        assert!(!r.to_string().contains(entra::SECRET));
+    }
+    let log = node.mock_requests();
+    let calls: Vec<_> = log
+        .iter()
+        .filter(|r| {
+            r["request"]
+                .as_str()
+                .is_some_and(|l| l.contains("/chat/completions"))
+        })
+        .collect();
+    let grants: Vec<_> = log
+        .iter()
+        .filter(|r| r["token_grant"].is_boolean())
+        .collect();
+    assert_eq!(calls.len(), 2, "{log:?}");
+    for c in &calls {
+        assert_eq!(c["credential"], "Bearer eyJ0.mock-entra-1", "{c}");
+        assert_eq!(c["token_valid"], true, "{c}");
+        assert_eq!(c["api_key"], false, "the workload's api-key went on: {c}");
+    }
+    assert_eq!(grants.len(), 1, "one token for both calls: {grants:?}");
+    assert_eq!(grants[0]["token_grant"], true, "{grants:?}");
+}

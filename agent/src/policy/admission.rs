@@ -240,13 +240,20 @@ impl Enforcer {
     ) -> Result<(), String> {
         let key = self.credentials.get(file).map_err(|e| e.to_string())?;
         let text = key.text();
-        if token_exchange::is_service_account(text) {
+        if let Some(kind) = token_exchange::exchanged(text) {
             let token = self
                 .tokens
-                .google_token(file, text)
+                .token(file, text, kind)
                 .await
                 .map_err(|e| format!("{}: {e}", file.display()))?;
-            *target = credentials::inject(adapter, to, headers, target, &token);
+            if kind == token_exchange::Exchanged::EntraClientSecret {
+                // Entra tokens are bearer tokens, also where the provider's
+                // own key would go in `api-key` (Azure OpenAI).
+                *target = credentials::remove(headers, target);
+                credentials::insert_bearer(headers, &token);
+            } else {
+                *target = credentials::inject(adapter, to, headers, target, &token);
+            }
             return Ok(());
         }
         if !sigv4::is_aws_keys(text) {

@@ -119,6 +119,14 @@ pub fn inject(
     strip_key_param(path)
 }
 
+/// Set `Authorization: Bearer <token>` (sensitive: never logged).
+pub fn insert_bearer(headers: &mut HeaderMap, token: &Secret) {
+    if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {}", token.text())) {
+        v.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, v);
+    }
+}
+
 /// Remove every credential the workload sent in its headers.
 pub fn strip(headers: &mut HeaderMap) {
     for h in CREDENTIAL_HEADERS {

@@ -1,8 +1,15 @@
-//! Node-held credentials that are exchanged for short-lived tokens: a
-//! rule's `credential_file` holding a Google service-account key (the JSON
-//! key file, `"type": "service_account"`) is turned into OAuth access
-//! tokens by the JWT bearer grant (RFC 7523) at the key's `token_uri`, and
-//! each call the rule allows carries the current token. Tokens are cached
+//! Node-held credentials that are exchanged for short-lived tokens, held
+//! in a rule's `credential_file`:
+//! * a Google service-account key (the JSON key file, `"type":
+//!   "service_account"`): OAuth access tokens by the JWT bearer grant
+//!   (RFC 7523) at the key's `token_uri`, for Vertex AI;
+//! * an Entra ID application's client secret (`{"tenant", "appId",
+//!   "password"}` as `az ad sp create-for-rbac` prints it, or `tenantId`,
+//!   `clientId`, `clientSecret`): access tokens for
+//!   `https://cognitiveservices.azure.com/.default` by the client
+//!   credentials grant, for Azure OpenAI.
+//!
+//! Each call the rule allows carries the current token. Tokens are cached
 //! per file and fetched again once 80 % of their lifetime has passed, so a
 //! call never carries an expired one; the fetch is shared by the calls
 //! that need it at once (one request to the token endpoint).
@@ -39,11 +46,47 @@ pub enum ExchangeError {
     NoClient,
 }
 
-/// Whether a credential file's text is a Google service-account key.
-pub fn is_service_account(text: &str) -> bool {
-    text.trim_start().starts_with('{')
-        && serde_json::from_str::<serde_json::Value>(text)
-            .is_ok_and(|v| v["type"] == "service_account")
+/// The scope Azure OpenAI accepts.
+const COGNITIVE_SERVICES: &str = "https://cognitiveservices.azure.com/.default";
+const ENTRA_AUTHORITY: &str = "https://login.microsoftonline.com";
+
+/// What a credential file exchanged for tokens is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchanged {
+    GoogleServiceAccount,
+    EntraClientSecret,
+}
+
+/// Whether a credential file's text is one exchanged for tokens, and which.
+pub fn exchanged(text: &str) -> Option<Exchanged> {
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["type"] == "service_account" {
+        return Some(Exchanged::GoogleServiceAccount);
+    }
+    let has = |a: &str, b: &str| v.get(a).or_else(|| v.get(b)).is_some_and(|x| x.is_string());
+    (has("tenant", "tenantId") && has("appId", "clientId") && has("password", "clientSecret"))
+        .then_some(Exchanged::EntraClientSecret)
+}
+
+/// An Entra ID application's client secret.
+#[derive(Deserialize)]
+struct EntraApp {
+    #[serde(alias = "tenantId")]
+    tenant: String,
+    #[serde(rename = "appId", alias = "clientId")]
+    app_id: String,
+    #[serde(alias = "clientSecret")]
+    password: Zeroizing<String>,
+    /// The token service (a sovereign cloud's, a test's); default Entra's.
+    #[serde(default = "default_authority", alias = "authorityHost")]
+    authority: String,
+}
+
+fn default_authority() -> String {
+    ENTRA_AUTHORITY.into()
 }
 
 #[derive(Deserialize)]
@@ -136,12 +179,13 @@ impl TokenExchange {
             .map(|c| c.token.clone())
     }
 
-    /// The current access token of the service-account key `text` (read
-    /// from `file`), fetched when there is none still fresh.
-    pub async fn google_token(
+    /// The current access token for the credential `text` (read from
+    /// `file`, of kind `kind`), fetched when there is none still fresh.
+    pub async fn token(
         &self,
         file: &Path,
         text: &str,
+        kind: Exchanged,
     ) -> Result<Arc<Secret>, ExchangeError> {
         if let Some(t) = self.cached(file) {
             return Ok(t);
@@ -155,11 +199,40 @@ impl TokenExchange {
         if let Some(t) = self.cached(file) {
             return Ok(t);
         }
-        let sa: ServiceAccount = serde_json::from_str(text)
-            .map_err(|e| ExchangeError::Key(format!("not a service-account key file: {e}")))?;
-        let (token, lifetime) = self.fetch(&sa).await?;
-        tracing::info!(file = %file.display(), account = %sa.client_email, lifetime_s = lifetime.as_secs(),
-            "fetched an access token for a service account");
+        let (token, lifetime, who) = match kind {
+            Exchanged::GoogleServiceAccount => {
+                let sa: ServiceAccount = serde_json::from_str(text).map_err(|e| {
+                    ExchangeError::Key(format!("not a service-account key file: {e}"))
+                })?;
+                let jwt = Zeroizing::new(assertion(&sa, SystemTime::now())?);
+                let form = [
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                    ("assertion", jwt.as_str()),
+                ];
+                let (t, l) = self.fetch(&sa.token_uri, &form).await?;
+                (t, l, sa.client_email)
+            }
+            Exchanged::EntraClientSecret => {
+                let app: EntraApp = serde_json::from_str(text).map_err(|e| {
+                    ExchangeError::Key(format!("not an Entra application's secret: {e}"))
+                })?;
+                let uri = format!(
+                    "{}/{}/oauth2/v2.0/token",
+                    app.authority.trim_end_matches('/'),
+                    app.tenant
+                );
+                let form = [
+                    ("grant_type", "client_credentials"),
+                    ("client_id", app.app_id.as_str()),
+                    ("client_secret", app.password.as_str()),
+                    ("scope", COGNITIVE_SERVICES),
+                ];
+                let (t, l) = self.fetch(&uri, &form).await?;
+                (t, l, app.app_id)
+            }
+        };
+        tracing::info!(file = %file.display(), principal = %who, lifetime_s = lifetime.as_secs(),
+            "fetched an access token");
         let token = Arc::new(Secret::new(token));
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.insert(
@@ -173,24 +246,24 @@ impl TokenExchange {
         Ok(token)
     }
 
+    /// POST `form` to the token endpoint `uri`: the token and its lifetime.
     async fn fetch(
         &self,
-        sa: &ServiceAccount,
+        uri: &str,
+        form: &[(&str, &str)],
     ) -> Result<(Zeroizing<String>, Duration), ExchangeError> {
         let client = self.client.as_ref().ok_or(ExchangeError::NoClient)?;
         let endpoint = |message: String| ExchangeError::Endpoint {
-            uri: sa.token_uri.clone(),
+            uri: uri.to_string(),
             message,
         };
-        let jwt = Zeroizing::new(assertion(sa, SystemTime::now())?);
         let form = Zeroizing::new(
             form_urlencoded::Serializer::new(String::new())
-                .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
-                .append_pair("assertion", &jwt)
+                .extend_pairs(form)
                 .finish(),
         );
         let resp = client
-            .post(&sa.token_uri)
+            .post(uri)
             .header("content-type", "application/x-www-form-urlencoded")
             .body(form.to_string())
             .send()
@@ -220,14 +293,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn service_account_files_are_told_from_other_credentials() {
-        assert!(is_service_account(
-            r#"{"type": "service_account", "client_email": "a@b"}"#
-        ));
-        assert!(!is_service_account(
-            r#"{"AccessKeyId": "A", "SecretAccessKey": "s"}"#
-        ));
-        assert!(!is_service_account("ya29.token"));
+    fn exchanged_credentials_are_told_from_the_others() {
+        use Exchanged::*;
+        for (text, kind) in [
+            (
+                r#"{"type": "service_account", "client_email": "a@b"}"#,
+                Some(GoogleServiceAccount),
+            ),
+            (
+                r#"{"appId": "a", "password": "p", "tenant": "t", "displayName": "x"}"#,
+                Some(EntraClientSecret),
+            ),
+            (
+                r#"{"clientId": "a", "clientSecret": "p", "tenantId": "t"}"#,
+                Some(EntraClientSecret),
+            ),
+            (r#"{"clientId": "a", "tenantId": "t"}"#, None),
+            (r#"{"AccessKeyId": "A", "SecretAccessKey": "s"}"#, None),
+            ("ya29.token", None),
+        ] {
+            assert_eq!(exchanged(text), kind, "{text}");
+        }
     }
 
     #[test]

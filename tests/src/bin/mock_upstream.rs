@@ -177,6 +177,9 @@ async fn answer(
     if req.uri().path() == "/token" && req.method() == hyper::Method::POST {
         return Ok(google_token(req, peer, local).await);
     }
+    if req.uri().path().ends_with("/oauth2/v2.0/token") && req.method() == hyper::Method::POST {
+        return Ok(entra_token(req, peer).await);
+    }
     let line = format!(
         "{} {} {:?}",
         req.method(),
@@ -203,7 +206,9 @@ async fn answer(
         .map(str::to_owned)
         .unwrap_or_default();
     // A token this mock issued must still be valid, as Google checks.
-    let token_valid = tollgate_tests::mock_google::valid(&credential);
+    let token_valid = tollgate_tests::mock_google::valid(&credential)
+        .or_else(|| tollgate_tests::mock_entra::valid(&credential));
+    let api_key = req.headers().contains_key("api-key");
     // 64 MiB bounds a misbehaving client (the abuse tests send 30 MiB).
     let body = http_body_util::Limited::new(req.into_body(), 64 << 20)
         .collect()
@@ -226,6 +231,7 @@ async fn answer(
         "stream_options": stream_options,
         "body_bytes": body.len(),
         "token_valid": token_valid,
+        "api_key": api_key,
     }));
     if token_valid == Some(false) {
         let e = serde_json::json!({"error": {"code": 401, "status": "UNAUTHENTICATED",
@@ -304,6 +310,33 @@ async fn google_token(
     let (status, answer) = tollgate_tests::mock_google::grant(&body, key.as_deref(), &audience);
     log_request(&serde_json::json!({
         "request": "POST /token",
+        "peer": peer.to_string(),
+        "token_grant": status == 200,
+        "issued": answer["access_token"],
+        "refused": answer["error_description"],
+    }));
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(answer.to_string()))
+                .map_err(|n| match n {})
+                .boxed(),
+        )
+        .unwrap()
+}
+
+/// Entra ID's token endpoint (`mock_entra`): the client credentials grant.
+async fn entra_token(req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let (status, answer) = tollgate_tests::mock_entra::grant(&path, &body);
+    log_request(&serde_json::json!({
+        "request": format!("POST {path}"),
         "peer": peer.to_string(),
         "token_grant": status == 200,
         "issued": answer["access_token"],
