@@ -1,11 +1,13 @@
 """An unmodified app using boto3's `bedrock-runtime` client with its default
 endpoint (bedrock-runtime.us-east-1.amazonaws.com) and credentials from the
 environment, trusting the node CA through AWS_CA_BUNDLE. Each argument is
-`call=modelId` (call: converse, converse_stream, invoke, invoke_stream).
+`call=modelId` (call: converse, converse_stream, invoke, invoke_stream),
+or `sleep=seconds` (a pause between calls, recorded as nothing).
 Prints one JSON line with what the SDK saw of each call: the text, the usage
 as the SDK parsed it, or the error code, message and status it raised."""
 import json
 import sys
+import time
 
 import boto3
 from botocore.config import Config
@@ -68,6 +70,9 @@ calls = {"converse": converse, "converse_stream": converse_stream, "invoke": inv
 out = []
 for spec in sys.argv[1:]:
     kind, model = spec.split("=", 1)
+    if kind == "sleep":
+        time.sleep(float(model))
+        continue
     try:
         seen = calls[kind](model)
     except ClientError as e:

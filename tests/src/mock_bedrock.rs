@@ -22,6 +22,69 @@ pub const KEYS: [(&str, &str); 2] = [
     ("AKIDTOLLGATENODE", "node-held-secret-not-real"),
 ];
 pub const REGION: &str = "us-east-1";
+
+/// The web identity STS accepts (`sts`), and the role it lets assume.
+pub const WEB_IDENTITY_TOKEN: &str = "eyJ-projected-service-account-token";
+pub const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/tollgate-bedrock";
+/// How long STS's temporary keys last here (short: tests see them renewed).
+pub const TEMPORARY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Temporary keys STS issued: (access key, secret, session token, until).
+type Temporary = (String, String, String, std::time::Instant);
+static TEMPORARY: std::sync::Mutex<Vec<Temporary>> = std::sync::Mutex::new(Vec::new());
+
+/// The mock STS (`AssumeRoleWithWebIdentity`, form-encoded): XML with new
+/// temporary keys when the web identity and role are the ones it knows.
+pub fn sts(form: &[u8]) -> (u16, String, Option<String>) {
+    let pairs: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(form).into_owned().collect();
+    let get = |k: &str| pairs.get(k).map(String::as_str);
+    if get("Action") != Some("AssumeRoleWithWebIdentity")
+        || get("WebIdentityToken") != Some(WEB_IDENTITY_TOKEN)
+        || get("RoleArn") != Some(ROLE_ARN)
+    {
+        let err = "<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code><Message>Not authorized to perform sts:AssumeRoleWithWebIdentity</Message></Error></ErrorResponse>";
+        return (403, err.to_string(), None);
+    }
+    let mut t = TEMPORARY.lock().unwrap_or_else(|e| e.into_inner());
+    let n = t.len() + 1;
+    let key = format!("ASIATOLLGATE{n:04}");
+    let secret = format!("temporary-secret-{n}");
+    let token = format!("temporary-session-{n}");
+    t.push((
+        key.clone(),
+        secret.clone(),
+        token.clone(),
+        std::time::Instant::now() + TEMPORARY_LIFETIME,
+    ));
+    let expiration = (time::OffsetDateTime::now_utc() + TEMPORARY_LIFETIME)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let xml = format!(
+        "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\"><AssumeRoleWithWebIdentityResult><Credentials><SessionToken>{token}</SessionToken><SecretAccessKey>{secret}</SecretAccessKey><Expiration>{expiration}</Expiration><AccessKeyId>{key}</AccessKeyId></Credentials><Provider>oidc.eks.test</Provider></AssumeRoleWithWebIdentityResult><ResponseMetadata><RequestId>mock-sts-{n}</RequestId></ResponseMetadata></AssumeRoleWithWebIdentityResponse>"
+    );
+    (200, xml, Some(key))
+}
+
+/// The secret of `key_id`: a fixed test key, or temporary keys still valid
+/// and presented with their session token.
+fn secret_of(key_id: &str, session_token: Option<&str>) -> Result<String, String> {
+    if let Some((_, s)) = KEYS.iter().find(|(k, _)| *k == key_id) {
+        return Ok(s.to_string());
+    }
+    let t = TEMPORARY.lock().unwrap_or_else(|e| e.into_inner());
+    let (_, secret, token, until) = t
+        .iter()
+        .find(|(k, ..)| k == key_id)
+        .ok_or(format!("unknown access key {key_id}"))?;
+    if session_token != Some(token.as_str()) {
+        return Err("the security token included in the request is invalid".into());
+    }
+    if std::time::Instant::now() >= *until {
+        return Err("ExpiredToken: the security token included in the request is expired".into());
+    }
+    Ok(secret.clone())
+}
 pub const HOST: &str = "bedrock-runtime.us-east-1.amazonaws.com";
 
 /// Usage the mock reports for every call: 21 fresh + 4 cached input, 7 output.
@@ -118,11 +181,10 @@ pub fn verify(
     let signed = field("SignedHeaders=")?;
     let signature = field("Signature=")?;
     let (key_id, scope) = credential.split_once('/').ok_or("bad Credential")?;
-    let secret = KEYS
-        .iter()
-        .find(|(k, _)| *k == key_id)
-        .map(|(_, s)| *s)
-        .ok_or(format!("unknown access key {key_id}"))?;
+    let session = headers
+        .get("x-amz-security-token")
+        .and_then(|v| v.to_str().ok());
+    let secret = secret_of(key_id, session)?;
     let mut parts = scope.split('/');
     let (date, region, service) = (
         parts.next().unwrap_or(""),

@@ -550,3 +550,83 @@ fn azure_openai_calls_carry_an_entra_token_in_place_of_the_api_key() {
     assert_eq!(grants.len(), 1, "one token for both calls: {grants:?}");
     assert_eq!(grants[0]["token_grant"], true, "{grants:?}");
 }
+
+/// Bedrock with an AWS web identity (EKS's IRSA shape: a role and a
+/// projected service-account token file) as the rule's credential: Tollgate
+/// exchanges the token at STS (`AssumeRoleWithWebIdentity`, the mock's,
+/// which issues temporary keys living 3 s) and signs each call with the
+/// current keys. Over ~8 s of calls the keys are renewed before they expire
+/// — the mock refuses expired ones — and not once per call.
+#[test]
+fn bedrock_calls_are_signed_with_keys_from_sts_web_identity_renewed_before_expiry() {
+    use tollgate_tests::node::UPSTREAM_V4;
+    let Some(python) = sdk(
+        "bedrock_calls_are_signed_with_keys_from_sts_web_identity_renewed_before_expiry",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    let token = node.dir.join("web-identity-token");
+    std::fs::write(&token, format!("{}\n", bedrock::WEB_IDENTITY_TOKEN)).unwrap();
+    let identity = node.dir.join("web-identity.json");
+    let cfg = serde_json::json!({
+        "RoleArn": bedrock::ROLE_ARN, "WebIdentityTokenFile": token,
+        "StsEndpoint": format!("https://{UPSTREAM_V4}/sts"),
+    });
+    std::fs::write(&identity, cfg.to_string()).unwrap();
+    node.start_agent(&format!(
+        "policy:\n  rules:\n    - {{name: irsa, providers: [bedrock], action: allow, credential_file: {}}}\n",
+        identity.display()
+    ));
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        calls.push(format!("converse={HAIKU}"));
+        calls.push("sleep=1".to_string());
+    }
+    let args: Vec<&str> = calls.iter().map(String::as_str).collect();
+    let got = boto3(
+        &node,
+        &python,
+        &args,
+        ("AKIDPLACEHOLDER", "not-a-real-secret"),
+    );
+    let log = node.mock_requests();
+    for s in got["calls"].as_array().unwrap() {
+        assert_eq!(
+            s["text"],
+            bedrock::WORDS.concat(),
+            "{s}\n{log:?}\n{}",
+            node.agent_log()
+        );
+    }
+    let signed: Vec<_> = log.iter().filter(|r| r["bedrock"].is_string()).collect();
+    let grants: Vec<_> = log.iter().filter(|r| r["request"] == "POST /sts").collect();
+    assert_eq!(signed.len(), 8, "{log:?}");
+    let keys: std::collections::BTreeSet<_> = signed
+        .iter()
+        .map(|r| {
+            r["signed_by"]
+                .as_str()
+                .unwrap_or_else(|| panic!("unsigned: {r}"))
+        })
+        .collect();
+    assert!(
+        keys.iter().all(|k| k.starts_with("ASIATOLLGATE")),
+        "{keys:?}"
+    );
+    assert!(
+        grants.iter().all(|g| g["token_grant"] == true),
+        "{grants:?}"
+    );
+    eprintln!(
+        "8 calls over ~8 s: {} STS exchanges, {} keys",
+        grants.len(),
+        keys.len()
+    );
+    assert!(
+        keys.len() >= 3 && grants.len() <= 6,
+        "{} exchanges, {keys:?}",
+        grants.len()
+    );
+}

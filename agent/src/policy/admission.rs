@@ -246,13 +246,29 @@ impl Enforcer {
                 .token(file, text, kind)
                 .await
                 .map_err(|e| format!("{}: {e}", file.display()))?;
-            if kind == token_exchange::Exchanged::EntraClientSecret {
+            match kind {
                 // Entra tokens are bearer tokens, also where the provider's
                 // own key would go in `api-key` (Azure OpenAI).
-                *target = credentials::remove(headers, target);
-                credentials::insert_bearer(headers, &token);
-            } else {
-                *target = credentials::inject(adapter, to, headers, target, &token);
+                token_exchange::Exchanged::EntraClientSecret => {
+                    *target = credentials::remove(headers, target);
+                    credentials::insert_bearer(headers, &token);
+                }
+                // Temporary AWS keys: they sign the call, below.
+                token_exchange::Exchanged::AwsWebIdentity => {
+                    return self.sign(
+                        adapter,
+                        to,
+                        file,
+                        token.text(),
+                        method,
+                        target,
+                        headers,
+                        body,
+                    );
+                }
+                token_exchange::Exchanged::GoogleServiceAccount => {
+                    *target = credentials::inject(adapter, to, headers, target, &token);
+                }
             }
             return Ok(());
         }
@@ -260,14 +276,30 @@ impl Enforcer {
             *target = credentials::inject(adapter, to, headers, target, &key);
             return Ok(());
         }
+        self.sign(adapter, to, file, text, method, target, headers, body)
+    }
+
+    /// Sign a Bedrock call with the AWS keys `keys` (JSON) from `file`.
+    #[allow(clippy::too_many_arguments)]
+    fn sign(
+        &self,
+        adapter: &dyn Adapter,
+        to: Upstream<'_>,
+        file: &std::path::Path,
+        keys: &str,
+        method: &str,
+        target: &str,
+        headers: &mut HeaderMap,
+        body: &[u8],
+    ) -> Result<(), String> {
         if adapter.api() != providers::Api::Bedrock {
             return Err(format!(
-                "{} holds AWS keys, which sign Bedrock calls only; this call goes to {}",
+                "{} holds AWS credentials, which sign Bedrock calls only; this call goes to {}",
                 file.display(),
                 to.provider
             ));
         }
-        let keys = sigv4::parse(text).map_err(|e| format!("{}: {e}", file.display()))?;
+        let keys = sigv4::parse(keys).map_err(|e| format!("{}: {e}", file.display()))?;
         let now = std::time::SystemTime::now();
         sigv4::sign_request(&keys, to.host, method, target, headers, body, now)
             .map_err(|e| e.to_string())

@@ -7,7 +7,12 @@
 //!   "password"}` as `az ad sp create-for-rbac` prints it, or `tenantId`,
 //!   `clientId`, `clientSecret`): access tokens for
 //!   `https://cognitiveservices.azure.com/.default` by the client
-//!   credentials grant, for Azure OpenAI.
+//!   credentials grant, for Azure OpenAI;
+//! * an AWS web identity (`{"RoleArn", "WebIdentityTokenFile"}`, what EKS
+//!   projects for IRSA as `AWS_ROLE_ARN` and `AWS_WEB_IDENTITY_TOKEN_FILE`):
+//!   temporary AWS keys by STS `AssumeRoleWithWebIdentity`, the token file
+//!   read again for each exchange (the kubelet rotates it), for Bedrock
+//!   (the keys then sign each call, `sigv4`).
 //!
 //! Each call the rule allows carries the current token. Tokens are cached
 //! per file and fetched again once 80 % of their lifetime has passed, so a
@@ -55,6 +60,8 @@ const ENTRA_AUTHORITY: &str = "https://login.microsoftonline.com";
 pub enum Exchanged {
     GoogleServiceAccount,
     EntraClientSecret,
+    /// The token is AWS keys as JSON (`sigv4::parse` reads it).
+    AwsWebIdentity,
 }
 
 /// Whether a credential file's text is one exchanged for tokens, and which.
@@ -65,6 +72,9 @@ pub fn exchanged(text: &str) -> Option<Exchanged> {
     let v: serde_json::Value = serde_json::from_str(text).ok()?;
     if v["type"] == "service_account" {
         return Some(Exchanged::GoogleServiceAccount);
+    }
+    if v["RoleArn"].is_string() && v["WebIdentityTokenFile"].is_string() {
+        return Some(Exchanged::AwsWebIdentity);
     }
     let has = |a: &str, b: &str| v.get(a).or_else(|| v.get(b)).is_some_and(|x| x.is_string());
     (has("tenant", "tenantId") && has("appId", "clientId") && has("password", "clientSecret"))
@@ -87,6 +97,52 @@ struct EntraApp {
 
 fn default_authority() -> String {
     ENTRA_AUTHORITY.into()
+}
+
+/// An AWS role assumed with a web identity token.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct WebIdentity {
+    role_arn: String,
+    web_identity_token_file: PathBuf,
+    #[serde(default = "default_session_name")]
+    role_session_name: String,
+    /// STS's endpoint; a regional one (`https://sts.us-east-1.amazonaws.com`)
+    /// keeps the exchange in the region.
+    #[serde(default = "default_sts")]
+    sts_endpoint: String,
+    #[serde(default)]
+    duration_seconds: Option<u32>,
+}
+
+fn default_session_name() -> String {
+    "tollgate".into()
+}
+
+fn default_sts() -> String {
+    "https://sts.amazonaws.com/".into()
+}
+
+/// STS's answer, as far as it matters here.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsAnswer {
+    assume_role_with_web_identity_result: StsResult,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsResult {
+    credentials: StsCredentials,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsCredentials {
+    access_key_id: String,
+    secret_access_key: Zeroizing<String>,
+    session_token: Zeroizing<String>,
+    expiration: String,
 }
 
 #[derive(Deserialize)]
@@ -230,6 +286,15 @@ impl TokenExchange {
                 let (t, l) = self.fetch(&uri, &form).await?;
                 (t, l, app.app_id)
             }
+            Exchanged::AwsWebIdentity => {
+                let w: WebIdentity = serde_json::from_str(text).map_err(|e| {
+                    ExchangeError::Key(format!(
+                        "not a web identity (RoleArn, WebIdentityTokenFile): {e}"
+                    ))
+                })?;
+                let (t, l) = self.assume_role(&w).await?;
+                (t, l, w.role_arn)
+            }
         };
         tracing::info!(file = %file.display(), principal = %who, lifetime_s = lifetime.as_secs(),
             "fetched an access token");
@@ -244,6 +309,74 @@ impl TokenExchange {
             },
         );
         Ok(token)
+    }
+
+    /// STS `AssumeRoleWithWebIdentity` with the current token of `w`'s file:
+    /// the temporary keys as JSON (the credential_process shape) and how
+    /// long they last.
+    async fn assume_role(
+        &self,
+        w: &WebIdentity,
+    ) -> Result<(Zeroizing<String>, Duration), ExchangeError> {
+        let client = self.client.as_ref().ok_or(ExchangeError::NoClient)?;
+        let endpoint = |message: String| ExchangeError::Endpoint {
+            uri: w.sts_endpoint.clone(),
+            message,
+        };
+        let token = Zeroizing::new(std::fs::read_to_string(&w.web_identity_token_file).map_err(
+            |e| {
+                ExchangeError::Key(format!(
+                    "cannot read {}: {e}",
+                    w.web_identity_token_file.display()
+                ))
+            },
+        )?);
+        let duration = w.duration_seconds.unwrap_or(3600).to_string();
+        let form = Zeroizing::new(
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("Action", "AssumeRoleWithWebIdentity")
+                .append_pair("Version", "2011-06-15")
+                .append_pair("RoleArn", &w.role_arn)
+                .append_pair("RoleSessionName", &w.role_session_name)
+                .append_pair("DurationSeconds", &duration)
+                .append_pair("WebIdentityToken", token.trim())
+                .finish(),
+        );
+        let resp = client
+            .post(&w.sts_endpoint)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.to_string())
+            .send()
+            .await
+            .map_err(|e| endpoint(e.to_string()))?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| endpoint(e.to_string()))?;
+        let text = String::from_utf8_lossy(&body);
+        if !status.is_success() {
+            return Err(endpoint(format!(
+                "HTTP {status}: {}",
+                &text[..text.len().min(300)]
+            )));
+        }
+        let a: StsAnswer = quick_xml::de::from_str(&text)
+            .map_err(|e| endpoint(format!("the answer is not STS credentials: {e}")))?;
+        let c = a.assume_role_with_web_identity_result.credentials;
+        let expires = time::OffsetDateTime::parse(
+            &c.expiration,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .map_err(|e| endpoint(format!("Expiration `{}`: {e}", c.expiration)))?;
+        let left = (expires - time::OffsetDateTime::now_utc())
+            .whole_milliseconds()
+            .max(1000);
+        let keys = serde_json::json!({
+            "Version": 1, "AccessKeyId": c.access_key_id,
+            "SecretAccessKey": c.secret_access_key.as_str(), "SessionToken": c.session_token.as_str(),
+        });
+        Ok((
+            Zeroizing::new(keys.to_string()),
+            Duration::from_millis(left as u64),
+        ))
     }
 
     /// POST `form` to the token endpoint `uri`: the token and its lifetime.
@@ -309,11 +442,50 @@ mod tests {
                 Some(EntraClientSecret),
             ),
             (r#"{"clientId": "a", "tenantId": "t"}"#, None),
+            (
+                r#"{"RoleArn": "arn:aws:iam::1:role/r", "WebIdentityTokenFile": "/t"}"#,
+                Some(AwsWebIdentity),
+            ),
             (r#"{"AccessKeyId": "A", "SecretAccessKey": "s"}"#, None),
             ("ya29.token", None),
         ] {
             assert_eq!(exchanged(text), kind, "{text}");
         }
+    }
+
+    /// STS's answer as AWS documents it (AssumeRoleWithWebIdentity,
+    /// "Example"), namespace and all.
+    #[test]
+    fn the_sts_answer_is_read_for_its_credentials() {
+        let xml = r#"<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+  <AssumeRoleWithWebIdentityResult>
+    <SubjectFromWebIdentityToken>amzn1.account.AF6RHO7KZU5XRVQJGXK6HB56KR2A</SubjectFromWebIdentityToken>
+    <Audience>client.5498841531868486423.1548@apps.example.com</Audience>
+    <AssumedRoleUser>
+      <Arn>arn:aws:sts::123456789012:assumed-role/FederatedWebIdentityRole/app1</Arn>
+      <AssumedRoleId>AROACLKWSDQRAOEXAMPLE:app1</AssumedRoleId>
+    </AssumedRoleUser>
+    <Credentials>
+      <SessionToken>AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE</SessionToken>
+      <SecretAccessKey>wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY</SecretAccessKey>
+      <Expiration>2014-10-24T23:00:23Z</Expiration>
+      <AccessKeyId>ASgeIAIOSFODNN7EXAMPLE</AccessKeyId>
+    </Credentials>
+    <SourceIdentity>SourceIdentityValue</SourceIdentity>
+    <Provider>www.amazon.com</Provider>
+  </AssumeRoleWithWebIdentityResult>
+  <ResponseMetadata>
+    <RequestId>ad4156e9-bce1-11e2-82e6-6b6efEXAMPLE</RequestId>
+  </ResponseMetadata>
+</AssumeRoleWithWebIdentityResponse>"#;
+        let a: StsAnswer = quick_xml::de::from_str(xml).unwrap();
+        let c = a.assume_role_with_web_identity_result.credentials;
+        assert_eq!(c.access_key_id, "ASgeIAIOSFODNN7EXAMPLE");
+        assert_eq!(
+            c.session_token.as_str(),
+            "AQoDYXdzEE0a8ANXXXXXXXXNO1ewxE5TijQyp+IEXAMPLE"
+        );
+        assert_eq!(c.expiration, "2014-10-24T23:00:23Z");
     }
 
     #[test]

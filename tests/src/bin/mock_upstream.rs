@@ -180,6 +180,9 @@ async fn answer(
     if req.uri().path().ends_with("/oauth2/v2.0/token") && req.method() == hyper::Method::POST {
         return Ok(entra_token(req, peer).await);
     }
+    if req.uri().path() == "/sts" && req.method() == hyper::Method::POST {
+        return Ok(aws_sts(req, peer).await);
+    }
     let line = format!(
         "{} {} {:?}",
         req.method(),
@@ -323,6 +326,27 @@ async fn google_token(
                 .map_err(|n| match n {})
                 .boxed(),
         )
+        .unwrap()
+}
+
+/// AWS STS (`mock_bedrock::sts`): AssumeRoleWithWebIdentity.
+async fn aws_sts(req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let (status, xml, issued) = tollgate_tests::mock_bedrock::sts(&body);
+    log_request(&serde_json::json!({
+        "request": "POST /sts",
+        "peer": peer.to_string(),
+        "token_grant": status == 200,
+        "issued": issued,
+    }));
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/xml")
+        .body(Full::new(Bytes::from(xml)).map_err(|n| match n {}).boxed())
         .unwrap()
 }
 
