@@ -209,8 +209,11 @@ impl Enforcer {
         }
     }
 
-    /// The provider key in `file` for a request `to`: the workload's own
-    /// credentials go, the key takes their place. Returns the new target.
+    /// The provider key in `file` for a request `to` (a failover target's):
+    /// the workload's own credentials go, the key takes their place.
+    /// Returns the new target. Only a key: AWS keys and credentials
+    /// exchanged for tokens are a rule's own (`credential`), never sent as
+    /// they are.
     pub fn inject(
         &self,
         adapter: &dyn Adapter,
@@ -218,8 +221,14 @@ impl Enforcer {
         file: &std::path::Path,
         headers: &mut HeaderMap,
         target: &str,
-    ) -> Result<String, credentials::CredentialError> {
-        let key = self.credentials.get(file)?;
+    ) -> Result<String, String> {
+        let key = self.credentials.get(file).map_err(|e| e.to_string())?;
+        if sigv4::is_aws_keys(key.text()) {
+            return Err(format!(
+                "{} holds AWS keys or an exchanged credential: a failover target takes a provider key",
+                file.display()
+            ));
+        }
         Ok(credentials::inject(adapter, to, headers, target, &key))
     }
 

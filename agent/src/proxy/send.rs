@@ -257,12 +257,18 @@ fn build(
             body = Bytes::from(b);
         }
     }
+    // A Bedrock call is signed for the host it was signed for (SigV4
+    // covers the host): it cannot be moved to another endpoint.
+    if ep.moved && adapter.api() == crate::providers::Api::Bedrock {
+        return Err(
+            "a Bedrock call is signed for its own endpoint; failover cannot move it".into(),
+        );
+    }
     if let Some(file) = &ep.credential_file {
         path = call
             .tls
             .enforcer
-            .inject(adapter, to, file, &mut headers, &path)
-            .map_err(|e| e.to_string())?;
+            .inject(adapter, to, file, &mut headers, &path)?;
     } else if ep.moved {
         path = remove_credentials(&mut headers, &path);
     }
