@@ -318,7 +318,6 @@ impl TokenExchange {
         &self,
         w: &WebIdentity,
     ) -> Result<(Zeroizing<String>, Duration), ExchangeError> {
-        let client = self.client.as_ref().ok_or(ExchangeError::NoClient)?;
         let endpoint = |message: String| ExchangeError::Endpoint {
             uri: w.sts_endpoint.clone(),
             message,
@@ -332,32 +331,16 @@ impl TokenExchange {
             },
         )?);
         let duration = w.duration_seconds.unwrap_or(3600).to_string();
-        let form = Zeroizing::new(
-            form_urlencoded::Serializer::new(String::new())
-                .append_pair("Action", "AssumeRoleWithWebIdentity")
-                .append_pair("Version", "2011-06-15")
-                .append_pair("RoleArn", &w.role_arn)
-                .append_pair("RoleSessionName", &w.role_session_name)
-                .append_pair("DurationSeconds", &duration)
-                .append_pair("WebIdentityToken", token.trim())
-                .finish(),
-        );
-        let resp = client
-            .post(&w.sts_endpoint)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(form.to_string())
-            .send()
-            .await
-            .map_err(|e| endpoint(e.to_string()))?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| endpoint(e.to_string()))?;
+        let form = [
+            ("Action", "AssumeRoleWithWebIdentity"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", w.role_arn.as_str()),
+            ("RoleSessionName", w.role_session_name.as_str()),
+            ("DurationSeconds", duration.as_str()),
+            ("WebIdentityToken", token.trim()),
+        ];
+        let body = self.post_form(&w.sts_endpoint, &form).await?;
         let text = String::from_utf8_lossy(&body);
-        if !status.is_success() {
-            return Err(endpoint(format!(
-                "HTTP {status}: {}",
-                &text[..text.len().min(300)]
-            )));
-        }
         let a: StsAnswer = quick_xml::de::from_str(&text)
             .map_err(|e| endpoint(format!("the answer is not STS credentials: {e}")))?;
         let c = a.assume_role_with_web_identity_result.credentials;
@@ -379,12 +362,9 @@ impl TokenExchange {
         ))
     }
 
-    /// POST `form` to the token endpoint `uri`: the token and its lifetime.
-    async fn fetch(
-        &self,
-        uri: &str,
-        form: &[(&str, &str)],
-    ) -> Result<(Zeroizing<String>, Duration), ExchangeError> {
+    /// POST `form` (form-encoded) to the token endpoint `uri`: the body of
+    /// a successful answer, or what failed.
+    async fn post_form(&self, uri: &str, form: &[(&str, &str)]) -> Result<Vec<u8>, ExchangeError> {
         let client = self.client.as_ref().ok_or(ExchangeError::NoClient)?;
         let endpoint = |message: String| ExchangeError::Endpoint {
             uri: uri.to_string(),
@@ -408,14 +388,26 @@ impl TokenExchange {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
             return Err(endpoint(format!("HTTP {status}: {text}")));
         }
+        Ok(body.to_vec())
+    }
+
+    /// POST `form` to the token endpoint `uri`: the token and its lifetime.
+    async fn fetch(
+        &self,
+        uri: &str,
+        form: &[(&str, &str)],
+    ) -> Result<(Zeroizing<String>, Duration), ExchangeError> {
+        let body = self.post_form(uri, form).await?;
         #[derive(Deserialize)]
         struct Answer {
             access_token: Zeroizing<String>,
             #[serde(default)]
             expires_in: Option<u64>,
         }
-        let a: Answer = serde_json::from_slice(&body)
-            .map_err(|e| endpoint(format!("the answer is not a token: {e}")))?;
+        let a: Answer = serde_json::from_slice(&body).map_err(|e| ExchangeError::Endpoint {
+            uri: uri.to_string(),
+            message: format!("the answer is not a token: {e}"),
+        })?;
         let lifetime = Duration::from_secs(a.expires_in.unwrap_or(3600).max(1));
         Ok((a.access_token, lifetime))
     }
