@@ -174,14 +174,10 @@ async fn answer(
     if req.uri().path().starts_with("/model/") {
         return Ok(bedrock(req, peer, sni).await);
     }
-    if req.uri().path() == "/token" && req.method() == hyper::Method::POST {
-        return Ok(google_token(req, peer, local).await);
-    }
-    if req.uri().path().ends_with("/oauth2/v2.0/token") && req.method() == hyper::Method::POST {
-        return Ok(entra_token(req, peer).await);
-    }
-    if req.uri().path() == "/sts" && req.method() == hyper::Method::POST {
-        return Ok(aws_sts(req, peer).await);
+    let token_path = matches!(req.uri().path(), "/token" | "/sts")
+        || req.uri().path().ends_with("/oauth2/v2.0/token");
+    if token_path && req.method() == hyper::Method::POST {
+        return Ok(token_service(req, peer, local).await);
     }
     let line = format!(
         "{} {} {:?}",
@@ -296,81 +292,66 @@ async fn answer(
         .unwrap())
 }
 
-/// Google's OAuth token endpoint (`mock_google`): the service account's
-/// JWT bearer grant, answered with a short-lived token; recorded.
-async fn google_token(
+/// The token services: Google's OAuth endpoint (`mock_google`, the service
+/// account's JWT bearer grant), AWS STS (`mock_bedrock::sts`,
+/// AssumeRoleWithWebIdentity) and Entra ID's (`mock_entra`, the client
+/// credentials grant); each grant recorded with what it issued.
+async fn token_service(
     req: Request<Incoming>,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Response<Body> {
-    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let key = GOOGLE_SA_KEY.get().and_then(|p| std::fs::read(p).ok());
-    let audience = format!("https://{}/token", local.ip());
-    let (status, answer) = tollgate_tests::mock_google::grant(&body, key.as_deref(), &audience);
-    log_request(&serde_json::json!({
-        "request": "POST /token",
-        "peer": peer.to_string(),
-        "token_grant": status == 200,
-        "issued": answer["access_token"],
-        "refused": answer["error_description"],
-    }));
-    Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
-        .body(
-            Full::new(Bytes::from(answer.to_string()))
-                .map_err(|n| match n {})
-                .boxed(),
-        )
-        .unwrap()
-}
-
-/// AWS STS (`mock_bedrock::sts`): AssumeRoleWithWebIdentity.
-async fn aws_sts(req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let (status, xml, issued) = tollgate_tests::mock_bedrock::sts(&body);
-    log_request(&serde_json::json!({
-        "request": "POST /sts",
-        "peer": peer.to_string(),
-        "token_grant": status == 200,
-        "issued": issued,
-    }));
-    Response::builder()
-        .status(status)
-        .header("content-type", "text/xml")
-        .body(Full::new(Bytes::from(xml)).map_err(|n| match n {}).boxed())
-        .unwrap()
-}
-
-/// Entra ID's token endpoint (`mock_entra`): the client credentials grant.
-async fn entra_token(req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path().to_string();
     let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let (status, answer) = tollgate_tests::mock_entra::grant(&path, &body);
+    let json = |(status, answer): (u16, serde_json::Value)| {
+        let issued = answer["access_token"].clone();
+        let refused = answer["error_description"].clone();
+        (
+            status,
+            "application/json",
+            answer.to_string(),
+            issued,
+            refused,
+        )
+    };
+    let (status, content_type, answer, issued, refused) = match path.as_str() {
+        "/token" => {
+            let key = GOOGLE_SA_KEY.get().and_then(|p| std::fs::read(p).ok());
+            let audience = format!("https://{}/token", local.ip());
+            json(tollgate_tests::mock_google::grant(
+                &body,
+                key.as_deref(),
+                &audience,
+            ))
+        }
+        "/sts" => {
+            let (status, xml, issued) = tollgate_tests::mock_bedrock::sts(&body);
+            (
+                status,
+                "text/xml",
+                xml,
+                issued.into(),
+                serde_json::Value::Null,
+            )
+        }
+        _ => json(tollgate_tests::mock_entra::grant(&path, &body)),
+    };
     log_request(&serde_json::json!({
         "request": format!("POST {path}"),
         "peer": peer.to_string(),
         "token_grant": status == 200,
-        "issued": answer["access_token"],
-        "refused": answer["error_description"],
+        "issued": issued,
+        "refused": refused,
     }));
     Response::builder()
         .status(status)
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .body(
-            Full::new(Bytes::from(answer.to_string()))
+            Full::new(Bytes::from(answer))
                 .map_err(|n| match n {})
                 .boxed(),
         )
