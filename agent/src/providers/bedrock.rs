@@ -323,6 +323,12 @@ fn on_model_chunk(state: &mut ParseState, c: &Value) {
         .or_else(|| c.get("outputText"))
         .or_else(|| c.pointer("/contentBlockDelta/delta/text"))
         .or_else(|| c.pointer("/outputs/0/text"))
+        // Cohere Command R (`text`), Command (`generations`), AI21 Jamba
+        // and Mistral's chat models (OpenAI's chunk shape).
+        .or_else(|| c.get("text"))
+        .or_else(|| c.pointer("/generations/0/text"))
+        .or_else(|| c.pointer("/choices/0/delta/content"))
+        .or_else(|| c.pointer("/choices/0/message/content"))
         .and_then(Value::as_str);
     if let Some(t) = text {
         state.saw_text(t);

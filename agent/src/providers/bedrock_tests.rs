@@ -296,6 +296,70 @@ fn invoke_stream_usage_from_the_invocation_metrics() {
     assert_eq!(r.text_chars, 2);
 }
 
+/// Every family's stream ends with Bedrock's invocation metrics, so the
+/// families whose chunks carry no usage of their own (Cohere, AI21,
+/// Mistral) are counted exactly too; their text is seen for estimates of
+/// cut streams.
+#[test]
+fn every_familys_stream_is_counted_from_the_invocation_metrics() {
+    let chunk = |v: Value| {
+        let b = base64::engine::general_purpose::STANDARD.encode(v.to_string());
+        encode("event", "chunk", json!({"bytes": b}).to_string().as_bytes())
+    };
+    let metrics = json!({"inputTokenCount": 14, "outputTokenCount": 6,
+                         "invocationLatency": 400, "firstByteLatency": 90});
+    let families = [
+        // Cohere Command R: `text-generation` events, then `stream-end`.
+        (
+            json!({"is_finished": false, "event_type": "text-generation", "text": "Hola"}),
+            json!({"is_finished": true, "event_type": "stream-end", "finish_reason": "COMPLETE",
+                   "amazon-bedrock-invocationMetrics": metrics}),
+        ),
+        // Cohere Command (legacy).
+        (
+            json!({"generations": [{"text": "Hola", "finish_reason": null}]}),
+            json!({"generations": [{"text": "", "finish_reason": "COMPLETE"}],
+                   "is_finished": true, "amazon-bedrock-invocationMetrics": metrics}),
+        ),
+        // AI21 Jamba: OpenAI's chunk shape.
+        (
+            json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": "Hola"}}]}),
+            json!({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                   "amazon-bedrock-invocationMetrics": metrics}),
+        ),
+        // Mistral text completion.
+        (
+            json!({"outputs": [{"text": "Hola", "stop_reason": null}]}),
+            json!({"outputs": [{"text": "", "stop_reason": "stop"}],
+                   "amazon-bedrock-invocationMetrics": metrics}),
+        ),
+        // Mistral Large chat: whole messages per chunk.
+        (
+            json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hola"}}]}),
+            json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                                "stop_reason": "stop"}], "amazon-bedrock-invocationMetrics": metrics}),
+        ),
+    ];
+    for (text, last) in families {
+        let mut s = chunk(text.clone());
+        s.extend(chunk(last.clone()));
+        let r = parse(ES, &s, &HeaderMap::new());
+        assert_eq!(
+            (
+                r.usage.input_tokens,
+                r.usage.output_tokens,
+                r.usage.estimated,
+                r.text_chars
+            ),
+            (14, 6, false, 4),
+            "{text} {last}"
+        );
+        // Cut before the last chunk: estimated, from the text seen.
+        let r = parse(ES, &chunk(text.clone()), &HeaderMap::new());
+        assert!(r.usage.estimated && r.text_chars == 4, "{text}");
+    }
+}
+
 #[test]
 fn the_signed_headers_of_a_sigv4_request() {
     let mut h = HeaderMap::new();
