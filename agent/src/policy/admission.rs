@@ -209,27 +209,24 @@ impl Enforcer {
         }
     }
 
-    /// The provider key in `file` for a request `to` (a failover target's):
-    /// the workload's own credentials go, the key takes their place.
-    /// Returns the new target. Only a key: AWS keys and credentials
-    /// exchanged for tokens are a rule's own (`credential`), never sent as
-    /// they are.
-    pub fn inject(
+    /// The credential of a failover target's `credential_file` on a call
+    /// sent `to` it, in place of the workload's: as for a rule's (a key, AWS
+    /// keys that sign a Bedrock call for the target's own endpoint and
+    /// region, an exchanged token); the file is the target's own, so it
+    /// only ever reaches the provider it was given for.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn target_credential(
         &self,
         adapter: &dyn Adapter,
         to: Upstream<'_>,
         file: &std::path::Path,
+        method: &str,
+        target: &mut String,
         headers: &mut HeaderMap,
-        target: &str,
-    ) -> Result<String, String> {
-        let key = self.credentials.get(file).map_err(|e| e.to_string())?;
-        if sigv4::is_aws_keys(key.text()) {
-            return Err(format!(
-                "{} holds AWS keys or an exchanged credential: a failover target takes a provider key",
-                file.display()
-            ));
-        }
-        Ok(credentials::inject(adapter, to, headers, target, &key))
+        body: &[u8],
+    ) -> Result<(), String> {
+        self.credential(adapter, to, file, method, target, headers, body)
+            .await
     }
 
     /// Put the credential of a rule's `credential_file` on a call in place
@@ -255,15 +252,15 @@ impl Enforcer {
                 .token(file, text, kind)
                 .await
                 .map_err(|e| format!("{}: {e}", file.display()))?;
-            match kind {
+            match kind.token_use() {
                 // Entra tokens are bearer tokens, also where the provider's
                 // own key would go in `api-key` (Azure OpenAI).
-                token_exchange::Exchanged::EntraClientSecret => {
+                token_exchange::TokenUse::Bearer => {
                     *target = credentials::remove(headers, target);
                     credentials::insert_bearer(headers, &token);
                 }
                 // Temporary AWS keys: they sign the call, below.
-                token_exchange::Exchanged::AwsWebIdentity => {
+                token_exchange::TokenUse::AwsKeys => {
                     return self.sign(
                         adapter,
                         to,
@@ -275,7 +272,7 @@ impl Enforcer {
                         body,
                     );
                 }
-                token_exchange::Exchanged::GoogleServiceAccount => {
+                token_exchange::TokenUse::ProviderKey => {
                     *target = credentials::inject(adapter, to, headers, target, &token);
                 }
             }
