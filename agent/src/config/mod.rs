@@ -271,23 +271,15 @@ impl Config {
         {
             return err(&format!("policy.{}", e.field), e.message);
         }
-        for (i, chain) in self.policy.failover.iter().enumerate() {
-            let api_of = |name: &str| {
-                self.providers
-                    .iter()
-                    .find(|p| p.name == name)
-                    .map(|p| p.api())
-            };
-            let first = api_of(&chain.targets[0].provider);
-            if let Some(j) = chain
-                .targets
+        let api_of = |name: &str| {
+            self.providers
                 .iter()
-                .position(|t| api_of(&t.provider) != first)
-            {
-                return err(
-                    &format!("policy.failover[{i}].targets[{j}].provider"),
-                    "targets of a chain must speak the same API family (requests are not translated)".into(),
-                );
+                .find(|p| p.name == name)
+                .map(|p| p.api())
+        };
+        for (i, chain) in self.policy.failover.iter().enumerate() {
+            if let Err((field, message)) = chain.check_targets(api_of) {
+                return err(&format!("policy.failover[{i}].{field}"), message);
             }
         }
         if self.discovery.scan_interval.is_zero() {

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::providers::Api;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Target {
@@ -15,9 +17,11 @@ pub struct Target {
     pub provider: String,
     /// The model to ask this provider for.
     pub model: String,
-    /// Key file for this provider. Without one, a call moved here from
-    /// another target carries no credential at all: the workload's and the
-    /// rule's keys are for the target the call was made to.
+    /// Credential file for this provider, read as a rule's is (a key, AWS
+    /// keys or an exchanged credential). Without one, a call moved here
+    /// from another target carries no credential at all: the workload's and
+    /// the rule's are for the target the call was made to. Bedrock targets
+    /// need one: each attempt is signed for its own endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_file: Option<std::path::PathBuf>,
 }
@@ -108,6 +112,37 @@ impl FailoverChain {
         base.mul_f64(0.5 + (nanos % 1000) as f64 / 1000.0)
     }
 
+    /// What the targets' providers allow, given each provider's API
+    /// family: one family per chain (requests are not translated), and a
+    /// credential on every Bedrock target (a call moved to it is signed
+    /// again for its endpoint and region; the workload's signature is for
+    /// the endpoint it dialled).
+    pub fn check_targets(
+        &self,
+        api_of: impl Fn(&str) -> Option<Api>,
+    ) -> Result<(), (String, String)> {
+        let first = api_of(&self.targets[0].provider);
+        for (j, t) in self.targets.iter().enumerate() {
+            let api = api_of(&t.provider);
+            if api != first {
+                return Err((
+                    format!("targets[{j}].provider"),
+                    "targets of a chain must speak the same API family (requests are not translated)".into(),
+                ));
+            }
+            if api == Some(Api::Bedrock) && t.credential_file.is_none() {
+                return Err((
+                    format!("targets[{j}].credential_file"),
+                    format!(
+                        "a Bedrock target needs one (AWS keys or a web identity): a call moved to `{}` must be signed again for its endpoint",
+                        t.provider
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self, providers: &[String]) -> Result<(), (String, String)> {
         if self.name.trim().is_empty() {
             return Err(("name".into(), "must not be empty".into()));
@@ -161,6 +196,48 @@ mod tests {
 
     fn chain(y: &str) -> FailoverChain {
         serde_yaml::from_str(y).unwrap()
+    }
+
+    #[test]
+    fn targets_share_a_family_and_bedrock_targets_hold_keys() {
+        let api_of = |p: &str| match p {
+            "openai" | "backup" => Some(Api::Openai),
+            "anthropic" => Some(Api::Anthropic),
+            "east" | "west" => Some(Api::Bedrock),
+            _ => None,
+        };
+        for (targets, refused) in [
+            (
+                "[{provider: openai, model: a}, {provider: backup, model: b}]",
+                None,
+            ),
+            (
+                "[{provider: openai, model: a}, {provider: anthropic, model: b}]",
+                Some(("targets[1].provider", "same API family")),
+            ),
+            (
+                "[{provider: east, model: a, credential_file: /k}, {provider: west, model: a, credential_file: /w}]",
+                None,
+            ),
+            (
+                "[{provider: east, model: a, credential_file: /k}, {provider: west, model: a}]",
+                Some(("targets[1].credential_file", "signed again")),
+            ),
+            (
+                "[{provider: east, model: a}, {provider: west, model: a, credential_file: /w}]",
+                Some(("targets[0].credential_file", "`east`")),
+            ),
+        ] {
+            let c = chain(&format!("{{name: c, targets: {targets}}}"));
+            match (c.check_targets(api_of), refused) {
+                (Ok(()), None) => {}
+                (Err((field, msg)), Some((f, m))) => {
+                    assert_eq!(field, f, "{targets}");
+                    assert!(msg.contains(m), "{targets}: {msg}");
+                }
+                (got, want) => panic!("{targets}: {got:?}, expected {want:?}"),
+            }
+        }
     }
 
     #[test]

@@ -135,7 +135,17 @@ pub fn sign_request(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut signed: Vec<(&str, &str)> = vec![("host", host)];
+    // The Host the request carries is what AWS checks (with its port when
+    // it is not 443); without one, the endpoint's name, which then goes.
+    let host_value = match headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        Some(h) => h.to_string(),
+        None => {
+            let v = HeaderValue::from_str(host).map_err(|e| SigningError::Sign(e.to_string()))?;
+            headers.insert(header::HOST, v);
+            host.to_string()
+        }
+    };
+    let mut signed: Vec<(&str, &str)> = vec![("host", host_value.as_str())];
     if let Some(ct) = content_type.as_deref() {
         signed.push(("content-type", ct));
     }
@@ -232,5 +242,28 @@ mod tests {
         assert!(h["authorization"].is_sensitive());
         let e = sign_request(&keys, "example.com", "POST", "/", &mut h, b"", now).unwrap_err();
         assert!(e.to_string().contains("names no AWS region"), "{e}");
+    }
+
+    /// The signature covers the Host the request carries (a port and all),
+    /// and a request without one gets the endpoint's, which it signed.
+    #[test]
+    fn the_host_sent_is_the_host_signed() {
+        let keys = parse(r#"{"AccessKeyId": "AKIDNODE", "SecretAccessKey": "secret"}"#).unwrap();
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_796_300_000);
+        let host = "bedrock-runtime.us-west-2.amazonaws.com";
+        let signature = |h: &mut HeaderMap| {
+            sign_request(&keys, host, "POST", "/model/m/converse", h, b"{}", now).unwrap();
+            h["authorization"].to_str().unwrap().to_string()
+        };
+        let mut without = HeaderMap::new();
+        let a = signature(&mut without);
+        assert_eq!(without["host"], host);
+        assert!(a.contains("/us-west-2/bedrock/"), "{a}");
+        let mut same = HeaderMap::new();
+        same.insert("host", host.parse().unwrap());
+        assert_eq!(signature(&mut same), a);
+        let mut port = HeaderMap::new();
+        port.insert("host", format!("{host}:8443").parse().unwrap());
+        assert_ne!(signature(&mut port), a);
     }
 }

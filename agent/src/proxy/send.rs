@@ -140,7 +140,7 @@ pub(super) async fn send(
             }
             tokio::time::sleep(wait).await;
         }
-        let req = match build(call, parts, path, &body, ep) {
+        let req = match build(call, parts, path, &body, ep).await {
             Ok(r) => r,
             Err(message) => {
                 return Sent::Failed {
@@ -230,7 +230,7 @@ pub(super) async fn send(
 }
 
 /// The request for one endpoint: its authority, its model, its credentials.
-fn build(
+async fn build(
     call: &Call,
     parts: &http::request::Parts,
     path: &str,
@@ -257,18 +257,32 @@ fn build(
             body = Bytes::from(b);
         }
     }
-    // A Bedrock call is signed for the host it was signed for (SigV4
-    // covers the host): it cannot be moved to another endpoint.
-    if ep.moved && adapter.api() == crate::providers::Api::Bedrock {
-        return Err(
-            "a Bedrock call is signed for its own endpoint; failover cannot move it".into(),
-        );
+    // Set before the credential: a SigV4 signature covers it.
+    headers.insert(
+        header::HOST,
+        HeaderValue::from_str(&authority).map_err(|e| e.to_string())?,
+    );
+    // SigV4 covers the host and the region: a Bedrock call moved to
+    // another endpoint is signed again, for it, with the target's keys.
+    if ep.moved && ep.credential_file.is_none() && adapter.api() == crate::providers::Api::Bedrock {
+        return Err(format!(
+            "a Bedrock call moved to {} must be signed again for it: give that failover target a credential_file (AWS keys or a web identity)",
+            ep.host
+        ));
     }
     if let Some(file) = &ep.credential_file {
-        path = call
-            .tls
+        call.tls
             .enforcer
-            .inject(adapter, to, file, &mut headers, &path)?;
+            .target_credential(
+                adapter,
+                to,
+                file,
+                parts.method.as_str(),
+                &mut path,
+                &mut headers,
+                &body,
+            )
+            .await?;
     } else if ep.moved {
         path = remove_credentials(&mut headers, &path);
     }
@@ -278,10 +292,6 @@ fn build(
         .path_and_query(path.as_str())
         .build()
         .map_err(|e| format!("invalid request target: {e}"))?;
-    headers.insert(
-        header::HOST,
-        HeaderValue::from_str(&authority).map_err(|e| e.to_string())?,
-    );
     let mut req = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
