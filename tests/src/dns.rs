@@ -6,8 +6,8 @@ use std::{fs, process::Stdio, time::Duration};
 use crate::{
     TestNode,
     node::{
-        ANTHROPIC_HOST, AZURE_HOST, BACKUP_HOST, BEDROCK_HOST, GEMINI_HOST, MCP_HOST,
-        PROVIDER_HOST, UPSTREAM_V4_ALT, UPSTREAM_V4_BACKUP, VERTEX_HOSTS,
+        ANTHROPIC_HOST, AZURE_HOST, BACKUP_HOST, BEDROCK_HOST, BEDROCK_WEST_HOST, GEMINI_HOST,
+        MCP_HOST, PROVIDER_HOST, UPSTREAM_V4_ALT, UPSTREAM_V4_BACKUP, VERTEX_HOSTS,
     },
     process::Proc,
 };
@@ -21,7 +21,7 @@ impl TestNode {
             .map(|a| {
                 let [v1, v2] = VERTEX_HOSTS;
                 format!(
-                    "{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST} {AZURE_HOST} {v1} {v2}\n"
+                    "{a} {PROVIDER_HOST} {ANTHROPIC_HOST} {GEMINI_HOST} {BEDROCK_HOST} {BEDROCK_WEST_HOST} {AZURE_HOST} {v1} {v2}\n"
                 )
             })
             .chain(std::iter::once(format!(

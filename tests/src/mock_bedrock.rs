@@ -22,6 +22,10 @@ pub const KEYS: [(&str, &str); 2] = [
     ("AKIDTOLLGATENODE", "node-held-secret-not-real"),
 ];
 pub const REGION: &str = "us-east-1";
+/// A second region's runtime (failover between regions).
+pub const WEST_HOST: &str = "bedrock-runtime.us-west-2.amazonaws.com";
+/// A model id this runtime always throttles (429 `ThrottlingException`).
+pub const THROTTLED: &str = "mock.throttled-v1";
 
 /// The web identity STS accepts (`sts`), and the role it lets assume.
 pub const WEB_IDENTITY_TOKEN: &str = "eyJ-projected-service-account-token";
@@ -86,6 +90,9 @@ fn secret_of(key_id: &str, session_token: Option<&str>) -> Result<String, String
     Ok(secret.clone())
 }
 pub const HOST: &str = "bedrock-runtime.us-east-1.amazonaws.com";
+/// Model ids the tests call.
+pub const HAIKU: &str = "anthropic.claude-3-5-haiku-20241022-v1:0";
+pub const HAIKU_US: &str = "us.anthropic.claude-3-5-haiku-20241022-v1:0";
 
 /// Usage the mock reports for every call: 21 fresh + 4 cached input, 7 output.
 pub const INPUT_TOKENS: u64 = 21;
@@ -191,8 +198,20 @@ pub fn verify(
         parts.next().unwrap_or(""),
         parts.next().unwrap_or(""),
     );
-    if region != REGION || service != "bedrock" {
-        return Err(format!("scope {scope} is not {REGION}/bedrock"));
+    // The endpoint's region, as AWS checks it: the host the request went to.
+    let host = headers
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .or(authority)
+        .unwrap_or("");
+    let endpoint_region = host
+        .strip_prefix("bedrock-runtime.")
+        .and_then(|h| h.split('.').next())
+        .unwrap_or(REGION);
+    if region != endpoint_region || service != "bedrock" {
+        return Err(format!(
+            "scope {scope} is not {endpoint_region}/bedrock, the region of {host}"
+        ));
     }
     let amz_date = headers
         .get("x-amz-date")

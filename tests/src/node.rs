@@ -44,6 +44,8 @@ pub const GEMINI_HOST: &str = "generativelanguage.googleapis.com";
 /// AWS Bedrock's runtime in us-east-1 (`mock_bedrock`), on the same
 /// addresses, configured by `regions`.
 pub const BEDROCK_HOST: &str = crate::mock_bedrock::HOST;
+/// The second Bedrock region (provider `bedrock-west`), served by the same mock.
+pub const BEDROCK_WEST_HOST: &str = crate::mock_bedrock::WEST_HOST;
 /// Vertex AI's endpoints in two regions (Gemini in us-central1, Claude in
 /// us-east5, where the SDKs' examples put them), configured by `regions`.
 pub const VERTEX_HOSTS: [&str; 2] = [
@@ -262,6 +264,7 @@ impl TestNode {
              \x20 - name: gemini\n    hosts: [{GEMINI_HOST}]\n    ports: [{PROVIDER_PORT}, {TLS_PORT}]\n\
              \x20 - name: backup\n    hosts: [{BACKUP_HOST}]\n    ports: [{TLS_PORT}]\n    api: openai\n\
              \x20 - name: bedrock\n    regions: [us-east-1]\n    ports: [{TLS_PORT}]\n\
+             \x20 - name: bedrock-west\n    api: bedrock\n    regions: [us-west-2]\n    ports: [{TLS_PORT}]\n\
              \x20 - name: vertex\n    regions: [us-central1, us-east5]\n    ports: [{TLS_PORT}]\n\
              \x20 - name: azure\n    hosts: [{AZURE_HOST}]\n    ports: [{TLS_PORT}]\n\
              tls:\n  ca_dir: {}\n  extra_roots: [{}]\n  system_roots: false\n\
@@ -484,6 +487,7 @@ fn write_upstream_pki(dir: &std::path::Path) -> (String, String) {
         VERTEX_HOSTS[1].to_string(),
         AZURE_HOST.to_string(),
         BACKUP_HOST.to_string(),
+        BEDROCK_WEST_HOST.to_string(),
         MCP_HOST.to_string(),
     ])
     .unwrap()

@@ -46,3 +46,24 @@ pub fn run_python_with(
     cmd.env("SSL_CERT_FILE", node.node_ca_cert());
     run_app(node, cmd)
 }
+
+/// Run `tests/clients/bedrock_client.py` in pod 0 with the AWS keys `keys`
+/// in its environment, trusting the node CA through AWS_CA_BUNDLE only.
+pub fn boto3(
+    node: &TestNode,
+    python: &std::path::Path,
+    calls: &[&str],
+    (key, secret): (&str, &str),
+) -> serde_json::Value {
+    let script = clients_dir().join("bedrock_client.py");
+    let mut argv = vec![script.to_str().unwrap()];
+    argv.extend_from_slice(calls);
+    let mut cmd = node.pods[0].app(&node.pod_hosts_file(), python.to_str().unwrap(), &argv);
+    cmd.env("AWS_ACCESS_KEY_ID", key)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_CA_BUNDLE", node.node_ca_cert())
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    run_app(node, cmd)
+}

@@ -174,9 +174,12 @@ async fn answer(
     if req.uri().path().starts_with("/model/") {
         return Ok(bedrock(req, peer, sni).await);
     }
-    let token_path = matches!(req.uri().path(), "/token" | "/sts")
-        || req.uri().path().ends_with("/oauth2/v2.0/token");
-    if token_path && req.method() == hyper::Method::POST {
+    let p = req.uri().path();
+    let token_post = matches!(p, "/token" | "/sts" | "/v1/token")
+        || p.ends_with("/oauth2/v2.0/token")
+        || p.ends_with(":generateAccessToken");
+    let metadata = p.starts_with("/computeMetadata/");
+    if (token_post && req.method() == hyper::Method::POST) || metadata {
         return Ok(token_service(req, peer, local).await);
     }
     let line = format!(
@@ -292,23 +295,36 @@ async fn answer(
         .unwrap())
 }
 
-/// The token services: Google's OAuth endpoint (`mock_google`, the service
-/// account's JWT bearer grant), AWS STS (`mock_bedrock::sts`,
-/// AssumeRoleWithWebIdentity) and Entra ID's (`mock_entra`, the client
-/// credentials grant); each grant recorded with what it issued.
+/// The token services: Google's (`mock_google`: the OAuth endpoint's JWT
+/// bearer grant, STS, IAM Credentials' impersonation, the metadata
+/// server), AWS STS (`mock_bedrock::sts`, AssumeRoleWithWebIdentity) and
+/// Entra ID's (`mock_entra`, the client credentials grant); each grant
+/// recorded with what it issued.
 async fn token_service(
     req: Request<Incoming>,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Response<Body> {
+    use tollgate_tests::mock_google as google;
     let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (authorization, flavor) = (header("authorization"), header("metadata-flavor"));
     let body = http_body_util::Limited::new(req.into_body(), 1 << 20)
         .collect()
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let json = |(status, answer): (u16, serde_json::Value)| {
-        let issued = answer["access_token"].clone();
+        let issued = match &answer["accessToken"] {
+            serde_json::Value::Null => answer["access_token"].clone(),
+            impersonated => impersonated.clone(),
+        };
         let refused = answer["error_description"].clone();
         (
             status,
@@ -319,6 +335,13 @@ async fn token_service(
         )
     };
     let (status, content_type, answer, issued, refused) = match path.as_str() {
+        p if p.starts_with("/computeMetadata/") => {
+            json(google::metadata_token(p, flavor.as_deref()))
+        }
+        "/v1/token" => json(google::sts_exchange(&body)),
+        p if p.ends_with(":generateAccessToken") => {
+            json(google::impersonate(p, authorization.as_deref(), &body))
+        }
         "/token" => {
             let key = GOOGLE_SA_KEY.get().and_then(|p| std::fs::read(p).ok());
             let audience = format!("https://{}/token", local.ip());
@@ -341,21 +364,24 @@ async fn token_service(
         _ => json(tollgate_tests::mock_entra::grant(&path, &body)),
     };
     log_request(&serde_json::json!({
-        "request": format!("POST {path}"),
+        "request": format!("{method} {path}"),
         "peer": peer.to_string(),
         "token_grant": status == 200,
         "issued": issued,
         "refused": refused,
     }));
-    Response::builder()
+    let mut resp = Response::builder()
         .status(status)
-        .header("content-type", content_type)
-        .body(
-            Full::new(Bytes::from(answer))
-                .map_err(|n| match n {})
-                .boxed(),
-        )
-        .unwrap()
+        .header("content-type", content_type);
+    if path.starts_with("/computeMetadata/") {
+        resp = resp.header("metadata-flavor", "Google");
+    }
+    resp.body(
+        Full::new(Bytes::from(answer))
+            .map_err(|n| match n {})
+            .boxed(),
+    )
+    .unwrap()
 }
 
 /// The Bedrock runtime (`mock_bedrock`): the signature checked as AWS
@@ -432,6 +458,18 @@ async fn bedrock(req: Request<Incoming>, peer: SocketAddr, sni: Option<String>) 
             &[],
         );
     };
+    if call.model == b::THROTTLED {
+        let err =
+            serde_json::json!({"message": "Too many requests, please wait before trying again."});
+        return json(
+            429,
+            err,
+            &[(
+                "x-amzn-errortype",
+                "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/".into(),
+            )],
+        );
+    }
     let frames = match call.action {
         "converse" => return json(200, b::converse_json(), &[]),
         "invoke" => {
