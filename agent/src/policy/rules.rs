@@ -94,8 +94,12 @@ pub struct Rule {
     /// Rate, token and concurrency limits for the calls this rule allows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsConfig>,
-    /// A file (Secret mount) with the provider key to send instead of the
-    /// workload's own credentials, which are then never forwarded.
+    /// A file (Secret mount) with the credential to send instead of the
+    /// workload's own, which is then never forwarded: a provider key; AWS
+    /// keys or a web identity (Bedrock, signed with SigV4); a Google
+    /// service-account key, workload identity federation file or
+    /// `{"type": "metadata_server"}` (Vertex); an Entra application's
+    /// secret or federated token file (Azure OpenAI). See the README.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_file: Option<std::path::PathBuf>,
     /// Spend limits for the calls this rule allows.
