@@ -42,18 +42,18 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
     );
     let words = tollgate_tests::mock_realtime::RESPONSE_WORDS.concat();
     let s = &got["sessions"];
-    assert_eq!(
-        s[0]["texts"],
-        serde_json::json!([words, words]),
+    // What both sides recorded, for any failure below.
+    let diag = format!(
         "{got}\nrecords: {:?}\nprovider: {:?}",
         node.connections(),
         node.mock_requests()
     );
+    assert_eq!(s[0]["texts"], serde_json::json!([words, words]), "{diag}");
     assert_eq!(s[0]["errors"], serde_json::json!([]), "{got}");
     assert_eq!(s[0]["session_model"], "gpt-realtime", "{got}");
     // The budgeted session: two responses (the budget is not reached after
     // the first: 0.0018 of 0.003 USD), then the budget ends it before a third.
-    assert_eq!(s[1]["texts"], serde_json::json!([words, words]), "{got}");
+    assert_eq!(s[1]["texts"], serde_json::json!([words, words]), "{diag}");
     assert_eq!(s[1]["errors"][0]["code"], "budget_exhausted", "{got}");
     assert!(
         s[1]["errors"][0]["message"]

@@ -142,6 +142,7 @@ pub(super) async fn session(
         asks_stream_usage: false,
         mcp_tools: None,
     };
+    tracing::debug!(id = %record.id, workload = %workload.label(), ?kind, "realtime handshake: admitting");
     let (verdict, _) = forward::admit(&call, workload, &mut record, proposed).await;
     let admitted = match verdict {
         Ok(a) => a,
@@ -167,6 +168,7 @@ pub(super) async fn session(
         Ok(io) => io,
         Err(e) => return upstream_failed(&call, record, started, e.to_string()),
     };
+    tracing::debug!(id = %record.id, upstream = %meta.upstream, "realtime handshake: provider connected");
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await {
         Ok(c) => c,
         Err(e) => return upstream_failed(&call, record, started, e.to_string()),
@@ -199,6 +201,7 @@ pub(super) async fn session(
     };
     record.ttfb_ms = started.elapsed().as_millis() as u64;
     record.status = resp.status().as_u16();
+    tracing::debug!(id = %record.id, status = record.status, ms = record.ttfb_ms, "realtime handshake: provider answered");
     forward::response_ids(&mut record, resp.headers_mut());
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // The provider refused the session (a bad key, an unknown model):
