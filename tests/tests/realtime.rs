@@ -49,30 +49,30 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
         node.mock_requests()
     );
     assert_eq!(s[0]["texts"], serde_json::json!([words, words]), "{diag}");
-    assert_eq!(s[0]["errors"], serde_json::json!([]), "{got}");
-    assert_eq!(s[0]["session_model"], "gpt-realtime", "{got}");
+    assert_eq!(s[0]["errors"], serde_json::json!([]), "{diag}");
+    assert_eq!(s[0]["session_model"], "gpt-realtime", "{diag}");
     // The budgeted session: two responses (the budget is not reached after
     // the first: 0.0018 of 0.003 USD), then the budget ends it before a third.
     assert_eq!(s[1]["texts"], serde_json::json!([words, words]), "{diag}");
-    assert_eq!(s[1]["errors"][0]["code"], "budget_exhausted", "{got}");
+    assert_eq!(s[1]["errors"][0]["code"], "budget_exhausted", "{diag}");
     assert!(
         s[1]["errors"][0]["message"]
             .as_str()
             .unwrap()
             .contains("voice-budget"),
-        "{got}"
+        "{diag}"
     );
 
     // A denied session is refused at the handshake: the SDK raises.
     assert!(
         s[2]["closed"].as_str().unwrap().contains("HTTP 403"),
-        "{got}"
+        "{diag}"
     );
 
     // The limited session: two requests a minute, the session's start and
     // its first response's renewal; the second response's renewal is refused.
-    assert_eq!(s[3]["texts"], serde_json::json!([words, words]), "{got}");
-    assert_eq!(s[3]["errors"][0]["code"], "rate_limited", "{got}");
+    assert_eq!(s[3]["texts"], serde_json::json!([words, words]), "{diag}");
+    assert_eq!(s[3]["errors"][0]["code"], "rate_limited", "{diag}");
 
     let recs = node.wait_requests(4);
     let limited = &recs[3];

@@ -347,9 +347,14 @@ impl Session {
                 },
             }
         };
-        // Let the closing handshakes finish (bounded: a peer may be gone).
+        // Let the closing handshakes finish (bounded: a peer may be gone):
+        // each leg's Close sent, then what the peer still sends read until
+        // its own Close ends the stream. Closing the socket with the peer's
+        // frames unread would make the kernel reset the connection, and a
+        // reset can cost the peer the frames it was still to read (a
+        // policy's `error` event and Close among them).
         let close = async {
-            let _ = tokio::join!(client.close(None), provider.close(None));
+            tokio::join!(drain(&mut client), drain(&mut provider));
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
         self.record.realtime = Some(tally);
@@ -452,6 +457,13 @@ impl Session {
         }
         finish(&self.call, self.record, None, None, self.started);
     }
+}
+
+/// Send our Close (if not sent yet) and read `ws` until the peer's Close
+/// ends it.
+async fn drain(ws: &mut Ws) {
+    let _ = ws.close(None).await;
+    while let Some(Ok(_)) = ws.next().await {}
 }
 
 /// Tell the workload why its session ends, in the Realtime API's own
