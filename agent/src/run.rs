@@ -484,8 +484,15 @@ async fn refresh_providers(
     metrics: &Metrics,
     addresses: &ProviderAddresses,
 ) {
+    // Expire against the time before this pass's lookups: an address whose
+    // TTL ran out by then belongs to a host that was due, so it is looked up
+    // again first, and an answer that still lists it keeps it in the map.
+    // Against the time after, an address could expire between a host's due
+    // time and its lookup: gone from the map for one pass (a connection in
+    // that gap would not be redirected) when `dns.stale_grace` is 0.
+    let before = Instant::now();
     refresher.refresh_due().await;
-    refresher.book.expire(Instant::now());
+    refresher.book.expire(before);
     // Failover targets dial what DNS says now, like the kernel map.
     addresses.store(Arc::new(
         (0..refresher.ports.len() as u32)
