@@ -251,9 +251,17 @@ fn test(args: &[String]) -> Result<()> {
     build_bins(false)?;
     setup::sweep_leftovers();
     let mut c = cargo();
-    // Every crate but the eBPF one, which only builds for the BPF target.
-    c.args(["test", "--workspace", "--exclude", "tollgate-ebpf"])
-        .args(args);
+    // Every crate but the eBPF one, which only builds for the BPF target;
+    // every test binary runs even after one fails, so a run shows all of
+    // its failures (the count below still fails it).
+    c.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "tollgate-ebpf",
+        "--no-fail-fast",
+    ])
+    .args(args);
     let totals = run_counting(&mut c)?;
     // One closing line for the whole run (cargo's own last lines are per
     // crate and may be a crate with no doc tests).
