@@ -136,6 +136,48 @@ fn python_openai_sdk_realtime_sessions_are_metered_and_budgeted() {
     assert_eq!(done, 6, "{log:?}");
 }
 
+/// A provider that never answers the handshake: the workload gets a 504
+/// after `tls.upstream_response_timeout` (the SDK raises at once, not after
+/// its own open timeout), recorded as `upstream_timeout`.
+#[test]
+fn a_realtime_handshake_the_provider_never_answers_ends_in_a_504() {
+    let Some(python) = sdk(
+        "a_realtime_handshake_the_provider_never_answers_ends_in_a_504",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(1);
+    node.start_agent(
+        "tls: {upstream_response_timeout: 1s}\npolicy:\n  rules:\n    - {name: voice, operations: [realtime], action: allow}\n",
+    );
+    let started = std::time::Instant::now();
+    let got = run_python_with(
+        &node,
+        &python,
+        "openai_realtime_client.py",
+        &["mock-late:1"],
+    );
+    let took = started.elapsed();
+    let s = &got["sessions"][0];
+    assert!(
+        s["closed"].as_str().is_some_and(|c| c.contains("HTTP 504")),
+        "{got}\nrecords: {:?}",
+        node.connections()
+    );
+    assert!(took < std::time::Duration::from_secs(9), "{took:?}: {got}");
+    let recs = node.wait_requests(1);
+    assert_eq!(recs[0]["result"], "upstream_timeout", "{:?}", recs[0]);
+    assert_eq!(recs[0]["status"], 504, "{:?}", recs[0]);
+    assert!(
+        recs[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("upstream_response_timeout")),
+        "{:?}",
+        recs[0]
+    );
+}
+
 /// The usage Tollgate records for one mock Realtime response.
 fn tollgate_agent_usage() -> serde_json::Value {
     serde_json::json!({

@@ -195,9 +195,23 @@ pub(super) async fn session(
     if let Some(ct) = content_type {
         upstream_req.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
-    let mut resp = match sender.send_request(upstream_req).await {
-        Ok(r) => r,
-        Err(e) => return upstream_failed(&call, record, started, e.to_string()),
+    // The 101 is the provider's response head: waited for as any call's is.
+    let waited = call.tls.settings.upstream_response_timeout;
+    let mut resp = match tokio::time::timeout(waited, sender.send_request(upstream_req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return upstream_failed(&call, record, started, e.to_string()),
+        Err(_) => {
+            return rescue::failed(
+                &call,
+                StatusCode::GATEWAY_TIMEOUT,
+                Outcome::UpstreamTimeout,
+                format!(
+                    "the provider did not answer the Realtime handshake within {waited:?} (tls.upstream_response_timeout)"
+                ),
+                record,
+                started,
+            );
+        }
     };
     record.ttfb_ms = started.elapsed().as_millis() as u64;
     record.status = resp.status().as_u16();

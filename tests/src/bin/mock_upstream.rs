@@ -169,6 +169,14 @@ async fn answer(
     sni: Option<String>,
 ) -> Result<Response<Body>, Infallible> {
     if req.uri().path().starts_with("/v1/realtime") && req.headers().contains_key("upgrade") {
+        // `model=mock-late`: the 101 comes only after 30 s.
+        if req
+            .uri()
+            .query()
+            .is_some_and(|q| q.contains("model=mock-late"))
+        {
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
         return Ok(realtime(req, peer, local, sni));
     }
     if req.uri().path().starts_with("/model/") {
