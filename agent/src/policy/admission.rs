@@ -209,32 +209,15 @@ impl Enforcer {
         }
     }
 
-    /// The credential of a failover target's `credential_file` on a call
-    /// sent `to` it, in place of the workload's: as for a rule's (a key, AWS
-    /// keys that sign a Bedrock call for the target's own endpoint and
-    /// region, an exchanged token); the file is the target's own, so it
-    /// only ever reaches the provider it was given for.
+    /// Put the credential of a rule's or a failover target's
+    /// `credential_file` on a call sent `to` its provider, in place of the
+    /// workload's: a key as the provider's header (`credentials`); for
+    /// Bedrock, AWS keys as a new SigV4 signature for that endpoint and
+    /// region (`sigv4`); an exchanged credential as its current token
+    /// (`token_exchange`). A target's file is its own, so it only ever
+    /// reaches the provider it was given for.
     #[allow(clippy::too_many_arguments)]
-    pub async fn target_credential(
-        &self,
-        adapter: &dyn Adapter,
-        to: Upstream<'_>,
-        file: &std::path::Path,
-        method: &str,
-        target: &mut String,
-        headers: &mut HeaderMap,
-        body: &[u8],
-    ) -> Result<(), String> {
-        self.credential(adapter, to, file, method, target, headers, body)
-            .await
-    }
-
-    /// Put the credential of a rule's `credential_file` on a call in place
-    /// of the workload's: a key as the provider's header (`credentials`);
-    /// for Bedrock, AWS keys as a new SigV4 signature (`sigv4`); a Google
-    /// service-account key as its current access token (`token_exchange`).
-    #[allow(clippy::too_many_arguments)]
-    async fn credential(
+    pub async fn credential(
         &self,
         adapter: &dyn Adapter,
         to: Upstream<'_>,

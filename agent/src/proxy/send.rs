@@ -273,7 +273,7 @@ async fn build(
     if let Some(file) = &ep.credential_file {
         call.tls
             .enforcer
-            .target_credential(
+            .credential(
                 adapter,
                 to,
                 file,
