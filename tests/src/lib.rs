@@ -24,7 +24,7 @@ pub mod mock_llm;
 pub mod mock_realtime;
 pub mod netns;
 pub mod node;
-mod observed;
+pub mod observed;
 pub mod otlp_receiver;
 pub mod pod;
 pub mod privileged;

@@ -39,6 +39,15 @@ impl TestNode {
             .collect()
     }
 
+    /// The mock provider's records whose request line (`METHOD /path
+    /// VERSION`, or `METHOD /path` for token grants) passes `line`.
+    pub fn mock_requests_where(&self, line: impl Fn(&str) -> bool) -> Vec<serde_json::Value> {
+        requests_where(&self.mock_requests(), line)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
     /// What reached the mock provider's TLS listeners (where terminated
     /// calls go), the node's readiness probes of its plain listener left out.
     pub fn provider_requests(&self) -> Vec<serde_json::Value> {
@@ -126,4 +135,14 @@ pub fn route(answer: &serde_json::Value) -> Route {
     } else {
         Route::Agent
     }
+}
+
+/// The records of `log` (the mock provider's) whose request line passes `line`.
+pub fn requests_where(
+    log: &[serde_json::Value],
+    line: impl Fn(&str) -> bool,
+) -> Vec<&serde_json::Value> {
+    log.iter()
+        .filter(|r| r["request"].as_str().is_some_and(&line))
+        .collect()
 }

@@ -319,14 +319,8 @@ fn after_kill_9_every_call_the_provider_served_has_exactly_one_record() {
         let _ = s.wait();
     }
     let served_calls = node
-        .mock_requests()
-        .iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.contains("/chat/completions"))
-        })
-        .count();
+        .mock_requests_where(|l| l.contains("/chat/completions"))
+        .len();
     let before = node.request_records().len();
     node.start_agent(&config);
     assert_eq!(served_calls, DONE + IN_FLIGHT);

@@ -8,6 +8,7 @@
 use tollgate_tests::{
     TestNode, mock_bedrock as bedrock, mock_entra as entra, mock_google as google,
     node::{AZURE_HOST, BEDROCK_WEST_HOST, PROVIDER_PORT, UPSTREAM_V4, VERTEX_HOSTS},
+    observed::requests_where,
     require_privileged,
     sdk::{boto3, sdk},
 };
@@ -17,14 +18,7 @@ const GEMINI_BODY: &str = r#"{"contents":[{"role":"user","parts":[{"text":"Say h
 
 /// The provider's record of each Vertex call (the mock's own log).
 fn vertex_calls(node: &TestNode) -> Vec<serde_json::Value> {
-    node.mock_requests()
-        .into_iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.contains("/publishers/"))
-        })
-        .collect()
+    node.mock_requests_where(|l| l.contains("/publishers/"))
 }
 
 /// A workload identity federation configuration (what `gcloud iam
@@ -86,14 +80,7 @@ fn vertex_tokens_from_workload_identity_federation_are_impersonated_and_renewed(
         .iter()
         .filter(|r| r["request"] == "POST /v1/token")
         .collect();
-    let impersonations: Vec<_> = log
-        .iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.ends_with(":generateAccessToken"))
-        })
-        .collect();
+    let impersonations = requests_where(&log, |l| l.ends_with(":generateAccessToken"));
     assert_eq!(calls.len(), 6, "{log:?}");
     for c in &calls {
         assert_eq!(c["token_valid"], true, "a token Vertex refuses: {c}");
@@ -187,14 +174,7 @@ fn metadata_server_and_entra_federated_tokens_stand_in_for_the_workloads_keys() 
     assert!(vertex.contains("usageMetadata"), "{}", diag());
     assert!(azure.contains("\"choices\""), "{}", diag());
 
-    let asked: Vec<_> = log
-        .iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.starts_with("GET /computeMetadata/"))
-        })
-        .collect();
+    let asked = requests_where(&log, |l| l.starts_with("GET /computeMetadata/"));
     assert_eq!(asked.len(), 1, "{}", diag());
     assert_eq!(asked[0]["token_grant"], true, "{}", diag());
     let calls = vertex_calls(&node);
@@ -210,24 +190,10 @@ fn metadata_server_and_entra_federated_tokens_stand_in_for_the_workloads_keys() 
         diag()
     );
 
-    let grants: Vec<_> = log
-        .iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.ends_with("/oauth2/v2.0/token"))
-        })
-        .collect();
+    let grants = requests_where(&log, |l| l.ends_with("/oauth2/v2.0/token"));
     assert_eq!(grants.len(), 1, "{}", diag());
     assert_eq!(grants[0]["token_grant"], true, "{}", diag());
-    let chat: Vec<_> = log
-        .iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.contains("/chat/completions"))
-        })
-        .collect();
+    let chat = requests_where(&log, |l| l.contains("/chat/completions"));
     assert_eq!(chat.len(), 1, "{}", diag());
     assert_eq!(chat[0]["token_valid"], true, "{}", diag());
     assert_eq!(

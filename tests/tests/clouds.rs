@@ -325,15 +325,7 @@ fn vertex_ai_sdks_are_governed_with_a_node_held_token() {
 
     // The provider's own record: four calls on the two regional hosts, each
     // with the node's token, none with the workload's; the denied one absent.
-    let log: Vec<_> = node
-        .mock_requests()
-        .into_iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.contains("/publishers/"))
-        })
-        .collect();
+    let log: Vec<_> = node.mock_requests_where(|l| l.contains("/publishers/"));
     assert_eq!(log.len(), 4, "{log:?}");
     for r in &log {
         assert_eq!(r["credential"], "Bearer ya29.node-held-test-token", "{r}");
@@ -410,14 +402,7 @@ fn vertex_tokens_from_a_service_account_are_fetched_again_before_they_expire() {
     }
     let spent = started.elapsed();
     let log = node.mock_requests();
-    let calls: Vec<_> = log
-        .iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.contains("/publishers/"))
-        })
-        .collect();
+    let calls = tollgate_tests::observed::requests_where(&log, |l| l.contains("/publishers/"));
     let grants: Vec<_> = log
         .iter()
         .filter(|r| r["request"] == "POST /token")
@@ -507,14 +492,7 @@ fn azure_openai_calls_carry_an_entra_token_in_place_of_the_api_key() {
         assert!(!r.to_string().contains(entra::SECRET));
     }
     let log = node.mock_requests();
-    let calls: Vec<_> = log
-        .iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.contains("/chat/completions"))
-        })
-        .collect();
+    let calls = tollgate_tests::observed::requests_where(&log, |l| l.contains("/chat/completions"));
     let grants: Vec<_> = log
         .iter()
         .filter(|r| r["token_grant"].is_boolean())

@@ -369,15 +369,7 @@ fn default_sdk_streams_are_counted_exactly_and_reach_the_app_unchanged() {
             "{sdk}: the stream as sent unasked"
         );
     }
-    let asked: Vec<_> = node
-        .mock_requests()
-        .into_iter()
-        .filter(|r| {
-            r["request"]
-                .as_str()
-                .is_some_and(|l| l.contains("/chat/completions"))
-        })
-        .collect();
+    let asked: Vec<_> = node.mock_requests_where(|l| l.contains("/chat/completions"));
     assert_eq!(asked.len(), 4, "{asked:?}");
     for r in &asked {
         assert_eq!(r["stream_options"]["include_usage"], true, "{r}");
