@@ -128,7 +128,13 @@ impl UsageChunkFilter {
             start = end;
             match edit_event(block) {
                 Edit::Keep => out.extend_from_slice(block),
-                Edit::Drop => self.dropped += 1,
+                Edit::Drop => {
+                    // The event goes, not blank lines before it: whether they
+                    // open this block or end the last one depends only on
+                    // where the network cut the stream.
+                    out.extend_from_slice(leading_blank_lines(block));
+                    self.dropped += 1;
+                }
                 Edit::Replace(b) => {
                     self.edited += 1;
                     out.extend_from_slice(&b);
@@ -137,6 +143,18 @@ impl UsageChunkFilter {
         }
         out.extend_from_slice(&events[start..]);
         out
+    }
+}
+
+/// The blank lines (`\n` or `\r\n`) a block starts with.
+fn leading_blank_lines(block: &[u8]) -> &[u8] {
+    let mut i = 0;
+    loop {
+        match block[i..] {
+            [b'\n', ..] => i += 1,
+            [b'\r', b'\n', ..] => i += 2,
+            _ => return &block[..i],
+        }
     }
 }
 
@@ -332,6 +350,26 @@ mod tests {
         for size in [1, 3, 7, 64, 333] {
             let chunks: Vec<&[u8]> = ASKED.as_bytes().chunks(size).collect();
             assert_eq!(filter_in(&chunks).0, unasked(), "chunks of {size}");
+        }
+    }
+
+    #[test]
+    fn blank_lines_before_a_dropped_chunk_survive_any_cut() {
+        // Found by the fuzzer: a cut just after an event's end made the
+        // extra blank line part of the usage-only block, which then took it
+        // along; uncut, the blank line was a block of its own and stayed.
+        for blank in ["\n", "\r\n", "\n\r\n"] {
+            let stream = format!(
+                "data: {{\"a\":1}}\n\n{blank}data: {{\"choices\":[],\"usage\":{{}}}}\n\ndata: [DONE]\n\n"
+            );
+            let want = format!("data: {{\"a\":1}}\n\n{blank}data: [DONE]\n\n");
+            let b = stream.as_bytes();
+            assert_eq!(filter_in(&[b]).0, want, "{blank:?} uncut");
+            for cut in 1..b.len() {
+                let (out, f) = filter_in(&[&b[..cut], &b[cut..]]);
+                assert_eq!(out, want, "{blank:?} cut at {cut}");
+                assert_eq!(f.dropped, 1);
+            }
         }
     }
 
