@@ -27,3 +27,4 @@ pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod top;
+pub mod uprobe;

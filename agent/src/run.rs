@@ -57,9 +57,10 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
 
     let pin_dir =
         (config.failure_mode == FailureMode::Closed).then_some(config.bpffs_dir.as_path());
-    let attached = Attached::load(LoadOptions {
+    let mut attached = Attached::load(LoadOptions {
         cgroup: &root.path,
         pin_dir,
+        tls_uprobes: config.tls_uprobes.enabled,
     })?;
     let maps = attached.maps.clone();
     // Our programs are in place: programs of an earlier run can go without a gap.
@@ -83,7 +84,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         agent_cgroup_id: agent_cgroup.map_or(0, |c| c.id),
         proxy_port: config.proxy.port,
         fail_closed: u8::from(config.failure_mode == FailureMode::Closed),
-        _pad: 0,
+        tls_uprobes: u8::from(config.tls_uprobes.enabled),
         dns_min_ttl_s: config.dns.min_ttl.as_secs_f64().ceil() as u32,
         dns_grace_s: config.dns.stale_grace.as_secs_f64().ceil() as u32,
         dns_max_ttl_s: config.dns.max_ttl.as_secs_f64().ceil() as u32,
@@ -162,7 +163,27 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         config.proxy.socket_mark,
         config.proxy.upstream_connect_timeout,
     ));
+    let tls_capture = match attached.tls.as_mut() {
+        Some((probes, ring)) => {
+            let ring = ring.take().context("the TLS uprobes' ring buffer")?;
+            let books = crate::uprobe::reader::Books {
+                metrics: metrics.clone(),
+                events: events.clone(),
+                live: live.clone(),
+                identity: identity.clone(),
+            };
+            tracing::info!(
+                "TLS uprobes on: relayed provider calls are read at the workload's TLS library (tls_uprobes.enabled)"
+            );
+            Some(
+                crate::uprobe::TlsCapture::start(probes.clone(), ring, books)
+                    .context("starting the TLS uprobes' reader")?,
+            )
+        }
+        None => None,
+    };
     let ctx = Arc::new(ProxyContext {
+        tls_capture,
         live: live.clone(),
         maps: maps.clone(),
         identity: identity.clone(),

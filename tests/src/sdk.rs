@@ -26,6 +26,25 @@ pub fn run_app(node: &TestNode, mut cmd: std::process::Command) -> serde_json::V
     serde_json::from_slice(out.stdout.trim_ascii()).expect("client prints one JSON line")
 }
 
+/// Run `tests/clients/<script>` with the pinned npm SDK as an app of pod
+/// `pod`, trusting `ca` (besides Node's own roots) through
+/// NODE_EXTRA_CA_CERTS only.
+pub fn run_node(
+    node: &TestNode,
+    pod: usize,
+    modules: &std::path::Path,
+    script: &str,
+    ca: &std::path::Path,
+) -> serde_json::Value {
+    // ESM resolves packages from the script's directory upwards: run a copy
+    // placed next to the installed node_modules.
+    let copy = modules.parent().unwrap().parent().unwrap().join(script);
+    std::fs::copy(clients_dir().join(script), &copy).unwrap();
+    let mut cmd = node.pods[pod].app(&node.pod_hosts_file(), "node", &[copy.to_str().unwrap()]);
+    cmd.env("NODE_EXTRA_CA_CERTS", ca);
+    run_app(node, cmd)
+}
+
 /// Run `tests/clients/<script>` with the pinned Python SDKs as an app of
 /// pod 0, trusting the node CA only through SSL_CERT_FILE.
 pub fn run_python(node: &TestNode, python: &std::path::Path, script: &str) -> serde_json::Value {

@@ -12,21 +12,14 @@ use tollgate_tests::{
     sdk::{run_app, run_python, sdk},
 };
 
-/// Run `tests/clients/<script>` with the pinned npm SDK as an app of pod
-/// `pod`, trusting the node CA only through NODE_EXTRA_CA_CERTS.
+/// `sdk::run_node` trusting the node CA.
 fn run_node(
     node: &TestNode,
     pod: usize,
     modules: &std::path::Path,
     script: &str,
 ) -> serde_json::Value {
-    // ESM resolves packages from the script's directory upwards: run a copy
-    // placed next to the installed node_modules.
-    let copy = modules.parent().unwrap().parent().unwrap().join(script);
-    std::fs::copy(clients_dir().join(script), &copy).unwrap();
-    let mut cmd = node.pods[pod].app(&node.pod_hosts_file(), "node", &[copy.to_str().unwrap()]);
-    cmd.env("NODE_EXTRA_CA_CERTS", node.node_ca_cert());
-    run_app(node, cmd)
+    tollgate_tests::sdk::run_node(node, pod, modules, script, &node.node_ca_cert())
 }
 
 fn assert_recorded(

@@ -161,7 +161,7 @@ fn build_bins(release: bool) -> Result<()> {
 /// Seconds per fuzz target within `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 10;
 
-const FUZZ_TARGETS: [&str; 8] = [
+const FUZZ_TARGETS: [&str; 9] = [
     "client_hello",
     "sse",
     "stream_usage",
@@ -170,6 +170,7 @@ const FUZZ_TARGETS: [&str; 8] = [
     "dns_answer",
     "config",
     "mcp",
+    "captured_http1",
 ];
 
 /// Run each fuzz target for `seconds`, from the committed seeds

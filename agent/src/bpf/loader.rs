@@ -21,31 +21,38 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
-use tollgate_common::program_names as prog;
+use tollgate_common::{map_names, program_names as prog};
 
 use super::{
     OBJECT,
     error::{BpfError, is_eperm},
     maps::Maps,
+    tls_probes::{self, TlsProbes},
 };
 
 pub struct LoadOptions<'a> {
     pub cgroup: &'a Path,
     /// Pin links here (fail-closed). `None`: links live and die with the agent.
     pub pin_dir: Option<&'a Path>,
+    /// Load the TLS uprobe programs (`tls_uprobes.enabled`).
+    pub tls_uprobes: bool,
 }
 
 /// The programs, attached. Dropping it detaches them unless they are pinned.
 pub struct Attached {
-    _ebpf: Ebpf,
+    _ebpf: std::sync::Arc<std::sync::Mutex<Ebpf>>,
     links: Vec<FdLink>,
     pinned: Vec<PinnedLink>,
     pub maps: std::sync::Arc<Maps>,
+    /// With `tls_uprobes`: the probes, and their ring buffer (taken once by
+    /// the reader).
+    pub tls: Option<(std::sync::Arc<TlsProbes>, Option<RingBuf<MapData>>)>,
     pin_run_dir: Option<PathBuf>,
 }
 
@@ -96,7 +103,19 @@ impl Attached {
         }
         // Maps need locked memory on kernels before 5.11 (memcg accounting came later).
         raise_memlock();
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+        let mut loader = EbpfLoader::new();
+        if !opts.tls_uprobes {
+            // Unused: the smallest sizes the kernel takes.
+            loader
+                .map_max_entries(map_names::TLS_EVENTS, 4096)
+                .map_max_entries(map_names::TLS_SSL, 1)
+                .map_max_entries(map_names::TLS_CALLS, 1)
+                .map_max_entries(map_names::LAST_SSL, 1)
+                .map_max_entries(map_names::CAPTURE, 1)
+                .map_max_entries(map_names::TLS_SOCKS, 1)
+                .map_max_entries(map_names::SOCK_BY_ADDR, 1);
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
             if is_eperm(&e) {
                 BpfError::Permission {
                     what: "loading the eBPF object (creating maps)".into(),
@@ -125,10 +144,19 @@ impl Attached {
             r.map_err(|e| BpfError::program(name, e))?;
         }
         let maps = Maps::take(&mut ebpf)?;
+        let tls_maps = if opts.tls_uprobes {
+            let socks = tls_probes::load(&mut ebpf)?;
+            Some((tls_probes::take_maps(&mut ebpf)?, socks))
+        } else {
+            None
+        };
 
         let mut links = Vec::new();
         for (name, kind) in PROGRAMS {
-            let p = ebpf.program_mut(name).expect("checked above");
+            let p = ebpf.program_mut(name).ok_or(BpfError::Program {
+                name,
+                source: aya::programs::ProgramError::NotLoaded,
+            })?;
             let cg = cgroup.as_fd();
             let link = match kind {
                 Kind::SockAddr => attach_link!(CgroupSockAddr, p, cg, name),
@@ -149,8 +177,16 @@ impl Attached {
             links.push(link?);
         }
 
+        let ebpf = std::sync::Arc::new(std::sync::Mutex::new(ebpf));
+        let tls = tls_maps.map(|((capture, ring), socks)| {
+            (
+                std::sync::Arc::new(TlsProbes::new(ebpf.clone(), (capture, socks))),
+                Some(ring),
+            )
+        });
         let mut attached = Attached {
             _ebpf: ebpf,
+            tls,
             links,
             pinned: Vec::new(),
             maps: std::sync::Arc::new(maps),

@@ -37,6 +37,8 @@ pub struct OrigDst {
     pub cgroup_id: u64,
     pub tgid: u32,
     pub comm: String,
+    /// The workload socket's cookie (TLS capture's key).
+    pub socket_cookie: u64,
 }
 
 impl From<ConnInfo> for OrigDst {
@@ -47,6 +49,7 @@ impl From<ConnInfo> for OrigDst {
             provider_id: c.provider_id,
             cgroup_id: c.cgroup_id,
             tgid: c.tgid,
+            socket_cookie: c.socket_cookie,
             comm: String::from_utf8_lossy(&c.comm[..comm_len]).into_owned(),
         }
     }
@@ -69,7 +72,7 @@ pub fn ip_from_key(b: [u8; 16]) -> IpAddr {
     }
 }
 
-fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+pub(super) fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {

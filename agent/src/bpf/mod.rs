@@ -3,10 +3,12 @@
 //! * `loader` — load the embedded object, attach to the governed cgroup,
 //!   pin (fail-closed) and detach.
 //! * `maps` — typed access to the maps shared with the programs.
+//! * `tls_probes` — the TLS uprobes: loaded when enabled, attached per process.
 //! * `error` — what can go wrong, with hints.
 pub mod error;
 pub mod loader;
 pub mod maps;
+pub mod tls_probes;
 
 pub use error::BpfError;
 pub use loader::{Attached, LoadOptions, detach_pinned};

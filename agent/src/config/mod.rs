@@ -80,6 +80,9 @@ pub struct Config {
     pub audit: AuditConfig,
     /// OpenTelemetry: one span per call to an OTLP/HTTP collector (off by default).
     pub otlp: crate::telemetry::otlp::OtlpConfig,
+    /// Per-call records for pods that do not trust the node CA, read at
+    /// their TLS library (README "TLS uprobes"; off by default).
+    pub tls_uprobes: crate::uprobe::UprobeConfig,
     /// Prices for the `cost_usd` of audit records and the cost metric.
     pub pricing: crate::pricing::PricingConfig,
     /// Who may call what (README "Policy"). Reloaded on change and SIGHUP.
@@ -116,6 +119,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             audit: AuditConfig::default(),
             otlp: Default::default(),
+            tls_uprobes: Default::default(),
             pricing: crate::pricing::PricingConfig::default(),
             policy: crate::policy::PolicyConfig::default(),
             node_name: String::new(),

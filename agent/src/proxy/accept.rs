@@ -164,8 +164,36 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, slo
     };
     if decision == Decision::Deny {
         relay::refuse(&ctx, client, closing, hello);
-    } else {
-        relay::relay_to_provider(&ctx, client, closing).await;
+        return;
+    }
+    let captured = match &ctx.tls_capture {
+        Some(capture) => {
+            let cookie = closing.orig.socket_cookie;
+            let api = ctx
+                .providers
+                .get(closing.orig.provider_id as usize)
+                .map(|p| p.api)
+                .unwrap_or_default();
+            let session = crate::uprobe::Session {
+                workload: closing.workload.clone(),
+                pid: closing.orig.tgid,
+                comm: closing.orig.comm.clone(),
+                provider: closing.provider.clone(),
+                api,
+                upstream: closing.orig.dest,
+                decision: closing.decision,
+                reason: closing.reason.clone(),
+            };
+            capture
+                .begin(cookie, session)
+                .await
+                .then(|| (capture.clone(), cookie))
+        }
+        None => None,
+    };
+    relay::relay_to_provider(&ctx, client, closing).await;
+    if let Some((capture, cookie)) = captured {
+        capture.end(cookie);
     }
 }
 

@@ -4,16 +4,26 @@ use std::time::{Duration, Instant};
 
 use super::context::Call;
 use crate::{
+    live::LiveRules,
     policy::BudgetHold,
     providers::{Operation, mcp, mcp_response},
     telemetry::records::{Decision, Outcome, RequestRecord},
+    telemetry::{events::EventLog, metrics::Metrics},
 };
+
+/// Where a finished call is written down: its metrics, its record, the
+/// prices it is costed with.
+pub struct Books<'a> {
+    pub metrics: &'a Metrics,
+    pub events: &'a EventLog,
+    pub live: &'a LiveRules,
+}
 
 /// Price, charge, count and log one finished request. `budget`: what its
 /// cost is charged to.
 pub(super) fn account(
     call: &Call,
-    mut record: RequestRecord,
+    record: RequestRecord,
     budget: Option<BudgetHold>,
     started: Instant,
     ttft: Option<Duration>,
@@ -21,14 +31,31 @@ pub(super) fn account(
     if record.operation == Operation::Mcp {
         return account_mcp(call, record, started);
     }
-    let m = &call.metrics;
+    let books = Books {
+        metrics: &call.metrics,
+        events: &call.events,
+        live: &call.tls.live,
+    };
+    account_in(&books, record, budget, started.elapsed(), ttft);
+}
+
+/// `account` for a call that was not terminated (its duration measured by
+/// whoever saw it).
+pub fn account_in(
+    books: &Books<'_>,
+    mut record: RequestRecord,
+    budget: Option<BudgetHold>,
+    duration: Duration,
+    ttft: Option<Duration>,
+) {
+    let m = books.metrics;
     // The model that answered is what is billed; the requested one otherwise.
     let billed_model = record
         .response_model
         .as_deref()
         .or(record.model.as_deref())
         .unwrap_or_default();
-    let live = call.tls.live.load();
+    let live = books.live.load();
     record.cost_usd = live
         .prices
         .cost(&record.provider, billed_model, &record.usage)
@@ -70,7 +97,7 @@ pub(super) fn account(
     }
     m.operation_duration
         .with_label_values(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        .observe(duration.as_secs_f64());
     if let (true, Some(t)) = (record.stream, ttft) {
         m.time_to_first_token
             .with_label_values(&labels)
@@ -108,7 +135,7 @@ pub(super) fn account(
                 .inc_by(n);
         }
     }
-    call.events.record_request(&record);
+    books.events.record_request(&record);
 }
 
 /// The end of a message to an MCP server: its metrics and its record (it

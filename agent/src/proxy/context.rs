@@ -43,6 +43,9 @@ pub struct ProxyContext {
     pub max_connections_per_namespace: usize,
     /// Present when a node CA is configured: governed hosts are terminated.
     pub tls: Option<Arc<Termination>>,
+    /// Present with `tls_uprobes.enabled`: relayed connections are read at
+    /// the workload's TLS library.
+    pub tls_capture: Option<Arc<crate::uprobe::TlsCapture>>,
 }
 
 /// A configured provider, as the proxy tells them apart.

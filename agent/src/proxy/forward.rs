@@ -421,6 +421,7 @@ fn new_record(call: &Call, workload: &Workload, req: &Request<Incoming>) -> Requ
         usage: Default::default(),
         provider_usage: None,
         client_http: format!("{:?}", req.version()),
+        observed_via: None,
         upstream: meta.upstream,
         status: 0,
         request_bytes: 0,

@@ -61,6 +61,9 @@ pub enum Outcome {
     /// The agent stopped (crash, `kill -9`) during the call; recorded from
     /// the call journal when it started again, with usage estimated.
     AgentRestarted,
+    /// Read at the workload's TLS library, the call's end was not seen
+    /// (the connection closed first, or the capture lost bytes).
+    Incomplete,
 }
 
 impl Outcome {
@@ -79,6 +82,7 @@ impl Outcome {
             Outcome::CredentialUnavailable => "credential_unavailable",
             Outcome::Overloaded => "overloaded",
             Outcome::AgentRestarted => "agent_restarted",
+            Outcome::Incomplete => "incomplete",
         }
     }
 
@@ -270,6 +274,11 @@ pub struct RequestRecord {
     pub provider_usage: Option<serde_json::Value>,
     /// HTTP version the workload spoke (`HTTP/1.1`, `HTTP/2.0`).
     pub client_http: String,
+    /// How Tollgate saw the call when it did not terminate it:
+    /// `tls_uprobe` (read at the workload's TLS library, README "TLS
+    /// uprobes"). Absent for terminated calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_via: Option<&'static str>,
     /// Provider address the request went to.
     pub upstream: SocketAddr,
     /// 0 when no response came.

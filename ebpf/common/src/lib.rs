@@ -25,6 +25,14 @@ pub mod map_names {
     pub const LEARNED: &str = "LEARNED";
     pub const CGROUP_NETNS: &str = "CGROUP_NETNS";
     pub const RESOLVERS: &str = "RESOLVERS";
+    pub const TLS_CALLS: &str = "TLS_CALLS";
+    pub const TLS_SSL: &str = "TLS_SSL";
+    pub const CAPTURE: &str = "CAPTURE";
+    pub const TLS_EVENTS: &str = "TLS_EVENTS";
+    pub const TLS_SCRATCH: &str = "TLS_SCRATCH";
+    pub const TLS_SOCKS: &str = "TLS_SOCKS";
+    pub const LAST_SSL: &str = "LAST_SSL";
+    pub const SOCK_BY_ADDR: &str = "SOCK_BY_ADDR";
 }
 
 /// Names of the programs inside the object.
@@ -37,6 +45,15 @@ pub mod program_names {
     pub const SENDMSG4: &str = "tollgate_sendmsg4";
     pub const SENDMSG6: &str = "tollgate_sendmsg6";
     pub const DNS_INGRESS: &str = "tollgate_dns_ingress";
+    /// Uprobes on a TLS library's plaintext calls (module `tls` of the programs).
+    pub const TLS_WRITE: &str = "tollgate_tls_write";
+    pub const TLS_WRITE_EX: &str = "tollgate_tls_write_ex";
+    pub const TLS_READ: &str = "tollgate_tls_read";
+    pub const TLS_READ_EX: &str = "tollgate_tls_read_ex";
+    pub const TLS_HANDSHAKE: &str = "tollgate_tls_handshake";
+    pub const TLS_RETURN: &str = "tollgate_tls_return";
+    /// sk_msg on redirected sockets: which socket a TLS call writes to.
+    pub const TLS_SK_MSG: &str = "tollgate_tls_sk_msg";
 }
 
 /// Capacity of the maps. Each number is a bound on kernel memory, not a tuning knob:
@@ -65,6 +82,34 @@ pub mod capacity {
     pub const CGROUP_NETNS: u32 = 16384;
     /// Resolvers whose answers are learned, per namespace.
     pub const RESOLVERS: u32 = 4096;
+    /// TLS calls in progress (one per thread inside SSL_read/SSL_write).
+    pub const TLS_CALLS: u32 = 16384;
+    /// TLS sessions whose socket is known.
+    pub const TLS_SSL: u32 = 65536;
+    /// Connections whose plaintext is captured.
+    pub const CAPTURE: u32 = 16384;
+}
+
+/// Reading the plaintext of TLS connections the agent relays (pods that do
+/// not trust the node CA) at their TLS library.
+pub mod tls {
+    /// Plaintext bytes per ring-buffer record.
+    pub const CHUNK: usize = 16 * 1024;
+    /// Records one SSL_write/SSL_read may fill: a call of up to 1 MiB is
+    /// captured whole, the rest of a longer one is counted as lost.
+    pub const MAX_CHUNKS_PER_CALL: u32 = 64;
+    /// Plaintext captured per connection at most (both directions); past
+    /// it the connection's bytes are counted, not read.
+    pub const MAX_BYTES_PER_CONNECTION: u64 = 64 << 20;
+    /// The ring buffer's size.
+    pub const RING_BYTES: u32 = 8 << 20;
+    /// What the workload sent (its requests).
+    pub const DIR_WRITE: u8 = 0;
+    /// What the workload received (the provider's answers).
+    pub const DIR_READ: u8 = 1;
+    /// A call that moves no plaintext (`SSL_do_handshake`): it only tells
+    /// which socket a session uses.
+    pub const DIR_NONE: u8 = 2;
 }
 
 /// Ports learned per provider address (the provider's configured `ports`).
@@ -110,6 +155,66 @@ pub struct ResolverKey {
 }
 
 /// What the agent knows about a provider address.
+/// One thread's TLS call in progress, from the uprobe at its entry to the
+/// one at its return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TlsCall {
+    /// The `SSL *` (an address in the process, never dereferenced).
+    pub ssl: u64,
+    /// The plaintext buffer.
+    pub buf: u64,
+    /// `SSL_write_ex`/`SSL_read_ex`: where the byte count is written; 0
+    /// for `SSL_write`/`SSL_read`, which return it.
+    pub len_ptr: u64,
+    pub dir: u8,
+    pub _pad: [u8; 7],
+}
+
+/// A TLS session, by process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SslKey {
+    pub ssl: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// A captured connection's account (CAPTURE, by socket cookie): the agent
+/// inserts it zeroed when it relays the connection, the programs count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CaptureState {
+    /// Plaintext bytes delivered to the ring buffer.
+    pub captured: u64,
+    /// Plaintext bytes not delivered, by direction (ring buffer full, the
+    /// connection's or the call's bound reached).
+    pub lost: [u64; 2],
+}
+
+/// The header of one ring-buffer record; `len` plaintext bytes follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TlsChunkHeader {
+    /// The workload's socket.
+    pub cookie: u64,
+    /// Bytes of this direction lost before this record (cumulative): a
+    /// reader that sees it grow knows its stream has a hole.
+    pub lost_before: u64,
+    pub tgid: u32,
+    pub len: u32,
+    pub dir: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Per-CPU scratch space a record is built in.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TlsScratch {
+    pub hdr: TlsChunkHeader,
+    pub data: [u8; tls::CHUNK],
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ProviderValue {
@@ -154,6 +259,8 @@ pub struct ConnInfo {
     pub cgroup_id: u64,
     /// Cookie of the network namespace the socket lives in.
     pub netns_cookie: u64,
+    /// The workload socket's own cookie (what TLS capture is keyed by).
+    pub socket_cookie: u64,
     /// Thread-group id (process id) in the initial PID namespace.
     pub tgid: u32,
     pub _pad: u32,
@@ -194,7 +301,9 @@ pub struct Settings {
     pub proxy_port: u16,
     /// 1: when the agent is gone, refuse provider connections (EPERM). 0: let them through.
     pub fail_closed: u8,
-    pub _pad: u8,
+    /// TLS uprobes on: the sockets of redirected connections join
+    /// `TLS_SOCKS`, so a TLS call's socket is known (`tls` module).
+    pub tls_uprobes: u8,
     /// A learned address stays valid for TTL clamped to [this, `dns_max_ttl_s`] seconds…
     pub dns_min_ttl_s: u32,
     /// …plus this grace (applications keep answers a little past their TTL).
@@ -228,10 +337,14 @@ pub enum Counter {
     /// A DNS answer for a provider name not learned: it came from no resolver
     /// of the receiving namespace (a forged answer), or from an ungoverned cgroup.
     DnsIgnored = 9,
+    TlsChunks = 10,
+    TlsSkipped = 11,
+    TlsUnmapped = 12,
+    TlsLost = 13,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::PassedNoListener,
@@ -243,6 +356,10 @@ impl Counter {
         Counter::DnsLearned,
         Counter::RefusedUdp,
         Counter::DnsIgnored,
+        Counter::TlsChunks,
+        Counter::TlsSkipped,
+        Counter::TlsUnmapped,
+        Counter::TlsLost,
     ];
 
     /// Stable label for metrics.
@@ -258,6 +375,14 @@ impl Counter {
             Counter::DnsLearned => "dns_learned",
             Counter::RefusedUdp => "refused_udp",
             Counter::DnsIgnored => "dns_ignored",
+            // Plaintext records delivered from captured connections.
+            Counter::TlsChunks => "tls_chunks",
+            // TLS calls on connections not captured: nothing was read.
+            Counter::TlsSkipped => "tls_skipped",
+            // TLS calls whose socket is not known (yet): nothing was read.
+            Counter::TlsUnmapped => "tls_unmapped",
+            // Plaintext of captured connections that could not be delivered.
+            Counter::TlsLost => "tls_lost",
         }
     }
 }
@@ -299,6 +424,10 @@ mod pod {
     unsafe impl aya::Pod for super::LearnedKey {}
     unsafe impl aya::Pod for super::ResolverKey {}
     unsafe impl aya::Pod for super::dns::DnsName {}
+    unsafe impl aya::Pod for super::TlsCall {}
+    unsafe impl aya::Pod for super::SslKey {}
+    unsafe impl aya::Pod for super::CaptureState {}
+    unsafe impl aya::Pod for super::TlsChunkHeader {}
 }
 
 #[cfg(test)]
@@ -313,13 +442,24 @@ mod tests {
         // kernel would hash as garbage.
         assert_eq!(size_of::<ProviderKey>(), 16 + 2 + 2);
         assert_eq!(size_of::<ProviderValue>(), 8);
-        assert_eq!(size_of::<ConnInfo>(), 16 + 2 + 2 + 4 + 8 + 8 + 4 + 4 + 16);
+        assert_eq!(
+            size_of::<ConnInfo>(),
+            16 + 2 + 2 + 4 + 8 + 8 + 8 + 4 + 4 + 16
+        );
         assert_eq!(size_of::<OrigDstKey>(), 8 + 16 + 2 + 6);
         assert_eq!(size_of::<Settings>(), 8 + 8 + 8 + 2 + 1 + 1 + 4 + 4 + 4);
         assert_eq!(size_of::<DnsNameValue>(), 4 + 2 * MAX_LEARNED_PORTS + 4);
         assert_eq!(size_of::<LearnedValue>(), 4 + 4 + 8);
         assert_eq!(size_of::<LearnedKey>(), 8 + 16 + 2 + 6);
         assert_eq!(size_of::<ResolverKey>(), 8 + 16);
+        assert_eq!(size_of::<TlsCall>(), 8 * 3 + 1 + 7);
+        assert_eq!(size_of::<SslKey>(), 8 + 4 + 4);
+        assert_eq!(size_of::<CaptureState>(), 8 * 3);
+        assert_eq!(size_of::<TlsChunkHeader>(), 8 + 8 + 4 + 4 + 1 + 7);
+        assert_eq!(
+            size_of::<TlsScratch>(),
+            size_of::<TlsChunkHeader>() + tls::CHUNK
+        );
         assert_eq!(size_of::<dns::DnsName>(), dns::NAME_MAX);
     }
 

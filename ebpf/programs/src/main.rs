@@ -18,6 +18,9 @@
 //!
 //! * `dns_ingress` (cgroup_skb/ingress, module `dns`): provider addresses
 //!   learned from the DNS answers workloads receive.
+//! * `tls_*` (uprobes on a workload's TLS library) and `tcp_sendmsg` /
+//!   `tcp_recvmsg` (fentry), module `tls`: the plaintext of provider
+//!   connections the agent relays without terminating.
 //!
 //! Rules every program here follows: return quickly, never wait on userspace,
 //! and treat missing data as "do nothing". The one exception to "do nothing"
@@ -27,7 +30,10 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_tuple},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        bpf_sock_tuple,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{
@@ -46,6 +52,7 @@ use tollgate_common::{
 };
 
 mod dns;
+mod tls;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -94,7 +101,7 @@ static RESOLVERS: HashMap<ResolverKey, u8> = HashMap::with_max_entries(capacity:
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[inline(always)]
-fn count(c: Counter) {
+pub(crate) fn count(c: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(c as u32) {
         // Per-CPU slot: no other CPU writes it, a plain add is enough.
         unsafe { *slot += 1 };
@@ -316,6 +323,7 @@ fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
         provider_id,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        socket_cookie: cookie,
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         _pad: 0,
         comm: [0; 16],
@@ -408,9 +416,27 @@ fn proxy_listening(ctx: &SockAddrContext, v4: bool, port: u16) -> bool {
     true
 }
 
+/// The local address a socket's key is filed under: a v4-mapped connect
+/// runs the IPv4 path (the source is in `local_ip4`, and the proxy's IPv4
+/// listener sees an IPv4 peer).
+#[inline(always)]
+pub(crate) fn local_ip(
+    family: u32,
+    local_ip4: u32,
+    remote_ip6: [u32; 4],
+    local_ip6: [u32; 4],
+) -> [u8; 16] {
+    if family == u32::from(AF_INET6) && !is_v4_mapped(&ip6_from_words(remote_ip6)) {
+        ip6_from_words(local_ip6)
+    } else {
+        v4_mapped(local_ip4.to_ne_bytes())
+    }
+}
+
 #[sock_ops]
 pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+    let op = ctx.op();
+    if op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         return 1;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -418,6 +444,15 @@ pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
         return 1; // not a socket we redirected.
     };
     let info = *info;
+    let tls_uprobes = SETTINGS.get(0).is_some_and(|s| s.tls_uprobes != 0);
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        // TLS uprobes: the socket joins the sockhash its sends are seen in.
+        if tls_uprobes {
+            let mut key = cookie;
+            let _ = tls::TLS_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, 0);
+        }
+        return 1;
+    }
     // Read every context field once, up front, with volatile loads: the
     // verifier only accepts ctx accesses at constant offsets, and LLVM would
     // otherwise merge the branches below into one load through a computed
@@ -443,17 +478,7 @@ pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
             ],
         )
     };
-    let local_ip = if family == u32::from(AF_INET6) {
-        if is_v4_mapped(&ip6_from_words(remote_ip6)) {
-            // A v4-mapped connect runs the IPv4 path: the source is in local_ip4,
-            // and the proxy's IPv4 listener sees an IPv4 peer.
-            v4_mapped(local_ip4.to_ne_bytes())
-        } else {
-            ip6_from_words(local_ip6)
-        }
-    } else {
-        v4_mapped(local_ip4.to_ne_bytes())
-    };
+    let local_ip = local_ip(family, local_ip4, remote_ip6, local_ip6);
     let key = OrigDstKey {
         netns_cookie: info.netns_cookie,
         ip_be: local_ip,
@@ -465,6 +490,9 @@ pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
         count(Counter::Recorded);
     } else {
         count(Counter::RecordFailed);
+    }
+    if tls_uprobes {
+        let _ = tls::SOCK_BY_ADDR.insert(&key, &cookie, 0);
     }
     1
 }

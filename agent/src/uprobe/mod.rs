@@ -1,0 +1,185 @@
+//! Exact usage for pods that do not trust the node CA (README "TLS
+//! uprobes"): their provider connections are relayed untouched, and the
+//! plaintext is read in the kernel at their TLS library.
+//!
+//! * `attach` — which TLS library a process uses; probing it once.
+//! * `http1` — HTTP/1.1 framing of one direction of captured bytes.
+//! * `exchange` — one connection's requests paired with their responses,
+//!   read by the provider adapters.
+//! * `reader` — the ring buffer's consumer: records and metrics.
+//!
+//! The agent asks for a connection's capture (`TlsCapture::begin`) when it
+//! decides to relay it, before its first byte passes: the handshake cannot
+//! finish, so no request can be written, before the process is probed and
+//! the socket is on the kernel's capture list. Only sockets on that list are
+//! ever read; it holds nothing but provider connections the agent relays.
+pub mod attach;
+pub mod exchange;
+pub mod http1;
+pub mod reader;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::{
+    bpf::tls_probes::TlsProbes, identity::Workload, providers::Api, telemetry::records::Decision,
+};
+
+/// `tls_uprobes:` in the config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct UprobeConfig {
+    /// Read the plaintext of relayed provider connections (pods that do not
+    /// trust the node CA, `action: observe`, no CA) at the workload's
+    /// OpenSSL, for per-call records with model, usage and cost
+    /// (`observed_via: tls_uprobe`). Off by default: it reads pods' request
+    /// and response bodies in the kernel (provider connections only).
+    pub enabled: bool,
+}
+
+/// How long a relayed connection may wait for its process to be probed
+/// before it is relayed uncaptured.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A process without a TLS library is looked at again after this long (it
+/// may load one later, as Python does on `import ssl`).
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// One captured connection, as its records need it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub workload: Workload,
+    pub pid: u32,
+    pub comm: String,
+    pub provider: String,
+    pub api: Api,
+    /// The provider address the workload dialled.
+    pub upstream: SocketAddr,
+    /// The relay's decision (`allow`, `observe`) and its reason.
+    pub decision: Decision,
+    pub reason: String,
+}
+
+enum Control {
+    Begin(u64, Session),
+    End(u64, tollgate_common::CaptureState),
+}
+
+/// What a process's probing came to.
+#[derive(Debug, Clone)]
+enum Probed {
+    /// Probes attached (to this library).
+    Yes { start_time: u64 },
+    /// No TLS library found, or it could not be probed; looked at again after `RECHECK`.
+    No { at: Instant, start_time: u64 },
+}
+
+/// The agent's handle on TLS capture, shared by the proxy's connections.
+pub struct TlsCapture {
+    probes: Arc<TlsProbes>,
+    processes: Mutex<HashMap<u32, Probed>>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+impl TlsCapture {
+    /// Start capturing: the reader task runs until `control` closes.
+    pub fn start(
+        probes: Arc<TlsProbes>,
+        ring: aya::maps::RingBuf<aya::maps::MapData>,
+        books: reader::Books,
+    ) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = reader::Reader::new(ring, books)?;
+        tokio::spawn(reader.run(rx));
+        Ok(Arc::new(Self {
+            probes,
+            processes: Mutex::default(),
+            control: tx,
+        }))
+    }
+
+    /// A connection of `session.pid` with socket `cookie` is about to be
+    /// relayed: make sure the process is probed and put the socket on the
+    /// capture list. False when it will not be captured (no TLS library
+    /// found, probing failed or took too long); the relay goes on anyway.
+    pub async fn begin(self: &Arc<Self>, cookie: u64, session: Session) -> bool {
+        let pid = session.pid;
+        let me = self.clone();
+        let probed = tokio::time::timeout(
+            PROBE_TIMEOUT,
+            tokio::task::spawn_blocking(move || me.ensure_probed(pid)),
+        )
+        .await;
+        if !matches!(probed, Ok(Ok(true))) {
+            return false;
+        }
+        if let Err(e) = self.probes.capture(cookie) {
+            tracing::warn!(error = %e, "could not put a relayed connection on the TLS capture list; it is relayed uncaptured");
+            return false;
+        }
+        let _ = self.control.send(Control::Begin(cookie, session));
+        true
+    }
+
+    /// The relayed connection ended: off the list, and its calls end.
+    pub fn end(&self, cookie: u64) {
+        let state = self.probes.release(cookie).unwrap_or_default();
+        let _ = self.control.send(Control::End(cookie, state));
+    }
+
+    /// Probe `pid` unless it is already (blocking: reads /proc and ELF files).
+    fn ensure_probed(&self, pid: u32) -> bool {
+        let start_time = attach::start_time(pid).unwrap_or(0);
+        let known = self.lock().get(&pid).cloned();
+        match known {
+            Some(Probed::Yes { start_time: t }) if t == start_time => return true,
+            Some(Probed::No { at, start_time: t }) if t == start_time && at.elapsed() < RECHECK => {
+                return false;
+            }
+            // A new process under a reused pid, or time to look again.
+            Some(Probed::Yes { .. }) => self.probes.detach(pid),
+            _ => {}
+        }
+        self.sweep();
+        let state = match attach::probe(&self.probes, pid) {
+            Ok(library) => {
+                tracing::info!(pid, library = %library.display(), "TLS uprobes attached: this process's relayed provider calls are read at its TLS library");
+                Probed::Yes { start_time }
+            }
+            Err(e) => {
+                tracing::info!(pid, reason = %e, "TLS uprobes not attached: this process's relayed provider connections are recorded by bytes only");
+                Probed::No {
+                    at: Instant::now(),
+                    start_time,
+                }
+            }
+        };
+        let yes = matches!(state, Probed::Yes { .. });
+        self.lock().insert(pid, state);
+        yes
+    }
+
+    /// Forget processes that are gone (and detach their probes).
+    fn sweep(&self) {
+        let gone: Vec<u32> = self
+            .lock()
+            .keys()
+            .copied()
+            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        for pid in gone {
+            self.lock().remove(&pid);
+            self.probes.detach(pid);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Probed>> {
+        self.processes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
