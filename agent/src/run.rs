@@ -171,6 +171,11 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
                 events: events.clone(),
                 live: live.clone(),
                 identity: identity.clone(),
+                spending: crate::uprobe::spend::Spending::new(
+                    budgets.clone(),
+                    maps.clone(),
+                    metrics.clone(),
+                ),
             };
             tracing::info!(
                 "TLS uprobes on: relayed provider calls are read at the workload's TLS library (tls_uprobes.enabled)"

@@ -4,6 +4,10 @@ upstream CA). Tollgate relays its calls untouched and reads them at libssl.
 
   calls             three chat calls (JSON, streamed with usage, streamed
                     without); prints one JSON line with what it received.
+  budget            one call; prints "called", waits for a line on stdin,
+                    then two more: one on the same (pooled) connection, one
+                    on a new connection; prints one JSON line with each
+                    outcome.
   local CERT KEY    one provider call (so the process is probed), prints
                     "probed", waits for a line on stdin, then 20 round trips
                     over a TLS connection to itself (not a provider); prints
@@ -80,7 +84,28 @@ def local(cert, key):
     print(json.dumps({"local_round_trips": n}))
 
 
+def outcome(call):
+    try:
+        call()
+        return {"ok": True}
+    except openai.APIConnectionError as e:
+        cause = e.__cause__
+        return {"ok": False, "error": type(cause).__name__, "message": str(cause)}
+
+
+def budget():
+    one = lambda: client.chat.completions.create(model="gpt-4o-mini", messages=msgs)
+    one()
+    print("called", flush=True)
+    sys.stdin.readline()
+    pooled = outcome(one)
+    fresh = outcome(one)
+    print(json.dumps({"pooled": pooled, "fresh": fresh}))
+
+
 if sys.argv[1] == "calls":
     calls()
+elif sys.argv[1] == "budget":
+    budget()
 else:
     local(sys.argv[2], sys.argv[3])

@@ -263,3 +263,96 @@ fn a_non_provider_tls_connection_of_a_probed_process_is_not_read() {
         "nor any record"
     );
 }
+
+#[test]
+fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
+    let Some(python) = sdk(
+        "a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect",
+        "venv/bin/python",
+    ) else {
+        return;
+    };
+    let mut node = TestNode::new(2);
+    // One call costs more than pod 0's budget: its first call spends it.
+    let cfg = format!(
+        "tls_uprobes: {{enabled: true}}\npolicy:\n  rules:\n    - name: untrusting-budgeted\n      match: {{pod_uids: [\"{}\"]}}\n      action: observe\n      budget: {{per: workload, daily_usd: 0.000001}}\n    - name: untrusting\n      match: {{pod_uids: [\"{}\"]}}\n      action: observe\n",
+        node.pods[0].uid, node.pods[1].uid
+    );
+    node.start_agent(&cfg);
+    let mut child = client(&node, &python, &["budget"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "called", "{}", node.agent_log());
+    wait_until(Duration::from_secs(10), || {
+        node.agent_log()
+            .contains("budget spent by calls read with TLS uprobes")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the budget is spent: {}", node.agent_log()));
+    let served_before = node
+        .mock_requests_where(|l| l.starts_with("POST /v1/chat/completions"))
+        .len();
+    assert_eq!(served_before, 1);
+
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let got: serde_json::Value = serde_json::from_str(rest.trim()).unwrap();
+    assert_eq!(
+        got["pooled"]["ok"], false,
+        "the open connection was closed: {got}"
+    );
+    assert_eq!(got["fresh"]["ok"], false, "{got}");
+    assert!(
+        got["fresh"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Operation not permitted"),
+        "a new connection is refused at connect(): {got}"
+    );
+    assert!(kernel_event(&node, "refused_budget") >= 1);
+    assert_eq!(
+        node.mock_requests_where(|l| l.starts_with("POST /v1/chat/completions"))
+            .len(),
+        served_before,
+        "neither call reached the provider"
+    );
+    let closed = node
+        .connections()
+        .into_iter()
+        .filter(|r| r["result"] == "budget_exhausted")
+        .count();
+    assert_eq!(
+        closed,
+        1,
+        "the open connection's record says why: {:?}",
+        node.connections()
+    );
+
+    // Another pod is not affected: its calls go through, read as before.
+    let script = clients_dir().join("tls_uprobe_client.py");
+    let mut cmd = node.pods[1].app(
+        &node.pod_hosts_file(),
+        python.to_str().unwrap(),
+        &[script.to_str().unwrap(), "calls"],
+    );
+    cmd.env("SSL_CERT_FILE", node.dir.join("upstream-ca.crt"));
+    let other = run_app(&node, cmd);
+    assert_eq!(other["content"], STREAM_WORDS.concat(), "{other}");
+    let pod1 = |n: &TestNode| {
+        n.request_records()
+            .into_iter()
+            .filter(|r| r["workload"]["pod_uid"] == n.pods[1].uid.as_str())
+            .count()
+    };
+    wait_until(Duration::from_secs(5), || (pod1(&node) >= 3).then_some(()))
+        .unwrap_or_else(|| panic!("pod 1's calls recorded: {:?}", node.request_records()));
+    assert_eq!(pod1(&node), 3);
+}

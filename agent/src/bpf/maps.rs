@@ -27,6 +27,7 @@ pub struct Maps {
     learned: Mutex<HashMap<MapData, LearnedKey, LearnedValue>>,
     cgroup_netns: Mutex<Synced<u64, u64>>,
     resolvers: Mutex<Synced<ResolverKey, u8>>,
+    blocked: Mutex<Synced<u64, u8>>,
 }
 
 /// A redirected connection's record, as the proxy needs it.
@@ -92,6 +93,7 @@ impl Maps {
             learned: Mutex::new(take(ebpf, map_names::LEARNED)?),
             cgroup_netns: Mutex::new(Synced::new(take(ebpf, map_names::CGROUP_NETNS)?)),
             resolvers: Mutex::new(Synced::new(take(ebpf, map_names::RESOLVERS)?)),
+            blocked: Mutex::new(Synced::new(take(ebpf, map_names::BLOCKED)?)),
         })
     }
 
@@ -198,8 +200,7 @@ impl Maps {
 
     /// Make the opt-out set equal `want` (cgroup ids).
     pub fn sync_opt_out(&self, want: &HashSet<u64>) -> Result<(), MapError> {
-        let want: std::collections::HashMap<u64, u8> = want.iter().map(|k| (*k, 1)).collect();
-        sync(&self.opt_out, &want)
+        sync_set(&self.opt_out, want)
     }
 
     /// Make the governed-cgroup → network-namespace map equal `want`: DNS
@@ -227,6 +228,12 @@ impl Maps {
         sync(&self.resolvers, &want)
     }
 
+    /// Make BLOCKED hold exactly these cgroups: their provider connects
+    /// are refused.
+    pub fn sync_blocked(&self, cgroups: &HashSet<u64>) -> Result<(), MapError> {
+        sync_set(&self.blocked, cgroups)
+    }
+
     /// Sum of a kernel counter over all CPUs.
     pub fn counter(&self, c: Counter) -> u64 {
         self.counters
@@ -250,6 +257,12 @@ impl<K, V> Synced<K, V> {
     fn new(map: HashMap<MapData, K, V>) -> Self {
         Self { map, written: None }
     }
+}
+
+/// A set of cgroup ids as a map of flags.
+fn sync_set(synced: &Mutex<Synced<u64, u8>>, want: &HashSet<u64>) -> Result<(), MapError> {
+    let want: std::collections::HashMap<u64, u8> = want.iter().map(|k| (*k, 1)).collect();
+    sync(synced, &want)
 }
 
 /// Make a kernel hash map hold exactly `want`: stale keys removed, missing

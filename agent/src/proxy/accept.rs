@@ -27,6 +27,7 @@ use crate::{
         metrics::Metrics,
         records::{ConnectionResult, Decision},
     },
+    uprobe::Begun,
 };
 
 /// One workload namespace as its listeners serve it.
@@ -166,34 +167,40 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, slo
         relay::refuse(&ctx, client, closing, hello);
         return;
     }
-    let captured = match &ctx.tls_capture {
-        Some(capture) => {
-            let cookie = closing.orig.socket_cookie;
-            let api = ctx
-                .providers
-                .get(closing.orig.provider_id as usize)
-                .map(|p| p.api)
-                .unwrap_or_default();
-            let session = crate::uprobe::Session {
-                workload: closing.workload.clone(),
-                pid: closing.orig.tgid,
-                comm: closing.orig.comm.clone(),
-                provider: closing.provider.clone(),
-                api,
-                upstream: closing.orig.dest,
-                decision: closing.decision,
-                reason: closing.reason.clone(),
-            };
-            capture
-                .begin(cookie, session)
-                .await
-                .then(|| (capture.clone(), cookie))
-        }
-        None => None,
+    let Some(capture) = ctx.tls_capture.clone() else {
+        relay::relay_to_provider(&ctx, client, closing, None).await;
+        return;
     };
-    relay::relay_to_provider(&ctx, client, closing).await;
-    if let Some((capture, cookie)) = captured {
-        capture.end(cookie);
+    let cookie = closing.orig.socket_cookie;
+    let session = crate::uprobe::Session {
+        workload: closing.workload.clone(),
+        pid: closing.orig.tgid,
+        comm: closing.orig.comm.clone(),
+        provider: closing.provider.clone(),
+        api: ctx
+            .providers
+            .get(closing.orig.provider_id as usize)
+            .map(|p| p.api)
+            .unwrap_or_default(),
+        upstream: closing.orig.dest,
+        decision: closing.decision,
+        reason: closing.reason.clone(),
+        cgroup: closing.orig.cgroup_id,
+    };
+    match capture.begin(cookie, session).await {
+        Begun::Refused => {
+            let closing = Closing {
+                decision: Decision::Deny,
+                reason: "budget_spent".into(),
+                ..closing
+            };
+            relay::refuse(&ctx, client, closing, hello);
+        }
+        Begun::Uncaptured => relay::relay_to_provider(&ctx, client, closing, None).await,
+        Begun::Captured(stop) => {
+            relay::relay_to_provider(&ctx, client, closing, Some(stop)).await;
+            capture.end(cookie);
+        }
     }
 }
 

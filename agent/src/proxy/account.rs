@@ -40,14 +40,14 @@ pub(super) fn account(
 }
 
 /// `account` for a call that was not terminated (its duration measured by
-/// whoever saw it).
+/// whoever saw it). Returns the call's cost, when priced.
 pub fn account_in(
     books: &Books<'_>,
     mut record: RequestRecord,
     budget: Option<BudgetHold>,
     duration: Duration,
     ttft: Option<Duration>,
-) {
+) -> Option<f64> {
     let m = books.metrics;
     // The model that answered is what is billed; the requested one otherwise.
     let billed_model = record
@@ -136,6 +136,7 @@ pub fn account_in(
         }
     }
     books.events.record_request(&record);
+    record.cost_usd
 }
 
 /// The end of a message to an MCP server: its metrics and its record (it

@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     client_hello::{Hello, HelloSniffer},
@@ -17,12 +18,27 @@ use crate::{
     telemetry::records::{ClientProtocol, ConnectionRecord, ConnectionResult, Decision},
 };
 
-/// Relay `client` to the dialled address and record it.
-pub(super) async fn relay_to_provider(ctx: &ProxyContext, client: TcpStream, c: Closing) {
+/// Relay `client` to the dialled address and record it. `stop` ends the
+/// relay early (the workload's budget was spent: TLS uprobes).
+pub(super) async fn relay_to_provider(
+    ctx: &ProxyContext,
+    client: TcpStream,
+    c: Closing,
+    stop: Option<CancellationToken>,
+) {
     let t = match ctx.dialer.dial(&c.netns, c.orig.dest).await {
         Ok(upstream) => {
             let _ = upstream.set_nodelay(true);
-            relay(client, upstream).await
+            match stop {
+                None => relay(client, upstream).await,
+                Some(stop) => tokio::select! {
+                    t = relay(client, upstream) => t,
+                    () = stop.cancelled() => Transfer {
+                        error: Some(RelayError::BudgetSpent),
+                        ..Transfer::default()
+                    },
+                },
+            }
         }
         Err(e) => Transfer {
             error: Some(e.into()),
@@ -115,6 +131,8 @@ pub enum RelayError {
     Dial(#[from] DialError),
     #[error("relay failed: {0}")]
     Io(std::io::Error),
+    #[error("closed: the workload's budget is spent (its calls are read with TLS uprobes)")]
+    BudgetSpent,
 }
 
 impl RelayError {
@@ -125,6 +143,7 @@ impl RelayError {
             }
             RelayError::Dial(DialError::Timeout { .. }) => ConnectionResult::UpstreamTimeout,
             RelayError::Io(_) => ConnectionResult::RelayError,
+            RelayError::BudgetSpent => ConnectionResult::BudgetExhausted,
         }
     }
 }

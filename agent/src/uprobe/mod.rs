@@ -7,6 +7,8 @@
 //! * `exchange` — one connection's requests paired with their responses,
 //!   read by the provider adapters.
 //! * `reader` — the ring buffer's consumer: records and metrics.
+//! * `spend` — budgets: charged after each call; a spent one refuses the
+//!   workload's provider connections at connect().
 //!
 //! The agent asks for a connection's capture (`TlsCapture::begin`) when it
 //! decides to relay it, before its first byte passes: the handshake cannot
@@ -17,6 +19,7 @@ pub mod attach;
 pub mod exchange;
 pub mod http1;
 pub mod reader;
+pub mod spend;
 
 use std::{
     collections::HashMap,
@@ -64,6 +67,18 @@ pub struct Session {
     /// The relay's decision (`allow`, `observe`) and its reason.
     pub decision: Decision,
     pub reason: String,
+    /// The connecting task's cgroup: what a spent budget blocks.
+    pub cgroup: u64,
+}
+
+/// What `TlsCapture::begin` decided for a relayed connection.
+pub enum Begun {
+    /// Captured; the token closes it if the workload's budget is spent.
+    Captured(tokio_util::sync::CancellationToken),
+    /// Relayed without capture (no TLS library found, probing failed).
+    Uncaptured,
+    /// The workload's budget is spent: close it unserved.
+    Refused,
 }
 
 enum Control {
@@ -83,6 +98,7 @@ enum Probed {
 /// The agent's handle on TLS capture, shared by the proxy's connections.
 pub struct TlsCapture {
     probes: Arc<TlsProbes>,
+    spending: Arc<spend::Spending>,
     processes: Mutex<HashMap<u32, Probed>>,
     control: mpsc::UnboundedSender<Control>,
 }
@@ -95,10 +111,12 @@ impl TlsCapture {
         books: reader::Books,
     ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let spending = books.spending.clone();
         let reader = reader::Reader::new(ring, books)?;
         tokio::spawn(reader.run(rx));
         Ok(Arc::new(Self {
             probes,
+            spending,
             processes: Mutex::default(),
             control: tx,
         }))
@@ -106,9 +124,13 @@ impl TlsCapture {
 
     /// A connection of `session.pid` with socket `cookie` is about to be
     /// relayed: make sure the process is probed and put the socket on the
-    /// capture list. False when it will not be captured (no TLS library
-    /// found, probing failed or took too long); the relay goes on anyway.
-    pub async fn begin(self: &Arc<Self>, cookie: u64, session: Session) -> bool {
+    /// capture list. A workload whose budget is spent is refused; one that
+    /// cannot be captured (no TLS library found, probing failed or took
+    /// too long) is relayed anyway.
+    pub async fn begin(self: &Arc<Self>, cookie: u64, session: Session) -> Begun {
+        if self.spending.is_blocked(session.cgroup) {
+            return Begun::Refused;
+        }
         let pid = session.pid;
         let me = self.clone();
         let probed = tokio::time::timeout(
@@ -117,18 +139,20 @@ impl TlsCapture {
         )
         .await;
         if !matches!(probed, Ok(Ok(true))) {
-            return false;
+            return Begun::Uncaptured;
         }
         if let Err(e) = self.probes.capture(cookie) {
             tracing::warn!(error = %e, "could not put a relayed connection on the TLS capture list; it is relayed uncaptured");
-            return false;
+            return Begun::Uncaptured;
         }
+        let stop = self.spending.opened(cookie, session.cgroup);
         let _ = self.control.send(Control::Begin(cookie, session));
-        true
+        Begun::Captured(stop)
     }
 
     /// The relayed connection ended: off the list, and its calls end.
     pub fn end(&self, cookie: u64) {
+        self.spending.closed(cookie);
         let state = self.probes.release(cookie).unwrap_or_default();
         let _ = self.control.send(Control::End(cookie, state));
     }

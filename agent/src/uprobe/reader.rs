@@ -12,10 +12,12 @@ use tollgate_common::{
 use super::{
     Control, Session,
     exchange::{Dir, Exchange, Finished},
+    spend::Spending,
 };
 use crate::{
-    identity::IdentityCache,
+    identity::{IdentityCache, Workload},
     live::LiveRules,
+    policy::{BudgetKey, Enforcer, RequestDecision, Subject},
     proxy::account,
     telemetry::{
         events::{EventLog, now_rfc3339},
@@ -31,6 +33,8 @@ pub struct Books {
     pub events: EventLog,
     pub live: LiveRules,
     pub identity: Arc<IdentityCache>,
+    /// What the calls are charged to.
+    pub spending: Arc<Spending>,
 }
 
 struct Open {
@@ -171,9 +175,41 @@ impl Reader {
             if workload.kubernetes.is_none() {
                 workload.kubernetes = self.books.identity.pod_meta(&workload);
             }
+            let budget = self.budget(s, &workload, &f);
             let (duration, ttft) = (f.duration, f.ttft);
-            account::account_in(&books, record(s, workload, f), None, duration, ttft);
+            let record = record(s, workload, f);
+            let id = record.id.clone();
+            let label = record.workload.label().to_string();
+            let cost = account::account_in(&books, record, None, duration, ttft);
+            if let (Some(key), Some(usd)) = (budget, cost) {
+                self.books.spending.charge(s.cgroup, label, key, id, usd);
+            }
         }
+    }
+
+    /// The budget the call draws on: the one of the rule that decides such
+    /// a call (as admission would have, had it been terminated).
+    fn budget(&self, s: &Session, workload: &Workload, f: &Finished) -> Option<BudgetKey> {
+        let live = self.books.live.load();
+        let subject = Subject {
+            workload,
+            comm: &s.comm,
+        };
+        let decision = live.policy.request(
+            subject,
+            &s.provider,
+            f.request.operation,
+            f.request.model.as_deref(),
+        );
+        let RequestDecision::Allow { reason, caps } = decision else {
+            return None;
+        };
+        let config = caps.budget?;
+        Some(BudgetKey {
+            rule: reason,
+            key: Enforcer::key_for(workload, config.per),
+            config,
+        })
     }
 }
 
@@ -189,7 +225,7 @@ fn parse(item: &[u8]) -> Option<(TlsChunkHeader, &[u8])> {
 }
 
 /// The audit record of one call read at the workload's TLS library.
-fn record(s: &Session, workload: crate::identity::Workload, f: Finished) -> RequestRecord {
+fn record(s: &Session, workload: Workload, f: Finished) -> RequestRecord {
     let ms = |d: std::time::Duration| d.as_millis() as u64;
     RequestRecord {
         time: now_rfc3339(),

@@ -32,6 +32,7 @@ pub mod map_names {
     pub const TLS_SCRATCH: &str = "TLS_SCRATCH";
     pub const TLS_SOCKS: &str = "TLS_SOCKS";
     pub const LAST_SSL: &str = "LAST_SSL";
+    pub const BLOCKED: &str = "BLOCKED";
     pub const SOCK_BY_ADDR: &str = "SOCK_BY_ADDR";
 }
 
@@ -88,6 +89,9 @@ pub mod capacity {
     pub const TLS_SSL: u32 = 65536;
     /// Connections whose plaintext is captured.
     pub const CAPTURE: u32 = 16384;
+    /// Workload cgroups whose provider connections are refused (a budget
+    /// their uprobe-read calls spent).
+    pub const BLOCKED: u32 = 4096;
 }
 
 /// Reading the plaintext of TLS connections the agent relays (pods that do
@@ -341,10 +345,11 @@ pub enum Counter {
     TlsSkipped = 11,
     TlsUnmapped = 12,
     TlsLost = 13,
+    RefusedBudget = 14,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::PassedNoListener,
@@ -360,6 +365,7 @@ impl Counter {
         Counter::TlsSkipped,
         Counter::TlsUnmapped,
         Counter::TlsLost,
+        Counter::RefusedBudget,
     ];
 
     /// Stable label for metrics.
@@ -383,6 +389,8 @@ impl Counter {
             Counter::TlsUnmapped => "tls_unmapped",
             // Plaintext of captured connections that could not be delivered.
             Counter::TlsLost => "tls_lost",
+            // Provider connects refused: the cgroup's budget is spent (TLS uprobes).
+            Counter::RefusedBudget => "refused_budget",
         }
     }
 }

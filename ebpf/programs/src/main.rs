@@ -6,6 +6,8 @@
 //!   connected where is stored by socket cookie. A UDP connect to one is
 //!   refused (QUIC falls back to TCP).
 //! * `sendmsg4` / `sendmsg6`: an unconnected UDP datagram to a provider is refused.
+//! * A workload cgroup in `BLOCKED` (its budget spent by calls read with TLS
+//!   uprobes) has its provider connects refused (EPERM).
 //!
 //! The agent's own tasks are recognised by their cgroup (`Settings::agent_cgroup_id`),
 //! which no pod can join; nothing a pod can set on a socket skips these hooks.
@@ -96,6 +98,12 @@ static CGROUP_NETNS: HashMap<u64, u64> = HashMap::with_max_entries(capacity::CGR
 
 #[map(name = "RESOLVERS")]
 static RESOLVERS: HashMap<ResolverKey, u8> = HashMap::with_max_entries(capacity::RESOLVERS, 0);
+
+/// Workload cgroups whose provider connections are refused: a budget their
+/// calls, read at their TLS library, spent (`tls_uprobes`). Written by the
+/// agent, which takes a cgroup out when its budget resets.
+#[map(name = "BLOCKED")]
+static BLOCKED: HashMap<u64, u8> = HashMap::with_max_entries(capacity::BLOCKED, 0);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -286,6 +294,13 @@ fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
     if opted_out() {
         count(Counter::OptedOut);
         return ALLOW;
+    }
+
+    // A workload whose budget is spent (its calls were read at its TLS
+    // library, so the proxy cannot refuse them one by one): refused here.
+    if unsafe { BLOCKED.get(&bpf_get_current_cgroup_id()) }.is_some() {
+        count(Counter::RefusedBudget);
+        return REFUSE;
     }
 
     let fail = if settings.fail_closed != 0 {
