@@ -80,7 +80,8 @@ enum Cmd {
         /// Which benchmarks: `connect` (kernel programs), `compare` (an LLM
         /// call direct, through Tollgate, nginx, LiteLLM and mitmproxy:
         /// latency, throughput, CPU, memory; installs the peers on first
-        /// use), `policy` (decision cost). Default: all. Results also go to
+        /// use), `policy` (decision cost), `uprobes` (what TLS uprobes add
+        /// to a workload's CPU per call). Default: all. Results also go to
         /// target/bench/results.json.
         which: Vec<String>,
     },

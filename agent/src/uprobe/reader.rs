@@ -27,6 +27,9 @@ use crate::{
     },
 };
 
+/// How often the ring is read when no wake-up came.
+const TICK: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Where the reader writes calls down.
 pub struct Books {
     pub metrics: Arc<Metrics>,
@@ -72,6 +75,8 @@ impl Reader {
     }
 
     pub(super) async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 msg = control.recv() => {
@@ -98,6 +103,10 @@ impl Reader {
                     guard.clear_ready();
                     self.drain();
                 }
+                // The programs wake the reader only when much is waiting
+                // (a wake-up per record would cost the workload): the rest
+                // is read on this tick.
+                _ = tick.tick() => self.drain(),
             }
         }
     }

@@ -80,6 +80,23 @@ static TLS_SCRATCH: PerCpuArray<TlsScratch> = PerCpuArray::with_max_entries(1, 0
 
 const HEADER: usize = core::mem::size_of::<TlsChunkHeader>();
 
+/// Data waiting in the ring past which a record wakes the reader at once;
+/// below it the reader finds the records on its next tick. A wake-up per
+/// record costs the workload's thread a cross-CPU interrupt each time.
+const WAKE_AT: u64 = 1 << 20;
+
+#[inline(always)]
+fn wakeup() -> u64 {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    if TLS_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKE_AT {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[uprobe]
 pub fn tollgate_tls_write(ctx: ProbeContext) -> u32 {
     enter(&ctx, DIR_WRITE, false)
@@ -346,7 +363,7 @@ fn record(
         let bytes = unsafe {
             core::slice::from_raw_parts((scratch as *const TlsScratch).cast::<u8>(), HEADER + len)
         };
-        TLS_EVENTS.output::<[u8]>(bytes, 0).is_ok()
+        TLS_EVENTS.output::<[u8]>(bytes, wakeup()).is_ok()
     };
     if sent {
         state.captured += len as u64;

@@ -5,14 +5,16 @@
 //! * `compare` — an LLM call direct, through Tollgate, nginx, LiteLLM and
 //!   mitmproxy: latency at fixed rates, saturation throughput, new TLS
 //!   connections, streamed chunks, idle connections; CPU and memory;
-//! * `policy` — the cost of a policy decision with many rules and workloads.
+//! * `policy` — the cost of a policy decision with many rules and workloads;
+//! * `uprobes` — what TLS uprobes add to a workload's own CPU per call.
 //!
 //!
-//! Usage: tollgate-bench [--quick] [connect|compare|policy]…  (default: all)
+//! Usage: tollgate-bench [--quick] [connect|compare|policy|uprobes]…  (default: all)
 //! Writes target/bench/results.json beside the printed tables.
 mod compare;
 mod connect;
 mod policy;
+mod uprobes;
 
 use serde_json::Value;
 use tollgate_tests::{TestNode, require_privileged};
@@ -27,8 +29,8 @@ fn main() {
         .collect();
     for p in &picked {
         assert!(
-            ["connect", "compare", "policy"].contains(p),
-            "unknown benchmark `{p}`: choose connect, compare, policy (default: all)"
+            ["connect", "compare", "policy", "uprobes"].contains(p),
+            "unknown benchmark `{p}`: choose connect, compare, policy, uprobes (default: all)"
         );
     }
     if std::env::var_os("TOLLGATE_LOG").is_none() {
@@ -47,6 +49,12 @@ fn main() {
     }
     if wants("connect") || wants("compare") {
         node_benchmarks(quick, &wants, &mut results);
+    }
+    if wants("uprobes") {
+        if !require_privileged("bench") {
+            std::process::exit(1);
+        }
+        results["uprobes"] = uprobes::run(quick);
     }
     let dir = compare::peers_dir();
     let _ = std::fs::create_dir_all(&dir);
