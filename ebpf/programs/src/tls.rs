@@ -47,8 +47,10 @@ use tollgate_common::{
 
 use crate::count;
 
+/// LRU: a thread that never returns from its call (it exited inside it)
+/// leaves an entry that must not fill the map for everyone else.
 #[map(name = "TLS_CALLS")]
-static TLS_CALLS: HashMap<u64, TlsCall> = HashMap::with_max_entries(capacity::TLS_CALLS, 0);
+static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(capacity::TLS_CALLS, 0);
 
 #[map(name = "TLS_SSL")]
 static TLS_SSL: LruHashMap<SslKey, u64> = LruHashMap::with_max_entries(capacity::TLS_SSL, 0);
