@@ -356,3 +356,85 @@ fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
         .unwrap_or_else(|| panic!("pod 1's calls recorded: {:?}", node.request_records()));
     assert_eq!(pod1(&node), 3);
 }
+
+#[test]
+fn curl_over_http2_not_trusting_the_node_ca_is_read_at_its_tls_library() {
+    if !tollgate_tests::require_privileged(
+        "curl_over_http2_not_trusting_the_node_ca_is_read_at_its_tls_library",
+    ) {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    node.start_agent(&config(&node));
+    let pod = &node.pods[0];
+    let ca = node.dir.join("upstream-ca.crt");
+    let post = |body: &str| {
+        pod.netns
+            .command_in_cgroup("curl", Some(&pod.cgroup))
+            .args([
+                "-sS",
+                "-m",
+                "10",
+                "--http2",
+                "--cacert",
+                ca.to_str().unwrap(),
+            ])
+            .args(["--resolve", "api.openai.com:443:10.77.0.2"])
+            .args(["-H", "content-type: application/json", "-d", body])
+            .arg("https://api.openai.com/v1/chat/completions")
+            .output()
+            .unwrap()
+    };
+    let plain = post(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#);
+    let streamed = post(
+        r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    for out in [&plain, &streamed] {
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            node.agent_log()
+        );
+    }
+    assert!(String::from_utf8_lossy(&streamed.stdout).contains("[DONE]"));
+    let served = node.mock_requests_where(|l| l.starts_with("POST /v1/chat/completions"));
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(
+        served.iter().all(|r| r["request"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("HTTP/2.0")),
+        "curl spoke HTTP/2 to the provider, through the relay: {served:?}"
+    );
+    let recs = wait_until(Duration::from_secs(10), || {
+        let r: Vec<_> = node
+            .request_records()
+            .into_iter()
+            .filter(|r| r["observed_via"] == "tls_uprobe")
+            .collect();
+        (r.len() >= 2).then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "two tls_uprobe records: {:?}\n{}\n{}",
+            node.connections(),
+            node.metrics(),
+            node.agent_log()
+        )
+    });
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r["client_http"], "HTTP/2.0", "{r}");
+        assert_eq!(r["comm"], "curl", "{r}");
+        assert_eq!(r["host"], "api.openai.com", "{r}");
+        assert_eq!(r["model"], "gpt-4o-mini", "{r}");
+        assert_eq!(r["stream"], i == 1, "{r}");
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["result"], "ok", "{r}");
+        assert_eq!(r["usage"]["input_tokens"], OPENAI_USAGE.input, "{r}");
+        assert_eq!(r["usage"]["output_tokens"], OPENAI_USAGE.output, "{r}");
+        assert_eq!(r["usage"]["estimated"], false, "{r}");
+        assert_eq!(r["request_bytes"], served[i]["body_bytes"], "{r}");
+    }
+}

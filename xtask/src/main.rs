@@ -171,7 +171,7 @@ const FUZZ_TARGETS: [&str; 9] = [
     "dns_answer",
     "config",
     "mcp",
-    "captured_http1",
+    "captured_http",
 ];
 
 /// Run each fuzz target for `seconds`, from the committed seeds

@@ -1,6 +1,8 @@
 //! One captured connection's calls: requests (what the workload wrote) paired
-//! with responses (what it read), in order as HTTP/1.1 pairs them, read by
-//! the same provider adapters as terminated calls.
+//! with responses (what it read) — in order for HTTP/1.1, by stream for
+//! HTTP/2 (`h2_calls`) — read by the same provider adapters as terminated
+//! calls. The protocol is told by the workload's first bytes (HTTP/2's
+//! client preface).
 use std::{
     collections::VecDeque,
     time::{Duration, Instant},
@@ -27,6 +29,8 @@ pub enum Dir {
 /// A call seen whole (or ended by the connection's end).
 #[derive(Debug)]
 pub struct Finished {
+    /// `HTTP/1.1` or `HTTP/2.0`, as the workload spoke.
+    pub http: &'static str,
     pub method: String,
     pub target: String,
     pub host: String,
@@ -46,14 +50,16 @@ pub struct Finished {
     pub complete: bool,
 }
 
-struct Sent {
+pub(super) struct Sent {
     head: Head,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    http: &'static str,
     body: Vec<u8>,
     body_bytes: u64,
     started: Instant,
 }
 
-struct Answering {
+pub(super) struct Answering {
     sent: Sent,
     request: RequestInfo,
     status: u16,
@@ -67,25 +73,24 @@ struct Answering {
 /// One connection's reconstruction.
 pub struct Exchange {
     api: Api,
-    requests: Framer,
-    responses: Framer,
-    building: Option<Sent>,
-    /// Requests sent whole, waiting for their response.
-    waiting: VecDeque<(Sent, RequestInfo, u64)>,
-    answering: Option<Answering>,
+    proto: Proto,
     /// The capture lost bytes: nothing more is read on this connection.
     pub holed: bool,
+}
+
+enum Proto {
+    /// No byte written yet (or too few to tell).
+    Unknown(Vec<u8>),
+    // Boxed: a connection is one or the other, and the framers are large.
+    H1(Box<H1Calls>),
+    H2(Box<super::h2_calls::H2Calls>),
 }
 
 impl Exchange {
     pub fn new(api: Api) -> Self {
         Self {
             api,
-            requests: Framer::requests(),
-            responses: Framer::responses(),
-            building: None,
-            waiting: VecDeque::new(),
-            answering: None,
+            proto: Proto::Unknown(Vec::new()),
             holed: false,
         }
     }
@@ -95,6 +100,75 @@ impl Exchange {
         if self.holed {
             return;
         }
+        if let Proto::Unknown(held) = &mut self.proto {
+            if dir == Dir::Read {
+                return; // the server does not speak first
+            }
+            held.extend_from_slice(bytes);
+            if held.len() < 3 && super::http2::PREFACE.starts_with(held) {
+                return; // "P", "PR": not told apart from "POST" yet
+            }
+            let first = std::mem::take(held);
+            self.proto = if first.starts_with(&super::http2::PREFACE[..3]) {
+                Proto::H2(Box::new(super::h2_calls::H2Calls::new(self.api)))
+            } else {
+                Proto::H1(Box::new(H1Calls::new(self.api)))
+            };
+            return self.feed(dir, &first, now, done);
+        }
+        let broken = match &mut self.proto {
+            Proto::H1(c) => {
+                c.feed(dir, bytes, now, done);
+                false
+            }
+            Proto::H2(c) => c.feed(dir, bytes, now, done),
+            Proto::Unknown(_) => false,
+        };
+        if broken {
+            self.hole(now, done);
+        }
+    }
+
+    /// Bytes were lost: what is in flight ends incomplete, nothing more is read.
+    pub fn hole(&mut self, now: Instant, done: &mut Vec<Finished>) {
+        self.end(now, done);
+        self.holed = true;
+    }
+
+    /// The connection ended: what is in flight ends.
+    pub fn end(&mut self, now: Instant, done: &mut Vec<Finished>) {
+        match &mut self.proto {
+            Proto::H1(c) => c.end(now, done),
+            Proto::H2(c) => c.end(now, done),
+            Proto::Unknown(_) => {}
+        }
+    }
+}
+
+/// HTTP/1.1: responses answer requests in order.
+struct H1Calls {
+    api: Api,
+    requests: Framer,
+    responses: Framer,
+    building: Option<Sent>,
+    /// Requests sent whole, waiting for their response.
+    waiting: VecDeque<SentWhole>,
+    answering: Option<Answering>,
+}
+
+impl H1Calls {
+    fn new(api: Api) -> Self {
+        Self {
+            api,
+            requests: Framer::requests(),
+            responses: Framer::responses(),
+            building: None,
+            waiting: VecDeque::new(),
+            answering: None,
+        }
+    }
+
+    fn feed(&mut self, dir: Dir, bytes: &[u8], now: Instant, done: &mut Vec<Finished>) {
         let mut parts = Vec::new();
         match dir {
             Dir::Write => {
@@ -126,14 +200,7 @@ impl Exchange {
         }
     }
 
-    /// Bytes were lost: what is in flight ends incomplete, nothing more is read.
-    pub fn hole(&mut self, now: Instant, done: &mut Vec<Finished>) {
-        self.end(now, done);
-        self.holed = true;
-    }
-
-    /// The connection ended: what is in flight ends.
-    pub fn end(&mut self, now: Instant, done: &mut Vec<Finished>) {
+    fn end(&mut self, now: Instant, done: &mut Vec<Finished>) {
         let mut parts = Vec::new();
         self.responses.close(&mut parts);
         for p in parts {
@@ -150,30 +217,16 @@ impl Exchange {
     fn on_request_part(&mut self, p: Part, now: Instant) {
         match p {
             Part::Head(head) => {
-                self.building = Some(Sent {
-                    head,
-                    body: Vec::new(),
-                    body_bytes: 0,
-                    started: now,
-                });
+                self.building = Some(Sent::new(head, "HTTP/1.1", now));
             }
             Part::Data(d) => {
                 if let Some(s) = self.building.as_mut() {
-                    s.body_bytes += d.len() as u64;
-                    if s.body.len() + d.len() <= MAX_REQUEST_BODY {
-                        s.body.extend_from_slice(&d);
-                    }
+                    s.data(&d);
                 }
             }
             Part::End => {
                 if let Some(sent) = self.building.take() {
-                    let json = (sent.body_bytes as usize <= MAX_REQUEST_BODY)
-                        .then(|| serde_json::from_slice::<Value>(&sent.body).ok())
-                        .flatten();
-                    let request =
-                        providers::parse_request_json(self.api, &sent.head.target, json.as_ref());
-                    let input_chars = json.as_ref().map_or(0, providers::input_chars);
-                    self.waiting.push_back((sent, request, input_chars));
+                    self.waiting.push_back(sent_whole(self.api, sent));
                 }
             }
             Part::Broken => {}
@@ -184,30 +237,14 @@ impl Exchange {
         match p {
             Part::Head(head) if (100..200).contains(&head.status) => {} // interim
             Part::Head(head) => {
-                let Some((sent, request, input_chars)) = self.waiting.pop_front() else {
+                let Some(sent) = self.waiting.pop_front() else {
                     return;
                 };
-                let ct = head.header("content-type").unwrap_or_default();
-                let request_id = head
-                    .header("x-request-id")
-                    .or_else(|| head.header("request-id"))
-                    .map(str::to_string);
-                self.answering = Some(Answering {
-                    parser: ResponseParser::new(self.api, ct, input_chars),
-                    sent,
-                    request,
-                    status: head.status,
-                    bytes: 0,
-                    head_at: now,
-                    first_byte: None,
-                    request_id,
-                });
+                self.answering = Some(answering(self.api, sent, &head, now));
             }
             Part::Data(d) => {
                 if let Some(a) = self.answering.as_mut() {
-                    a.first_byte.get_or_insert(now);
-                    a.bytes += d.len() as u64;
-                    a.parser.feed(&d);
+                    a.data(&d, now);
                 }
             }
             Part::End => {
@@ -220,10 +257,71 @@ impl Exchange {
     }
 }
 
-fn finish(a: Answering, now: Instant, ended: bool) -> Finished {
+impl Sent {
+    pub(super) fn new(head: Head, http: &'static str, now: Instant) -> Self {
+        Self {
+            head,
+            http,
+            body: Vec::new(),
+            body_bytes: 0,
+            started: now,
+        }
+    }
+
+    pub(super) fn data(&mut self, d: &[u8]) {
+        self.body_bytes += d.len() as u64;
+        if self.body.len() + d.len() <= MAX_REQUEST_BODY {
+            self.body.extend_from_slice(d);
+        }
+    }
+}
+
+impl Answering {
+    pub(super) fn data(&mut self, d: &[u8], now: Instant) {
+        self.first_byte.get_or_insert(now);
+        self.bytes += d.len() as u64;
+        self.parser.feed(d);
+    }
+}
+
+/// A request, what the adapter read of it, and its input size.
+pub(super) type SentWhole = (Sent, RequestInfo, u64);
+
+/// A request sent whole, read by the adapter.
+pub(super) fn sent_whole(api: Api, sent: Sent) -> SentWhole {
+    let json = (sent.body_bytes as usize <= MAX_REQUEST_BODY)
+        .then(|| serde_json::from_slice::<Value>(&sent.body).ok())
+        .flatten();
+    let request = providers::parse_request_json(api, &sent.head.target, json.as_ref());
+    let input_chars = json.as_ref().map_or(0, providers::input_chars);
+    (sent, request, input_chars)
+}
+
+/// The response `head` to `sent` begins.
+pub(super) fn answering(api: Api, sent: SentWhole, head: &Head, now: Instant) -> Answering {
+    let (sent, request, input_chars) = sent;
+    let ct = head.header("content-type").unwrap_or_default();
+    let request_id = head
+        .header("x-request-id")
+        .or_else(|| head.header("request-id"))
+        .map(str::to_string);
+    Answering {
+        parser: ResponseParser::new(api, ct, input_chars),
+        sent,
+        request,
+        status: head.status,
+        bytes: 0,
+        head_at: now,
+        first_byte: None,
+        request_id,
+    }
+}
+
+pub(super) fn finish(a: Answering, now: Instant, ended: bool) -> Finished {
     let response = a.parser.finish();
     let complete = ended || response.complete;
     Finished {
+        http: a.sent.http,
         host: a.sent.head.header("host").unwrap_or_default().to_string(),
         method: a.sent.head.method,
         target: a.sent.head.target,
@@ -242,8 +340,9 @@ fn finish(a: Answering, now: Instant, ended: bool) -> Finished {
     }
 }
 
-fn unanswered(sent: Sent, request: RequestInfo, now: Instant) -> Finished {
+pub(super) fn unanswered(sent: Sent, request: RequestInfo, now: Instant) -> Finished {
     Finished {
+        http: sent.http,
         host: sent.head.header("host").unwrap_or_default().to_string(),
         method: sent.head.method,
         target: sent.head.target,

@@ -6,7 +6,7 @@
 //! arbitrary pieces from the kernel, and a response's framing depends on the
 //! request it answers (HEAD, 1xx/204/304). What is done here is only the
 //! body framing of RFC 9112 §6: Content-Length, chunked, until close.
-//! Fuzzed (`fuzz/fuzz_targets/captured_http1.rs`).
+//! Fuzzed (`fuzz/fuzz_targets/captured_http.rs`).
 
 /// Longest head kept waiting for its end; a longer one ends the stream
 /// (`Part::Broken`): no provider sends one.

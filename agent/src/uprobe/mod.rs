@@ -4,8 +4,10 @@
 //!
 //! * `attach` — which TLS library a process uses; probing it once.
 //! * `http1` — HTTP/1.1 framing of one direction of captured bytes.
-//! * `exchange` — one connection's requests paired with their responses,
-//!   read by the provider adapters.
+//! * `http2` — HTTP/2 frames of one direction, header blocks decoded.
+//! * `exchange`, `h2_calls` — one connection's requests paired with their
+//!   responses (in order for HTTP/1.1, by stream for HTTP/2), read by the
+//!   provider adapters.
 //! * `reader` — the ring buffer's consumer: records and metrics.
 //! * `spend` — budgets: charged after each call; a spent one refuses the
 //!   workload's provider connections at connect().
@@ -17,7 +19,9 @@
 //! ever read; it holds nothing but provider connections the agent relays.
 pub mod attach;
 pub mod exchange;
+mod h2_calls;
 pub mod http1;
+pub mod http2;
 pub mod reader;
 pub mod spend;
 

@@ -262,7 +262,7 @@ fn record(s: &Session, workload: Workload, f: Finished) -> RequestRecord {
         stream_usage_asked: false,
         usage: f.response.usage,
         provider_usage: f.response.provider_usage,
-        client_http: "HTTP/1.1".into(),
+        client_http: f.http.into(),
         observed_via: Some("tls_uprobe"),
         upstream: s.upstream,
         status: f.status,

@@ -1,6 +1,7 @@
-//! Captured plaintext (TLS uprobes) read back as calls: never panics on any
-//! bytes in either direction, and where the kernel cut the stream into
-//! records does not change the calls read from it.
+//! Captured plaintext (TLS uprobes) read back as calls, HTTP/1.1 or HTTP/2
+//! (told by the first bytes): never panics on any bytes in either
+//! direction, and where the kernel cut the stream into records does not
+//! change the calls read from it.
 #![no_main]
 use std::time::Instant;
 
