@@ -141,6 +141,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
         .then(|| std::path::PathBuf::from(&config.budget_state_file));
     let enforcer = enforcer(&config, budget_file.as_deref(), &metrics)?;
     let budgets = enforcer.budgets.clone();
+    let limits = enforcer.limits.clone();
     if let Some(j) = &journal {
         let recorded = crate::proxy::restart::account_unfinished(
             unfinished,
@@ -173,6 +174,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
                 identity: identity.clone(),
                 spending: crate::uprobe::spend::Spending::new(
                     budgets.clone(),
+                    limits.clone(),
                     maps.clone(),
                     metrics.clone(),
                 ),

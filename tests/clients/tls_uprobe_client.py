@@ -4,7 +4,7 @@ upstream CA). Tollgate relays its calls untouched and reads them at libssl.
 
   calls             three chat calls (JSON, streamed with usage, streamed
                     without); prints one JSON line with what it received.
-  budget            one call; prints "called", waits for a line on stdin,
+  blocked N         N calls; prints "called", waits for a line on stdin,
                     then two more: one on the same (pooled) connection, one
                     on a new connection; prints one JSON line with each
                     outcome.
@@ -93,9 +93,10 @@ def outcome(call):
         return {"ok": False, "error": type(cause).__name__, "message": str(cause)}
 
 
-def budget():
+def blocked(n):
     one = lambda: client.chat.completions.create(model="gpt-4o-mini", messages=msgs)
-    one()
+    for _ in range(n):
+        one()
     print("called", flush=True)
     sys.stdin.readline()
     pooled = outcome(one)
@@ -105,7 +106,7 @@ def budget():
 
 if sys.argv[1] == "calls":
     calls()
-elif sys.argv[1] == "budget":
-    budget()
+elif sys.argv[1] == "blocked":
+    blocked(int(sys.argv[2]))
 else:
     local(sys.argv[2], sys.argv[3])

@@ -264,22 +264,21 @@ fn a_non_provider_tls_connection_of_a_probed_process_is_not_read() {
     );
 }
 
-#[test]
-fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
-    let Some(python) = sdk(
-        "a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect",
-        "venv/bin/python",
-    ) else {
+/// Pod 0 runs `calls` calls, then (once `log_says` is in the agent's log)
+/// two more: the pooled connection must have been closed, a new connect
+/// refused (EPERM), and the provider reached by neither. Pod 1 (rule
+/// `untrusting`, no quota) is served meanwhile.
+fn blocked_after(test: &str, quota: &str, calls: &str, log_says: &str) {
+    let Some(python) = sdk(test, "venv/bin/python") else {
         return;
     };
     let mut node = TestNode::new(2);
-    // One call costs more than pod 0's budget: its first call spends it.
     let cfg = format!(
-        "tls_uprobes: {{enabled: true}}\npolicy:\n  rules:\n    - name: untrusting-budgeted\n      match: {{pod_uids: [\"{}\"]}}\n      action: observe\n      budget: {{per: workload, daily_usd: 0.000001}}\n    - name: untrusting\n      match: {{pod_uids: [\"{}\"]}}\n      action: observe\n",
+        "tls_uprobes: {{enabled: true}}\npolicy:\n  rules:\n    - name: untrusting-quota\n      match: {{pod_uids: [\"{}\"]}}\n      action: observe\n      {quota}\n    - name: untrusting\n      match: {{pod_uids: [\"{}\"]}}\n      action: observe\n",
         node.pods[0].uid, node.pods[1].uid
     );
     node.start_agent(&cfg);
-    let mut child = client(&node, &python, &["budget"])
+    let mut child = client(&node, &python, &["blocked", calls])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -290,15 +289,13 @@ fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "called", "{}", node.agent_log());
     wait_until(Duration::from_secs(10), || {
-        node.agent_log()
-            .contains("budget spent by calls read with TLS uprobes")
-            .then_some(())
+        node.agent_log().contains(log_says).then_some(())
     })
-    .unwrap_or_else(|| panic!("the budget is spent: {}", node.agent_log()));
+    .unwrap_or_else(|| panic!("{log_says}: {}", node.agent_log()));
     let served_before = node
         .mock_requests_where(|l| l.starts_with("POST /v1/chat/completions"))
         .len();
-    assert_eq!(served_before, 1);
+    assert_eq!(served_before.to_string(), calls);
 
     child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     let mut rest = String::new();
@@ -317,7 +314,7 @@ fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
             .contains("Operation not permitted"),
         "a new connection is refused at connect(): {got}"
     );
-    assert!(kernel_event(&node, "refused_budget") >= 1);
+    assert!(kernel_event(&node, "refused_quota") >= 1);
     assert_eq!(
         node.mock_requests_where(|l| l.starts_with("POST /v1/chat/completions"))
             .len(),
@@ -327,7 +324,7 @@ fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
     let closed = node
         .connections()
         .into_iter()
-        .filter(|r| r["result"] == "budget_exhausted")
+        .filter(|r| r["result"] == "quota_exhausted")
         .count();
     assert_eq!(
         closed,
@@ -355,6 +352,29 @@ fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
     wait_until(Duration::from_secs(5), || (pod1(&node) >= 3).then_some(()))
         .unwrap_or_else(|| panic!("pod 1's calls recorded: {:?}", node.request_records()));
     assert_eq!(pod1(&node), 3);
+}
+
+#[test]
+fn a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect() {
+    // One call costs more than this: pod 0's first call spends it.
+    blocked_after(
+        "a_budget_spent_by_uprobe_read_calls_refuses_the_workload_at_connect",
+        "budget: {per: workload, daily_usd: 0.000001}",
+        "1",
+        "budget spent by calls read with TLS uprobes",
+    );
+}
+
+#[test]
+fn a_token_limit_exceeded_by_uprobe_read_calls_refuses_the_workload_at_connect() {
+    // A call has 23 input tokens: the first fits in 30 a minute, the
+    // second does not.
+    blocked_after(
+        "a_token_limit_exceeded_by_uprobe_read_calls_refuses_the_workload_at_connect",
+        "limits: {per: workload, input_tokens_per_minute: 30}",
+        "2",
+        "went over its rule's limit",
+    );
 }
 
 #[test]

@@ -191,7 +191,7 @@ async fn handle(ctx: Arc<ProxyContext>, client: TcpStream, peer: SocketAddr, slo
         Begun::Refused => {
             let closing = Closing {
                 decision: Decision::Deny,
-                reason: "budget_spent".into(),
+                reason: "quota_spent".into(),
                 ..closing
             };
             relay::refuse(&ctx, client, closing, hello);

@@ -19,7 +19,7 @@ use crate::{
 };
 
 /// Relay `client` to the dialled address and record it. `stop` ends the
-/// relay early (the workload's budget was spent: TLS uprobes).
+/// relay early (the workload's budget or limit was spent: TLS uprobes).
 pub(super) async fn relay_to_provider(
     ctx: &ProxyContext,
     client: TcpStream,
@@ -34,7 +34,7 @@ pub(super) async fn relay_to_provider(
                 Some(stop) => tokio::select! {
                     t = relay(client, upstream) => t,
                     () = stop.cancelled() => Transfer {
-                        error: Some(RelayError::BudgetSpent),
+                        error: Some(RelayError::QuotaSpent),
                         ..Transfer::default()
                     },
                 },
@@ -131,8 +131,10 @@ pub enum RelayError {
     Dial(#[from] DialError),
     #[error("relay failed: {0}")]
     Io(std::io::Error),
-    #[error("closed: the workload's budget is spent (its calls are read with TLS uprobes)")]
-    BudgetSpent,
+    #[error(
+        "closed: the workload's budget or limit is spent (its calls are read with TLS uprobes)"
+    )]
+    QuotaSpent,
 }
 
 impl RelayError {
@@ -143,7 +145,7 @@ impl RelayError {
             }
             RelayError::Dial(DialError::Timeout { .. }) => ConnectionResult::UpstreamTimeout,
             RelayError::Io(_) => ConnectionResult::RelayError,
-            RelayError::BudgetSpent => ConnectionResult::BudgetExhausted,
+            RelayError::QuotaSpent => ConnectionResult::QuotaExhausted,
         }
     }
 }

@@ -117,8 +117,8 @@ pub enum ConnectionResult {
     NoRecord,
     /// Closed at once: its namespace had `proxy.max_connections_per_namespace` open.
     OverCapacity,
-    /// Closed while open: the workload's budget was spent (TLS uprobes).
-    BudgetExhausted,
+    /// Closed while open: the workload's budget or limit was spent (TLS uprobes).
+    QuotaExhausted,
 }
 
 impl ConnectionResult {
@@ -134,7 +134,7 @@ impl ConnectionResult {
             ConnectionResult::RelayError => "relay_error",
             ConnectionResult::NoRecord => "no_record",
             ConnectionResult::OverCapacity => "over_capacity",
-            ConnectionResult::BudgetExhausted => "budget_exhausted",
+            ConnectionResult::QuotaExhausted => "quota_exhausted",
         }
     }
 }

@@ -9,8 +9,8 @@
 //!   responses (in order for HTTP/1.1, by stream for HTTP/2), read by the
 //!   provider adapters.
 //! * `reader` — the ring buffer's consumer: records and metrics.
-//! * `spend` — budgets: charged after each call; a spent one refuses the
-//!   workload's provider connections at connect().
+//! * `spend` — budgets and limits, counted after each call; a spent one
+//!   refuses the workload's provider connections at connect().
 //!
 //! The agent asks for a connection's capture (`TlsCapture::begin`) when it
 //! decides to relay it, before its first byte passes: the handshake cannot

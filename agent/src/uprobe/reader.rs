@@ -12,7 +12,7 @@ use tollgate_common::{
 use super::{
     Control, Session,
     exchange::{Dir, Exchange, Finished},
-    spend::Spending,
+    spend::{LimitKey, Spending},
 };
 use crate::{
     identity::{IdentityCache, Workload},
@@ -184,21 +184,32 @@ impl Reader {
             if workload.kubernetes.is_none() {
                 workload.kubernetes = self.books.identity.pod_meta(&workload);
             }
-            let budget = self.budget(s, &workload, &f);
+            let (budget, limits) = self.quotas(s, &workload, &f);
             let (duration, ttft) = (f.duration, f.ttft);
             let record = record(s, workload, f);
-            let id = record.id.clone();
+            let (id, usage) = (record.id.clone(), record.usage);
             let label = record.workload.label().to_string();
             let cost = account::account_in(&books, record, None, duration, ttft);
+            let spending = &self.books.spending;
+            if let Some(key) = limits {
+                let (i, o) = (usage.input_tokens, usage.output_tokens);
+                spending.count(s.cgroup, label.clone(), key, i, o);
+            }
             if let (Some(key), Some(usd)) = (budget, cost) {
-                self.books.spending.charge(s.cgroup, label, key, id, usd);
+                spending.charge(s.cgroup, label, key, id, usd);
             }
         }
     }
 
-    /// The budget the call draws on: the one of the rule that decides such
-    /// a call (as admission would have, had it been terminated).
-    fn budget(&self, s: &Session, workload: &Workload, f: &Finished) -> Option<BudgetKey> {
+    /// The budget and the limits the call counts against: those of the
+    /// rule that decides such a call (as admission would have, had it been
+    /// terminated).
+    fn quotas(
+        &self,
+        s: &Session,
+        workload: &Workload,
+        f: &Finished,
+    ) -> (Option<BudgetKey>, Option<LimitKey>) {
         let live = self.books.live.load();
         let subject = Subject {
             workload,
@@ -211,14 +222,19 @@ impl Reader {
             f.request.model.as_deref(),
         );
         let RequestDecision::Allow { reason, caps } = decision else {
-            return None;
+            return (None, None);
         };
-        let config = caps.budget?;
-        Some(BudgetKey {
+        let limits = caps.limits.map(|limits| LimitKey {
+            rule: reason.clone(),
+            key: Enforcer::key_for(workload, limits.per),
+            limits,
+        });
+        let budget = caps.budget.map(|config| BudgetKey {
             rule: reason,
             key: Enforcer::key_for(workload, config.per),
             config,
-        })
+        });
+        (budget, limits)
     }
 }
 

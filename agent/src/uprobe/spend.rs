@@ -1,8 +1,11 @@
-//! Budgets for calls read at a TLS library. Such a call is not the proxy's
-//! to refuse (it is relayed, encrypted), so it is charged after the fact;
-//! when its budget is spent, the workload's cgroup goes on the kernel's
-//! `BLOCKED` list: its next provider connects are refused (EPERM) and its
-//! open captured connections are closed, until the budget resets.
+//! Budgets and limits for calls read at a TLS library. Such a call is not
+//! the proxy's to refuse (it is relayed, encrypted), so it is counted after
+//! the fact: its cost charged to its rule's budget, its request and tokens
+//! to its rule's limits. When the budget is spent, or the call did not fit
+//! the limits, the workload's cgroup goes on the kernel's `BLOCKED` list:
+//! its next provider connects are refused (EPERM) and its open captured
+//! connections are closed — until the budget resets, or for as long as the
+//! limit says to wait.
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -13,21 +16,42 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     bpf::Maps,
-    policy::{BudgetKey, spend::BudgetStore},
+    policy::{
+        BudgetKey,
+        gate::LimitStore,
+        limits::{Estimate, LimitsConfig},
+        spend::BudgetStore,
+    },
     telemetry::metrics::Metrics,
 };
 
 /// How often a blocked workload's budget is looked at again.
 const RECHECK: Duration = Duration::from_secs(5);
 
+/// Why a workload is blocked, and so what lifts it.
+enum Why {
+    /// Its budget is spent: lifted when it has room again.
+    Budget(BudgetKey),
+    /// A call did not fit its limits: lifted at this time.
+    Limit(std::time::Instant),
+}
+
 struct Blocked {
-    key: BudgetKey,
+    why: Why,
     workload: String,
+}
+
+/// A rule's limits, as a call read at a TLS library counts against them.
+pub struct LimitKey {
+    pub rule: String,
+    pub key: String,
+    pub limits: LimitsConfig,
 }
 
 /// The budgets' side of TLS uprobes.
 pub struct Spending {
     budgets: Arc<BudgetStore>,
+    limits: Arc<LimitStore>,
     maps: Arc<Maps>,
     metrics: Arc<Metrics>,
     blocked: Mutex<HashMap<u64, Blocked>>,
@@ -36,9 +60,15 @@ pub struct Spending {
 }
 
 impl Spending {
-    pub fn new(budgets: Arc<BudgetStore>, maps: Arc<Maps>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        budgets: Arc<BudgetStore>,
+        limits: Arc<LimitStore>,
+        maps: Arc<Maps>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let me = Arc::new(Self {
             budgets,
+            limits,
             maps,
             metrics,
             blocked: Mutex::default(),
@@ -80,7 +110,38 @@ impl Spending {
         let me = self.clone();
         tokio::spawn(async move {
             if me.spent(&key, &id).await {
-                me.block(cgroup, workload, key);
+                tracing::warn!(workload = %workload, rule = %key.rule, key = %key.key,
+                    "budget spent by calls read with TLS uprobes: this workload's provider connections are refused at connect() until it resets");
+                me.block(cgroup, workload, Why::Budget(key));
+            }
+        });
+    }
+
+    /// Count one call of `input`/`output` tokens against `key`'s limits;
+    /// block `cgroup` for as long as they say when it did not fit.
+    pub fn count(
+        self: &Arc<Self>,
+        cgroup: u64,
+        workload: String,
+        key: LimitKey,
+        input: u64,
+        output: u64,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let est = Estimate {
+                input_tokens: input,
+                output_tokens: output,
+            };
+            match me.limits.admit(&key.rule, &key.key, &key.limits, est).await {
+                Ok(hold) => hold.settle(input, output),
+                Err(limited) => {
+                    tracing::warn!(workload = %workload, rule = %key.rule, key = %key.key,
+                        limit = limited.which, retry_after_ms = limited.retry_after.as_millis() as u64,
+                        "a call read with TLS uprobes went over its rule's limit: this workload's provider connections are refused at connect() for as long as the limit says to wait");
+                    let until = std::time::Instant::now() + limited.retry_after;
+                    me.block(cgroup, workload, Why::Limit(until));
+                }
             }
         });
     }
@@ -102,11 +163,9 @@ impl Spending {
         }
     }
 
-    fn block(&self, cgroup: u64, workload: String, key: BudgetKey) {
-        tracing::warn!(workload = %workload, rule = %key.rule, key = %key.key,
-            "budget spent by calls read with TLS uprobes: this workload's provider connections are refused at connect() until it resets");
+    fn block(&self, cgroup: u64, workload: String, why: Why) {
         self.lock_blocked()
-            .insert(cgroup, Blocked { key, workload });
+            .insert(cgroup, Blocked { why, workload });
         self.sync();
         let closing: Vec<CancellationToken> = self
             .lock_open()
@@ -126,26 +185,35 @@ impl Spending {
         }
     }
 
-    /// Unblock workloads whose budget reset (a new day or month, a raised
-    /// limit, a rule gone).
+    /// Unblock workloads whose budget has room again (a new day or month)
+    /// or whose limit's wait is over.
     async fn recheck(self: Arc<Self>) {
         let mut tick = tokio::time::interval(RECHECK);
         loop {
             tick.tick().await;
-            let blocked: Vec<(u64, BudgetKey)> = self
+            let now = std::time::Instant::now();
+            let blocked: Vec<(u64, Option<BudgetKey>, bool)> = self
                 .lock_blocked()
                 .iter()
-                .map(|(c, b)| (*c, b.key.clone()))
+                .map(|(c, b)| match &b.why {
+                    Why::Budget(k) => (*c, Some(k.clone()), false),
+                    Why::Limit(until) => (*c, None, now >= *until),
+                })
                 .collect();
             let mut freed = false;
-            for (cgroup, key) in blocked {
-                if !self.spent(&key, "recheck").await {
-                    if let Some(b) = self.lock_blocked().remove(&cgroup) {
-                        tracing::info!(workload = %b.workload, rule = %b.key.rule,
-                            "budget available again: this workload's provider connections are allowed");
-                    }
-                    freed = true;
+            for (cgroup, budget, waited) in blocked {
+                let lifted = match budget {
+                    Some(key) => !self.spent(&key, "recheck").await,
+                    None => waited,
+                };
+                if !lifted {
+                    continue;
                 }
+                if let Some(b) = self.lock_blocked().remove(&cgroup) {
+                    tracing::info!(workload = %b.workload,
+                        "budget or limit has room again: this workload's provider connections are allowed");
+                }
+                freed = true;
             }
             if freed {
                 self.sync();

@@ -345,7 +345,7 @@ pub enum Counter {
     TlsSkipped = 11,
     TlsUnmapped = 12,
     TlsLost = 13,
-    RefusedBudget = 14,
+    RefusedQuota = 14,
 }
 
 impl Counter {
@@ -365,7 +365,7 @@ impl Counter {
         Counter::TlsSkipped,
         Counter::TlsUnmapped,
         Counter::TlsLost,
-        Counter::RefusedBudget,
+        Counter::RefusedQuota,
     ];
 
     /// Stable label for metrics.
@@ -389,8 +389,8 @@ impl Counter {
             Counter::TlsUnmapped => "tls_unmapped",
             // Plaintext of captured connections that could not be delivered.
             Counter::TlsLost => "tls_lost",
-            // Provider connects refused: the cgroup's budget is spent (TLS uprobes).
-            Counter::RefusedBudget => "refused_budget",
+            // Provider connects refused: the cgroup's budget or limit is spent (TLS uprobes).
+            Counter::RefusedQuota => "refused_quota",
         }
     }
 }

@@ -299,7 +299,7 @@ fn on_connect(ctx: &SockAddrContext, dest: Dest, family: u16) -> i32 {
     // A workload whose budget is spent (its calls were read at its TLS
     // library, so the proxy cannot refuse them one by one): refused here.
     if unsafe { BLOCKED.get(&bpf_get_current_cgroup_id()) }.is_some() {
-        count(Counter::RefusedBudget);
+        count(Counter::RefusedQuota);
         return REFUSE;
     }
 
