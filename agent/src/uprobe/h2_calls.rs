@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn two_streams_answered_out_of_order() {
-        let mut enc = fluke_hpack::Encoder::new();
+        let mut enc = loona_hpack::Encoder::new();
         let body = br#"{"model":"gpt-4o-mini","messages":[]}"#;
         let mut w = PREFACE.to_vec();
         w.extend(frame(4, 0, 0, &[]));
@@ -247,7 +247,7 @@ mod tests {
             w.extend(frame(1, 0x4, stream, &hb));
             w.extend(frame(0, 0x1, stream, body));
         }
-        let mut dec = fluke_hpack::Encoder::new();
+        let mut dec = loona_hpack::Encoder::new();
         let mut r = frame(4, 0, 0, &[]);
         let answer = |tokens: u64| {
             format!(
@@ -288,7 +288,7 @@ mod tests {
 
     #[test]
     fn a_reset_stream_and_the_connections_end_report_what_they_cut() {
-        let mut enc = fluke_hpack::Encoder::new();
+        let mut enc = loona_hpack::Encoder::new();
         let mut w = PREFACE.to_vec();
         let hb = enc.encode([(&b":method"[..], &b"GET"[..]), (b":path", b"/v1/models")]);
         w.extend(frame(1, 0x4 | 0x1, 1, &hb));

@@ -1,5 +1,5 @@
 //! HTTP/2 frames out of one direction of captured plaintext (RFC 9113),
-//! header blocks decoded with `fluke-hpack`.
+//! header blocks decoded with `loona-hpack`.
 //!
 //! Hand-written framing, as `http1` is: the bytes are observed, not served
 //! (no flow control, no SETTINGS to answer), so only what reading needs is
@@ -55,7 +55,7 @@ pub struct H2Framer {
     /// Waiting for the client preface first.
     preface: bool,
     buf: Vec<u8>,
-    hpack: fluke_hpack::Decoder<'static>,
+    hpack: loona_hpack::Decoder<'static>,
     /// A header block waiting for its CONTINUATIONs: stream, END_STREAM, bytes.
     block: Option<(u32, bool, Vec<u8>)>,
     broken: bool,
@@ -73,7 +73,7 @@ impl H2Framer {
     }
 
     fn new(preface: bool) -> Self {
-        let mut hpack = fluke_hpack::Decoder::new();
+        let mut hpack = loona_hpack::Decoder::new();
         hpack.set_max_allowed_table_size(MAX_TABLE);
         Self {
             preface,
@@ -251,7 +251,7 @@ mod tests {
     }
 
     fn block(headers: &[(&[u8], &[u8])]) -> Vec<u8> {
-        fluke_hpack::Encoder::new().encode(headers.iter().copied())
+        loona_hpack::Encoder::new().encode(headers.iter().copied())
     }
 
     fn frames(f: &mut H2Framer, bytes: &[u8], cut: usize) -> Vec<Frame> {
@@ -319,6 +319,12 @@ mod tests {
         let mut f = H2Framer::server();
         let bad = frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0xff]);
         assert_eq!(frames(&mut f, &bad, 100), vec![Frame::Broken]);
+        // Found by the fuzzer (fluke-hpack panicked on it; loona-hpack, its
+        // successor, answers an error): a dynamic table size update whose
+        // integer is cut short.
+        let mut f = H2Framer::server();
+        let cut = frame(HEADERS, END_HEADERS, 1, &[0x3f]);
+        assert_eq!(frames(&mut f, &cut, 100), vec![Frame::Broken]);
         // A DATA frame inside a header block.
         let mut f = H2Framer::server();
         let mut bytes = frame(HEADERS, 0, 1, &block(&[(b":status", b"200")]));
