@@ -33,6 +33,14 @@ pub enum BpfError {
         "program {name} was attached without a BPF link ({message})\nhint: Tollgate needs Linux ≥ 5.7 for link-based cgroup attachment"
     )]
     Link { name: &'static str, message: String },
+    #[error(
+        "TLS uprobes: program {name} could not be loaded: {source:#}\nhint: they need uprobes (CONFIG_UPROBE_EVENTS) and sockmap/sk_msg support in the kernel; set tls_uprobes.enabled: false to run without them"
+    )]
+    TlsUprobes {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("cannot open cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,

@@ -33,15 +33,24 @@ const CALLS: [(&str, &str); 5] = [
 pub(super) fn load(ebpf: &mut Ebpf) -> Result<SockHash<MapData, u64>, BpfError> {
     for name in CALLS.iter().map(|(_, p)| *p).chain([prog::TLS_RETURN]) {
         let p: &mut UProbe = program(ebpf, name)?;
-        p.load().map_err(|e| BpfError::program(name, e))?;
+        p.load().map_err(|e| tls_error(name, e))?;
     }
     let socks: SockHash<MapData, u64> = super::maps::take(ebpf, map_names::TLS_SOCKS)?;
     let name = prog::TLS_SK_MSG;
     let p: &mut SkMsg = program(ebpf, name)?;
     p.load()
         .and_then(|()| p.attach(socks.fd()).map(drop))
-        .map_err(|e| BpfError::program(name, e))?;
+        .map_err(|e| tls_error(name, e))?;
     Ok(socks)
+}
+
+/// A TLS program the kernel refused: say how to run without them (a
+/// permission problem stays one).
+fn tls_error(name: &'static str, source: aya::programs::ProgramError) -> BpfError {
+    match BpfError::program(name, source) {
+        BpfError::Program { name, source } => BpfError::TlsUprobes { name, source },
+        other => other,
+    }
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, BpfError>
