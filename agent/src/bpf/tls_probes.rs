@@ -11,7 +11,10 @@ use std::{
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, RingBuf, SockHash},
-    programs::{SkMsg, UProbe, uprobe::UProbeLinkId, uprobe::UProbeScope},
+    programs::{
+        SkMsg, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+    },
 };
 use tollgate_common::{CaptureState, map_names, program_names as prog};
 
@@ -71,6 +74,8 @@ pub struct TlsProbes {
     /// Links by process, to detach when it is gone.
     links: Mutex<HashMap<u32, Vec<(&'static str, UProbeLinkId)>>>,
     pub capture: Mutex<BpfHashMap<MapData, u64, CaptureState>>,
+    /// TLS call offsets by library file (device, inode).
+    offsets: Mutex<OffsetCache>,
     /// The sockhash `sk_msg` is attached to (kept open with it).
     _socks: SockHash<MapData, u64>,
 }
@@ -94,6 +99,7 @@ impl TlsProbes {
         Self {
             ebpf,
             links: Mutex::default(),
+            offsets: Mutex::default(),
             capture: Mutex::new(capture),
             _socks: socks,
         }
@@ -107,15 +113,19 @@ impl TlsProbes {
         let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
             return Ok(0);
         };
+        let offsets = self.offsets(library)?;
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
         let mut made = Vec::new();
         let mut first_error = None;
         for (symbol, entry) in CALLS {
+            let Some(&offset) = offsets.get(symbol) else {
+                continue; // not in this library (SSL_write_ex before 1.1.1)
+            };
             for name in [entry, prog::TLS_RETURN] {
                 let Some(Ok(p)) = ebpf.program_mut(name).map(<&mut UProbe>::try_from) else {
                     continue;
                 };
-                match p.attach(symbol, library, scope) {
+                match p.attach(UProbeAttachLocation::AbsoluteOffset(offset), library, scope) {
                     Ok(id) => made.push((name, id)),
                     Err(e) => {
                         first_error.get_or_insert(e);
@@ -153,6 +163,35 @@ impl TlsProbes {
             .or_default()
             .extend(made);
         Ok(probed)
+    }
+
+    /// The file offsets of the TLS calls in `library`, read once per file
+    /// (device and inode: every process of an image shares its libssl).
+    /// Read here rather than by aya per attach point: aya re-reads the file
+    /// for each symbol; for the 100 MB Node.js executable probing took
+    /// about 500 ms that way and about 250 ms now, of which the attaches
+    /// are most (a second process of the same image skips the reading).
+    fn offsets(&self, library: &Path) -> Result<Arc<HashMap<&'static str, u64>>, ProbeError> {
+        use std::os::unix::fs::MetadataExt;
+        let no_symbols = |detail: String| ProbeError::NoSymbols {
+            library: library.display().to_string(),
+            detail,
+        };
+        let meta = std::fs::metadata(library).map_err(|e| no_symbols(e.to_string()))?;
+        let file = (meta.dev(), meta.ino());
+        if let Some(known) = self.lock_offsets().get(&file) {
+            return Ok(known.clone());
+        }
+        let found = Arc::new(symbol_offsets(library).map_err(no_symbols)?);
+        if found.is_empty() {
+            return Err(no_symbols("no SSL_* symbol defined".into()));
+        }
+        self.lock_offsets().insert(file, found.clone());
+        Ok(found)
+    }
+
+    fn lock_offsets(&self) -> std::sync::MutexGuard<'_, OffsetCache> {
+        self.offsets.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Detach what was attached for `pid` (it exited).
@@ -194,6 +233,51 @@ impl TlsProbes {
     }
 }
 
+type OffsetCache = HashMap<(u64, u64), Arc<HashMap<&'static str, u64>>>;
+
+/// Where each of `CALLS` starts in the file `library`: a defined symbol
+/// (dynamic table first, then the full one), its address translated to a
+/// file offset as the kernel's uprobes want it (as aya does). The file is
+/// read whole once (a ReadCache was slower: the symbol tables are large).
+fn symbol_offsets(library: &Path) -> Result<HashMap<&'static str, u64>, String> {
+    use object::{Object, ObjectKind, ObjectSection, ObjectSymbol};
+    let data = std::fs::read(library).map_err(|e| e.to_string())?;
+    let obj = object::File::parse(&*data).map_err(|e| e.to_string())?;
+    let translate = matches!(obj.kind(), ObjectKind::Dynamic | ObjectKind::Executable);
+    let mut out = HashMap::new();
+    for sym in obj.dynamic_symbols().chain(obj.symbols()) {
+        if sym.is_undefined() {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        let Some(&(symbol, _)) = CALLS.iter().find(|(s, _)| *s == name) else {
+            continue;
+        };
+        if out.contains_key(symbol) {
+            continue;
+        }
+        let offset = if translate {
+            let Some(section) = sym
+                .section_index()
+                .and_then(|i| obj.section_by_index(i).ok())
+            else {
+                continue;
+            };
+            let Some((file_offset, _)) = section.file_range() else {
+                continue;
+            };
+            sym.address() - section.address() + file_offset
+        } else {
+            sym.address()
+        };
+        out.insert(symbol, offset);
+        if out.len() == CALLS.len() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
 /// The capture list and the ring buffer, out of the loaded object.
 pub(super) type TlsMaps = (BpfHashMap<MapData, u64, CaptureState>, RingBuf<MapData>);
 
@@ -208,4 +292,42 @@ pub(super) fn take_maps(ebpf: &mut Ebpf) -> Result<TlsMaps, BpfError> {
         super::maps::take(ebpf, map_names::CAPTURE)?,
         super::maps::take(ebpf, map_names::TLS_EVENTS)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_calls_are_found_in_a_libssl_and_nowhere_else() {
+        let libssl = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        if libssl.exists() {
+            let found = symbol_offsets(libssl).unwrap();
+            let size = std::fs::metadata(libssl).unwrap().len();
+            for symbol in [
+                "SSL_write",
+                "SSL_read",
+                "SSL_write_ex",
+                "SSL_read_ex",
+                "SSL_do_handshake",
+            ] {
+                let at = found
+                    .get(symbol)
+                    .copied()
+                    .unwrap_or_else(|| panic!("{symbol}: {found:?}"));
+                assert!(at > 0 && at < size, "{symbol} at {at}");
+            }
+            let distinct: std::collections::HashSet<_> = found.values().collect();
+            assert_eq!(
+                distinct.len(),
+                found.len(),
+                "one offset per call: {found:?}"
+            );
+        } else {
+            println!("skipped the libssl half: {} is not here", libssl.display());
+        }
+        // This test binary imports no OpenSSL: nothing defined to probe.
+        let me = std::env::current_exe().unwrap();
+        assert!(symbol_offsets(&me).unwrap().is_empty());
+    }
 }

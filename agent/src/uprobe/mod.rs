@@ -175,9 +175,11 @@ impl TlsCapture {
             _ => {}
         }
         self.sweep();
+        let began = Instant::now();
         let state = match attach::probe(&self.probes, pid) {
             Ok(library) => {
-                tracing::info!(pid, library = %library.display(), "TLS uprobes attached: this process's relayed provider calls are read at its TLS library");
+                let took_ms = began.elapsed().as_millis() as u64;
+                tracing::info!(pid, library = %library.display(), took_ms, "TLS uprobes attached: this process's relayed provider calls are read at its TLS library");
                 Probed::Yes { start_time }
             }
             Err(e) => {
