@@ -35,6 +35,26 @@ fn client(node: &TestNode, python: &std::path::Path, args: &[&str]) -> std::proc
     cmd
 }
 
+/// The request records read at a TLS library, once there are `n`.
+fn uprobe_records(node: &TestNode, n: usize) -> Vec<serde_json::Value> {
+    wait_until(Duration::from_secs(10), || {
+        let r: Vec<_> = node
+            .request_records()
+            .into_iter()
+            .filter(|r| r["observed_via"] == "tls_uprobe")
+            .collect();
+        (r.len() >= n).then_some(r)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{n} tls_uprobe records: {:?}\n{}\n{}",
+            node.connections(),
+            node.metrics(),
+            node.agent_log()
+        )
+    })
+}
+
 /// `tollgate_ebpf_events{event="<event>"}` now.
 fn kernel_event(node: &TestNode, event: &str) -> u64 {
     let needle = format!("tollgate_ebpf_events{{event=\"{event}\"}} ");
@@ -78,21 +98,7 @@ fn python_openai_sdk_not_trusting_the_node_ca_is_read_at_its_tls_library() {
         "not rewritten: {served:?}"
     );
 
-    let recs = wait_until(Duration::from_secs(10), || {
-        let r: Vec<_> = node
-            .request_records()
-            .into_iter()
-            .filter(|r| r["observed_via"] == "tls_uprobe")
-            .collect();
-        (r.len() >= 3).then_some(r)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "three tls_uprobe records: {:?}\n{}",
-            node.connections(),
-            node.agent_log()
-        )
-    });
+    let recs = uprobe_records(&node, 3);
     assert_eq!(recs.len(), 3, "one record per call: {recs:?}");
     for (i, r) in recs.iter().enumerate() {
         assert_eq!(r["provider"], "openai", "{r}");
@@ -165,22 +171,7 @@ fn node_openai_sdk_not_trusting_the_node_ca_is_read_at_its_tls_library() {
     assert_eq!(got["stream_prompt_tokens"], OPENAI_USAGE.input);
     let served = node.mock_requests_where(|l| l.starts_with("POST /v1/chat/completions"));
     assert_eq!(served.len(), 2, "{served:?}");
-    let recs = wait_until(Duration::from_secs(10), || {
-        let r: Vec<_> = node
-            .request_records()
-            .into_iter()
-            .filter(|r| r["observed_via"] == "tls_uprobe")
-            .collect();
-        (r.len() >= 2).then_some(r)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "two tls_uprobe records: {:?}\n{}\n{}",
-            node.connections(),
-            node.metrics(),
-            node.agent_log()
-        )
-    });
+    let recs = uprobe_records(&node, 2);
     assert_eq!(recs.len(), 2, "one record per call: {recs:?}");
     for (i, r) in recs.iter().enumerate() {
         assert_eq!(r["comm"], "node", "{r}");
@@ -427,22 +418,7 @@ fn curl_over_http2_not_trusting_the_node_ca_is_read_at_its_tls_library() {
             .ends_with("HTTP/2.0")),
         "curl spoke HTTP/2 to the provider, through the relay: {served:?}"
     );
-    let recs = wait_until(Duration::from_secs(10), || {
-        let r: Vec<_> = node
-            .request_records()
-            .into_iter()
-            .filter(|r| r["observed_via"] == "tls_uprobe")
-            .collect();
-        (r.len() >= 2).then_some(r)
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "two tls_uprobe records: {:?}\n{}\n{}",
-            node.connections(),
-            node.metrics(),
-            node.agent_log()
-        )
-    });
+    let recs = uprobe_records(&node, 2);
     assert_eq!(recs.len(), 2, "{recs:?}");
     for (i, r) in recs.iter().enumerate() {
         assert_eq!(r["client_http"], "HTTP/2.0", "{r}");

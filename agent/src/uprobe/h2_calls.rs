@@ -220,16 +220,11 @@ fn response_head(headers: Vec<(String, String)>) -> Head {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{exchange::Exchange, http2::PREFACE};
+    use super::super::{
+        exchange::Exchange,
+        http2::{PREFACE, frame},
+    };
     use super::*;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let n = payload.len();
-        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     #[test]
     fn two_streams_answered_out_of_order() {

@@ -238,17 +238,19 @@ fn unpadded(flags: u8, payload: &[u8]) -> Option<&[u8]> {
     rest.len().checked_sub(usize::from(pad)).map(|n| &rest[..n])
 }
 
+/// One frame's bytes (tests of this module and of `h2_calls`).
+#[cfg(test)]
+pub(super) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let n = payload.len();
-        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     fn block(headers: &[(&[u8], &[u8])]) -> Vec<u8> {
         loona_hpack::Encoder::new().encode(headers.iter().copied())

@@ -53,6 +53,45 @@ use tollgate_common::{
     v4_mapped,
 };
 
+/// A socket's local address and port, as its key is filed, from a context
+/// that names these fields alike (`bpf_sock_ops`, `sk_msg_md`; both report
+/// `local_port` in host byte order, unlike `remote_port`). Every field is
+/// read once, up front, with volatile loads: the verifier only accepts ctx
+/// accesses at constant offsets, and LLVM would otherwise merge branches
+/// into one load through a computed pointer ("dereference of modified ctx
+/// ptr").
+macro_rules! local_address {
+    ($ctx:expr) => {{
+        let p = $ctx;
+        // SAFETY: `p` is the program's own context pointer; the loads are
+        // of fields the verifier lets this program type read.
+        let (family, local_ip4, local_port, remote_ip6, local_ip6) = unsafe {
+            use core::ptr::{addr_of, read_volatile};
+            (
+                read_volatile(addr_of!((*p).family)),
+                read_volatile(addr_of!((*p).local_ip4)),
+                read_volatile(addr_of!((*p).local_port)),
+                [
+                    read_volatile(addr_of!((*p).remote_ip6[0])),
+                    read_volatile(addr_of!((*p).remote_ip6[1])),
+                    read_volatile(addr_of!((*p).remote_ip6[2])),
+                    read_volatile(addr_of!((*p).remote_ip6[3])),
+                ],
+                [
+                    read_volatile(addr_of!((*p).local_ip6[0])),
+                    read_volatile(addr_of!((*p).local_ip6[1])),
+                    read_volatile(addr_of!((*p).local_ip6[2])),
+                    read_volatile(addr_of!((*p).local_ip6[3])),
+                ],
+            )
+        };
+        (
+            crate::local_ip(family, local_ip4, remote_ip6, local_ip6),
+            local_port as u16,
+        )
+    }};
+}
+
 mod dns;
 mod tls;
 
@@ -468,37 +507,11 @@ pub fn tollgate_sock_ops(ctx: SockOpsContext) -> u32 {
         }
         return 1;
     }
-    // Read every context field once, up front, with volatile loads: the
-    // verifier only accepts ctx accesses at constant offsets, and LLVM would
-    // otherwise merge the branches below into one load through a computed
-    // pointer ("dereference of modified ctx ptr").
-    let ops = ctx.ops;
-    let (family, local_ip4, local_port, remote_ip6, local_ip6) = unsafe {
-        use core::ptr::{addr_of, read_volatile};
-        (
-            read_volatile(addr_of!((*ops).family)),
-            read_volatile(addr_of!((*ops).local_ip4)),
-            read_volatile(addr_of!((*ops).local_port)),
-            [
-                read_volatile(addr_of!((*ops).remote_ip6[0])),
-                read_volatile(addr_of!((*ops).remote_ip6[1])),
-                read_volatile(addr_of!((*ops).remote_ip6[2])),
-                read_volatile(addr_of!((*ops).remote_ip6[3])),
-            ],
-            [
-                read_volatile(addr_of!((*ops).local_ip6[0])),
-                read_volatile(addr_of!((*ops).local_ip6[1])),
-                read_volatile(addr_of!((*ops).local_ip6[2])),
-                read_volatile(addr_of!((*ops).local_ip6[3])),
-            ],
-        )
-    };
-    let local_ip = local_ip(family, local_ip4, remote_ip6, local_ip6);
+    let (local_ip, local_port) = local_address!(ctx.ops);
     let key = OrigDstKey {
         netns_cookie: info.netns_cookie,
         ip_be: local_ip,
-        // sock_ops reports local_port in host byte order (unlike remote_port).
-        port: local_port as u16,
+        port: local_port,
         _pad: [0; 6],
     };
     if ORIG_DST.insert(&key, &info, 0).is_ok() {

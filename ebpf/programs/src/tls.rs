@@ -176,32 +176,12 @@ fn on_send(ctx: &SkMsgContext) {
             None => return,
         },
     };
-    let msg = ctx.msg;
     // The socket as `sock_ops` filed it: its namespace and local address.
-    let (family, local_ip4, local_port, remote_ip6, local_ip6) = unsafe {
-        use core::ptr::{addr_of, read_volatile};
-        (
-            read_volatile(addr_of!((*msg).family)),
-            read_volatile(addr_of!((*msg).local_ip4)),
-            read_volatile(addr_of!((*msg).local_port)),
-            [
-                read_volatile(addr_of!((*msg).remote_ip6[0])),
-                read_volatile(addr_of!((*msg).remote_ip6[1])),
-                read_volatile(addr_of!((*msg).remote_ip6[2])),
-                read_volatile(addr_of!((*msg).remote_ip6[3])),
-            ],
-            [
-                read_volatile(addr_of!((*msg).local_ip6[0])),
-                read_volatile(addr_of!((*msg).local_ip6[1])),
-                read_volatile(addr_of!((*msg).local_ip6[2])),
-                read_volatile(addr_of!((*msg).local_ip6[3])),
-            ],
-        )
-    };
+    let (local_ip, local_port) = local_address!(ctx.msg);
     let key = OrigDstKey {
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        ip_be: crate::local_ip(family, local_ip4, remote_ip6, local_ip6),
-        port: local_port as u16,
+        ip_be: local_ip,
+        port: local_port,
         _pad: [0; 6],
     };
     let Some(cookie) = (unsafe { SOCK_BY_ADDR.get(&key) }).copied() else {
