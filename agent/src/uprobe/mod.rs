@@ -136,13 +136,20 @@ impl TlsCapture {
             return Begun::Refused;
         }
         let pid = session.pid;
-        let me = self.clone();
-        let probed = tokio::time::timeout(
-            PROBE_TIMEOUT,
-            tokio::task::spawn_blocking(move || me.ensure_probed(pid)),
-        )
-        .await;
-        if !matches!(probed, Ok(Ok(true))) {
+        // A process probed already (the usual case) needs no blocking task.
+        let start_time = attach::start_time(pid).unwrap_or(0);
+        let probed = match self.known(pid, start_time) {
+            Some(answer) => answer,
+            None => {
+                let me = self.clone();
+                let probing = tokio::task::spawn_blocking(move || me.probe(pid, start_time));
+                matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, probing).await,
+                    Ok(Ok(true))
+                )
+            }
+        };
+        if !probed {
             return Begun::Uncaptured;
         }
         if let Err(e) = self.probes.capture(cookie) {
@@ -161,18 +168,27 @@ impl TlsCapture {
         let _ = self.control.send(Control::End(cookie, state));
     }
 
-    /// Probe `pid` unless it is already (blocking: reads /proc and ELF files).
-    fn ensure_probed(&self, pid: u32) -> bool {
-        let start_time = attach::start_time(pid).unwrap_or(0);
-        let known = self.lock().get(&pid).cloned();
-        match known {
-            Some(Probed::Yes { start_time: t }) if t == start_time => return true,
-            Some(Probed::No { at, start_time: t }) if t == start_time && at.elapsed() < RECHECK => {
-                return false;
+    /// What probing `pid` (started at `start_time`) came to, if that is
+    /// still the answer: None for a process not probed yet, a new process
+    /// under a reused pid, or one whose time to be looked at again came.
+    fn known(&self, pid: u32, start_time: u64) -> Option<bool> {
+        match self.lock().get(&pid)? {
+            Probed::Yes { start_time: t } if *t == start_time => Some(true),
+            Probed::No { at, start_time: t } if *t == start_time && at.elapsed() < RECHECK => {
+                Some(false)
             }
-            // A new process under a reused pid, or time to look again.
-            Some(Probed::Yes { .. }) => self.probes.detach(pid),
-            _ => {}
+            _ => None,
+        }
+    }
+
+    /// Probe `pid` (blocking: reads /proc and ELF files), unless a
+    /// concurrent connection of it did meanwhile.
+    fn probe(&self, pid: u32, start_time: u64) -> bool {
+        if let Some(answer) = self.known(pid, start_time) {
+            return answer;
+        }
+        if matches!(self.lock().get(&pid), Some(Probed::Yes { .. })) {
+            self.probes.detach(pid); // a new process under a reused pid
         }
         self.sweep();
         let began = Instant::now();
