@@ -468,7 +468,8 @@ fn termination(
         .collect();
     tracing::info!(ca = %config.tls.ca_dir, "TLS termination enabled for provider hosts");
     Ok(Some(Arc::new(Termination {
-        acceptor: context::acceptor(leaves).context("building the TLS server configuration")?,
+        acceptor: context::acceptor(leaves, config.tls.session_tickets)
+            .context("building the TLS server configuration")?,
         settings: config.tls.clone(),
         capture: config.audit.capture.clone(),
         distrust: Distrust::new(config.tls.ca_rejected_retry),

@@ -333,6 +333,16 @@ pub struct TlsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub ca_rejected_retry: Duration,
+    /// TLS 1.3 session tickets sent to a terminated client right after its
+    /// handshake; each lets it resume one later connection without a full
+    /// handshake. 0 (the default) sends none. The Python `websockets`
+    /// client (the OpenAI SDK's Realtime client) reads its TLS socket from
+    /// one thread while another writes the handshake request, and a ticket
+    /// arriving during that write loses the request: about one session in a
+    /// hundred then hangs until its open timeout. A proxy next to the pod
+    /// answers fast enough to land in that window; a far provider seldom
+    /// does. TLS 1.2 clients still resume by session id. At most 8.
+    pub session_tickets: usize,
 }
 
 impl Default for TlsConfig {
@@ -346,6 +356,7 @@ impl Default for TlsConfig {
             stream_idle_timeout: Duration::from_secs(300),
             on_ca_rejected: OnCaRejected::Observe,
             ca_rejected_retry: Duration::from_secs(3600),
+            session_tickets: 0,
             // 32 MiB: long-context requests with images stay well below it.
             max_request_body: 32 * 1024 * 1024,
             // 256 MiB: eight maximal bodies at once, or thousands of usual ones.

@@ -124,8 +124,11 @@ pub struct ProviderEndpoint {
 }
 
 /// The TLS server side of termination: leaves from the node CA, ALPN h2 and
-/// http/1.1.
-pub fn acceptor(leaves: Arc<LeafCache>) -> Result<TlsAcceptor, rustls::Error> {
+/// http/1.1, `session_tickets` TLS 1.3 tickets (`tls.session_tickets`).
+pub fn acceptor(
+    leaves: Arc<LeafCache>,
+    session_tickets: usize,
+) -> Result<TlsAcceptor, rustls::Error> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -133,6 +136,7 @@ pub fn acceptor(leaves: Arc<LeafCache>) -> Result<TlsAcceptor, rustls::Error> {
     .with_no_client_auth()
     .with_cert_resolver(leaves);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.send_tls13_tickets = session_tickets;
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
