@@ -9,7 +9,8 @@ use tollgate_tests::{
     sdk::{run_python_with, sdk},
 };
 
-const RULES: &str = "policy:\n  rules:\n    - {name: voice, operations: [realtime], action: allow}\n";
+const RULES: &str =
+    "policy:\n  rules:\n    - {name: voice, operations: [realtime], action: allow}\n";
 
 /// By default: no ticket reaches the client, and 150 Realtime sessions in a
 /// row all open. With tickets, measured here: 1 session of 450 hung (and 3
@@ -42,7 +43,10 @@ fn without_tickets_every_realtime_session_of_the_python_sdk_opens() {
 /// `tls.session_tickets: 2` sends them again (for clients that resume).
 #[test]
 fn session_tickets_are_sent_when_configured() {
-    let Some(python) = sdk("session_tickets_are_sent_when_configured", "venv/bin/python") else {
+    let Some(python) = sdk(
+        "session_tickets_are_sent_when_configured",
+        "venv/bin/python",
+    ) else {
         return;
     };
     let mut node = TestNode::new(1);

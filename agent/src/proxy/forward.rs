@@ -10,6 +10,7 @@ use hyper::body::{Bytes, Incoming};
 use super::{
     buffered::Reservation,
     context::Call,
+    detach::{ClientHere, Detachable, Leg},
     mcp,
     metered::{Finish, Metered},
     realtime, rescue, restart,
@@ -93,43 +94,37 @@ pub(super) async fn forward(
         crate::providers::estimated_tokens(input_chars),
         admitted.budget.as_ref(),
     );
-    // 3-4 run on a task of their own: a client that goes away before the
-    // response headers (hyper drops this future) does not cancel a call
-    // the provider is already serving; it is still read, recorded and charged.
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut tx = tx;
-        let sending = Sending {
-            input_chars,
-            held,
-            started,
-        };
-        match deliver(call, parts, admitted, record, sending, &mut tx).await {
-            Delivery::Answer(resp) => {
-                let _ = tx.send(resp);
-            }
-            Delivery::Relay(parts, body, left) => {
-                if tx.is_closed() {
-                    body.client_gone_before_headers().await;
-                    drop(left);
-                } else {
-                    // Gone in the instant since: dropped, recorded as left with an estimate.
-                    let _ = tx.send(Response::from_parts(parts, BodyExt::boxed(*body)));
-                }
-            }
+    // 3-4 run in this task while the client waits; a client that goes away
+    // before the response headers (hyper drops this future) does not cancel
+    // a call the provider is already serving: it moves to a task of its own
+    // and is still read, recorded and charged (`detach`).
+    let sending = Sending {
+        input_chars,
+        held,
+        started,
+    };
+    let leg = move |mut here| -> Leg<Delivery> {
+        Box::pin(async move { deliver(call, parts, admitted, record, sending, &mut here).await })
+    };
+    Ok(match Detachable::new(leg, orphaned).await {
+        Delivery::Answer(resp) => resp,
+        Delivery::Relay(parts, body, left) => {
+            drop(left); // none: the client is still here
+            Response::from_parts(parts, BodyExt::boxed(*body))
         }
-    });
-    Ok(rx.await.unwrap_or_else(|_| {
-        // The task ended without an answer: it panicked (a bug, logged by tokio).
-        Response::builder()
-            .status(http::StatusCode::BAD_GATEWAY)
-            .body(
-                http_body_util::Empty::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .unwrap_or_default()
-    }))
+    })
+}
+
+/// A delivery whose client left: a provider response is finished unread
+/// (its usage recorded and charged); an answer of the proxy's own is
+/// recorded already.
+fn orphaned(delivery: Delivery) -> Leg<()> {
+    Box::pin(async move {
+        if let Delivery::Relay(_, body, left) = delivery {
+            body.client_gone_before_headers().await;
+            drop(left);
+        }
+    })
 }
 
 /// What the provider leg ends in: an answer of the proxy's own (an error,
@@ -153,8 +148,8 @@ struct Sending {
     started: Instant,
 }
 
-/// Steps 3 and 4: send the admitted request and meter its response. `tx`
-/// is where the workload waits for it: when it closes (the client left)
+/// Steps 3 and 4: send the admitted request and meter its response. `here`
+/// closes when the workload stops waiting for it (the client left):
 /// the call goes on in one of `Termination::abandoned`'s slots (`tls.max_abandoned_calls`), or, all
 /// taken, is cancelled and recorded as the client's.
 async fn deliver(
@@ -163,7 +158,7 @@ async fn deliver(
     admitted: Admitted,
     mut record: RequestRecord,
     sending: Sending,
-    tx: &mut tokio::sync::oneshot::Sender<Response<ProxyBody>>,
+    here: &mut ClientHere,
 ) -> Delivery {
     let Sending {
         input_chars,
@@ -224,7 +219,7 @@ async fn deliver(
         loop {
             tokio::select! {
                 sent = &mut send => break sent,
-                () = tx.closed(), if left.is_none() => {
+                () = here.closed(), if left.is_none() => {
                     match call.tls.abandoned.clone().try_acquire_owned() {
                         Ok(slot) => left = Some(slot),
                         Err(_) => break Sent::Failed {

@@ -1,7 +1,8 @@
 //! The data path for redirected connections, in the order a connection
 //! meets it: `accept` (who, where, first bytes) → `plan` (terminate, relay
 //! or refuse: a pure decision) → `relay` (bytes, counted) or `terminate`
-//! (TLS, HTTP) → `forward` (one request: read, admit, send) → `send`
+//! (TLS, HTTP) → `forward` (one request: read, admit, send; its provider
+//! leg moved to a task only when the client leaves: `detach`) → `send`
 //! (attempts, failover) over `upstream` (pooled provider connections) →
 //! `metered` (the response on its way back) → `account` (price, metrics,
 //! audit); a WebSocket upgrade (the Realtime API) is a `realtime` session
@@ -13,6 +14,7 @@ pub mod account;
 pub mod buffered;
 pub mod client_hello;
 pub mod context;
+mod detach;
 pub mod dial;
 mod forward;
 mod mcp;
