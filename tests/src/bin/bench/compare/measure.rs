@@ -348,7 +348,7 @@ impl Syscalls {
 }
 
 /// Stops a recorder (perf, strace) the way it writes its output: SIGINT, then wait.
-fn interrupt(child: &mut std::process::Child) {
+pub fn interrupt(child: &mut std::process::Child) {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let _ = child.wait();

@@ -4,6 +4,7 @@
 //! interception tool). Every system serves the same client, in the same
 //! pod, against the same mock provider, in the same run; each scenario runs
 //! on every system before the next scenario starts, so drift hits all alike.
+mod allocs;
 mod judge;
 mod measure;
 mod peers;
@@ -184,8 +185,13 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
             }
             all_rounds.push(round);
         }
-        if measure::Syscalls::wanted() && !matches!(sc.load, Load::Idle { .. }) {
-            syscalls_round(node, &systems, &sc);
+        if !matches!(sc.load, Load::Idle { .. }) {
+            if measure::Syscalls::wanted() {
+                counted_round(node, &systems, &sc, Counted::Syscalls);
+            }
+            if allocs::Allocs::wanted() {
+                counted_round(node, &systems, &sc, Counted::Allocations);
+            }
         }
         let r = judge::Rounds {
             scenario: sc.key,
@@ -238,15 +244,54 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
     json!({"systems": about, "unavailable": unavailable, "scenarios": results, "targets": verdicts})
 }
 
-/// One more round of `sc` with each system (but direct) under `strace -c`:
-/// system calls per call, printed; the round's own figures are not used.
-fn syscalls_round(node: &TestNode, systems: &[&peers::System], sc: &Scenario) {
+/// What an extra round counts per call.
+#[derive(Clone, Copy)]
+enum Counted {
+    /// System calls (`strace -c`, TOLLGATE_BENCH_SYSCALLS).
+    Syscalls,
+    /// Heap allocations (uprobes on the allocator, TOLLGATE_BENCH_ALLOCS).
+    Allocations,
+}
+
+/// A running count of one system's process tree.
+enum Counter {
+    Syscalls(measure::Syscalls),
+    Allocations(allocs::Allocs),
+}
+
+impl Counter {
+    fn start(what: Counted, pid: u32, name: &str, scenario: &str) -> Option<Self> {
+        match what {
+            Counted::Syscalls => measure::Syscalls::start(pid, name, scenario).map(Self::Syscalls),
+            Counted::Allocations => {
+                allocs::Allocs::start(pid, name, scenario).map(Self::Allocations)
+            }
+        }
+    }
+
+    /// (events in all, the most frequent kinds with their counts).
+    fn finish(self) -> Option<(u64, Vec<(String, u64)>)> {
+        match self {
+            Self::Syscalls(s) => s.finish(),
+            Self::Allocations(a) => a.finish(),
+        }
+    }
+}
+
+/// One more round of `sc` with each system (but direct) under a counter
+/// (`strace -c`, or uprobes on the allocator): counts per call, printed;
+/// the round's own figures are not used (the counter slows what it counts).
+fn counted_round(node: &TestNode, systems: &[&peers::System], sc: &Scenario, what: Counted) {
+    let (title, how) = match what {
+        Counted::Syscalls => ("system calls", "under strace -c"),
+        Counted::Allocations => ("heap allocations", "with uprobes on the allocator"),
+    };
     println!(
-        "\nsystem calls per call ({}; an extra round under strace -c, figures unused)",
+        "\n{title} per call ({}; an extra round {how}, figures unused)",
         sc.key
     );
     for s in systems.iter().filter(|s| s.name != "direct") {
-        let Some(trace) = measure::Syscalls::start(s.pid, s.name, sc.key) else {
+        let Some(counter) = Counter::start(what, s.pid, s.name, sc.key) else {
             return;
         };
         let r = one(node, s, &sc.load);
@@ -254,7 +299,7 @@ fn syscalls_round(node: &TestNode, systems: &[&peers::System], sc: &Scenario) {
             Load::Stream { count, .. } => count as u64,
             _ => r["count"].as_u64().unwrap_or(0),
         };
-        match trace.finish() {
+        match counter.finish() {
             Some((total, top)) if calls > 0 => {
                 let top: Vec<String> = top
                     .iter()
@@ -267,7 +312,7 @@ fn syscalls_round(node: &TestNode, systems: &[&peers::System], sc: &Scenario) {
                     top.join(", ")
                 );
             }
-            _ => println!("  {:<10} no strace summary", s.name),
+            _ => println!("  {:<10} nothing counted", s.name),
         }
         std::thread::sleep(Duration::from_millis(500));
     }
