@@ -2,6 +2,11 @@ use std::time::Duration;
 
 use super::*;
 
+/// The message a config that does not load is refused with.
+fn refused(text: &str) -> String {
+    Config::parse(text, "c").unwrap_err().to_string()
+}
+
 #[test]
 fn empty_file_gives_defaults() {
     let c = Config::parse("{}", "t").unwrap();
@@ -61,7 +66,7 @@ fn mcp_servers_are_governed_hosts_checked_under_their_own_name() {
         ),
         ("mcp_servers:\n  - name: x\n", "mcp_servers[0]"),
     ] {
-        let e = Config::parse(yaml, "c").unwrap_err().to_string();
+        let e = refused(yaml);
         assert!(e.contains(field), "{yaml}: {e}");
     }
 }
@@ -108,7 +113,7 @@ fn bedrock_regions_become_its_runtime_hosts() {
             "`regions`",
         ),
     ] {
-        let e = Config::parse(yaml, "c").unwrap_err().to_string();
+        let e = refused(yaml);
         assert!(e.contains(field) && e.contains(says), "{yaml}: {e}");
     }
     let v = Config::parse(
@@ -123,12 +128,7 @@ fn bedrock_regions_become_its_runtime_hosts() {
             "europe-west4-aiplatform.googleapis.com"
         ]
     );
-    let e = Config::parse(
-        "providers:\n  - name: vertex\n    regions: [us-east-1]\n",
-        "c",
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused("providers:\n  - name: vertex\n    regions: [us-east-1]\n");
     assert!(
         e.contains("providers[0].regions[0]") && e.contains("Google Cloud region"),
         "{e}"
@@ -157,9 +157,7 @@ fn bedrock_regions_become_its_runtime_hosts() {
 
 #[test]
 fn type_error_names_field() {
-    let e = Config::parse("proxy:\n  port: lots\n", "c")
-        .unwrap_err()
-        .to_string();
+    let e = refused("proxy:\n  port: lots\n");
     assert!(e.contains("proxy.port"), "{e}");
     assert!(e.contains("line 2"), "{e}");
 }
@@ -167,16 +165,11 @@ fn type_error_names_field() {
 #[test]
 fn semantic_error_names_field_and_line() {
     let text = "heartbeat:\n  interval: 2s\n  timeout: 3s\n";
-    let e = Config::parse(text, "c").unwrap_err().to_string();
+    let e = refused(text);
     assert!(e.contains("heartbeat.timeout"), "{e}");
     assert!(e.contains("line 3"), "{e}");
 
-    let e = Config::parse(
-        "providers:\n  - name: x\n    hosts: [\"*.openai.azure.com\"]\n",
-        "c",
-    )
-    .unwrap_err()
-    .to_string();
+    let e = refused("providers:\n  - name: x\n    hosts: [\"*.openai.azure.com\"]\n");
     assert!(e.contains("providers[0].hosts[0]"), "{e}");
     assert!(e.contains("wildcards"), "{e}");
     assert!(e.contains("line 3"), "{e}");
@@ -185,11 +178,11 @@ fn semantic_error_names_field_and_line() {
 #[test]
 fn policy_errors_point_at_the_rule() {
     let text = "policy:\n  rules:\n    - name: a\n      action: allow\n    - name: b\n      providers: [openia]\n      action: deny\n";
-    let e = Config::parse(text, "c").unwrap_err().to_string();
+    let e = refused(text);
     assert!(e.contains("policy.rules[1].providers[0]"), "{e}");
     assert!(e.contains("line 6"), "{e}");
     let flow = "policy:\n  rules:\n  - {name: a, action: allow}\n  - {name: a, action: deny}\n";
-    let e = Config::parse(flow, "c").unwrap_err().to_string();
+    let e = refused(flow);
     assert!(e.contains("policy.rules[1].name"), "{e}");
     assert!(e.contains("line 4"), "{e}");
 }
@@ -203,32 +196,17 @@ fn rejects_more_static_addresses_than_the_map_holds() {
         "providers:\n  - name: big\n    addresses: [{}]\n",
         addrs.join(",")
     );
-    let e = Config::parse(&text, "c").unwrap_err().to_string();
+    let e = refused(&text);
     assert!(e.contains("exceed the kernel provider map (4096)"), "{e}");
 }
 
 #[test]
 fn rejects_duplicate_and_empty_providers() {
     let dup = "providers:\n  - {name: a, hosts: [a.example]}\n  - {name: a, hosts: [b.example]}\n";
-    assert!(
-        Config::parse(dup, "c")
-            .unwrap_err()
-            .to_string()
-            .contains("listed twice")
-    );
-    assert!(
-        Config::parse("providers: []\n", "c")
-            .unwrap_err()
-            .to_string()
-            .contains("no provider")
-    );
+    assert!(refused(dup).contains("listed twice"));
+    assert!(refused("providers: []\n").contains("no provider"));
     let none = "providers:\n  - {name: a}\n";
-    assert!(
-        Config::parse(none, "c")
-            .unwrap_err()
-            .to_string()
-            .contains("hosts`, `addresses`")
-    );
+    assert!(refused(none).contains("hosts`, `addresses`"));
 }
 
 #[test]
@@ -236,9 +214,7 @@ fn session_tickets_default_to_none_and_are_bounded() {
     assert_eq!(Config::parse("{}", "t").unwrap().tls.session_tickets, 0);
     let two = Config::parse("tls:\n  session_tickets: 2\n", "t").unwrap();
     assert_eq!(two.tls.session_tickets, 2);
-    let e = Config::parse("tls:\n  session_tickets: 100\n", "t")
-        .unwrap_err()
-        .to_string();
+    let e = refused("tls:\n  session_tickets: 100\n");
     assert!(
         e.contains("tls.session_tickets") && e.contains("at most 8"),
         "{e}"
