@@ -62,6 +62,14 @@ fn the_benchmark_gets_every_call_answered() {
         tollgate["vs"]["added_p50_ns"]["median"].is_number(),
         "{tollgate}"
     );
+    // The scheduler's account: the agent's own thread ran for its calls
+    // (at least once per call: each request is a read the thread waits for).
+    let main = &tollgate["threads"]["tollgate"];
+    assert!(
+        main["runs_per_call"].as_f64().is_some_and(|r| r >= 1.0)
+            && main["cpu_us_per_call"].as_f64().is_some_and(|us| us > 0.0),
+        "{tollgate}"
+    );
     // ...and a target against a system not measured says so instead of passing.
     let targets = results["compare"]["targets"].as_array().unwrap();
     let nginx = targets

@@ -3,7 +3,7 @@
 //! CPU time and peak RSS of its whole process tree (nginx's and LiteLLM's
 //! workers included), sampled while the load runs.
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs,
     io::{BufRead, BufReader},
     process::Stdio,
@@ -62,6 +62,39 @@ pub fn cpu_us(root: u32) -> u64 {
         / hz
 }
 
+/// The tree's threads' scheduler accounting so far, per thread name: (CPU
+/// ns, times put on a CPU). From /proc/<pid>/task/<tid>/schedstat,
+/// nanosecond-exact where the tick-based `cpu_us` rounds to 10 ms; a
+/// thread's runs count each wake-up (and each preemption), so runs per call
+/// say how often a call puts the system to sleep and back. Threads that
+/// exit mid-run take theirs along.
+pub fn sched(root: u32) -> BTreeMap<String, (u64, u64)> {
+    let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for p in tree(root) {
+        for t in fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let (Ok(s), Ok(comm)) = (
+                fs::read_to_string(t.path().join("schedstat")),
+                fs::read_to_string(t.path().join("comm")),
+            ) else {
+                continue;
+            };
+            let f: Vec<u64> = s
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            if let [ns, _waited, runs] = f[..] {
+                let e = by_name.entry(comm.trim().to_string()).or_default();
+                *e = (e.0 + ns, e.1 + runs);
+            }
+        }
+    }
+    by_name
+}
+
 /// Resident memory of the tree, KiB.
 pub fn rss_kib(root: u32) -> u64 {
     rss_of(&tree(root))
@@ -81,7 +114,19 @@ pub struct Sampler {
     peak: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
     cpu_before: u64,
+    sched_before: BTreeMap<String, (u64, u64)>,
     root: u32,
+}
+
+/// What a measured run used of the machine.
+pub struct Used {
+    /// User + system CPU, µs (clock ticks).
+    pub cpu_us: u64,
+    /// The same from the scheduler per thread name: ns, and how many times
+    /// the threads ran.
+    pub sched: BTreeMap<String, (u64, u64)>,
+    /// Peak resident memory, KiB.
+    pub peak_kib: u64,
 }
 
 impl Sampler {
@@ -103,18 +148,30 @@ impl Sampler {
             peak,
             thread: Some(thread),
             cpu_before: cpu_us(root),
+            sched_before: sched(root),
             root,
         }
     }
 
-    /// (CPU µs used since start, peak RSS KiB).
-    pub fn finish(mut self) -> (u64, u64) {
+    /// What the tree used since start.
+    pub fn finish(mut self) -> Used {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         let peak = self.peak.load(Ordering::Relaxed).max(rss_kib(self.root));
-        (cpu_us(self.root).saturating_sub(self.cpu_before), peak)
+        let mut used = sched(self.root);
+        for (name, (ns, runs)) in used.iter_mut() {
+            let before = self.sched_before.get(name).copied().unwrap_or_default();
+            *ns = ns.saturating_sub(before.0);
+            *runs = runs.saturating_sub(before.1);
+        }
+        used.retain(|_, (_, runs)| *runs > 0);
+        Used {
+            cpu_us: cpu_us(self.root).saturating_sub(self.cpu_before),
+            sched: used,
+            peak_kib: peak,
+        }
     }
 }
 

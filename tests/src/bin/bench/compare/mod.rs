@@ -344,10 +344,10 @@ fn one(node: &TestNode, s: &peers::System, load: &Load) -> Value {
         ),
         Load::Idle { conns } => measure::idle(node, s, *conns),
     };
-    let (cpu_us, peak_kib) = sampler.finish();
+    let used = sampler.finish();
     let count = r["count"].as_u64().unwrap_or(0);
     r["system"] = s.name.into();
-    r["peak_rss_mib"] = (peak_kib as f64 / 1024.0).into();
+    r["peak_rss_mib"] = (used.peak_kib as f64 / 1024.0).into();
     if !matches!(load, Load::Idle { .. }) {
         // Per 1,000 calls (streams for the streaming scenario).
         let calls = if let Load::Stream { count, .. } = load {
@@ -355,7 +355,30 @@ fn one(node: &TestNode, s: &peers::System, load: &Load) -> Value {
         } else {
             count
         };
-        r["cpu_s_per_1000"] = (cpu_us as f64 / 1000.0 / calls.max(1) as f64).into();
+        let per_call = |v: f64| v / calls.max(1) as f64;
+        r["cpu_s_per_1000"] = per_call(used.cpu_us as f64 / 1000.0).into();
+        // Wake-ups per call and CPU per wake-up: whether a system costs more
+        // because it sleeps and wakes more often or does more each time.
+        let (ns, runs) = used
+            .sched
+            .values()
+            .fold((0, 0), |(n, r), (tn, tr)| (n + tn, r + tr));
+        r["runs_per_call"] = per_call(runs as f64).into();
+        if runs > 0 {
+            r["cpu_us_per_run"] = (ns as f64 / 1e3 / runs as f64).into();
+        }
+        r["threads"] = used
+            .sched
+            .iter()
+            .map(|(name, (ns, runs))| {
+                let v = json!({
+                    "runs_per_call": per_call(*runs as f64),
+                    "cpu_us_per_call": per_call(*ns as f64 / 1e3),
+                });
+                (name.clone(), v)
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into();
     }
     r
 }
@@ -391,7 +414,7 @@ fn print_table(sc: &Scenario, rows: &[Value], r: &judge::Rounds) {
     }
     let stream = matches!(sc.load, Load::Stream { .. });
     println!(
-        "{:<10} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>24} {:>8} {:>8} {:>6} {:>8}",
+        "{:<10} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>24} {:>8} {:>6} {:>6} {:>8} {:>6} {:>8}",
         "system",
         "req/s",
         "p50",
@@ -406,6 +429,8 @@ fn print_table(sc: &Scenario, rows: &[Value], r: &judge::Rounds) {
             "+p50 vs direct"
         },
         "CPU s/1k",
+        "runs",
+        "µs/run",
         "peak RSS",
         "errors",
         if stream { "TTFT" } else { "behind" },
@@ -431,7 +456,7 @@ fn print_table(sc: &Scenario, rows: &[Value], r: &judge::Rounds) {
             row["behind_p99_ns"].as_f64().map_or("—".into(), judge::dur)
         };
         println!(
-            "{:<10} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>24} {:>8.3} {:>5.0}MiB {:>6} {:>8}{}",
+            "{:<10} {:>7} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>24} {:>8.3} {:>6.1} {:>6.0} {:>5.0}MiB {:>6} {:>8}{}",
             name,
             row["rps"]
                 .as_f64()
@@ -448,6 +473,8 @@ fn print_table(sc: &Scenario, rows: &[Value], r: &judge::Rounds) {
                 judge::added(spread("added_p50_ns"))
             },
             row["cpu_s_per_1000"].as_f64().unwrap_or(0.0),
+            row["runs_per_call"].as_f64().unwrap_or(0.0),
+            row["cpu_us_per_run"].as_f64().unwrap_or(0.0),
             row["peak_rss_mib"].as_f64().unwrap_or(0.0),
             row["errors"].as_u64().unwrap_or(0),
             last,
@@ -457,6 +484,33 @@ fn print_table(sc: &Scenario, rows: &[Value], r: &judge::Rounds) {
     if !stream {
         println!(
             "latency from each call's scheduled send (no coordinated omission); behind = how late the client sent, p99"
+        );
+    }
+    let per = if stream { "stream" } else { "call" };
+    println!(
+        "runs = times the system's threads were put on a CPU per {per} (wake-ups and preemptions), µs/run = CPU per run (schedstat); per thread, runs / CPU µs per {per}:"
+    );
+    for row in rows.iter().filter(|r| r["system"] != "direct") {
+        let Some(threads) = row["threads"].as_object() else {
+            continue;
+        };
+        let mut threads: Vec<(&String, f64, f64)> = threads
+            .iter()
+            .map(|(name, t)| {
+                let f = |k: &str| t[k].as_f64().unwrap_or(0.0);
+                (name, f("runs_per_call"), f("cpu_us_per_call"))
+            })
+            .collect();
+        threads.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let shown: Vec<String> = threads
+            .iter()
+            .take(5)
+            .map(|(name, runs, us)| format!("{name} {runs:.1}/{us:.0}"))
+            .collect();
+        println!(
+            "  {:<10} {}",
+            row["system"].as_str().unwrap_or(""),
+            shown.join(", ")
         );
     }
 }
