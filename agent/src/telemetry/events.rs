@@ -22,8 +22,11 @@ use crate::{config::AuditConfig, journal::Journal};
 /// stalling relays.
 const QUEUE: usize = 4096;
 /// How long the writer lets records gather after a write: a record reaches
-/// the disk at most this much later; at 100k records/s, 500 are queued.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+/// the disk at most this much later; at 100k records/s, 2,000 are queued.
+/// Each wake-up of the writer costs ~50 µs of CPU on the bench's 2-CPU VM
+/// (its thread's schedstat in `cargo xtask bench`); at 5 ms it woke once
+/// per call at 200 calls/s, at 20 ms once per ~4.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A line for the log, and the call it accounts for (ended in the journal
 /// once the line is written).
