@@ -62,15 +62,16 @@ pub fn cpu_us(root: u32) -> u64 {
         / hz
 }
 
-/// The tree's threads' scheduler accounting so far, per thread name: (CPU
-/// ns, times put on a CPU). From /proc/<pid>/task/<tid>/schedstat,
+/// The scheduler's accounting so far of `pids`' threads (the tree listed
+/// once, as the RSS sampler does), per thread name: (CPU ns, times put on a
+/// CPU). From /proc/<pid>/task/<tid>/schedstat,
 /// nanosecond-exact where the tick-based `cpu_us` rounds to 10 ms; a
 /// thread's runs count each wake-up (and each preemption), so runs per call
 /// say how often a call puts the system to sleep and back. Threads that
 /// exit mid-run take theirs along.
-pub fn sched(root: u32) -> BTreeMap<String, (u64, u64)> {
+pub fn sched(pids: &[u32]) -> BTreeMap<String, (u64, u64)> {
     let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for p in tree(root) {
+    for p in pids {
         for t in fs::read_dir(format!("/proc/{p}/task"))
             .into_iter()
             .flatten()
@@ -115,6 +116,7 @@ pub struct Sampler {
     thread: Option<std::thread::JoinHandle<()>>,
     cpu_before: u64,
     sched_before: BTreeMap<String, (u64, u64)>,
+    pids: Vec<u32>,
     root: u32,
 }
 
@@ -137,9 +139,10 @@ impl Sampler {
         );
         let (s, p) = (stop.clone(), peak.clone());
         let pids = tree(root);
+        let sampled = pids.clone();
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
-                p.fetch_max(rss_of(&pids), Ordering::Relaxed);
+                p.fetch_max(rss_of(&sampled), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(25));
             }
         });
@@ -148,7 +151,8 @@ impl Sampler {
             peak,
             thread: Some(thread),
             cpu_before: cpu_us(root),
-            sched_before: sched(root),
+            sched_before: sched(&pids),
+            pids,
             root,
         }
     }
@@ -160,7 +164,7 @@ impl Sampler {
             let _ = t.join();
         }
         let peak = self.peak.load(Ordering::Relaxed).max(rss_kib(self.root));
-        let mut used = sched(self.root);
+        let mut used = sched(&self.pids);
         for (name, (ns, runs)) in used.iter_mut() {
             let before = self.sched_before.get(name).copied().unwrap_or_default();
             *ns = ns.saturating_sub(before.0);
