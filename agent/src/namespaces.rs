@@ -61,10 +61,6 @@ struct Served {
 /// not every scan, to keep a broken pod from flooding the log.
 const BIND_RETRY: Duration = Duration::from_secs(30);
 
-/// Provider clients unused this long are dropped: their connections closed
-/// after 50 s idle already (`upstream`), only the entry was left.
-const POOL_IDLE: Duration = Duration::from_secs(300);
-
 impl Scanner {
     /// `connections`: where connection tasks are tracked (see `drain`).
     pub fn new(
@@ -139,7 +135,7 @@ impl Scanner {
             keep
         });
         if let Some(pool) = pool {
-            pool.prune(POOL_IDLE);
+            pool.prune();
         }
         let now = Instant::now();
         self.failed

@@ -184,7 +184,7 @@ async fn deliver(
     record.capped_output_tokens = capped_output_tokens;
     record.credential_injected = credential_injected;
     parts.headers = headers;
-    // The pool speaks h2 to the provider when ALPN chose it, whatever the workload spoke.
+    // Providers are spoken to in HTTP/1.1, whatever the workload spoke (`pooled`).
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::CONTENT_LENGTH); // recomputed from the buffered body

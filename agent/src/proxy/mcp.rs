@@ -34,6 +34,7 @@ use super::{
     account::account,
     context::Call,
     forward::{self, Proposed},
+    pooled::UpstreamBody,
     rescue,
     send::{self, Sent},
     upstream::{BoxError, ProxyBody},
@@ -295,7 +296,7 @@ impl Relay {
     /// Relay `body` through `reader` to `tx` until it ends, then account.
     async fn relay(
         mut self,
-        mut body: Incoming,
+        mut body: UpstreamBody,
         mut reader: ResponseReader,
         tx: mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
     ) {

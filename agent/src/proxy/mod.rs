@@ -20,6 +20,7 @@ mod forward;
 mod mcp;
 mod metered;
 pub mod plan;
+pub mod pooled;
 mod realtime;
 pub mod relay;
 mod rescue;

@@ -9,9 +9,9 @@ use std::{
 
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 
-use super::context::Call;
+use super::{context::Call, pooled::UpstreamBody, upstream::UpstreamError};
 use crate::{
     policy::{FailoverChain, remove_credentials},
     providers::{Upstream, rewrite},
@@ -38,7 +38,7 @@ pub(super) struct Endpoint {
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Sent {
     /// The response to relay (possibly a provider error when no retry was left).
-    Response(Response<Incoming>, Endpoint),
+    Response(Response<UpstreamBody>, Endpoint),
     /// No response: status and result for the workload's error.
     Failed {
         status: StatusCode,
@@ -163,29 +163,9 @@ pub(super) async fn send(
             result: AttemptResult::Ok,
             ms: 0,
         };
-        let client = match call
-            .tls
-            .upstreams
-            .pool
-            .client(&call.meta.netns, &ep.host, ep.addr)
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(provider = %ep.provider, error = %e, "a provider target cannot be dialled");
-                attempt.result = AttemptResult::UpstreamError;
-                attempts.push(attempt);
-                last = Sent::Failed {
-                    status: StatusCode::BAD_GATEWAY,
-                    result: Outcome::UpstreamError,
-                    message: format!("provider {} cannot be dialled: {e}", ep.provider),
-                };
-                if chain.is_none() {
-                    break;
-                }
-                continue;
-            }
-        };
-        let outcome = tokio::time::timeout(left, client.request(req)).await;
+        let pool = &call.tls.upstreams.pool;
+        let request = pool.request(&call.meta.netns, &ep.host, ep.addr, req);
+        let outcome = tokio::time::timeout(left, request).await;
         attempt.ms = t0.elapsed().as_millis() as u64;
         match outcome {
             Ok(Ok(resp)) => {
@@ -200,6 +180,15 @@ pub(super) async fn send(
                 }
                 attempts.push(attempt);
                 return Sent::Response(resp, ep.clone());
+            }
+            Ok(Err(UpstreamError::InvalidHost(e))) => {
+                tracing::error!(provider = %ep.provider, error = %e, "a provider target cannot be dialled");
+                attempt.result = AttemptResult::UpstreamError;
+                last = Sent::Failed {
+                    status: StatusCode::BAD_GATEWAY,
+                    result: Outcome::UpstreamError,
+                    message: format!("provider {} cannot be dialled: {e}", ep.provider),
+                };
             }
             Ok(Err(e)) => {
                 attempt.result = AttemptResult::UpstreamError;
@@ -286,9 +275,9 @@ async fn build(
     } else if ep.moved {
         path = remove_credentials(&mut headers, &path);
     }
+    // Origin-form: the connection is the provider's already, and the
+    // Host header (set above) names it.
     let uri = Uri::builder()
-        .scheme("https")
-        .authority(authority.as_str())
         .path_and_query(path.as_str())
         .build()
         .map_err(|e| format!("invalid request target: {e}"))?;

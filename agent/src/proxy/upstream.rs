@@ -1,39 +1,27 @@
-//! Pooled TLS connections to providers.
+//! Connections to providers.
 //!
-//! A client (with its own connection pool, h2 when the provider offers it)
-//! exists per (workload namespace, host, address): each dials exactly the
-//! provider address the workload connected to — an address the kernel found
-//! in the provider map — from inside the workload's own network namespace,
+//! Every call's provider connection is one of its workload namespace's, to
+//! the one provider address the workload connected to — an address the
+//! kernel found in the provider map — dialled from inside that namespace,
 //! with the host as SNI, verified against the system roots plus configured
 //! extra roots. There is no name resolution here and no other destination:
 //! the proxy cannot be steered anywhere a provider is not, and no pod's
-//! call rides another pod's connection. Clients of a namespace that went,
-//! or unused for a while, are dropped (`forget`, `prune`).
-use std::{
-    collections::HashMap,
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
-    time::{Duration, Instant},
-};
+//! call rides another pod's connection. Connections speak HTTP/1.1 and are
+//! kept between calls per (namespace, host, address) (`pooled`); those of a
+//! namespace that went, or idle too long, are closed (`forget`, `prune`).
+use std::{net::SocketAddr, sync::Arc};
 
-use http::Uri;
+use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Bytes;
-use hyper_util::{
-    client::legacy::{
-        Client,
-        connect::{Connected, Connection},
-    },
-    rt::{TokioExecutor, TokioIo},
-};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
-use super::dial::Dialer;
+use super::{
+    dial::Dialer,
+    pooled::{self, Conn, ExchangeError, IdleConns, UpstreamBody},
+};
 use crate::netns::{NetnsId, WorkloadNetns};
 
 /// Body errors: hyper's own, or the proxy's (an idle provider stream).
@@ -55,7 +43,7 @@ pub enum UpstreamTlsError {
     NoRoots,
 }
 
-/// rustls client config: system roots (optional) + extra roots, ALPN h2 and http/1.1.
+/// rustls client config: system roots (optional) + extra roots, ALPN http/1.1.
 pub fn client_config(
     system_roots: bool,
     extra: &[std::path::PathBuf],
@@ -100,7 +88,9 @@ pub fn client_config(
     .expect("ring supports the default versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: a connection driven by the call that uses it has no
+    // stream machinery to run (see `pooled`).
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -113,68 +103,79 @@ pub struct InvalidHost {
     pub host: String,
 }
 
-type PoolKey = (NetnsId, String, SocketAddr);
-
-struct Pooled {
-    client: Client<FixedConnector, ProxyBody>,
-    last_used: Instant,
+/// Why a call got no response head from its provider.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    InvalidHost(#[from] InvalidHost),
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error("{0}")]
+    Exchange(BoxError),
 }
 
 pub struct UpstreamPool {
     tls: TlsConnector,
-    /// ALPN http/1.1 only: for connections that upgrade (Realtime WebSockets).
-    tls_http1: TlsConnector,
     dialer: Arc<Dialer>,
-    clients: Mutex<HashMap<PoolKey, Pooled>>,
+    idle: Arc<IdleConns>,
 }
 
 impl UpstreamPool {
     pub fn new(tls: Arc<rustls::ClientConfig>, dialer: Arc<Dialer>) -> Self {
-        let mut http1 = (*tls).clone();
-        http1.alpn_protocols = vec![b"http/1.1".to_vec()];
         Self {
             tls: TlsConnector::from(tls),
-            tls_http1: TlsConnector::from(Arc::new(http1)),
             dialer,
-            clients: Mutex::new(HashMap::new()),
+            idle: Arc::default(),
         }
     }
 
-    /// The pooled client for `host` at `addr`, dialling from `netns`. Fails,
-    /// without touching the pool, when `host` is not a name TLS can verify
-    /// (a provider listed by `addresses` only, with no `hosts`): that call is
-    /// refused, the next ones are not affected.
-    pub fn client(
+    /// Send `req` (origin-form target, Host set) to `host` at `addr` from
+    /// `netns`: on an idle connection to that place when one is left, else
+    /// on a new one. A request an idle connection could not take (the
+    /// provider had closed it) goes on the next; one that was written is
+    /// never sent twice. Fails before dialling when `host` is not a name
+    /// TLS can verify (a provider listed by `addresses` only, with no
+    /// `hosts`): that call is refused, the next ones are not affected.
+    pub async fn request(
         &self,
         netns: &Arc<WorkloadNetns>,
         host: &str,
         addr: SocketAddr,
-    ) -> Result<Client<FixedConnector, ProxyBody>, InvalidHost> {
-        let key = (netns.id, host.to_string(), addr);
-        // Built before the lock: nothing fallible runs while it is held.
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let name = ServerName::try_from(host.to_string()).map_err(|_| InvalidHost {
             host: host.to_string(),
         })?;
-        let mut clients = self.lock();
-        let pooled = clients.entry(key).or_insert_with(|| {
-            let connector = FixedConnector {
-                addr,
-                host: name,
-                tls: self.tls.clone(),
-                dialer: self.dialer.clone(),
-                netns: netns.clone(),
-            };
-            Pooled {
-                client: Client::builder(TokioExecutor::new())
-                    // Providers close idle connections after ~60-90 s; dropping
-                    // ours first avoids sending a request into a closing socket.
-                    .pool_idle_timeout(Duration::from_secs(50))
-                    .build(connector),
-                last_used: Instant::now(),
+        let key = (netns.id, host.to_string(), addr);
+        while let Some(conn) = self.idle.take(&key) {
+            match pooled::exchange(conn, req).await {
+                Ok((resp, conn)) => return Ok(self.relayed(resp, conn, key)),
+                Err(ExchangeError::NotSent(r)) => req = r,
+                Err(ExchangeError::Failed(e)) => return Err(UpstreamError::Exchange(e)),
             }
-        });
-        pooled.last_used = Instant::now();
-        Ok(pooled.client.clone())
+        }
+        let tls = dial_tls(&self.dialer, netns, addr, name, &self.tls)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let conn = Conn::handshake(tls)
+            .await
+            .map_err(|e| UpstreamError::Exchange(e.into()))?;
+        match pooled::exchange(conn, req).await {
+            Ok((resp, conn)) => Ok(self.relayed(resp, conn, key)),
+            Err(ExchangeError::NotSent(_)) => Err(UpstreamError::Exchange(
+                "a new provider connection refused its first request".into(),
+            )),
+            Err(ExchangeError::Failed(e)) => Err(UpstreamError::Exchange(e)),
+        }
+    }
+
+    fn relayed(
+        &self,
+        resp: Response<hyper::body::Incoming>,
+        conn: Conn,
+        key: pooled::PoolKey,
+    ) -> Response<UpstreamBody> {
+        resp.map(|body| UpstreamBody::new(body, conn, self.idle.clone(), key))
     }
 
     /// A connection of its own (never pooled) to `host` at `addr` from
@@ -193,71 +194,28 @@ impl UpstreamPool {
                 },
             )
         })?;
-        dial_tls(&self.dialer, netns, addr, name, &self.tls_http1).await
+        dial_tls(&self.dialer, netns, addr, name, &self.tls).await
     }
 
-    /// Drop the clients of a namespace that is gone (and its handle with them).
+    /// Close the idle connections of a namespace that is gone (and with
+    /// them the last handles that kept it alive).
     pub fn forget(&self, netns: NetnsId) -> usize {
-        let mut clients = self.lock();
-        let before = clients.len();
-        clients.retain(|(ns, _, _), _| *ns != netns);
-        before - clients.len()
+        self.idle.forget(netns)
     }
 
-    /// Drop clients unused for `idle`: their connections closed long ago
-    /// (`pool_idle_timeout`), only the entry was left. Calls in flight keep
-    /// their own clone.
-    pub fn prune(&self, idle: Duration) -> usize {
-        let mut clients = self.lock();
-        let before = clients.len();
-        clients.retain(|_, p| p.last_used.elapsed() < idle);
-        before - clients.len()
+    /// Close idle connections the provider closed or that idled past
+    /// `pooled::IDLE_TIMEOUT`. Calls in flight hold their own.
+    pub fn prune(&self) -> usize {
+        self.idle.prune()
     }
 
+    /// Idle connections held.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.idle.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Pooled>> {
-        self.clients
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Connects to one fixed address with one fixed SNI, whatever the URI says.
-#[derive(Clone)]
-pub struct FixedConnector {
-    addr: SocketAddr,
-    host: ServerName<'static>,
-    tls: TlsConnector,
-    dialer: Arc<Dialer>,
-    netns: Arc<WorkloadNetns>,
-}
-
-impl tower_service::Service<Uri> for FixedConnector {
-    type Response = UpstreamConn;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tls = dial_tls(&this.dialer, &this.netns, this.addr, this.host, &this.tls).await?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            Ok(UpstreamConn {
-                io: TokioIo::new(tls),
-                h2,
-            })
-        })
     }
 }
 
@@ -285,100 +243,6 @@ async fn dial_tls(
         })?
 }
 
-/// A provider connection, telling hyper whether ALPN chose h2.
-pub struct UpstreamConn {
-    io: TokioIo<TlsStream<TcpStream>>,
-    h2: bool,
-}
-
-impl Connection for UpstreamConn {
-    fn connected(&self) -> Connected {
-        let c = Connected::new();
-        if self.h2 { c.negotiated_h2() } else { c }
-    }
-}
-
-impl hyper::rt::Read for UpstreamConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for UpstreamConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::egress::Egress;
-
-    fn pool() -> UpstreamPool {
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let dialer = Dialer::new(Egress::start().unwrap(), 0, Duration::from_secs(1));
-        UpstreamPool::new(Arc::new(cfg), Arc::new(dialer))
-    }
-
-    fn own_netns() -> Arc<WorkloadNetns> {
-        Arc::new(WorkloadNetns::open(std::process::id()).unwrap())
-    }
-
-    #[tokio::test]
-    async fn a_target_without_a_host_name_is_refused_and_the_pool_keeps_working() {
-        let p = pool();
-        let ns = own_netns();
-        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-        let err = p
-            .client(&ns, "", addr)
-            .expect_err("an empty host is refused");
-        assert!(err.to_string().contains("hosts"), "{err}");
-        assert!(p.client(&ns, "not a name!", addr).is_err());
-        assert!(
-            p.client(&ns, "api.openai.com", addr).is_ok(),
-            "the next call is served"
-        );
-        assert_eq!(p.len(), 1, "nothing pooled for bad names");
-    }
-
-    #[tokio::test]
-    async fn clients_are_per_namespace_and_go_with_it_or_when_idle() {
-        let p = pool();
-        let ns = own_netns();
-        let other = Arc::new(WorkloadNetns {
-            id: NetnsId { dev: 0, ino: 1 },
-            file: std::fs::File::open("/proc/self/ns/net").unwrap(),
-        });
-        let addr: SocketAddr = "127.0.0.1:8443".parse().unwrap();
-        p.client(&ns, "api.openai.com", addr).unwrap();
-        p.client(&ns, "api.openai.com", addr).unwrap();
-        p.client(&other, "api.openai.com", addr).unwrap();
-        assert_eq!(p.len(), 2, "one client per namespace, reused within it");
-        assert_eq!(p.forget(other.id), 1);
-        assert_eq!(p.len(), 1);
-        assert_eq!(p.prune(Duration::from_secs(3600)), 0, "recently used stays");
-        assert_eq!(p.prune(Duration::ZERO), 1, "idle goes");
-        assert!(p.is_empty());
-    }
-}
+#[path = "upstream_tests.rs"]
+mod tests;
