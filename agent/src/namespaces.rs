@@ -135,7 +135,7 @@ impl Scanner {
             keep
         });
         if let Some(pool) = pool {
-            pool.prune();
+            pool.prune(crate::proxy::pooled::IDLE_TIMEOUT);
         }
         let now = Instant::now();
         self.failed

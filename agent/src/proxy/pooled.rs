@@ -205,8 +205,8 @@ impl IdleConns {
         gone.iter().map(Vec::len).sum()
     }
 
-    /// Drop idle connections that are too old or that the provider closed.
-    pub fn prune(&self) -> usize {
+    /// Drop idle connections idle for `idle` or more, or that the provider closed.
+    pub fn prune(&self, idle: Duration) -> usize {
         let all: Vec<(PoolKey, Vec<Conn>)> =
             std::mem::take(&mut *self.lock()).into_iter().collect();
         let mut dropped = 0;
@@ -216,7 +216,7 @@ impl IdleConns {
             let live: Vec<Conn> = conns
                 .into_iter()
                 .filter_map(|mut c| {
-                    (c.since.elapsed() < IDLE_TIMEOUT && c.ready_now()).then_some(c)
+                    (c.since.elapsed() < idle && c.ready_now()).then_some(c)
                 })
                 .collect();
             dropped += before - live.len();

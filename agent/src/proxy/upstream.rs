@@ -203,10 +203,11 @@ impl UpstreamPool {
         self.idle.forget(netns)
     }
 
-    /// Close idle connections the provider closed or that idled past
-    /// `pooled::IDLE_TIMEOUT`. Calls in flight hold their own.
-    pub fn prune(&self) -> usize {
-        self.idle.prune()
+    /// Close idle connections the provider closed or that idled for
+    /// `idle` (the scanner passes `pooled::IDLE_TIMEOUT`). Calls in flight
+    /// hold their own.
+    pub fn prune(&self, idle: std::time::Duration) -> usize {
+        self.idle.prune(idle)
     }
 
     /// Idle connections held.

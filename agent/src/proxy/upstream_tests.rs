@@ -202,8 +202,26 @@ async fn a_connection_the_provider_closed_is_not_used_again() {
     assert_eq!(call(&p, &ns, up.addr, "/ok").await, "hello");
     assert_eq!(up.connections(), 2);
     assert_eq!(up.requests(), ["/close", "/ok"]);
-    assert_eq!(p.prune(), 0, "the live one stays");
+    assert_eq!(p.prune(pooled::IDLE_TIMEOUT), 0, "the live one stays");
     assert_eq!(p.len(), 1);
+    assert_eq!(p.prune(Duration::ZERO), 1, "one idle too long goes");
+    assert!(p.is_empty());
+}
+
+#[tokio::test]
+async fn a_burst_leaves_at_most_32_idle_connections_behind() {
+    let up = provider().await;
+    let p = pool(up.roots.clone());
+    let ns = own_netns();
+    let calls: Vec<_> = (0..40)
+        .map(|_| p.request(&ns, HOST, up.addr, get("/ok")))
+        .collect();
+    let resps = futures::future::join_all(calls).await;
+    for r in resps {
+        r.unwrap().into_body().collect().await.unwrap();
+    }
+    assert_eq!(up.connections(), 40, "each call at once had its own");
+    assert_eq!(p.len(), 32, "the rest were closed");
 }
 
 #[tokio::test]
