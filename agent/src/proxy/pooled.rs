@@ -48,8 +48,6 @@ pub struct Conn {
     io: http1::Connection<Io, ProxyBody>,
     /// When it was last put back idle.
     since: Instant,
-    /// It has served a call before this one.
-    reused: bool,
 }
 
 impl Conn {
@@ -59,14 +57,7 @@ impl Conn {
             send,
             io,
             since: Instant::now(),
-            reused: false,
         })
-    }
-
-    /// It served a call before: a failure to send on it may be the
-    /// provider having closed it meanwhile.
-    pub fn reused(&self) -> bool {
-        self.reused
     }
 
     /// Poll the IO side; `true` once the connection has ended.
@@ -170,7 +161,6 @@ impl IdleConns {
             };
             // Checked outside the lock: polling reads the socket.
             if conn.since.elapsed() < IDLE_TIMEOUT && conn.ready_now() {
-                conn.reused = true;
                 return Some(conn);
             }
         }
@@ -215,9 +205,7 @@ impl IdleConns {
             let before = conns.len();
             let live: Vec<Conn> = conns
                 .into_iter()
-                .filter_map(|mut c| {
-                    (c.since.elapsed() < idle && c.ready_now()).then_some(c)
-                })
+                .filter_map(|mut c| (c.since.elapsed() < idle && c.ready_now()).then_some(c))
                 .collect();
             dropped += before - live.len();
             if !live.is_empty() {

@@ -103,6 +103,13 @@ pub struct InvalidHost {
     pub host: String,
 }
 
+/// `host` as the name TLS verifies the provider's certificate against.
+fn server_name(host: &str) -> Result<ServerName<'static>, InvalidHost> {
+    ServerName::try_from(host.to_string()).map_err(|_| InvalidHost {
+        host: host.to_string(),
+    })
+}
+
 /// Why a call got no response head from its provider.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -143,9 +150,7 @@ impl UpstreamPool {
         addr: SocketAddr,
         mut req: Request<ProxyBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let name = ServerName::try_from(host.to_string()).map_err(|_| InvalidHost {
-            host: host.to_string(),
-        })?;
+        let name = server_name(host)?;
         let key = (netns.id, host.to_string(), addr);
         while let Some(conn) = self.idle.take(&key) {
             match pooled::exchange(conn, req).await {
@@ -186,14 +191,8 @@ impl UpstreamPool {
         host: &str,
         addr: SocketAddr,
     ) -> std::io::Result<TlsStream<TcpStream>> {
-        let name = ServerName::try_from(host.to_string()).map_err(|_| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                InvalidHost {
-                    host: host.to_string(),
-                },
-            )
-        })?;
+        let name = server_name(host)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         dial_tls(&self.dialer, netns, addr, name, &self.tls).await
     }
 

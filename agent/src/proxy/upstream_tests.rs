@@ -32,7 +32,6 @@ impl Provider {
     fn connections(&self) -> usize {
         let served = self.served.lock().unwrap();
         let mut ids: Vec<usize> = served.iter().map(|(c, _)| *c).collect();
-        ids.dedup();
         ids.sort_unstable();
         ids.dedup();
         ids.len()
