@@ -70,7 +70,7 @@ enum Cmd {
         TOLLGATE_BENCH_SCENARIOS=rate_200,…       only these: rate_200 rate_1000 saturation fresh_tls streaming idle\n  \
         TOLLGATE_BENCH_CHUNK_MS=10                pause between streamed chunks\n  \
         TOLLGATE_BENCH_AGENT_CONFIG='proxy: {worker_threads: 1}'   YAML merged into the agent's config\n  \
-        TOLLGATE_BENCH_PROFILE=1                  perf profile of the agent per scenario (target/bench/profile-*.txt)\n  \
+        TOLLGATE_BENCH_PROFILE=1                  perf profile of the agent per scenario (target/bench/profile-*.txt); =tollgate,nginx,floor: of each system named\n  \
         TOLLGATE_BENCH_SYSCALLS=1                 an extra round per scenario under strace -c: system calls per call\n  \
         TOLLGATE_BENCH_ALLOCS=1                   an extra round per scenario with uprobes on the allocator (perf probe): heap allocations per call\n\n\
         Needs root. Load stays on loopback and the test node's own addresses.")]

@@ -294,10 +294,11 @@ pub fn idle(node: &TestNode, sys: &System, conns: usize) -> Value {
     })
 }
 
-/// With TOLLGATE_BENCH_PROFILE=1: `perf record` (software clock, so it also
-/// works where the VM exposes no hardware counters) on the agent during a
-/// scenario; the report (self, then inclusive time per symbol) goes to
-/// target/bench/profile-<scenario>.txt.
+/// With TOLLGATE_BENCH_PROFILE=1 (or a list of systems, `tollgate,nginx`):
+/// `perf record` (software clock, so it also works where the VM exposes no
+/// hardware counters) on the agent (or each system named) during its first
+/// round of a scenario; the report (self, then inclusive time per symbol)
+/// goes to target/bench/profile-<scenario>[-<system>].txt.
 pub struct Profile {
     perf: std::process::Child,
     data: std::path::PathBuf,
@@ -305,23 +306,46 @@ pub struct Profile {
 }
 
 impl Profile {
-    pub fn start(pid: u32, scenario: &str) -> Option<Self> {
-        std::env::var_os("TOLLGATE_BENCH_PROFILE")?;
+    /// Whether `system` is to be profiled.
+    pub fn wanted(system: &str) -> bool {
+        std::env::var("TOLLGATE_BENCH_PROFILE").is_ok_and(|v| match v.trim() {
+            "1" => system == "tollgate",
+            list => list.split(',').any(|s| s.trim() == system),
+        })
+    }
+
+    pub fn start(pid: u32, system: &str, scenario: &str) -> Option<Self> {
+        if !Self::wanted(system) {
+            return None;
+        }
         let dir = super::peers_dir();
-        let data = dir.join(format!("profile-{scenario}.perf.data"));
+        // Tollgate's keeps the name it always had.
+        let name = match system {
+            "tollgate" => format!("profile-{scenario}"),
+            other => format!("profile-{scenario}-{other}"),
+        };
+        let data = dir.join(format!("{name}.perf.data"));
         let perf = std::process::Command::new("perf")
             .args([
                 "record",
                 "-e",
                 "cpu-clock",
                 "-F",
-                "999",
+                "4999",
                 "--call-graph",
                 "dwarf,16384",
                 "-o",
             ])
             .arg(&data)
-            .args(["-p", &pid.to_string()])
+            // The whole process tree: nginx's work is in its worker processes.
+            .args([
+                "-p",
+                &tree(pid)
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -333,7 +357,7 @@ impl Profile {
         Some(Self {
             perf,
             data,
-            report: dir.join(format!("profile-{scenario}.txt")),
+            report: dir.join(format!("{name}.txt")),
         })
     }
 

@@ -170,15 +170,16 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
             Load::Idle { .. } => 1,
         };
         let mut all_rounds = Vec::new();
-        let mut profiled = None;
-        for _ in 0..n {
+        let mut profiled: Vec<(&str, String)> = Vec::new();
+        for i in 0..n {
             let mut round = Vec::new();
             for s in &systems {
-                let profile = (s.name == "tollgate" && profiled.is_none())
-                    .then(|| measure::Profile::start(s.pid, sc.key));
+                let profile = (i == 0)
+                    .then(|| measure::Profile::start(s.pid, s.name, sc.key))
+                    .flatten();
                 round.push(one(node, s, &sc.load));
-                if let Some(p) = profile.flatten() {
-                    profiled = Some(p.finish());
+                if let Some(p) = profile {
+                    profiled.push((s.name, p.finish()));
                 }
                 // Let a backlog (an overloaded peer) drain before the next system.
                 std::thread::sleep(Duration::from_millis(500));
@@ -220,8 +221,8 @@ pub fn run(node: &TestNode, ungoverned: &Path, quick: bool) -> Value {
                 }
             }
         }
-        if let Some(p) = profiled {
-            println!("profile of Tollgate during this scenario: {p}");
+        for (system, p) in profiled {
+            println!("profile of {system} during this scenario: {p}");
         }
         results
             .push(json!({"scenario": sc.key, "title": sc.title, "rows": rows, "rounds": r.rounds}));
