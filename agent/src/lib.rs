@@ -3,6 +3,7 @@
 //! The path of one connection, module by module:
 //! `bpf` (kernel redirect) → `netns` (listener in the workload's namespace) →
 //! `identity` (cgroup → workload) → `proxy` (relay) → `telemetry`.
+//! `workers` are the proxy's threads, a runtime each.
 //! `resolver` keeps the kernel's provider map fresh; `config` is the one
 //! typed configuration; `run` wires it together; `cli` is the command line.
 pub mod bpf;
@@ -28,3 +29,4 @@ pub mod telemetry;
 pub mod tls;
 pub mod top;
 pub mod uprobe;
+pub mod workers;

@@ -29,17 +29,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run { config } => {
             let config_path = config.clone();
             let config = load_config(config.as_deref())?;
-            // One thread: the current-thread scheduler, no cross-thread wake-ups.
-            let rt = match config.proxy.threads() {
-                1 => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?,
-                n => tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(n)
-                    .enable_all()
-                    .build()?,
-            };
-            rt.block_on(tollgate_agent::run::run(config, config_path))
+            // The control plane's thread; the proxy threads (`workers`) have
+            // runtimes of their own.
+            current_thread()?.block_on(tollgate_agent::run::run(config, config_path))
         }
         Command::CheckConfig { file } => {
             let config = load_config(Some(&file))?;

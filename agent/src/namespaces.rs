@@ -1,7 +1,8 @@
 //! The workload network namespaces the agent serves: found from the
 //! governed cgroup tree, each given the proxy's listeners (opened inside the
 //! namespace, `netns`), closed when the namespace goes, and drained at
-//! shutdown — waiting on the connection tasks themselves.
+//! shutdown — waiting on the connection tasks themselves. A namespace's
+//! listeners are served one per proxy thread (`workers`).
 //!
 //! One scan also keeps the kernel's opted-out cgroups and the identity
 //! cache in step with the tree.
@@ -25,6 +26,7 @@ use crate::{
         context::ProxyContext,
     },
     telemetry::series::GonePods,
+    workers::Workers,
 };
 
 /// Keeps listeners, opt-outs and identities in step with the cgroup tree.
@@ -42,6 +44,8 @@ pub struct Scanner {
     failed: HashMap<NetnsId, Instant>,
     /// Every connection task, for the drain at shutdown.
     connections: TaskTracker,
+    /// The proxy threads: each namespace's listeners are served one per thread.
+    workers: Arc<Workers>,
     /// Pods gone from the node, whose metric series go after `series_grace`.
     gone: GonePods,
     series_grace: Duration,
@@ -62,13 +66,15 @@ struct Served {
 const BIND_RETRY: Duration = Duration::from_secs(30);
 
 impl Scanner {
-    /// `connections`: where connection tasks are tracked (see `drain`).
+    /// `connections`: where connection tasks are tracked (see `drain`);
+    /// `workers`: the proxy threads that serve the listeners.
     pub fn new(
         config: &Config,
         root: CgroupRoot,
         ctx: Arc<ProxyContext>,
         identity: Arc<IdentityCache>,
         connections: TaskTracker,
+        workers: Arc<Workers>,
     ) -> Result<Self, globset::Error> {
         let mut b = globset::GlobSetBuilder::new();
         for g in &config.opt_out.cgroups {
@@ -84,6 +90,7 @@ impl Scanner {
             workload_resolvers: config.dns.workload_resolvers.clone(),
             failed: HashMap::new(),
             connections,
+            workers,
             gone: GonePods::default(),
             series_grace: config.metrics.pod_series_grace,
             last_sweep: None,
@@ -146,8 +153,10 @@ impl Scanner {
             }
             let pid = f.pid;
             let port = self.port;
+            let threads = self.workers.len();
             let bound =
-                tokio::task::spawn_blocking(move || netns::bind_in_netns_of(pid, port)).await;
+                tokio::task::spawn_blocking(move || netns::bind_in_netns_of(pid, port, threads))
+                    .await;
             match bound {
                 Ok(Ok(l)) => {
                     let mut handles = Vec::new();
@@ -156,16 +165,23 @@ impl Scanner {
                         cookie: l.cookie,
                         open: Default::default(),
                     });
-                    for std_l in std::iter::once(l.v4).chain(l.v6) {
-                        match TcpListener::from_std(std_l) {
-                            Ok(tl) => handles.push(tokio::spawn(accept_loop(
-                                self.ctx.clone(),
-                                tl,
-                                ns.clone(),
-                                self.connections.clone(),
-                            ))),
-                            Err(e) => tracing::error!(error = %e, "registering listener failed"),
-                        }
+                    // Listener i of each family is served by proxy thread i.
+                    let per_thread =
+                        l.v4.into_iter()
+                            .enumerate()
+                            .chain(l.v6.into_iter().enumerate());
+                    for (thread, std_l) in per_thread {
+                        let (ctx, ns, tracker) =
+                            (self.ctx.clone(), ns.clone(), self.connections.clone());
+                        handles.push(self.workers.spawn(thread, async move {
+                            // Registered with the IO driver of the thread that serves it.
+                            match TcpListener::from_std(std_l) {
+                                Ok(tl) => accept_loop(ctx, tl, ns, tracker).await,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "registering listener failed")
+                                }
+                            }
+                        }));
                     }
                     let cgroup = f.cgroups.first().map(|c| c.1.display().to_string());
                     tracing::info!(

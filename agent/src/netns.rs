@@ -11,6 +11,12 @@
 //! property of the listener that accepted it (its netns cookie is part of the
 //! original-destination key).
 //!
+//! With several proxy threads (`workers`) each namespace gets one listener
+//! per thread on the same port (SO_REUSEPORT): a group whose kernel-side
+//! steering program (`steer`) spreads new connections over exactly those
+//! listeners, so a socket a workload adds to the group later is never
+//! handed a connection.
+//!
 //! Namespaces are found by scanning the governed cgroup subtree: every process
 //! there belongs to some namespace; new ones get listeners, vanished ones lose
 //! them. Until a namespace has its listener, the kernel programs see no
@@ -93,26 +99,27 @@ pub enum NetnsError {
     },
 }
 
-/// Listeners bound inside one namespace.
+/// Listeners bound inside one namespace: one per proxy thread and family.
 pub struct NsListeners {
     pub netns: std::sync::Arc<WorkloadNetns>,
     pub cookie: u64,
-    pub v4: TcpListener,
-    /// None when the namespace has no IPv6 loopback (IPv6 disabled).
-    pub v6: Option<TcpListener>,
+    pub v4: Vec<TcpListener>,
+    /// Empty when the namespace has no IPv6 loopback (IPv6 disabled).
+    pub v6: Vec<TcpListener>,
 }
 
-/// Bind the proxy listeners inside the network namespace of `pid`.
+/// Bind `per_family` proxy listeners for each address family inside the
+/// network namespace of `pid`.
 ///
 /// setns affects only the calling thread, so this runs on a fresh thread that
 /// exits afterwards: no runtime worker ever changes namespace.
-pub fn bind_in_netns_of(pid: u32, port: u16) -> Result<NsListeners, NetnsError> {
+pub fn bind_in_netns_of(pid: u32, port: u16, per_family: usize) -> Result<NsListeners, NetnsError> {
     let ns = WorkloadNetns::open(pid)?;
     let (v4, v6, cookie) = std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::setns(&ns.file, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|source| NetnsError::Enter { pid, source })?;
-            bind_here(pid, port)
+            bind_here(pid, port, per_family)
         })
         .join()
         .unwrap_or(Err(NetnsError::Thread { pid }))
@@ -126,27 +133,27 @@ pub fn bind_in_netns_of(pid: u32, port: u16) -> Result<NsListeners, NetnsError> 
 }
 
 /// Listeners for IPv4 and (when the namespace has it) IPv6, and the namespace's cookie.
-type Bound = (TcpListener, Option<TcpListener>, u64);
+type Bound = (Vec<TcpListener>, Vec<TcpListener>, u64);
 
 /// Bind in the calling thread's current namespace.
-fn bind_here(pid: u32, port: u16) -> Result<Bound, NetnsError> {
+fn bind_here(pid: u32, port: u16, per_family: usize) -> Result<Bound, NetnsError> {
     let v4addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let v4 = listen(v4addr).map_err(|source| NetnsError::Bind {
+    let v4 = listen_group(v4addr, per_family).map_err(|source| NetnsError::Bind {
         pid,
         addr: v4addr,
         port,
         source,
     })?;
     let v6addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    let v6 = match listen(v6addr) {
-        Ok(l) => Some(l),
+    let v6 = match listen_group(v6addr, per_family) {
+        Ok(l) => l,
         // No ::1 in this namespace (IPv6 disabled): IPv6 provider connections
         // there find no listener and follow the failure mode.
         Err(e)
             if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
                 || e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
         {
-            None
+            Vec::new()
         }
         Err(source) => {
             return Err(NetnsError::Bind {
@@ -157,7 +164,7 @@ fn bind_here(pid: u32, port: u16) -> Result<Bound, NetnsError> {
             });
         }
     };
-    let cookie = netns_cookie(&v4).map_err(|source| NetnsError::Bind {
+    let cookie = netns_cookie(&v4[0]).map_err(|source| NetnsError::Bind {
         pid,
         addr: v4addr,
         port,
@@ -170,9 +177,29 @@ fn bind_here(pid: u32, port: u16) -> Result<Bound, NetnsError> {
 /// a pool) must not overflow it; 1024 matches net.core.somaxconn's default.
 const BACKLOG: i32 = 1024;
 
-fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// `count` listeners (at least one) on `addr`; several share it as one
+/// SO_REUSEPORT group, its connections spread over them by `steer`.
+fn listen_group(addr: SocketAddr, count: usize) -> std::io::Result<Vec<TcpListener>> {
+    let shared = count > 1;
+    let first = listen(addr, shared)?;
+    // Port 0 (tests): the others join the port the first was given.
+    let addr = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..count {
+        group.push(listen(addr, shared)?);
+    }
+    if shared {
+        steer(&group[0], count as u32)?;
+    }
+    Ok(group)
+}
+
+fn listen(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
     }
@@ -180,6 +207,53 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     s.bind(&addr.into())?;
     s.listen(BACKLOG)?;
     Ok(s.into())
+}
+
+/// Give the SO_REUSEPORT group of `listener` its steering program: a new
+/// connection goes to listener `hash % count`, where `hash` is the flow hash
+/// the connecting socket stamped on its SYN (random per connection). Without
+/// it the kernel would choose among every socket in the group, including
+/// one a workload running as the agent's user bound to the port later;
+/// with it, only the first `count` (the agent's, which joined first) are
+/// ever chosen. Classic BPF: the kernel takes it from an unprivileged
+/// socket option, and three instructions need no toolchain.
+fn steer(listener: &TcpListener, count: u32) -> std::io::Result<()> {
+    let op = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let mut program = [
+        // A = skb->hash (an ancillary load at SKF_AD_OFF + SKF_AD_RXHASH)
+        op(
+            libc::BPF_LD | libc::BPF_W | libc::BPF_ABS,
+            (libc::SKF_AD_OFF + libc::SKF_AD_RXHASH) as u32,
+        ),
+        // A %= count
+        op(libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K, count.max(1)),
+        // the index of the listener in the group
+        op(libc::BPF_RET | libc::BPF_A, 0),
+    ];
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: a valid socket and a pointer to a sock_fprog whose filter
+    // array outlives the call (the kernel copies it).
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// SO_NETNS_COOKIE (Linux ≥ 5.14): the same cookie `bpf_get_netns_cookie` returns.
@@ -245,16 +319,60 @@ mod tests {
     #[test]
     fn binds_in_own_namespace_and_reads_cookie() {
         // Port 0: any free port; this only exercises bind + cookie.
-        let l = bind_here(std::process::id(), 0);
+        let l = bind_here(std::process::id(), 0, 1);
         match l {
             Ok((v4, _, cookie)) => {
                 assert_ne!(cookie, 0);
-                let own = netns_cookie(&v4).unwrap();
+                let own = netns_cookie(&v4[0]).unwrap();
                 assert_eq!(own, cookie);
             }
             // Kernels before 5.14 lack SO_NETNS_COOKIE; say so rather than pass silently.
             Err(e) => panic!("binding loopback listeners failed: {e}"),
         }
+    }
+
+    /// Which listener of `group` accepted each of `n` connections to it.
+    fn accepted_by(group: &[TcpListener], n: usize) -> Vec<usize> {
+        let addr = group[0].local_addr().unwrap();
+        let mut counts = vec![0; group.len()];
+        for _ in 0..n {
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            // The connection is in exactly one listener's queue by now.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            'found: loop {
+                for (i, l) in group.iter().enumerate() {
+                    if l.accept().is_ok() {
+                        counts[i] += 1;
+                        break 'found;
+                    }
+                }
+                assert!(std::time::Instant::now() < deadline, "no listener accepted");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        counts
+    }
+
+    #[test]
+    fn a_listener_group_spreads_connections_over_its_own_listeners_only() {
+        let (v4, _, _) = bind_here(std::process::id(), 0, 2).unwrap();
+        assert_eq!(v4.len(), 2);
+        let port = v4[0].local_addr().unwrap().port();
+        assert!(v4.iter().all(|l| l.local_addr().unwrap().port() == port));
+        // A socket of the same user joining the group afterwards (what a
+        // workload running as root could try in its own namespace).
+        let late = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), true).unwrap();
+        let mut all: Vec<TcpListener> = v4;
+        all.push(late);
+        let counts = accepted_by(&all, 64);
+        assert_eq!(
+            counts[2], 0,
+            "the late socket was handed connections: {counts:?}"
+        );
+        assert!(
+            counts[0] > 0 && counts[1] > 0,
+            "both of the group's listeners take connections: {counts:?}"
+        );
     }
 
     #[test]

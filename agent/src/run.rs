@@ -4,7 +4,8 @@
 //! * heartbeat — tells the kernel programs the agent is alive;
 //! * dns — keeps the provider map equal to what the provider names resolve to;
 //! * scan — finds workload namespaces (listeners), opted-out cgroups, identities;
-//! * accept loops — one per listener, relaying redirected connections;
+//! * accept loops — one per listener, relaying redirected connections, on
+//!   the proxy threads (`workers`);
 //! * metrics — `/metrics`, `/healthz`, `/readyz`.
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -37,6 +38,7 @@ use crate::{
     resolver::Refresher,
     telemetry::{events::EventLog, metrics::Metrics},
     tls::{LeafCache, NodeCa},
+    workers::Workers,
 };
 
 /// How long shutdown waits for in-flight connections before detaching anyway.
@@ -250,12 +252,15 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     )));
 
     let connections = TaskTracker::new();
+    let workers =
+        Arc::new(Workers::start(config.proxy.threads()).context("starting the proxy threads")?);
     let scanner = Scanner::new(
         &config,
         root.clone(),
         ctx.clone(),
         identity.clone(),
         connections.clone(),
+        workers.clone(),
     )?;
     tasks.push(tokio::spawn(scanner.run(config.discovery.scan_interval)));
 
@@ -345,6 +350,7 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     metrics.ready.store(true, Ordering::Relaxed);
     tracing::info!(
         port = config.proxy.port,
+        proxy_threads = workers.len(),
         failure_mode = ?config.failure_mode,
         provider_entries = maps.provider_count(),
         "tollgate is running"
@@ -370,6 +376,9 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> any
     if left > 0 {
         tracing::warn!(connections = left, after = ?DRAIN_TIMEOUT, "connections still open at shutdown; detaching anyway");
     }
+    // The proxy threads stop (what is left on them is dropped there, each
+    // call recorded as it goes) and are joined, off this thread.
+    let _ = tokio::task::spawn_blocking(move || drop(workers)).await;
     if let Some(s) = spans {
         // Export what is queued (bounded by otlp.timeout); blocking, so off the runtime.
         let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;

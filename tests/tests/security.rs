@@ -294,3 +294,82 @@ fn a_pod_cannot_crowd_out_other_tenants_model_labels() {
             .all(|r| r["model"] != "bogus-0")
     );
 }
+
+/// A root process in the pod joins the proxy port's listener group
+/// (SO_REUSEPORT, the agent's own user) to take the pod's redirected
+/// connections itself: the group's steering program hands every one to the
+/// agent's listeners, so each call is still governed and recorded.
+#[test]
+fn a_pod_that_joins_the_proxy_ports_listeners_is_handed_none_of_its_connections() {
+    if !require_privileged(
+        "a_pod_that_joins_the_proxy_ports_listeners_is_handed_none_of_its_connections",
+    ) {
+        return;
+    }
+    let mut node = TestNode::new(1);
+    // Two proxy threads whatever this machine's CPUs: a group of two.
+    node.start_agent("proxy:\n  worker_threads: 2\n");
+    let pod = &node.pods[0];
+    let squatter = r#"
+import select, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(64)
+s.setblocking(False)
+print("bound", flush=True)
+taken = 0
+while True:
+    ready, _, _ = select.select([s, sys.stdin], [], [])
+    if sys.stdin in ready:
+        break
+    try:
+        c, _ = s.accept()
+        taken += 1
+        c.close()
+    except BlockingIOError:
+        pass
+print("taken", taken, flush=True)
+"#;
+    let mut child = pod
+        .netns
+        .command_in_cgroup("python3", Some(&pod.cgroup))
+        .args([
+            "-c",
+            squatter,
+            &tollgate_tests::node::PROXY_PORT.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "bound",
+        "the pod joined the group as the agent's user"
+    );
+    const CALLS: usize = 24;
+    for i in 0..CALLS {
+        let answer = terminated_call(&node, 0, "sk-test-secret");
+        assert!(answer.contains(" 200"), "call {i}: {answer}");
+    }
+    drop(child.stdin.take()); // the squatter reports and exits
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let _ = child.wait();
+    assert_eq!(
+        line.trim(),
+        "taken 0",
+        "the pod's own socket took connections"
+    );
+    // The mock provider received every call, through the agent (its
+    // record of each), and the audit log has each one.
+    let reached = node.mock_requests_where(|l| l.starts_with("POST /v1/chat/completions"));
+    assert_eq!(reached.len(), CALLS, "{reached:?}");
+    assert_eq!(node.wait_requests(CALLS).len(), CALLS);
+}

@@ -25,11 +25,9 @@ pub struct ProxyConfig {
     /// at once; past it new ones are closed (`over_capacity`), so one pod
     /// cannot take the proxy's descriptors and memory from the others.
     pub max_connections_per_namespace: usize,
-    /// Proxy threads. 0: one when this process may use at most two CPUs
-    /// (its affinity mask and CPU quota), else one per CPU. 1 runs
-    /// everything on one thread: no cross-thread wake-ups, which on two
-    /// CPUs cost a third more CPU per call than the one thread saves
-    /// (README "Performance").
+    /// Proxy threads, each with a runtime of its own and one listener per
+    /// workload namespace (`workers`). 0: one per CPU this process may use
+    /// (its affinity mask and CPU quota).
     pub worker_threads: usize,
 }
 
@@ -37,17 +35,10 @@ impl ProxyConfig {
     /// The number of proxy threads `worker_threads` asks for.
     pub fn threads(&self) -> usize {
         match self.worker_threads {
-            0 => auto_threads(std::thread::available_parallelism().map_or(1, |n| n.get())),
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         }
     }
-}
-
-/// Threads for `cpus` usable CPUs: on two or fewer, waking a second
-/// worker costs more than it gives (measured on 2 CPUs: 30 % less CPU per
-/// call and half the added latency at 1,000 calls/s with one).
-fn auto_threads(cpus: usize) -> usize {
-    if cpus <= 2 { 1 } else { cpus }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -551,10 +542,12 @@ pub fn valid_region(r: &str) -> bool {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn one_thread_on_small_nodes_one_per_cpu_beyond() {
-        for (cpus, want) in [(1, 1), (2, 1), (3, 3), (16, 16)] {
-            assert_eq!(super::auto_threads(cpus), want, "{cpus} CPUs");
-        }
+    fn one_thread_per_usable_cpu_unless_set() {
+        let auto = super::ProxyConfig::default();
+        assert_eq!(
+            auto.threads(),
+            std::thread::available_parallelism().unwrap().get()
+        );
         let explicit = super::ProxyConfig {
             worker_threads: 4,
             ..Default::default()

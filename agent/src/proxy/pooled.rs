@@ -34,9 +34,9 @@ use crate::netns::NetnsId;
 /// Providers close idle connections after ~60-90 s; dropping ours first
 /// avoids sending a request into a closing socket.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
-/// Idle connections kept per (namespace, host, address): enough for the
-/// calls one workload makes at once, bounded so that a burst leaves no
-/// crowd of sockets behind.
+/// Idle connections kept per (namespace, host, address) and proxy thread:
+/// enough for the calls one workload makes at once, bounded so that a
+/// burst leaves no crowd of sockets behind.
 const MAX_IDLE_PER_KEY: usize = 32;
 
 pub type PoolKey = (NetnsId, String, SocketAddr);
@@ -48,6 +48,9 @@ pub struct Conn {
     io: http1::Connection<Io, ProxyBody>,
     /// When it was last put back idle.
     since: Instant,
+    /// The proxy thread it was made on (`workers`), whose IO driver reports
+    /// its socket's readiness: only calls on that thread reuse it.
+    thread: usize,
 }
 
 impl Conn {
@@ -57,6 +60,7 @@ impl Conn {
             send,
             io,
             since: Instant::now(),
+            thread: crate::workers::current(),
         })
     }
 
@@ -139,25 +143,35 @@ pub async fn exchange(
     }
 }
 
-/// Idle provider connections, newest last, per place they go to.
+/// Idle provider connections, newest last, per place they go to. A call
+/// takes one made on its own proxy thread first: there the connection's
+/// readiness wakes the call directly. Failing that it takes another
+/// thread's (whose IO driver then passes each wake-up on), still far
+/// cheaper than a new TCP and TLS handshake.
 #[derive(Default)]
 pub struct IdleConns {
     by_key: Mutex<HashMap<PoolKey, Vec<Conn>>>,
 }
 
 impl IdleConns {
-    /// The newest idle connection to `key` that is still usable; the ones
-    /// found closed or too old on the way are dropped.
+    /// The newest idle connection to `key` that is still usable, one made
+    /// on this thread first; the ones found closed or too old on the way
+    /// are dropped.
     pub fn take(&self, key: &PoolKey) -> Option<Conn> {
+        let thread = crate::workers::current();
         loop {
             let mut conn = {
                 let mut by_key = self.lock();
                 let conns = by_key.get_mut(key)?;
-                let conn = conns.pop();
+                let newest = conns
+                    .iter()
+                    .rposition(|c| c.thread == thread)
+                    .unwrap_or(conns.len().checked_sub(1)?);
+                let conn = conns.remove(newest);
                 if conns.is_empty() {
                     by_key.remove(key);
                 }
-                conn?
+                conn
             };
             // Checked outside the lock: polling reads the socket.
             if conn.since.elapsed() < IDLE_TIMEOUT && conn.ready_now() {
@@ -175,7 +189,8 @@ impl IdleConns {
         let spare = {
             let mut by_key = self.lock();
             let conns = by_key.entry(key).or_default();
-            if conns.len() < MAX_IDLE_PER_KEY {
+            let thread = conn.thread;
+            if conns.iter().filter(|c| c.thread == thread).count() < MAX_IDLE_PER_KEY {
                 conns.push(conn);
                 None
             } else {
@@ -217,7 +232,12 @@ impl IdleConns {
             // Calls that ran meanwhile may have put others back.
             let conns = by_key.entry(key).or_default();
             live.append(conns);
-            live.truncate(MAX_IDLE_PER_KEY);
+            let mut per_thread: HashMap<usize, usize> = HashMap::new();
+            live.retain(|c| {
+                let n = per_thread.entry(c.thread).or_default();
+                *n += 1;
+                *n <= MAX_IDLE_PER_KEY
+            });
             *conns = live;
         }
         dropped

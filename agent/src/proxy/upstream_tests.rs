@@ -287,3 +287,38 @@ async fn connections_are_per_namespace_and_go_with_it() {
     call(&p, &ns, up.addr, "/ok").await;
     assert_eq!(up.connections(), 2, "the one left is still used");
 }
+
+/// A call takes an idle connection made on its own proxy thread first (its
+/// wake-ups then stay on that thread) and another thread's only when its
+/// own thread has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn calls_prefer_connections_made_on_their_own_thread() {
+    let up = provider().await;
+    let p = Arc::new(pool(up.roots.clone()));
+    let ns = own_netns();
+    let workers = crate::workers::Workers::start(2).unwrap();
+    let on = |thread: usize, calls: usize| {
+        let (p, ns, addr) = (p.clone(), ns.clone(), up.addr);
+        workers.spawn(thread, async move {
+            let all = (0..calls).map(|_| call(&p, &ns, addr, "/ok"));
+            futures::future::join_all(all).await;
+        })
+    };
+    let last_connection = || up.served.lock().unwrap().last().unwrap().0;
+    on(0, 1).await.unwrap();
+    let made_on_0 = last_connection();
+    // Thread 1 has none of its own: it borrows thread 0's.
+    on(1, 1).await.unwrap();
+    assert_eq!(up.connections(), 1, "{:?}", up.served.lock().unwrap());
+    // Two at once on thread 1: one borrows thread 0's, one is new (thread 1's).
+    on(1, 2).await.unwrap();
+    assert_eq!(up.connections(), 2, "{:?}", up.served.lock().unwrap());
+    assert_eq!(p.len(), 2);
+    for _ in 0..3 {
+        on(0, 1).await.unwrap();
+        assert_eq!(last_connection(), made_on_0, "thread 0 takes its own");
+        on(1, 1).await.unwrap();
+        assert_ne!(last_connection(), made_on_0, "thread 1 takes its own");
+    }
+    assert_eq!(up.connections(), 2);
+}
