@@ -62,9 +62,9 @@ fn the_benchmark_gets_every_call_answered() {
         tollgate["vs"]["added_p50_ns"]["median"].is_number(),
         "{tollgate}"
     );
-    // The scheduler's account: the agent's own thread ran for its calls
-    // (at least once per call: each request is a read the thread waits for).
-    let main = &tollgate["threads"]["tollgate"];
+    // The scheduler's account: the agent's proxy threads ran for its calls
+    // (at least once per call: each request is a read a thread waits for).
+    let main = &tollgate["threads"]["tollgate-proxy"];
     assert!(
         main["runs_per_call"].as_f64().is_some_and(|r| r >= 1.0)
             && main["cpu_us_per_call"].as_f64().is_some_and(|us| us > 0.0),
