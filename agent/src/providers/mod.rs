@@ -22,6 +22,7 @@ pub mod gemini;
 pub mod mcp;
 pub mod mcp_response;
 pub mod openai;
+mod openai_stream;
 pub mod operation;
 pub mod realtime;
 pub mod rewrite;
@@ -268,7 +269,7 @@ impl ResponseParser {
             return;
         }
         match &mut self.sse {
-            Some(sse) => sse.feed(chunk, |e| adapter.on_event(state, &e)),
+            Some(sse) => sse.feed(chunk, |e| adapter.on_event(state, e)),
             None => {
                 if self.json.len() + chunk.len() > MAX_JSON_BODY {
                     self.skip_json = true;

@@ -102,62 +102,7 @@ impl Adapter for OpenAi {
             state.complete = true;
             return;
         }
-        let Ok(v) = serde_json::from_str::<Value>(&e.data) else {
-            return;
-        };
-        match v.get("type").and_then(Value::as_str) {
-            // Responses API stream.
-            Some("response.output_text.delta")
-            | Some("response.reasoning_summary_text.delta")
-            | Some("response.function_call_arguments.delta") => {
-                if let Some(d) = v.get("delta").and_then(Value::as_str) {
-                    state.saw_text(d);
-                }
-            }
-            Some("response.completed") | Some("response.incomplete") | Some("response.failed") => {
-                state.complete = true;
-                if let Some(r) = v.get("response") {
-                    self.on_json(state, r);
-                }
-            }
-            Some(_) => {}
-            // Chat / completions chunks.
-            None => {
-                if let Some(m) = string(&v, "model") {
-                    state.response_model = Some(m);
-                }
-                for c in v
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let text = c
-                        .pointer("/delta/content")
-                        .or_else(|| c.get("text"))
-                        .and_then(Value::as_str);
-                    if let Some(t) = text {
-                        state.saw_text(t);
-                    }
-                    // Tool calls are billed output too (for estimates).
-                    for t in c
-                        .pointer("/delta/tool_calls")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        if let Some(a) = t.pointer("/function/arguments").and_then(Value::as_str) {
-                            state.saw_text(a);
-                        }
-                    }
-                }
-                // include_usage: the last chunk carries usage (null before).
-                if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                    state.usage = Some(usage(u));
-                    state.saw_usage(u);
-                }
-            }
-        }
+        super::openai_stream::on_event(state, &e.data);
     }
 
     fn stream_usage(&self, to: Upstream<'_>, path: &str, query: &str, body: &Value) -> Option<Ask> {
