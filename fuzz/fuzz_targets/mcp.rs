@@ -27,8 +27,8 @@ fn read(data: &[u8], content_type: &str, chunk: usize, visible: Option<Visible>)
 fn events(b: &[u8]) -> Vec<String> {
     let mut p = SseParser::default();
     let mut out = Vec::new();
-    p.feed(b, |e| out.push(e.data));
-    p.feed(b"\n\n", |e| out.push(e.data));
+    p.feed(b, |e| out.push(e.data.clone()));
+    p.feed(b"\n\n", |e| out.push(e.data.clone()));
     out
 }
 

@@ -200,9 +200,9 @@ impl ResponseReader {
     fn event(&mut self, block: &[u8]) -> Option<Vec<u8>> {
         let mut event = None;
         let mut p = sse::SseParser::default();
-        p.feed(block, |e| event = Some(e));
+        p.feed(block, |e| event = Some(e.clone()));
         // An event without its blank line yet (the stream's last).
-        p.feed(b"\n\n", |e| event = Some(e));
+        p.feed(b"\n\n", |e| event = Some(e.clone()));
         let event = event?;
         if event.event == "endpoint" {
             self.answered.endpoint = Some(super::mcp::bounded(event.data.trim()));

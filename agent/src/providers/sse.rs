@@ -9,18 +9,24 @@
 /// dropped (and counted) instead of growing memory without bound.
 const MAX_LINE: usize = 1 << 20;
 
+/// A line buffer grown past this (by a long event) is given back after it.
+const KEEP_LINE_CAPACITY: usize = 64 * 1024;
+
 #[derive(Debug, Default)]
 pub struct SseParser {
+    /// The line being read; its capacity is kept from line to line (a
+    /// stream is thousands of lines of similar length).
     line: Vec<u8>,
-    event: String,
-    data: String,
+    /// The event being read, handed out by reference and then cleared, so
+    /// its buffers serve the next event too.
+    current: SseEvent,
     has_data: bool,
     skipping_long_line: bool,
     pub dropped_lines: u64,
 }
 
 /// One dispatched event: its `event:` name (empty when none) and joined `data:`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SseEvent {
     pub event: String,
     pub data: String,
@@ -28,41 +34,56 @@ pub struct SseEvent {
 
 impl SseParser {
     /// Feed bytes; `on_event` is called for each complete event.
-    pub fn feed(&mut self, bytes: &[u8], mut on_event: impl FnMut(SseEvent)) {
-        for &b in bytes {
-            if b == b'\n' {
-                if self.skipping_long_line {
-                    self.skipping_long_line = false;
-                    self.line.clear();
-                    continue;
+    pub fn feed(&mut self, mut bytes: &[u8], mut on_event: impl FnMut(&SseEvent)) {
+        while !bytes.is_empty() {
+            let (part, ended) = match memchr::memchr(b'\n', bytes) {
+                Some(i) => {
+                    let part = &bytes[..i];
+                    bytes = &bytes[i + 1..];
+                    (part, true)
                 }
-                let mut line = std::mem::take(&mut self.line);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                self.on_line(&line, &mut on_event);
-            } else if !self.skipping_long_line {
-                if self.line.len() >= MAX_LINE {
+                None => (std::mem::take(&mut bytes), false),
+            };
+            if !self.skipping_long_line {
+                if self.line.len() + part.len() > MAX_LINE {
                     self.skipping_long_line = true;
                     self.dropped_lines += 1;
                     self.line.clear();
                 } else {
-                    self.line.push(b);
+                    self.line.extend_from_slice(part);
                 }
             }
+            if !ended {
+                continue;
+            }
+            if self.skipping_long_line {
+                self.skipping_long_line = false;
+                self.line.clear();
+                continue;
+            }
+            let mut line = std::mem::take(&mut self.line);
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            self.on_line(&line, &mut on_event);
+            line.clear();
+            if line.capacity() > KEEP_LINE_CAPACITY {
+                line = Vec::new();
+            }
+            self.line = line;
         }
     }
 
-    fn on_line(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+    fn on_line(&mut self, line: &[u8], on_event: &mut impl FnMut(&SseEvent)) {
         if line.is_empty() {
             if self.has_data {
-                on_event(SseEvent {
-                    event: std::mem::take(&mut self.event),
-                    data: std::mem::take(&mut self.data),
-                });
+                on_event(&self.current);
             }
-            self.event.clear();
-            self.data.clear();
+            self.current.event.clear();
+            self.current.data.clear();
+            if self.current.data.capacity() > KEEP_LINE_CAPACITY {
+                self.current.data = String::new();
+            }
             self.has_data = false;
             return;
         }
@@ -75,12 +96,15 @@ impl SseParser {
             None => (line.as_ref(), ""),
         };
         match field {
-            "event" => self.event = value.to_string(),
+            "event" => {
+                self.current.event.clear();
+                self.current.event.push_str(value);
+            }
             "data" => {
                 if self.has_data {
-                    self.data.push('\n');
+                    self.current.data.push('\n');
                 }
-                self.data.push_str(value);
+                self.current.data.push_str(value);
                 self.has_data = true;
             }
             _ => {} // id, retry: not needed for usage
@@ -107,7 +131,7 @@ mod tests {
         let mut p = SseParser::default();
         let mut out = Vec::new();
         for c in chunks {
-            p.feed(c, |e| out.push(e));
+            p.feed(c, |e| out.push(e.clone()));
         }
         out
     }
@@ -135,9 +159,9 @@ mod tests {
     fn overlong_lines_are_dropped_not_buffered() {
         let mut p = SseParser::default();
         let mut out = Vec::new();
-        p.feed(b"data: ", |e| out.push(e));
-        p.feed(&vec![b'x'; MAX_LINE + 10], |e| out.push(e));
-        p.feed(b"\ndata: ok\n\n", |e| out.push(e));
+        p.feed(b"data: ", |e| out.push(e.clone()));
+        p.feed(&vec![b'x'; MAX_LINE + 10], |e| out.push(e.clone()));
+        p.feed(b"\ndata: ok\n\n", |e| out.push(e.clone()));
         assert_eq!(p.dropped_lines, 1);
         assert_eq!(
             out,
@@ -146,5 +170,25 @@ mod tests {
                 data: "ok".into()
             }]
         );
+    }
+
+    #[test]
+    fn a_line_of_the_longest_length_is_kept_one_byte_more_dropped() {
+        for (len, kept) in [(MAX_LINE, true), (MAX_LINE + 1, false)] {
+            // "data:" plus the value makes the line `len` bytes long.
+            let mut stream = b"data:".to_vec();
+            stream.resize(len, b'x');
+            stream.extend_from_slice(b"\n\ndata: next\n\n");
+            for chunk in [7, 4096, stream.len()] {
+                let mut p = SseParser::default();
+                let mut out = Vec::new();
+                for c in stream.chunks(chunk) {
+                    p.feed(c, |e| out.push(e.data.len()));
+                }
+                let want = if kept { vec![len - 5, 4] } else { vec![4] };
+                assert_eq!(out, want, "line of {len}, chunks of {chunk}");
+                assert_eq!(p.dropped_lines, u64::from(!kept));
+            }
+        }
     }
 }
