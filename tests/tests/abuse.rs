@@ -236,3 +236,28 @@ fn the_metric_series_of_a_pod_that_went_are_dropped() {
         "the pod still running keeps its series"
     );
 }
+
+#[test]
+fn a_request_head_past_the_bound_is_refused_and_not_forwarded() {
+    let Some(node) = governed_node(
+        "a_request_head_past_the_bound_is_refused_and_not_forwarded",
+        1,
+        "",
+    ) else {
+        return;
+    };
+    let call = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+    let ca = node.node_ca_cert();
+    let header = |n: usize| format!("x-padding: {}", "p".repeat(n));
+    // Within tls.max_request_head (8 KiB by default): served.
+    let fits = node.pods[0].chat(&ca, call, &["--http1.1", "-H", &header(6000)]);
+    assert!(fits.contains(" 200"), "{fits}");
+    // Past it: refused by the HTTP/1 server, the provider never asked.
+    let big = node.pods[0].chat(&ca, call, &["--http1.1", "-H", &header(12000)]);
+    assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+    assert_eq!(
+        node.provider_requests().len(),
+        1,
+        "only the call within the bound reached the provider"
+    );
+}

@@ -219,6 +219,15 @@ impl Config {
                 "must be at least 1 (0 would close every connection)".into(),
             );
         }
+        if self.tls.max_request_head < sections::MIN_REQUEST_HEAD {
+            return err(
+                "tls.max_request_head",
+                format!(
+                    "must be at least {} bytes (the HTTP/1 server's smallest read buffer)",
+                    sections::MIN_REQUEST_HEAD
+                ),
+            );
+        }
         if self.tls.max_buffered_bytes < self.tls.max_request_body {
             return err(
                 "tls.max_buffered_bytes",

@@ -267,6 +267,10 @@ pub enum OnCaRejected {
     Terminate,
 }
 
+/// The smallest `tls.max_request_head`: hyper's HTTP/1 server reads into a
+/// buffer of at least this.
+pub const MIN_REQUEST_HEAD: usize = 8192;
+
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
@@ -285,7 +289,8 @@ pub struct TlsConfig {
     pub client_hello_timeout: Duration,
     /// A terminated client must send each request's headers within this,
     /// counted from their first byte (slowloris). An idle keep-alive
-    /// connection costs ~12 KiB and is left to the client to close.
+    /// connection (about 23 KiB once it has served a call) is left to the
+    /// client to close.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub request_header_timeout: Duration,
@@ -294,6 +299,13 @@ pub struct TlsConfig {
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub stream_idle_timeout: Duration,
+    /// Largest HTTP/1 request head (request line and headers) a terminated
+    /// client may send; a larger one is answered 431. It also sizes the
+    /// connection's read buffer, which an idle kept-alive connection holds:
+    /// 8 KiB (nginx's largest header line) keeps that buffer at 8 KiB,
+    /// where HTTP/1's usual 400 KiB bound let it grow to 16 KiB per idle
+    /// connection (README "Performance"). At least 8192.
+    pub max_request_head: usize,
     /// Largest request body forwarded (it is read whole to learn the model).
     pub max_request_body: usize,
     /// Request bodies held at once by all terminated calls of the node; a
@@ -348,6 +360,7 @@ impl Default for TlsConfig {
             on_ca_rejected: OnCaRejected::Observe,
             ca_rejected_retry: Duration::from_secs(3600),
             session_tickets: 0,
+            max_request_head: MIN_REQUEST_HEAD,
             // 32 MiB: long-context requests with images stay well below it.
             max_request_body: 32 * 1024 * 1024,
             // 256 MiB: eight maximal bodies at once, or thousands of usual ones.

@@ -220,3 +220,15 @@ fn session_tickets_default_to_none_and_are_bounded() {
         "{e}"
     );
 }
+
+#[test]
+fn the_request_head_bound_is_8_kib_and_no_less() {
+    assert_eq!(Config::parse("{}", "t").unwrap().tls.max_request_head, 8192);
+    let big = Config::parse("tls:\n  max_request_head: 65536\n", "t").unwrap();
+    assert_eq!(big.tls.max_request_head, 65536);
+    let e = refused("tls:\n  max_request_head: 4096\n");
+    assert!(
+        e.contains("tls.max_request_head") && e.contains("at least 8192"),
+        "{e}"
+    );
+}

@@ -57,14 +57,21 @@ pub async fn serve(
         meta,
     });
     let header_timeout = call.tls.settings.request_header_timeout;
-    let svc = hyper::service::service_fn(move |req| forward(call.clone(), req));
+    let max_head = call.tls.settings.max_request_head;
+    // Boxed: hyper keeps a slot for the service's future, as large as the
+    // future, for the connection's whole life; unboxed, a request's state
+    // (some 14 KiB) was held by every idle kept-alive connection. Boxed, it
+    // is allocated per request and freed with it.
+    let svc = hyper::service::service_fn(move |req| Box::pin(forward(call.clone(), req)));
     let mut server = auto::Builder::new(TokioExecutor::new());
     // Bounds a client can hit: a request head within the header timeout
     // (HTTP/1, slowloris), at most MAX_STREAMS concurrent h2 streams.
     server
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        // Also the read buffer an idle kept-alive connection holds.
+        .max_buf_size(max_head);
     server
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
